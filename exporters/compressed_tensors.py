@@ -1,0 +1,137 @@
+"""Write a quantized model as a compressed-tensors checkpoint, and prove the file matches the model.
+
+After writing, the checkpoint is reloaded with ``transformers.AutoModelForCausalLM.from_pretrained`` and its
+logits on a probe batch are compared with the in-memory quantized model's: they must be bit-identical for
+weight-only schemes (and within float rounding where activations are quantized at run time). A mismatch is
+an :class:`~rqat_sdk.errors.ExportError` that names the layers whose weights differ.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from rqat_sdk.errors import ExportError
+from rqat_sdk.exporters.formats import DENSE, checkpoint_format
+from rqat_sdk.logs import quiet_upstream_logs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rqat_sdk.recipe.scheme import QuantScheme
+
+PROBE_PROMPTS = (
+    "What is 17 * 23? Please reason step by step, and put your final answer within \\boxed{}.",
+    "A train travels 120 km in 1.5 hours. What is its average speed in km/h?",
+    "Solve for x: 3x + 7 = 22.",
+)
+ACTIVATION_RTOL = 1e-3
+"""Where activations are quantized at run time, reloaded logits may differ by float rounding in the scales."""
+
+
+@dataclass
+class ExportReport:
+    format: str
+    exact: bool
+    max_abs_logit_diff: float
+    probe_tokens: int
+    bytes_on_disk: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_checkpoint(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scheme: QuantScheme, directory: Path
+) -> ExportReport:
+    """Write ``model`` (already quantized with ``scheme``) and ``tokenizer`` into the empty ``directory``.
+
+    The in-memory model keeps working afterwards, holding the exported (dequantized) weights.
+    """
+    from compressed_tensors import ModelCompressor
+
+    start = time.perf_counter()
+    fmt = checkpoint_format(scheme)
+    probe = probe_batch(tokenizer, model.device)
+    expected = _logits(model, probe)
+
+    with quiet_upstream_logs():  # it warns when a forced format differs from the one it would infer
+        compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    try:
+        model.save_pretrained(directory)
+        compressor.update_config(str(directory))
+    finally:
+        compressor.decompress_model(model)
+    tokenizer.save_pretrained(directory)
+
+    reloaded = reload_checkpoint(directory, dtype=model.dtype, device=model.device)
+    actual = _logits(reloaded, probe)
+    diff = (actual - expected).abs().max().item()
+    exact = torch.equal(actual, expected)
+    tolerance_ok = scheme.input_activations is not None and diff <= ACTIVATION_RTOL * expected.abs().max().item()
+    if not (exact or tolerance_ok):
+        layers = _differing_layers(model, reloaded)
+        raise ExportError(
+            f"the checkpoint written to {directory} does not reproduce the in-memory model: max |logit diff| "
+            f"{diff:.3g} on {probe.numel()} probe tokens ({fmt}); layers whose reloaded weights differ: "
+            f"{', '.join(layers[:8]) or 'none (the difference is outside the quantized weights)'}"
+        )
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    return ExportReport(fmt, exact, diff, probe.numel(), size, time.perf_counter() - start)
+
+
+def save_dense(model: PreTrainedModel, directory: Path) -> None:
+    """Save latent (unquantized) weights plus scales and zero points: the resumable form of a stage."""
+    from compressed_tensors import ModelCompressor
+
+    with quiet_upstream_logs():  # it warns that "dense" is not the format it would infer: that is the point
+        compressor = ModelCompressor.from_pretrained_model(model, quantization_format=DENSE)
+    model.save_pretrained(directory)
+    if compressor.quantization_config is not None:
+        compressor.update_config(str(directory))
+
+
+def reload_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """Load a checkpoint written by this module the way users will: ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    return model.to(device).eval()
+
+
+def probe_batch(tokenizer: PreTrainedTokenizerBase, device: torch.device) -> torch.Tensor:
+    """A fixed batch of reasoning prompts, chat-formatted when the tokenizer has a template."""
+    texts = []
+    for prompt in PROBE_PROMPTS:
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        else:
+            texts.append(prompt)
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    length = min(len(r) for r in rows)  # equal lengths: no padding, so every position is compared
+    return torch.tensor([r[:length] for r in rows], device=device)
+
+
+@torch.no_grad()
+def _logits(model: PreTrainedModel, probe: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=probe).logits.float()
+
+
+def _differing_layers(model: PreTrainedModel, reloaded: PreTrainedModel) -> list[str]:
+    theirs = dict(reloaded.named_modules())
+    differing = []
+    for name, module in model.named_modules():
+        other = theirs.get(name)
+        weight = getattr(module, "weight", None)
+        other_weight = getattr(other, "weight", None)
+        if isinstance(weight, torch.Tensor) and isinstance(other_weight, torch.Tensor):
+            if weight.shape != other_weight.shape or not torch.equal(weight, other_weight):
+                differing.append(name)
+    return differing

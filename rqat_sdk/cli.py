@@ -1,0 +1,174 @@
+"""The ``rqat`` command line: run, validate, schema, recipes, demo.
+
+Errors on bad input (any :class:`~rqat_sdk.errors.RqatError`) print as one message and exit with status 1;
+only bugs print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rqat_sdk import logs
+from rqat_sdk.errors import RqatError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logs.configure(args.verbose)
+    try:
+        return args.handler(args)
+    except RqatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue from the last finished stage", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rqat", description="Reasoning-QAT for low-bit reasoning LLMs.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging, llmcompressor's too")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="apply a recipe to a model and write a compressed-tensors checkpoint")
+    run.add_argument("recipe", help="a recipe file, or the name of a bundled recipe (see `rqat recipes`)")
+    run.add_argument("--model", required=True, help="a local model directory or a Hugging Face hub id")
+    run.add_argument("--output-dir", required=True, type=Path, help="where the checkpoint goes")
+    _add_run_options(run)
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="check a recipe's schema and semantics (loads no model)")
+    validate.add_argument("recipe")
+    validate.add_argument("--json", action="store_true", help="print the resolved recipe as JSON")
+    validate.set_defaults(handler=_validate)
+
+    schema = commands.add_parser("schema", help="print the recipe JSON Schema (for editors and CI)")
+    schema.add_argument("-o", "--output", type=Path, help="write to this file instead of standard output")
+    schema.set_defaults(handler=_schema)
+
+    recipes = commands.add_parser("recipes", help="list the bundled recipes")
+    recipes.set_defaults(handler=_recipes)
+
+    demo = commands.add_parser("demo", help="run a bundled recipe end to end on a tiny model built offline")
+    demo.add_argument("--recipe", default="tiny_demo", help="recipe file or bundled name (default: tiny_demo)")
+    demo.add_argument("--output-dir", type=Path, default=Path("rqat-demo"), help="default: ./rqat-demo (replaced)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", help="reasoning-gym:TASK[,TASK], a .jsonl file, a saved dataset dir, hf:ORG/NAME")
+    parser.add_argument("--tokenizer", help="default: the model's own")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory when done")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last stage")
+    parser.add_argument("--allow-code", action="store_true", help="let the recipe import the Python code it names")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--keep-checkpoints", default="last", choices=["all", "last", "none"])
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rqat_sdk import oneshot
+
+    started = time.perf_counter()
+    result = oneshot(
+        model=args.model,
+        recipe=args.recipe,
+        dataset=args.dataset,
+        output_dir=args.output_dir,
+        tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        allow_code=args.allow_code,
+        device=args.device,
+        dtype=args.dtype,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+    _print_summary(result.record, result.output_dir, time.perf_counter() - started)
+    return 0
+
+
+def _print_summary(record: dict, output_dir: Path | None, seconds: float) -> None:
+    export = record.get("export", {})
+    rows = [
+        ("output", str(output_dir)),
+        ("scheme", f"{record.get('scheme')} ({export.get('format', '-')})"),
+        ("stages", ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in record.get("stages", []))),
+        ("size", f"{export.get('bytes_on_disk', 0) / 2**20:.2f} MiB"),
+        (
+            "reload check",
+            ("identical logits" if export.get("exact") else f"max |logit diff| {export.get('max_abs_logit_diff')}")
+            if export
+            else "-",
+        ),
+        ("time", f"{seconds:.1f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from rqat_sdk.exporters import checkpoint_format
+    from rqat_sdk.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.json:
+        print(json.dumps(recipe.model_dump(mode="json"), indent=2))
+        return 0
+    print(f"recipe {recipe.name or args.recipe}: valid")
+    print(f"  scheme {recipe.scheme.label}: {recipe.scheme.describe()}; exported as {checkpoint_format(recipe.scheme)}")
+    for index, stage in enumerate(recipe.stages):
+        source = stage.data.source or "the run's --dataset"
+        needs_data = any(m.needs_data for m in stage.modifiers)
+        data = f"; data: {source}, {stage.data.num_samples} samples" if needs_data else ""
+        print(f"  stages[{index}] {stage.name}: {', '.join(m.type for m in stage.modifiers)}{data}")
+    for path, ref in recipe.code_references():
+        print(f"  note: {path} names Python code ({ref}); running it needs --allow-code")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from rqat_sdk.recipe.schema import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+    if args.output:
+        from rqat_sdk.session.files import write_text_atomic
+
+        write_text_atomic(args.output, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from rqat_sdk.recipe import Recipe
+    from rqat_sdk.recipes import bundled
+
+    for name, path in bundled().items():
+        recipe = Recipe.from_file(path)
+        print(f"{name:<22} {recipe.scheme.label:<8} {recipe.description or ''}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rqat_sdk import oneshot
+    from rqat_sdk.testbed import write_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="rqat-demo-") as scratch:
+        print("building the tiny Qwen3 test model offline ...")
+        model_dir = write_tiny_model(Path(scratch) / "tiny-qwen3")
+        started = time.perf_counter()
+        result = oneshot(model=model_dir, recipe=args.recipe, output_dir=args.output_dir, overwrite=True)
+    _print_summary(result.record, result.output_dir, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Tokenize normalised examples with the model's chat template.
+
+Each row becomes ``input_ids``, ``attention_mask`` and ``labels``; labels are -100 except on the last
+assistant message, so that training losses (KD, SFT) count response tokens only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rqat_sdk.errors import DatasetError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+def tokenize_examples(examples: Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> Dataset:
+    from datasets import Dataset
+
+    rows = [_tokenize_row(dict(row), tokenizer, max_seq_length) for row in examples]
+    return Dataset.from_list(rows)
+
+
+def _tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_len: int) -> dict[str, list[int]]:
+    if row.get("messages"):
+        text, response_start = _render_chat(row["messages"], tokenizer)
+        special = False  # the chat template already writes any BOS token
+    else:
+        text, response_start, special = row["text"], 0, True
+    encoded = tokenizer(
+        text,
+        add_special_tokens=special,
+        truncation=True,
+        max_length=max_len,
+        return_offsets_mapping=tokenizer.is_fast,
+    )
+    ids = list(encoded["input_ids"])
+    if tokenizer.is_fast:
+        in_response = [start >= response_start for start, _ in encoded["offset_mapping"]]
+    else:
+        prompt_len = len(tokenizer(text[:response_start], add_special_tokens=special)["input_ids"])
+        in_response = [i >= prompt_len for i in range(len(ids))]
+    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, in_response)]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> tuple[str, int]:
+    """The templated chat and the character offset where the final assistant message starts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DatasetError(
+            f"the tokenizer ({type(tokenizer).__name__}, {tokenizer.name_or_path or 'in memory'}) has no chat "
+            f"template, but the data holds chat messages; use a tokenizer with a chat template, or give the data "
+            f"as plain 'text' rows"
+        )
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if messages[-1]["role"] != "assistant":
+        return text, len(text)  # no response: nothing to train on, all of it to calibrate on
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    if text.startswith(prompt):
+        return text, len(prompt)
+    # Templates that rewrite earlier turns (e.g. dropping reasoning) break the prefix property;
+    # fall back to the last occurrence of the response itself.
+    found = text.rfind(messages[-1]["content"])
+    return text, found if found >= 0 else len(text)

@@ -1,0 +1,49 @@
+"""Every error the SDK raises on bad input derives from :class:`RqatError`.
+
+Each names the field, file or layer at fault, so the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class RqatError(Exception):
+    """Base class of all user-facing errors."""
+
+
+class RecipeError(RqatError):
+    """A recipe could not be read or is invalid.
+
+    ``problems`` holds one ``"path: message"`` line per problem, e.g.
+    ``"stages[1].modifiers[0].dampening_frac: 1.5 is not in 0..1"``.
+    """
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid recipe{where}:\n{lines}")
+
+
+class CodeExecutionNotAllowed(RqatError):
+    """A recipe names Python code and the caller did not opt in with ``allow_code``."""
+
+
+class DatasetError(RqatError):
+    """A dataset source could not be resolved, read or parsed."""
+
+
+class ModelLoadError(RqatError):
+    """A model or tokenizer could not be loaded."""
+
+
+class SchemeError(RqatError):
+    """A quantization scheme does not fit the model (e.g. a group size that does not divide a layer)."""
+
+
+class OutputDirError(RqatError):
+    """The output directory exists, is not resumable, or does not match the run."""
+
+
+class ExportError(RqatError):
+    """A checkpoint could not be exported, or its reload does not match the in-memory model."""

@@ -1,0 +1,48 @@
+"""The modifier contract: a small Pydantic config with a three-step lifecycle.
+
+A modifier is both the YAML node that configures it and the code that applies it, as in llm-compressor.
+The session calls, for each modifier of a stage in order::
+
+    modifier.initialize(state)   # check preconditions against the loaded model; no heavy work
+    modifier.apply(state)        # change state.model (quantize, train, ...)
+    modifier.finalize(state)     # release what apply held on to
+
+Everything a modifier needs comes from the :class:`~rqat_sdk.session.state.SessionState` it is given;
+nothing is global, so two sessions in one process never interfere.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+from rqat_sdk.recipe.fields import StrictModel
+
+if TYPE_CHECKING:
+    from rqat_sdk.recipe.recipe import Position, Recipe
+    from rqat_sdk.session.state import SessionState
+
+
+class Modifier(StrictModel):
+    """Base class of every recipe modifier; subclasses add a ``type: Literal[...]`` discriminator."""
+
+    type: str
+
+    quantizes: ClassVar[bool] = False
+    """True for modifiers that attach the recipe's scheme to the model (a recipe needs exactly one)."""
+    needs_data: ClassVar[bool] = False
+    """True when :meth:`apply` reads the stage's dataset (calibration or training data)."""
+
+    def check(self, recipe: Recipe, at: Position) -> list[str]:
+        """Problems with this modifier's place in ``recipe`` (it stands ``at`` there), found without a model."""
+        return []
+
+    def initialize(self, state: SessionState) -> None:
+        """Check preconditions against ``state.model`` before any work starts."""
+
+    @abstractmethod
+    def apply(self, state: SessionState) -> None:
+        """Do the modifier's work on ``state.model``."""
+
+    def finalize(self, state: SessionState) -> None:
+        """Release resources held by :meth:`apply`."""

@@ -1,0 +1,153 @@
+"""The one file that talks to llmcompressor.
+
+rqat_sdk delegates the PTQ algorithms (RTN, GPTQ, AWQ, SpinQuant rotations) to llmcompressor and keeps its
+side effects contained. Each call here:
+
+- runs inside llmcompressor's ``create_session()``, so its process-global session is a fresh thread-local one
+  and two rqat sessions never share state;
+- points ``config._name_or_path`` at a saved copy of the config for the duration of the call, because
+  ``oneshot`` reloads the config from that path in ``validate_model`` (an in-memory model with an empty
+  name fails there);
+- removes the ``save_pretrained`` wrapper that ``oneshot`` installs on the model instance, so that saving
+  stays with our exporter;
+- on hosts without an accelerator, skips ``IntermediatesCache.pin_memory``, which AWQ calls
+  unconditionally and which raises "Cannot access accelerator device when none is available" on CPU;
+- mutes llmcompressor's logging (see :mod:`rqat_sdk.logs`), modifier construction included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+from unittest import mock
+
+import torch
+
+from rqat_sdk.logs import quiet_upstream_logs
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rqat_sdk.recipe.scheme import QuantScheme
+
+def quantize_rtn(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scheme: QuantScheme, calibration: Dataset | None
+) -> None:
+    """Round-to-nearest: scales from each weight's range; data only for static activation or KV scales."""
+
+    def modifiers() -> list:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        return [QuantizationModifier(**_scheme_kwargs(scheme))]
+
+    _oneshot(model, tokenizer, modifiers, calibration)
+
+
+def quantize_gptq(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    scheme: QuantScheme,
+    calibration: Dataset,
+    *,
+    block_size: int,
+    dampening_frac: float,
+    actorder: str | None,
+) -> None:
+    """GPTQ: quantize column by column, folding each column's error into the rest through the Hessian."""
+
+    def modifiers() -> list:
+        from llmcompressor.modifiers.gptq import GPTQModifier
+
+        kwargs = _scheme_kwargs(scheme)
+        return [GPTQModifier(**kwargs, block_size=block_size, dampening_frac=dampening_frac, actorder=actorder)]
+
+    _oneshot(model, tokenizer, modifiers, calibration)
+
+
+def quantize_awq(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    scheme: QuantScheme,
+    calibration: Dataset,
+    *,
+    duo_scaling: bool | str,
+    n_grid: int,
+) -> None:
+    """AWQ: search per-channel scales that protect salient weights, then round to nearest."""
+
+    def modifiers() -> list:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        return [AWQModifier(duo_scaling=duo_scaling, n_grid=n_grid), QuantizationModifier(**_scheme_kwargs(scheme))]
+
+    _oneshot(model, tokenizer, modifiers, calibration)
+
+
+def rotate_spinquant(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    rotations: list[str],
+    transform_type: str,
+    randomize: bool,
+) -> None:
+    """Fuse Hadamard rotations (SpinQuant R1/R2) into the weights; the float model's output is unchanged."""
+
+    def modifiers() -> list:
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+
+        return [SpinQuantModifier(rotations=rotations, transform_type=transform_type, randomize=randomize)]
+
+    _oneshot(model, tokenizer, modifiers, None)
+
+
+def _scheme_kwargs(scheme: QuantScheme) -> dict[str, Any]:
+    return {
+        "config_groups": scheme.config_groups(),
+        "ignore": list(scheme.ignore),
+        "kv_cache_scheme": scheme.kv_cache_args(),
+    }
+
+
+def _oneshot(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    make_modifiers: Callable[[], list],
+    calibration: Dataset | None,
+) -> None:
+    kwargs: dict[str, Any] = {}
+    if calibration is not None:
+        kwargs = {
+            "dataset": calibration.select_columns(["input_ids", "attention_mask"]),
+            "num_calibration_samples": len(calibration),
+            # Our data layer already chose and ordered the samples with the recipe's seed.
+            "shuffle_calibration_samples": False,
+            "max_seq_length": max(len(ids) for ids in calibration["input_ids"]),
+        }
+    with _isolated(model):
+        from llmcompressor import oneshot
+
+        oneshot(model=model, processor=tokenizer, recipe=make_modifiers(), output_dir=None, **kwargs)
+
+
+@contextlib.contextmanager
+def _isolated(model: PreTrainedModel) -> Iterator[None]:
+    original_name = model.config._name_or_path
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(quiet_upstream_logs())
+        from llmcompressor.core import create_session
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        config_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="rqat-config-"))
+        model.config.save_pretrained(config_dir)
+        model.config._name_or_path = config_dir
+        stack.callback(setattr, model.config, "_name_or_path", original_name)
+        stack.callback(model.__dict__.pop, "save_pretrained", None)
+        if not torch.accelerator.is_available():
+            stack.enter_context(mock.patch.object(IntermediatesCache, "pin_memory", lambda *args, **kwargs: None))
+        stack.enter_context(create_session())
+        yield

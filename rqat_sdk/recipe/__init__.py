@@ -1,0 +1,18 @@
+"""The recipe format: a versioned, Pydantic-validated YAML document (see docs/recipes.md)."""
+
+from rqat_sdk.recipe.recipe import DataConfig, Position, Recipe, RecipeInput, Stage, load_recipe
+from rqat_sdk.recipe.scheme import PRESETS, ActivationQuant, KVCacheQuant, QuantScheme, WeightQuant
+
+__all__ = [
+    "PRESETS",
+    "ActivationQuant",
+    "DataConfig",
+    "KVCacheQuant",
+    "Position",
+    "QuantScheme",
+    "Recipe",
+    "RecipeInput",
+    "Stage",
+    "WeightQuant",
+    "load_recipe",
+]

@@ -1,0 +1,247 @@
+"""The recipe document: a versioned scheme plus an ordered list of stages of modifiers.
+
+Recipes are versioned files that live in model repositories, so they are read with safe YAML, checked
+strictly (unknown keys, duplicate keys and out-of-range values are errors that name their path), and
+written back in a fully resolved form: ``Recipe.from_yaml(recipe.to_yaml()) == recipe``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from rqat_sdk.errors import RecipeError
+from rqat_sdk.modifiers import AnyModifier, Modifier
+from rqat_sdk.recipe.code import check_code_ref_syntax, is_code_ref
+from rqat_sdk.recipe.fields import IntRange, StrictModel
+from rqat_sdk.recipe.scheme import QuantScheme
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """Where a modifier stands in a recipe; positions order as the session applies them."""
+
+    stage: int
+    index: int
+
+    @property
+    def path(self) -> str:
+        return f"stages[{self.stage}].modifiers[{self.index}]"
+
+
+class DataConfig(StrictModel):
+    """The data a stage reads: calibration samples for PTQ, training examples for QAT and RL."""
+
+    source: str | None = None
+    """A dataset: ``reasoning-gym:TASK[,TASK...]``, a ``.jsonl`` file, a directory saved with
+    ``datasets.save_to_disk``, ``hf:ORG/NAME[:CONFIG][@SPLIT]``, or ``python:module:function`` (needs
+    allow_code). Null means the dataset given to the run (``dataset=`` / ``--dataset``)."""
+    num_samples: IntRange(1, None) = 128
+    """How many examples to draw (seeded by the recipe's seed)."""
+    max_seq_length: IntRange(8, None) = 512
+    """Examples are truncated to this many tokens after the chat template is applied."""
+
+    @field_validator("source")
+    @classmethod
+    def _code_ref_syntax(cls, value: str | None) -> str | None:
+        if value is not None and is_code_ref(value):
+            check_code_ref_syntax(value)
+        return value
+
+
+class Stage(StrictModel):
+    """A named step of the pipeline; a checkpoint is written after each stage, and runs resume from one."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """Letters, digits, '_', '.', '-'; unique within the recipe."""
+    data: DataConfig = DataConfig()
+    """The stage's data; its modifiers all read the same examples."""
+    modifiers: list[AnyModifier] = Field(min_length=1)
+    """Applied in order."""
+
+
+class Recipe(StrictModel):
+    """A Reasoning-QAT recipe: ``version``, a ``scheme``, and ``stages`` of modifiers."""
+
+    version: int
+    """Recipe format version; this rqat_sdk reads version 1."""
+    name: str | None = None
+    """A label for the recipe, copied into the run record."""
+    description: str | None = None
+    """Free text."""
+    seed: IntRange(0, 2**32 - 1) = 0
+    """Seeds data sampling and every stage, so that a run can be repeated."""
+    scheme: QuantScheme
+    """The target quantization scheme, or a preset name such as W3G128."""
+    stages: list[Stage] = Field(min_length=1)
+    """Applied in order."""
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != RECIPE_VERSION:
+            raise ValueError(f"{value} is not a recipe version this rqat_sdk reads (it reads version {RECIPE_VERSION})")
+        return value
+
+    @model_validator(mode="after")
+    def _semantics(self) -> Recipe:
+        problems = []
+        names = [stage.name for stage in self.stages]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                problems.append(f"stages[{i}].name: {name!r} is already the name of stages[{names.index(name)}]")
+        quantizers = [at for at, modifier in self.positions() if modifier.quantizes]
+        if not quantizers:
+            problems.append("stages: no modifier quantizes the model; add one of rtn, gptq or awq")
+        for extra in quantizers[1:]:
+            problems.append(
+                f"{extra.path}: the model is already quantized by {quantizers[0].path}; a recipe quantizes once"
+            )
+        for at, modifier in self.positions():
+            problems.extend(modifier.check(self, at))
+        from rqat_sdk.exporters.formats import unsupported_reason
+
+        reason = unsupported_reason(self.scheme)
+        if reason:
+            problems.append(f"scheme: {reason}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def positions(self) -> list[tuple[Position, Modifier]]:
+        return [
+            (Position(s, m), modifier)
+            for s, stage in enumerate(self.stages)
+            for m, modifier in enumerate(stage.modifiers)
+        ]
+
+    def quantizer_position(self) -> Position | None:
+        return next((at for at, modifier in self.positions() if modifier.quantizes), None)
+
+    def code_references(self) -> list[tuple[str, str]]:
+        """Every ``(field path, "python:...")`` string in the recipe: the code a run would import."""
+        found: list[tuple[str, str]] = []
+
+        def walk(node: Any, path: str) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(value, f"{path}.{key}" if path else key)
+            elif isinstance(node, list):
+                for i, value in enumerate(node):
+                    walk(value, f"{path}[{i}]")
+            elif is_code_ref(node):
+                found.append((path, node))
+
+        walk(self.model_dump(mode="json"), "")
+        return found
+
+    def fingerprint(self, upto_stage: int | None = None) -> str:
+        """A hash of the scheme, seed and stages ``0..upto_stage``: what a stage checkpoint depends on."""
+        import hashlib
+
+        data = self.model_dump(mode="json", exclude={"name", "description"})
+        if upto_stage is not None:
+            data["stages"] = data["stages"][: upto_stage + 1]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    # --- reading and writing -------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | None = None) -> Recipe:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(format_validation_error(exc), source) from None
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str | None = None) -> Recipe:
+        return cls.from_dict(_safe_load(text, source), source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError([f"recipe file {str(path)!r} does not exist"], str(path))
+        return cls.from_yaml(path.read_text(encoding="utf-8"), str(path))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from rqat_sdk.session.files import write_text_atomic
+
+        write_text_atomic(Path(path), self.to_yaml())
+
+
+RecipeInput = Recipe | dict | str | os.PathLike
+
+
+def load_recipe(recipe: RecipeInput) -> Recipe:
+    """A :class:`Recipe` from a Recipe, a dict, a YAML file path, a bundled recipe's name or a YAML string."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, os.PathLike):
+        return Recipe.from_file(recipe)
+    if isinstance(recipe, str):
+        from rqat_sdk.recipes import bundled
+
+        one_line = "\n" not in recipe
+        if one_line and not os.path.isfile(recipe) and recipe in bundled():
+            return Recipe.from_file(bundled()[recipe])
+        looks_like_path = one_line and (recipe.endswith((".yaml", ".yml")) or os.path.isfile(recipe))
+        return Recipe.from_file(recipe) if looks_like_path else Recipe.from_yaml(recipe)
+    raise RecipeError([f"expected a Recipe, dict, path or YAML string, got {type(recipe).__name__}"])
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1})", mark
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str, source: str | None) -> Any:
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError([f"{where}YAML error: {problem}"], source) from None
+    if not isinstance(data, dict):
+        raise RecipeError([f"a recipe is a YAML mapping with version, scheme and stages; got {type(data).__name__}"], source)
+    return data
+
+
+# --- error messages ----------------------------------------------------------------------------
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One ``path: message`` line per problem, with paths as users write them (``stages[0].modifiers[1]``)."""
+    from rqat_sdk.recipe.errors import describe
+
+    problems: list[str] = []
+    for error in exc.errors(include_url=False):
+        for line in describe(Recipe, error):
+            if line not in problems:
+                problems.append(line)
+    return problems

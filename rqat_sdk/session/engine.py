@@ -1,0 +1,353 @@
+"""The session engine: apply a recipe's stages to a model, checkpoint after each, export at the end.
+
+A run with an output directory ``OUT`` works in ``OUT.partial``::
+
+    OUT.partial/
+      recipe.yaml                      the fully resolved recipe
+      run.json                         the run record (status "running")
+      checkpoints/00-ptq/              one stage checkpoint per finished stage, each written atomically:
+        config.json, model.safetensors,  latent weights + scales (compressed-tensors "dense"),
+        tokenizer files, stage.json      which stage, which recipe fingerprint, timings
+
+When every stage has run, the compressed checkpoint is exported into ``OUT.partial``, checked by reloading
+it, and ``OUT.partial`` is renamed to ``OUT``: ``OUT`` is either absent or complete. ``resume=True``
+continues from the last stage checkpoint whose recipe fingerprint still matches.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from rqat_sdk.data import describe_source
+from rqat_sdk.errors import CodeExecutionNotAllowed, ModelLoadError, OutputDirError
+from rqat_sdk.models import load_model, load_tokenizer, resolve_device
+from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
+from rqat_sdk.session.files import (
+    TMP_MARK,
+    atomic_directory,
+    remove_temporaries,
+    replace_directory,
+    write_json_atomic,
+)
+from rqat_sdk.session.state import SessionState
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rqat_sdk.data import DatasetInput
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STAGE_RECORD = "stage.json"
+RUN_RECORD = "run.json"
+RECIPE_FILE = "recipe.yaml"
+PARTIAL_SUFFIX = ".partial"
+KeepCheckpoints = Literal["all", "last", "none"]
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the quantized model in memory and, with an output directory, its checkpoint."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    recipe: Recipe
+    output_dir: Path | None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Session:
+    """One run of one recipe on one model. Sessions share nothing, so several can live in one process."""
+
+    def __init__(
+        self,
+        recipe: RecipeInput,
+        model: str | os.PathLike | PreTrainedModel,
+        *,
+        dataset: DatasetInput | None = None,
+        output_dir: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
+        allow_code: bool = False,
+        device: str | torch.device | None = "auto",
+        dtype: str = "auto",
+        keep_checkpoints: KeepCheckpoints = "last",
+    ):
+        if keep_checkpoints not in ("all", "last", "none"):
+            raise OutputDirError(f"keep_checkpoints {keep_checkpoints!r} is not one of all, last, none")
+        self.recipe = load_recipe(recipe)
+        self.model_input = model
+        self.tokenizer_input = tokenizer
+        self.dataset = dataset
+        self.output_dir = Path(output_dir).expanduser() if output_dir is not None else None
+        self.overwrite = overwrite
+        self.resume = resume
+        self.allow_code = allow_code
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.keep_checkpoints = keep_checkpoints
+
+    @property
+    def work_dir(self) -> Path | None:
+        if self.output_dir is None:
+            return None
+        return self.output_dir.with_name(self.output_dir.name + PARTIAL_SUFFIX)
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        self._check_code_allowed()
+        if self._output_is_complete_run():
+            return self._load_finished()
+        first_stage, checkpoint = self._prepare_work_dir()
+        model, tokenizer = self._load(checkpoint)
+        state = SessionState(model, tokenizer, self.recipe, run_dataset=self.dataset, allow_code=self.allow_code)
+        record = self._start_record(first_stage)
+
+        for index in range(first_stage, len(self.recipe.stages)):
+            record["stages"].append(self._run_stage(state, index))
+            self._write_record(record)
+
+        if self.work_dir is None:
+            record["status"] = "complete"
+            return RunResult(state.model, state.tokenizer, self.recipe, None, record)
+        record["export"] = self._export(state)
+        record["status"] = "complete"
+        record["finished_at"] = _now()
+        self._write_record(record)
+        self._prune_checkpoints()
+        replace_directory(self.work_dir, self.output_dir)
+        log.info("wrote %s (%s, %s)", self.output_dir, self.recipe.scheme.label, record["export"]["format"])
+        return RunResult(state.model, state.tokenizer, self.recipe, self.output_dir, record)
+
+    def _run_stage(self, state: SessionState, index: int) -> dict[str, Any]:
+        from transformers import set_seed
+
+        stage = self.recipe.stages[index]
+        state.stage_index = index
+        set_seed(self.recipe.seed + index)
+        total = len(self.recipe.stages)
+        log.info("stage %d/%d %r: %s", index + 1, total, stage.name, ", ".join(m.type for m in stage.modifiers))
+        started = time.perf_counter()
+        timings = []
+        for modifier in stage.modifiers:
+            begin = time.perf_counter()
+            modifier.initialize(state)
+            modifier.apply(state)
+            modifier.finalize(state)
+            timings.append({"type": modifier.type, "seconds": round(time.perf_counter() - begin, 3)})
+        source = state.stage_source() if any(m.needs_data or m.quantizes for m in stage.modifiers) else None
+        entry = {
+            "index": index,
+            "name": stage.name,
+            "fingerprint": self.recipe.fingerprint(index),
+            "data": describe_source(source) if source is not None else None,
+            "modifiers": timings,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        log.info("stage %d/%d %r done in %.1f s", index + 1, total, stage.name, entry["seconds"])
+        if self.work_dir is not None:
+            self._save_stage_checkpoint(state, entry)
+        return entry
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def _stage_dir(self, index: int) -> Path:
+        return self.work_dir / CHECKPOINTS / f"{index:02d}-{self.recipe.stages[index].name}"
+
+    def _save_stage_checkpoint(self, state: SessionState, entry: dict[str, Any]) -> None:
+        from rqat_sdk.exporters import save_dense
+
+        with atomic_directory(self._stage_dir(entry["index"])) as tmp:
+            save_dense(state.model, tmp)
+            state.tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / STAGE_RECORD, entry)
+
+    def _resume_point(self) -> tuple[int, Path | None]:
+        """The first stage still to run and the checkpoint to start it from."""
+        last: Path | None = None
+        for index, stage in enumerate(self.recipe.stages):
+            directory = self._stage_dir(index)
+            record_file = directory / STAGE_RECORD
+            if not record_file.is_file():
+                return index, last
+            recorded = json.loads(record_file.read_text())
+            if recorded.get("fingerprint") != self.recipe.fingerprint(index):
+                raise OutputDirError(
+                    f"{directory} was written by a different recipe (stage {index} {stage.name!r} or an earlier "
+                    f"stage, the scheme or the seed changed), so the run cannot resume from it; pass "
+                    f"overwrite=True (--overwrite) to start over"
+                )
+            last = directory
+        return len(self.recipe.stages), last
+
+    def _prepare_work_dir(self) -> tuple[int, Path | None]:
+        if self.work_dir is None:
+            return 0, None
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise OutputDirError(f"output directory {self.output_dir} is a file")
+        if self.output_dir.is_dir() and any(self.output_dir.iterdir()) and not self.overwrite:
+            raise OutputDirError(
+                f"output directory {self.output_dir} exists and is not empty; pass overwrite=True (--overwrite) "
+                f"to replace it once the new run has finished"
+            )
+        if self.work_dir.exists():
+            if self.resume:
+                remove_temporaries(self.work_dir)
+                remove_temporaries(self.work_dir / CHECKPOINTS)
+                first, checkpoint = self._resume_point()
+                log.info("resuming %s at stage %d of %d", self.work_dir, first + 1, len(self.recipe.stages))
+                return first, checkpoint
+            if not self.overwrite:
+                raise OutputDirError(
+                    f"{self.work_dir} holds an unfinished run; pass resume=True (--resume) to continue it, or "
+                    f"overwrite=True (--overwrite) to start over"
+                )
+            shutil.rmtree(self.work_dir)
+        elif self.resume:
+            log.info("nothing to resume in %s; starting from the first stage", self.work_dir)
+        self.work_dir.mkdir(parents=True)
+        self.recipe.save(self.work_dir / RECIPE_FILE)
+        return 0, None
+
+    def _prune_checkpoints(self) -> None:
+        root = self.work_dir / CHECKPOINTS
+        if self.keep_checkpoints == "all" or not root.is_dir():
+            return
+        stages = sorted(p for p in root.iterdir() if p.is_dir())
+        for directory in stages if self.keep_checkpoints == "none" else stages[:-1]:
+            shutil.rmtree(directory)
+        if self.keep_checkpoints == "none":
+            root.rmdir()
+
+    # --- loading ---------------------------------------------------------------------------------
+
+    def _load(self, checkpoint: Path | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        from transformers import PreTrainedModel
+
+        if checkpoint is not None:
+            from rqat_sdk.exporters import reload_checkpoint
+
+            log.info("loading stage checkpoint %s", checkpoint)
+            model = reload_checkpoint(checkpoint, dtype=_checkpoint_dtype(checkpoint), device=self.device)
+            return model, load_tokenizer(checkpoint)
+        if isinstance(self.model_input, PreTrainedModel):
+            model = self.model_input.to(self.device)
+            tokenizer_source = self.tokenizer_input or model.config._name_or_path
+        else:
+            model = load_model(self.model_input, dtype=self.dtype, device=self.device)
+            tokenizer_source = self.tokenizer_input or self.model_input
+        if not tokenizer_source:
+            raise ModelLoadError("the model was given in memory without a tokenizer; pass tokenizer=")
+        tokenizer = tokenizer_source if not isinstance(tokenizer_source, (str, os.PathLike)) else load_tokenizer(
+            tokenizer_source
+        )
+        return model, tokenizer
+
+    def _output_is_complete_run(self) -> bool:
+        if not (self.resume and self.output_dir is not None and (self.output_dir / RUN_RECORD).is_file()):
+            return False
+        record = json.loads((self.output_dir / RUN_RECORD).read_text())
+        return record.get("status") == "complete" and record.get("recipe", {}).get("fingerprint") == self.recipe.fingerprint()
+
+    def _load_finished(self) -> RunResult:
+        from rqat_sdk.exporters import reload_checkpoint
+
+        log.info("%s already holds the finished run of this recipe; loading it", self.output_dir)
+        model = reload_checkpoint(self.output_dir, dtype=_checkpoint_dtype(self.output_dir), device=self.device)
+        record = json.loads((self.output_dir / RUN_RECORD).read_text())
+        return RunResult(model, load_tokenizer(self.output_dir), self.recipe, self.output_dir, record)
+
+    # --- records and checks ----------------------------------------------------------------------
+
+    def _check_code_allowed(self) -> None:
+        references = self.recipe.code_references()
+        if references and not self.allow_code:
+            listed = "; ".join(f"{path}: {ref}" for path, ref in references)
+            raise CodeExecutionNotAllowed(
+                f"the recipe names Python code ({listed}). Recipes are untrusted input, so rqat does not import "
+                f"code they name unless you opt in: pass allow_code=True (rqat run --allow-code) if you trust it."
+            )
+
+    def _start_record(self, first_stage: int) -> dict[str, Any]:
+        previous: list[dict[str, Any]] = []
+        if first_stage and self.work_dir is not None and (self.work_dir / RUN_RECORD).is_file():
+            previous = json.loads((self.work_dir / RUN_RECORD).read_text()).get("stages", [])[:first_stage]
+        model_name = self.model_input if isinstance(self.model_input, (str, os.PathLike)) else "<in-memory model>"
+        return {
+            "rqat_sdk": _version("rqat-sdk"),
+            "status": "running",
+            "started_at": _now(),
+            "recipe": {"name": self.recipe.name, "fingerprint": self.recipe.fingerprint()},
+            "scheme": self.recipe.scheme.label,
+            "model": str(model_name),
+            "dataset": describe_source(self.dataset) if self.dataset is not None else None,
+            "seed": self.recipe.seed,
+            "resumed_at_stage": first_stage if first_stage else None,
+            "versions": {
+                name: _version(name)
+                for name in ("torch", "transformers", "llmcompressor", "compressed-tensors", "trl", "datasets")
+            },
+            "host": {
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "device": str(self.device),
+                "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+                "torch_threads": torch.get_num_threads(),
+            },
+            "stages": previous,
+        }
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        if self.work_dir is not None:
+            write_json_atomic(self.work_dir / RUN_RECORD, record)
+
+    def _export(self, state: SessionState) -> dict[str, Any]:
+        from rqat_sdk.exporters import export_checkpoint
+
+        log.info("exporting %s checkpoint", self.recipe.scheme.label)
+        tmp = Path(tempfile.mkdtemp(prefix=f".export{TMP_MARK}", dir=self.work_dir))
+        try:
+            report = export_checkpoint(state.model, state.tokenizer, self.recipe.scheme, tmp)
+            for entry in tmp.iterdir():
+                os.replace(entry, self.work_dir / entry.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info(
+            "checkpoint check: reloaded logits %s (max |diff| %.3g)",
+            "identical" if report.exact else "within tolerance",
+            report.max_abs_logit_diff,
+        )
+        return report.to_dict()
+
+
+def _checkpoint_dtype(directory: Path) -> torch.dtype:
+    config = json.loads((directory / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
