@@ -18,8 +18,11 @@ _DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16,
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK`` under a launcher) when there is one, else the CPU."""
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from rqat_sdk.distributed import local_device
+
+        return local_device()
     return torch.device(device)
 
 

@@ -10,10 +10,19 @@ from pydantic import Field
 
 from rqat_sdk.modifiers.base import Modifier
 from rqat_sdk.modifiers.ptq import AWQModifier, GPTQModifier, RotationModifier, RTNModifier
+from rqat_sdk.modifiers.qat import QATKDModifier
 
 AnyModifier = Annotated[
-    Union[RTNModifier, GPTQModifier, AWQModifier, RotationModifier],
+    Union[RTNModifier, GPTQModifier, AWQModifier, RotationModifier, QATKDModifier],
     Field(discriminator="type"),
 ]
 
-__all__ = ["AWQModifier", "AnyModifier", "GPTQModifier", "Modifier", "RTNModifier", "RotationModifier"]
+__all__ = [
+    "AWQModifier",
+    "AnyModifier",
+    "GPTQModifier",
+    "Modifier",
+    "QATKDModifier",
+    "RTNModifier",
+    "RotationModifier",
+]

@@ -16,6 +16,7 @@ continues from the last stage checkpoint whose recipe fingerprint still matches.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from rqat_sdk import distributed
 from rqat_sdk.data import describe_source
 from rqat_sdk.errors import CodeExecutionNotAllowed, ModelLoadError, OutputDirError
 from rqat_sdk.models import load_model, load_tokenizer, resolve_device
@@ -111,12 +113,21 @@ class Session:
     # --- the run ---------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        distributed.initialize()
         self._check_code_allowed()
         if self._output_is_complete_run():
             return self._load_finished()
         first_stage, checkpoint = self._prepare_work_dir()
         model, tokenizer = self._load(checkpoint)
-        state = SessionState(model, tokenizer, self.recipe, run_dataset=self.dataset, allow_code=self.allow_code)
+        state = SessionState(
+            model,
+            tokenizer,
+            self.recipe,
+            run_dataset=self.dataset,
+            allow_code=self.allow_code,
+            original_model=self._original_model(model, checkpoint),
+            work_dir=self.work_dir,
+        )
         record = self._start_record(first_stage)
 
         for index in range(first_stage, len(self.recipe.stages)):
@@ -126,13 +137,15 @@ class Session:
         if self.work_dir is None:
             record["status"] = "complete"
             return RunResult(state.model, state.tokenizer, self.recipe, None, record)
-        record["export"] = self._export(state)
-        record["status"] = "complete"
-        record["finished_at"] = _now()
-        self._write_record(record)
-        self._prune_checkpoints()
-        replace_directory(self.work_dir, self.output_dir)
-        log.info("wrote %s (%s, %s)", self.output_dir, self.recipe.scheme.label, record["export"]["format"])
+        if distributed.is_main():
+            record["export"] = self._export(state)
+            record["status"] = "complete"
+            record["finished_at"] = _now()
+            self._write_record(record)
+            self._prune_checkpoints()
+            replace_directory(self.work_dir, self.output_dir)
+            log.info("wrote %s (%s, %s)", self.output_dir, self.recipe.scheme.label, record["export"]["format"])
+        distributed.barrier()
         return RunResult(state.model, state.tokenizer, self.recipe, self.output_dir, record)
 
     def _run_stage(self, state: SessionState, index: int) -> dict[str, Any]:
@@ -144,6 +157,7 @@ class Session:
         total = len(self.recipe.stages)
         log.info("stage %d/%d %r: %s", index + 1, total, stage.name, ", ".join(m.type for m in stage.modifiers))
         started = time.perf_counter()
+        state.stage_metrics = {}
         timings = []
         for modifier in stage.modifiers:
             begin = time.perf_counter()
@@ -158,6 +172,7 @@ class Session:
             "fingerprint": self.recipe.fingerprint(index),
             "data": describe_source(source) if source is not None else None,
             "modifiers": timings,
+            "metrics": state.stage_metrics,
             "seconds": round(time.perf_counter() - started, 3),
         }
         log.info("stage %d/%d %r done in %.1f s", index + 1, total, stage.name, entry["seconds"])
@@ -173,10 +188,15 @@ class Session:
     def _save_stage_checkpoint(self, state: SessionState, entry: dict[str, Any]) -> None:
         from rqat_sdk.exporters import save_dense
 
-        with atomic_directory(self._stage_dir(entry["index"])) as tmp:
-            save_dense(state.model, tmp)
-            state.tokenizer.save_pretrained(tmp)
-            write_json_atomic(tmp / STAGE_RECORD, entry)
+        if distributed.is_main():
+            with atomic_directory(self._stage_dir(entry["index"])) as tmp:
+                save_dense(state.model, tmp)
+                state.tokenizer.save_pretrained(tmp)
+                write_json_atomic(tmp / STAGE_RECORD, entry)
+            progress = state.progress_dir()
+            if progress is not None and progress.exists():
+                shutil.rmtree(progress)  # the stage is done: its mid-stage checkpoints are obsolete
+        distributed.barrier()
 
     def _resume_point(self) -> tuple[int, Path | None]:
         """The first stage still to run and the checkpoint to start it from."""
@@ -208,8 +228,9 @@ class Session:
             )
         if self.work_dir.exists():
             if self.resume:
-                remove_temporaries(self.work_dir)
-                remove_temporaries(self.work_dir / CHECKPOINTS)
+                if distributed.is_main():
+                    remove_temporaries(self.work_dir)
+                    remove_temporaries(self.work_dir / CHECKPOINTS)
                 first, checkpoint = self._resume_point()
                 log.info("resuming %s at stage %d of %d", self.work_dir, first + 1, len(self.recipe.stages))
                 return first, checkpoint
@@ -218,11 +239,15 @@ class Session:
                     f"{self.work_dir} holds an unfinished run; pass resume=True (--resume) to continue it, or "
                     f"overwrite=True (--overwrite) to start over"
                 )
-            shutil.rmtree(self.work_dir)
+            distributed.barrier()  # every rank has seen the old directory before it goes
+            if distributed.is_main():
+                shutil.rmtree(self.work_dir)
         elif self.resume:
             log.info("nothing to resume in %s; starting from the first stage", self.work_dir)
-        self.work_dir.mkdir(parents=True)
-        self.recipe.save(self.work_dir / RECIPE_FILE)
+        if distributed.is_main():
+            self.work_dir.mkdir(parents=True)
+            self.recipe.save(self.work_dir / RECIPE_FILE)
+        distributed.barrier()
         return 0, None
 
     def _prune_checkpoints(self) -> None:
@@ -258,6 +283,16 @@ class Session:
             tokenizer_source
         )
         return model, tokenizer
+
+    def _original_model(self, model: PreTrainedModel, checkpoint: Path | None):
+        """The full-precision model for teachers: its source, or a copy taken before any stage changes it."""
+        if isinstance(self.model_input, (str, os.PathLike)):
+            return self.model_input
+        if checkpoint is not None:
+            return self.model_input  # resuming: the model given in memory was not touched
+        if any(modifier.wants_original_model() for _, modifier in self.recipe.positions()):
+            return copy.deepcopy(model)
+        return None
 
     def _output_is_complete_run(self) -> bool:
         if not (self.resume and self.output_dir is not None and (self.output_dir / RUN_RECORD).is_file()):
@@ -314,7 +349,7 @@ class Session:
         }
 
     def _write_record(self, record: dict[str, Any]) -> None:
-        if self.work_dir is not None:
+        if self.work_dir is not None and distributed.is_main():
             write_json_atomic(self.work_dir / RUN_RECORD, record)
 
     def _export(self, state: SessionState) -> dict[str, Any]:

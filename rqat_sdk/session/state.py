@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rqat_sdk.data import describe_source, load_examples, tokenize_examples
-from rqat_sdk.errors import DatasetError
+from rqat_sdk.errors import DatasetError, ModelLoadError
 
 if TYPE_CHECKING:
+    import torch
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -21,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SessionState:
-    """What modifiers read and change: the model, its tokenizer, the recipe, and the stage's data."""
+    """What modifiers read and change: the model, its tokenizer, the recipe, the stage's data and paths."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -29,8 +32,15 @@ class SessionState:
     run_dataset: DatasetInput | None = None
     """The dataset given to the run; stages without a ``data.source`` of their own read it."""
     allow_code: bool = False
+    original_model: str | os.PathLike | PreTrainedModel | None = None
+    """The full-precision model the run started from (a path, a hub id, or an untouched copy): the teacher."""
+    work_dir: Path | None = None
+    """Where the run writes (``OUT.partial``); None when the run keeps everything in memory."""
     stage_index: int = 0
+    stage_metrics: dict[str, Any] = field(default_factory=dict)
+    """What the current stage's modifiers report (losses, throughput); copied into the run record."""
     _data: dict[int, Dataset] = field(default_factory=dict, repr=False)
+    _teachers: dict[tuple, PreTrainedModel] = field(default_factory=dict, repr=False)
 
     @property
     def scheme(self) -> QuantScheme:
@@ -39,6 +49,18 @@ class SessionState:
     @property
     def stage(self) -> Stage:
         return self.recipe.stages[self.stage_index]
+
+    def stage_label(self, index: int | None = None) -> str:
+        index = self.stage_index if index is None else index
+        return f"{index:02d}-{self.recipe.stages[index].name}"
+
+    def progress_dir(self) -> Path | None:
+        """Where a training modifier keeps its resumable mid-stage checkpoints."""
+        return self.work_dir / "checkpoints" / f"{self.stage_label()}.progress" if self.work_dir else None
+
+    def log_file(self) -> Path | None:
+        """The stage's JSONL metrics log."""
+        return self.work_dir / "logs" / f"{self.stage_label()}.jsonl" if self.work_dir else None
 
     def stage_source(self) -> DatasetInput | None:
         return self.stage.data.source if self.stage.data.source is not None else self.run_dataset
@@ -64,3 +86,26 @@ class SessionState:
             )
             self._data[self.stage_index] = tokenize_examples(examples, self.tokenizer, config.max_seq_length)
         return self._data[self.stage_index]
+
+    def teacher(self, source: str | None, dtype: torch.dtype) -> PreTrainedModel:
+        """A frozen teacher on the student's device: ``source``, or the model the run started from."""
+        from transformers import PreTrainedModel
+
+        from rqat_sdk.models import load_model
+
+        origin = source if source is not None else self.original_model
+        if origin is None:
+            raise ModelLoadError(
+                "the distillation teacher is the model the run started from, which this session does not have; "
+                "set the modifier's teacher to a model directory or hub id"
+            )
+        key = (str(origin) if not isinstance(origin, PreTrainedModel) else id(origin), dtype)
+        if key not in self._teachers:
+            if isinstance(origin, PreTrainedModel):
+                teacher = origin.to(device=self.model.device, dtype=dtype)
+            else:
+                log.info("loading the teacher from %s", origin)
+                teacher = load_model(origin, dtype=str(dtype).removeprefix("torch."), device=self.model.device)
+            teacher.eval().requires_grad_(False)
+            self._teachers[key] = teacher
+        return self._teachers[key]

@@ -1,0 +1,77 @@
+"""Multi-process training without a launcher of our own: ``accelerate launch`` or ``torchrun`` start the
+processes and set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; this module joins them (NCCL on GPUs, gloo on
+CPUs) and wraps the student in DDP or FSDP2.
+
+Every rank runs the whole recipe (PTQ is deterministic given the same seeded data, so every rank reaches
+the same quantized model); training shards the data across ranks; only the main rank writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+Strategy = Literal["ddp", "fsdp"]
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True when a launcher started several processes for this run."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def initialize() -> None:
+    """Join the process group the launcher set up (idempotent; a no-op for a single process)."""
+    if launched() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def wrap(module: torch.nn.Module, strategy: Strategy, layers: list[torch.nn.Module]) -> torch.nn.Module:
+    """DDP or FSDP2 around ``module`` (``layers``: the transformer blocks FSDP shards one by one)."""
+    if not dist.is_initialized():
+        return module
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    return DistributedDataParallel(module, device_ids=device_ids)

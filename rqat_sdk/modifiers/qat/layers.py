@@ -1,0 +1,126 @@
+"""Swap compressed-tensors' fake-quantized Linear forward for a trainable one, and back.
+
+compressed-tensors' forward quantizes weights by swapping ``weight.data`` (an identity gradient with no
+clipping mask, no gradient for the scales) and quantizes activations under ``no_grad`` (no gradient to the
+layer at all). During QAT each quantized Linear runs :func:`_qat_forward` instead, built on
+:mod:`rqat_sdk.ops.fake_quant`: the same forward numbers, proper straight-through gradients.
+
+Trainable quantization parameters live on the layer, in fp32:
+
+- ``weight_scale`` itself (``learn_scales``), and ``rqat_zero_point``, a float copy of the integer zero
+  point used through round-to-nearest (asymmetric schemes);
+- ``rqat_clip``, a clipping factor per scale in [CLIP_MIN, 1] that shrinks the range (``learn_clipping``).
+
+:func:`detach_fake_quant` folds them back (``weight_scale = scale * clip``, ``weight_zero_point =
+round(rqat_zero_point)``) and restores compressed-tensors' forward, which then computes exactly what
+training computed.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rqat_sdk.ops.fake_quant import clamp_ste, fake_quantize_activation, fake_quantize_weight, int_range, round_ste
+
+CLIP_MIN = 0.5
+_SAVED_FORWARD = "_rqat_compressed_tensors_forward"
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """The trainable quantization parameters that :func:`attach_fake_quant` created, by optimizer group."""
+
+    scales: list[torch.nn.Parameter]
+    clipping: list[torch.nn.Parameter]
+
+
+def quantized_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """Linear layers carrying a compressed-tensors weight scheme (what the PTQ stage quantized)."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and getattr(getattr(module, "quantization_scheme", None), "weights", None) is not None
+    ]
+
+
+def attach_fake_quant(
+    model: torch.nn.Module, *, dtype: torch.dtype, learn_scales: bool, learn_clipping: bool
+) -> QuantParams:
+    """Make every quantized Linear train through fake quantization computed in ``dtype``."""
+    layers = quantized_linears(model)
+    if not layers:
+        raise ValueError("the model has no quantized Linear layers; a PTQ modifier (rtn, gptq, awq) must run first")
+    scales, clipping = [], []
+    for _, module in layers:
+        args = module.quantization_scheme.weights
+        module._rqat_dtype = dtype
+        setattr(module, _SAVED_FORWARD, module.__dict__.get("forward"))
+        module.weight_scale.requires_grad_(learn_scales)
+        if learn_scales:
+            scales.append(module.weight_scale)
+            if not args.symmetric:
+                module.rqat_zero_point = torch.nn.Parameter(module.weight_zero_point.detach().float())
+                scales.append(module.rqat_zero_point)
+        if learn_clipping:
+            module.rqat_clip = torch.nn.Parameter(torch.ones_like(module.weight_scale, dtype=torch.float32))
+            clipping.append(module.rqat_clip)
+        module.forward = types.MethodType(_qat_forward, module)
+    return QuantParams(scales, clipping)
+
+
+def detach_fake_quant(model: torch.nn.Module) -> None:
+    """Fold learned scales, zero points and clipping into the layers and restore their own forward."""
+    for _, module in quantized_linears(model):
+        if not hasattr(module, _SAVED_FORWARD):
+            continue
+        with torch.no_grad():
+            module.weight_scale.data = effective_scale(module).detach().to(module.weight_scale.dtype)
+            if hasattr(module, "rqat_zero_point"):
+                module.weight_zero_point.copy_(effective_zero_point(module).to(module.weight_zero_point.dtype))
+        for name in ("rqat_zero_point", "rqat_clip", "_rqat_dtype"):
+            if hasattr(module, name):
+                delattr(module, name)
+        module.weight_scale.requires_grad_(False)
+        saved = getattr(module, _SAVED_FORWARD)
+        delattr(module, _SAVED_FORWARD)
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+def effective_scale(module: torch.nn.Linear) -> torch.Tensor:
+    scale = module.weight_scale
+    if hasattr(module, "rqat_clip"):
+        scale = scale * clamp_ste(module.rqat_clip, CLIP_MIN, 1.0)
+    return scale
+
+
+def effective_zero_point(module: torch.nn.Linear) -> torch.Tensor | None:
+    args = module.quantization_scheme.weights
+    if hasattr(module, "rqat_zero_point"):
+        qmin, qmax = int_range(args.num_bits)
+        return clamp_ste(round_ste(module.rqat_zero_point), qmin, qmax)
+    return getattr(module, "weight_zero_point", None)
+
+
+def _qat_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    scheme = self.quantization_scheme
+    weight = fake_quantize_weight(
+        self.weight,
+        effective_scale(self),
+        effective_zero_point(self),
+        scheme.weights.num_bits,
+        scheme.weights.group_size,
+        dtype=self._rqat_dtype,
+    )
+    if scheme.input_activations is not None:
+        x = fake_quantize_activation(x, scheme.input_activations)
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        x = x.to(weight.dtype)
+    return F.linear(x, weight, self.bias)

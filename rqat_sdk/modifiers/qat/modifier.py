@@ -1,0 +1,173 @@
+"""``qat_kd``: quantization-aware training with knowledge distillation, Reasoning-QAT's second step."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import PrivateAttr, model_validator
+
+from rqat_sdk import distributed
+from rqat_sdk.modifiers.base import Modifier
+from rqat_sdk.recipe.fields import FloatRange, IntRange
+
+if TYPE_CHECKING:
+    from rqat_sdk.recipe.recipe import Position, Recipe
+    from rqat_sdk.session.state import SessionState
+
+log = logging.getLogger(__name__)
+
+
+class QATKDModifier(Modifier):
+    """Train the fake-quantized student to match the full-precision teacher (or the data, with ``sft``).
+
+    The defaults are the seed paper's (Adam, betas 0.9/0.95, cosine decay, batch 32, 6,000 steps,
+    lr 1e-6 for a GPTQ-initialised model; use 2e-5 after RTN).
+    """
+
+    type: Literal["qat_kd"] = "qat_kd"
+    needs_data = True
+
+    objective: Literal["kd", "sft"] = "kd"
+    """``kd``: match the teacher's next-token distribution; ``sft``: cross-entropy on the data's responses."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "topk_kl"] = "forward_kl"
+    """How ``kd`` compares the distributions (forward KL is the seed paper's)."""
+    temperature: FloatRange(0.05, 100.0) = 1.0
+    """Softmax temperature of both distributions; the loss is multiplied by its square."""
+    jsd_beta: FloatRange(0.01, 0.99) = 0.5
+    """The teacher's weight in the ``jsd`` mixture."""
+    top_k: IntRange(1, None) = 64
+    """Teacher tokens kept by ``topk_kl``."""
+    teacher: str | None = None
+    """A model directory or hub id; null: the full-precision model the run started from."""
+
+    steps: IntRange(1, None) = 6000
+    """Optimizer steps."""
+    batch_size: IntRange(1, None) = 32
+    """Examples per optimizer step, over all ranks."""
+    micro_batch_size: IntRange(1, None) = 4
+    """Examples per forward pass and rank; gradients accumulate over batch_size / (micro_batch_size x ranks)."""
+    learning_rate: FloatRange(0.0, 1.0) = 1e-6
+    """Peak learning rate of the weights."""
+    scale_learning_rate: FloatRange(0.0, 1.0) = 5e-5
+    """Peak learning rate of scales and zero points (with learn_scales)."""
+    clipping_learning_rate: FloatRange(0.0, 1.0) = 5e-4
+    """Peak learning rate of clipping factors (with learn_clipping)."""
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    """AdamW (decoupled weight decay) or Adam."""
+    betas: tuple[FloatRange(0.0, 0.9999), FloatRange(0.0, 0.9999)] = (0.9, 0.95)
+    """Adam's moment decay rates."""
+    weight_decay: FloatRange(0.0, None) = 0.0
+    """Applied to the weights only."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to zero, or constant."""
+    warmup_steps: IntRange(0, None) = 0
+    """Steps of linear warmup."""
+    max_grad_norm: FloatRange(0.0, None) | None = 1.0
+    """Clip the global gradient norm; null to only measure it."""
+    learn_scales: bool = False
+    """Train weight scales and zero points (LSQ-style) as their own parameter group."""
+    learn_clipping: bool = False
+    """Train a clipping factor per scale in [0.5, 1] as its own parameter group."""
+    train: Literal["all", "quantized"] = "all"
+    """Train every parameter, or only the quantized layers' weights."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Weights train as fp32 masters; compute in bf16 autocast (``bf16``), in fp32, or ``auto``: bf16 on CUDA."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    packing: bool = False
+    """Pack each micro-batch into one row (no padding) instead of padding it."""
+    loss_chunk_size: IntRange(16, None) = 1024
+    """Tokens per chunk of LM-head logits in the loss (memory vs. speed)."""
+    save_steps: IntRange(1, None) = 500
+    """Write a resumable checkpoint every this many steps."""
+    logging_steps: IntRange(1, None) = 10
+    """Log loss, learning rate, gradient norm and throughput every this many steps."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under a multi-process launcher: DDP, or FSDP2 sharding of the transformer blocks."""
+
+    _export_dtype: torch.dtype = PrivateAttr(torch.float32)
+    _autocast: torch.dtype | None = PrivateAttr(None)
+    _quant_params: object = PrivateAttr(None)
+    _requires_grad: dict[str, bool] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> QATKDModifier:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        return self
+
+    def check(self, recipe: Recipe, at: Position) -> list[str]:
+        quantizer = recipe.quantizer_position()
+        if quantizer is not None and at < quantizer:
+            return [f"{at.path}: qat_kd trains the quantized model; put it after the quantizing modifier at {quantizer.path}"]
+        return []
+
+    def wants_original_model(self) -> bool:
+        return self.objective == "kd" and self.teacher is None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def initialize(self, state: SessionState) -> None:
+        from rqat_sdk.modifiers.qat.layers import attach_fake_quant
+
+        model = state.model
+        self._export_dtype = model.dtype
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._autocast = self._autocast_dtype(model.device)
+        model.float()  # fp32 master weights: updates of 1e-6 vanish in bf16
+        self._quant_params = attach_fake_quant(
+            model, dtype=self._export_dtype, learn_scales=self.learn_scales, learn_clipping=self.learn_clipping
+        )
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def apply(self, state: SessionState) -> None:
+        from rqat_sdk.modifiers.qat.batches import StepBatches
+        from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
+
+        teacher = None
+        if self.objective == "kd":
+            teacher = state.teacher(self.teacher, dtype=self._export_dtype)
+        batches = StepBatches(
+            state.stage_data(),
+            batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch_size,
+            seed=state.recipe.seed + state.stage_index,
+            pad_token_id=state.tokenizer.pad_token_id if state.tokenizer.pad_token_id is not None else 0,
+            packing=self.packing,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+        )
+        trainer = DistillationTrainer(
+            self,
+            state.model,
+            teacher,
+            batches,
+            self._quant_params,
+            device=state.model.device,
+            autocast_dtype=self._autocast,
+            paths=TrainerPaths(state.progress_dir(), state.log_file()),
+            fingerprint=state.recipe.fingerprint(state.stage_index),
+            stage=state.stage.name,
+        )
+        state.stage_metrics[self.type] = trainer.train()
+
+    def finalize(self, state: SessionState) -> None:
+        from rqat_sdk.modifiers.qat.layers import detach_fake_quant
+
+        model = state.model
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        detach_fake_quant(model)
+        model.to(self._export_dtype)
+        model.eval()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(self._requires_grad.get(name, False))
+
+    def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
+            return torch.bfloat16
+        return None
+

@@ -1,0 +1,344 @@
+"""The QAT training loop: distillation (or SFT) of the fake-quantized student, resumable to the step.
+
+One optimizer step reads ``batch_size`` examples (split over ranks and micro-batches), normalises the loss
+by the number of response tokens in the whole step, clips the gradient norm, and steps AdamW with
+separate learning rates for weights, quantization scales and clipping factors. Every ``save_steps`` the
+model, optimizer, scheduler and RNG states are written atomically to the stage's progress directory;
+a resumed run loads the newest one and continues bit-identically (data order depends only on the step).
+A non-finite loss or gradient stops the stage before the optimizer touches the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rqat_sdk import distributed
+from rqat_sdk.data import IGNORE_INDEX
+from rqat_sdk.errors import RqatError
+from rqat_sdk.ops.distill import LossSpec, lm_head_loss
+from rqat_sdk.session.files import atomic_directory
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from rqat_sdk.modifiers.qat.batches import StepBatches
+    from rqat_sdk.modifiers.qat.layers import QuantParams
+    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer.pt"
+
+
+class TrainingDiverged(RqatError):
+    """The loss or the gradient became NaN or infinite."""
+
+
+@dataclass
+class TrainerPaths:
+    progress_dir: Path | None
+    log_file: Path | None
+
+
+class _StudentObjective(torch.nn.Module):
+    """The student and its loss in one module, so that DDP/FSDP wrap exactly what backpropagates."""
+
+    def __init__(self, student: PreTrainedModel, spec: LossSpec):
+        super().__init__()
+        self.student = student
+        self.spec = spec
+
+    def forward(self, batch: dict[str, torch.Tensor], normalizer: float, teacher_hidden=None, teacher_weight=None):
+        hidden = hidden_states(self.student, batch)
+        width = hidden.shape[-1]
+        weights = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1).float() / normalizer
+        return lm_head_loss(
+            hidden[:, :-1].reshape(-1, width),
+            self.student.get_output_embeddings().weight,
+            weights,
+            self.spec,
+            teacher_hidden=teacher_hidden[:, :-1].reshape(-1, width) if teacher_hidden is not None else None,
+            teacher_weight=teacher_weight,
+            targets=batch["input_ids"][:, 1:].reshape(-1),
+        )
+
+
+def hidden_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final (normalised) hidden states, without computing the full-vocabulary logits."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    return model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+
+
+class DistillationTrainer:
+    def __init__(
+        self,
+        config: QATKDModifier,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel | None,
+        batches: StepBatches,
+        quant_params: QuantParams,
+        *,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        paths: TrainerPaths,
+        fingerprint: str,
+        stage: str,
+    ):
+        self.config = config
+        self.student = student
+        self.teacher = teacher
+        self.batches = batches
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.paths = paths
+        self.fingerprint = fingerprint
+        self.stage = stage
+        spec = LossSpec(
+            divergence=config.divergence if config.objective == "kd" else "ce",
+            temperature=config.temperature,
+            beta=config.jsd_beta,
+            top_k=config.top_k,
+            chunk_size=config.loss_chunk_size,
+        )
+        self.objective = _StudentObjective(student, spec)
+        self.model = distributed.wrap(self.objective, config.distributed, _blocks(student))
+        self.optimizer = _optimizer(config, student, quant_params, device)
+        self.scheduler = _scheduler(config, self.optimizer)
+        self.writer = _tensorboard(paths.log_file)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        config = self.config
+        start = self._resume()
+        self.student.train()
+        show = distributed.is_main()
+        bar = tqdm(total=config.steps, initial=start, desc=f"{self.stage} ({config.objective})", disable=not show)
+        began, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
+        window_start, window_tokens = time.perf_counter(), 0
+        for step in range(start, config.steps):
+            loss, tokens = self._step(step)
+            last_loss = loss
+            tokens_seen += tokens
+            window_tokens += tokens
+            if (step + 1) % config.logging_steps == 0 or step + 1 == config.steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = self._metrics(step + 1, loss, window_tokens / max(elapsed, 1e-9))
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                self._log(metrics)
+                window_start, window_tokens = time.perf_counter(), 0
+            bar.update(1)
+            if (step + 1) % config.save_steps == 0 and step + 1 < config.steps:
+                self._save(step + 1)
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        seconds = time.perf_counter() - began
+        return {
+            "steps": config.steps,
+            "resumed_at_step": start or None,
+            "final_loss": last_loss,
+            "tokens": tokens_seen,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens_seen / max(seconds, 1e-9), 1),
+        }
+
+    def _step(self, step: int) -> tuple[float, int]:
+        micro = self.batches.micro_batches(step, self.device)
+        counted = torch.tensor(
+            [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+             sum(int(b["input_ids"].numel() if "attention_mask" not in b else b["attention_mask"].sum()) for b in micro)],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        targets, tokens = distributed.all_reduce_sum(counted).tolist()
+        normalizer = max(targets, 1.0) / distributed.world_size()
+        total = torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro):
+            last = index == len(micro) - 1
+            with self._no_sync(not last), self._autocast():
+                teacher_hidden = self._teacher_hidden(batch)
+                teacher_weight = self.teacher.get_output_embeddings().weight if self.teacher is not None else None
+                loss = self.model(batch, normalizer, teacher_hidden, teacher_weight)
+            loss.backward()
+            total += loss.detach()
+        total = distributed.all_reduce_sum(total) / distributed.world_size()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for group in self.optimizer.param_groups for p in group["params"]],
+            self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf,
+        )
+        value = float(total)
+        if not (math.isfinite(value) and math.isfinite(float(grad_norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"stage {self.stage!r} step {step + 1}: the loss is {value} and the gradient norm "
+                f"{float(grad_norm)}; the weights were not updated. The last good checkpoint is "
+                f"{self._latest_checkpoint() or 'the previous stage checkpoint'}; lower the learning rate "
+                f"(or enable max_grad_norm) and rerun with --resume."
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._grad_norm = float(grad_norm)
+        return value, int(tokens)
+
+    def _teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return hidden_states(self.teacher, batch)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _no_sync(self, skip: bool):
+        if skip and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(not skip)
+        return contextlib.nullcontext()
+
+    # --- metrics ---------------------------------------------------------------------------------
+
+    def _metrics(self, step: int, loss: float, tokens_per_s: float) -> dict[str, Any]:
+        lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+        return {
+            "step": step,
+            "loss": loss,
+            "grad_norm": self._grad_norm,
+            "lr": lrs.get("weights", next(iter(lrs.values()))),
+            "learning_rates": lrs,
+            "tokens_per_s": round(tokens_per_s, 1),
+        }
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if not distributed.is_main():
+            return
+        if self.paths.log_file is not None:
+            self.paths.log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.paths.log_file, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for key in ("loss", "grad_norm", "lr", "tokens_per_s"):
+                self.writer.add_scalar(f"{self.stage}/{key}", metrics[key], metrics["step"])
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def _save(self, step: int) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optimizer_state = get_state_dict(self.objective.student, self.optimizer, options=options)
+        if distributed.is_main() and self.paths.progress_dir is not None:
+            state = {
+                "step": step,
+                "fingerprint": self.fingerprint,
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+            with atomic_directory(self.paths.progress_dir / f"step-{step:07d}") as tmp:
+                torch.save(state, tmp / STATE_FILE)
+            for older in self._checkpoints()[:-1]:
+                shutil.rmtree(older, ignore_errors=True)
+        distributed.barrier()
+
+    def _checkpoints(self) -> list[Path]:
+        if self.paths.progress_dir is None or not self.paths.progress_dir.is_dir():
+            return []
+        return sorted(p for p in self.paths.progress_dir.glob("step-*") if (p / STATE_FILE).is_file())
+
+    def _latest_checkpoint(self) -> Path | None:
+        found = self._checkpoints()
+        return found[-1] if found else None
+
+    def _resume(self) -> int:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        latest = self._latest_checkpoint()
+        if latest is None:
+            return 0
+        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != self.fingerprint:
+            raise RqatError(
+                f"{latest} was written by a different recipe; remove {self.paths.progress_dir} or start over "
+                f"with --overwrite"
+            )
+        options = StateDictOptions(full_state_dict=True, strict=True)
+        set_state_dict(
+            self.objective.student, self.optimizer,
+            model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options,
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        step = int(state["step"])
+        self._truncate_log(step)
+        log.info("stage %r: resuming at step %d from %s", self.stage, step, latest)
+        return step
+
+    def _truncate_log(self, step: int) -> None:
+        if not distributed.is_main() or self.paths.log_file is None or not self.paths.log_file.is_file():
+            return
+        kept = [line for line in self.paths.log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.paths.log_file.write_text("".join(line + "\n" for line in kept))
+
+
+def _blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
+    layers = getattr(model.get_decoder(), "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def _optimizer(config: QATKDModifier, student: PreTrainedModel, quant: QuantParams, device: torch.device):
+    special = {id(p) for p in quant.scales + quant.clipping}
+    if config.train == "quantized":
+        from rqat_sdk.modifiers.qat.layers import quantized_linears
+
+        trained = {id(module.weight) for _, module in quantized_linears(student)}
+        for parameter in student.parameters():
+            if id(parameter) not in special:
+                parameter.requires_grad_(id(parameter) in trained)
+    weights = [p for p in student.parameters() if p.requires_grad and id(p) not in special]
+    groups = [{"name": "weights", "params": weights, "lr": config.learning_rate}]
+    if quant.scales:
+        groups.append({"name": "scales", "params": quant.scales, "lr": config.scale_learning_rate, "weight_decay": 0.0})
+    if quant.clipping:
+        groups.append(
+            {"name": "clipping", "params": quant.clipping, "lr": config.clipping_learning_rate, "weight_decay": 0.0}
+        )
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    fused = device.type == "cuda" and all(p.dtype == torch.float32 for g in groups for p in g["params"])
+    return cls(groups, betas=tuple(config.betas), weight_decay=config.weight_decay, fused=fused or None)
+
+
+def _scheduler(config: QATKDModifier, optimizer: torch.optim.Optimizer):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+
+
+def _tensorboard(log_file: Path | None):
+    if log_file is None or not distributed.is_main():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(log_file.parent / "tensorboard"))

@@ -1,0 +1,1 @@
+"""Numerical building blocks: fake quantization and distillation losses, each with a plain reference."""

@@ -1,0 +1,177 @@
+"""Fake quantization with straight-through gradients, computing exactly what compressed-tensors computes.
+
+The forward value of :func:`fake_quantize_weight` is bit-identical to compressed-tensors' ``fake_quantize``
+for the same weight, scale and zero point in the same dtype (tested), so the model QAT trains is the model
+the exporter writes. Arithmetic happens in ``dtype`` (the checkpoint's dtype) even when the latent weights
+are fp32 masters: each step rounds to ``dtype`` as the compressed-tensors kernels do.
+
+Gradients (straight-through estimator with a clipping mask), with ``u = w / s + z`` and
+``q = round(clamp(u, qmin, qmax))``, ``out = (q - z) * s``:
+
+- weight: ``grad`` where ``qmin <= u <= qmax``, 0 elsewhere;
+- scale (LSQ): ``q - u`` inside the range, ``q - z`` where clipped, summed over the group;
+- zero point: 0 inside the range, ``-s`` where clipped, summed over the group.
+
+On CUDA the same numbers come from fused Triton kernels (:mod:`rqat_sdk.ops.triton_fake_quant`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+
+def int_range(num_bits: int) -> tuple[int, int]:
+    """compressed-tensors' signed integer range: ``[-2**(b-1), 2**(b-1) - 1]``."""
+    return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+
+
+def fake_quantize_weight(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    num_bits: int,
+    group_size: int | None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize ``weight`` (out, in) group-wise (``group_size``) or per output channel (None).
+
+    ``scale`` and ``zero_point`` have shape (out, in // group_size) or (out, 1). The result has ``dtype``
+    (default: the weight's). Differentiable in ``weight``, ``scale`` and a floating ``zero_point``.
+    """
+    dtype = dtype or weight.dtype
+    group = group_size or weight.shape[-1]
+    if weight.shape[-1] % group:
+        raise ValueError(f"group size {group} does not divide the weight's {weight.shape[-1]} columns")
+    qmin, qmax = int_range(num_bits)
+    if weight.is_cuda and _triton_available():
+        from rqat_sdk.ops.triton_fake_quant import TritonWeightFakeQuant
+
+        return TritonWeightFakeQuant.apply(weight, scale, zero_point, qmin, qmax, group, dtype)
+    return _WeightFakeQuant.apply(weight, scale, zero_point, qmin, qmax, group, dtype)
+
+
+def fake_quantize_weight_reference(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: int, group_size: int | None
+) -> torch.Tensor:
+    """The plain forward computation, in the weight's dtype, without autograd: the reference for tests."""
+    qmin, qmax = int_range(num_bits)
+    group = group_size or weight.shape[-1]
+    with torch.no_grad():
+        _, q, _ = _quantize(weight, scale, zero_point, qmin, qmax, group, weight.dtype)
+        return _dequantize(q, scale, zero_point, group, weight.dtype, weight.shape)
+
+
+def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:
+    return t.unflatten(-1, (t.shape[-1] // group, group))
+
+
+def _quantize(w, scale, zero_point, qmin, qmax, group, dtype):
+    """Return (u, q, s): pre-rounding values, integer levels (as floats) and the scale, grouped."""
+    s = scale.to(dtype).unsqueeze(-1)
+    u = _grouped(w.to(dtype), group) / s
+    if zero_point is not None:
+        u = u + zero_point.to(dtype).unsqueeze(-1)
+    q = torch.round(torch.clamp(u, qmin, qmax))
+    return u, q, s
+
+
+def _dequantize(q, scale, zero_point, group, dtype, shape):
+    s = scale.to(dtype).unsqueeze(-1)
+    out = q
+    if zero_point is not None:
+        out = out - zero_point.to(dtype).unsqueeze(-1)
+    return (out * s).flatten(-2).reshape(shape)
+
+
+class _WeightFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, weight, scale, zero_point, qmin, qmax, group, dtype):
+        u, q, _ = _quantize(weight, scale, zero_point, qmin, qmax, group, dtype)
+        ctx.save_for_backward(weight, scale, zero_point)
+        ctx.constants = (qmin, qmax, group, dtype)
+        return _dequantize(q, scale, zero_point, group, dtype, weight.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        weight, scale, zero_point = ctx.saved_tensors
+        qmin, qmax, group, dtype = ctx.constants
+        u, q, s = _quantize(weight, scale, zero_point, qmin, qmax, group, dtype)
+        inside = (u >= qmin) & (u <= qmax)
+        g = _grouped(grad, group).float()
+        grad_weight = (g * inside).flatten(-2).reshape(weight.shape).to(weight.dtype)
+        grad_scale = grad_zero = None
+        if ctx.needs_input_grad[1]:
+            z = zero_point.to(dtype).unsqueeze(-1).float() if zero_point is not None else 0.0
+            slope = torch.where(inside, q.float() - u.float(), q.float() - z)
+            grad_scale = (g * slope).sum(-1).to(scale.dtype)
+        if zero_point is not None and ctx.needs_input_grad[2]:
+            grad_zero = (g * (~inside) * -s.float()).sum(-1).to(zero_point.dtype)
+        return grad_weight, grad_scale, grad_zero, None, None, None, None
+
+
+def fake_quantize_activation(x: torch.Tensor, args: Any) -> torch.Tensor:
+    """Dynamic activation fake quantization with an identity straight-through gradient.
+
+    The forward value is compressed-tensors' own (same dynamic scales, same rounding), computed without
+    gradient; the backward passes the gradient through unchanged (dynamic min/max ranges clip nothing),
+    unlike compressed-tensors' forward, which runs under ``no_grad`` and cuts the gradient to the layer.
+    """
+    return _ActivationFakeQuant.apply(x, args)
+
+
+class _ActivationFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, args: Any) -> torch.Tensor:
+        from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+        from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+        scale, zero_point = compute_dynamic_scales_and_zp(value=x, args=args, module=torch.nn.Module())
+        return fake_quantize(x, scale, zero_point, args)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        return grad, None
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity backward: learnable zero points stay on the integer grid."""
+    return _RoundSTE.apply(x)
+
+
+def clamp_ste(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``clamp(x)`` forward, identity backward, so a factor pushed past a bound can come back."""
+    return _ClampSTE.apply(x, low, high)
+
+
+class _RoundSTE(torch.autograd.Function):
+    # A Function rather than ``x + (round(x) - x).detach()``, whose forward value can differ from round(x)
+    # in the last bit.
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        return grad
+
+
+class _ClampSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return torch.clamp(x, low, high)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        return grad, None, None
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,175 @@
+"""QAT with distillation on CPU: gradients, exact folding, training, resume, divergence."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import rqat_sdk
+from rqat_sdk.errors import RecipeError
+from rqat_sdk.exporters import probe_batch
+from rqat_sdk.modifiers.qat import trainer as trainer_module
+from rqat_sdk.modifiers.qat.layers import _qat_forward, attach_fake_quant, detach_fake_quant, quantized_linears
+from rqat_sdk.modifiers.qat.trainer import TrainingDiverged
+from rqat_sdk.recipe import Recipe
+
+DATA = "reasoning-gym:chain_sum,basic_arithmetic"
+
+
+def recipe(scheme="W3G128", ptq="rtn", **qat):
+    settings = {"type": "qat_kd", "steps": 12, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3,
+                "logging_steps": 2, "save_steps": 4, **qat}
+    return {
+        "version": 1,
+        "scheme": scheme,
+        "stages": [
+            {"name": "ptq", "data": {"num_samples": 8, "max_seq_length": 64}, "modifiers": [{"type": ptq}]},
+            {"name": "qat", "data": {"num_samples": 24, "max_seq_length": 96}, "modifiers": [settings]},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_qwen3):
+    """A tiny Qwen3 after asymmetric RTN W3G128, and the tokenizer."""
+    ptq_only = {"version": 1, "scheme": "W3G128", "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
+    result = rqat_sdk.oneshot(tiny_qwen3, ptq_only)
+    return result.model, result.tokenizer
+
+
+def logits(model, tokenizer):
+    with torch.no_grad():
+        return model(probe_batch(tokenizer, torch.device("cpu"))).logits
+
+
+def test_qat_forward_equals_compressed_tensors_forward_and_folds_exactly(quantized):
+    model, tokenizer = quantized
+    before = logits(model, tokenizer)
+    attach_fake_quant(model, dtype=torch.float32, learn_scales=True, learn_clipping=True)
+    try:
+        assert torch.equal(logits(model, tokenizer), before)
+        with torch.no_grad():  # move the learnable quantization parameters off their start
+            for _, layer in quantized_linears(model):
+                layer.rqat_clip.uniform_(0.6, 1.2)
+                layer.weight_scale.mul_(1 + 0.2 * torch.rand_like(layer.weight_scale))
+                layer.rqat_zero_point.add_(torch.rand_like(layer.rqat_zero_point) - 0.5)
+        trained = logits(model, tokenizer)
+        assert not torch.equal(trained, before)
+    finally:
+        detach_fake_quant(model)
+    # compressed-tensors' own forward, after folding, computes exactly what training computed
+    assert torch.equal(logits(model, tokenizer), trained)
+    for _, layer in quantized_linears(model):
+        assert vars(layer)["forward"].__func__ is not _qat_forward
+        assert not hasattr(layer, "rqat_clip") and not hasattr(layer, "rqat_zero_point")
+
+
+def test_gradients_reach_weights_and_scales_with_a_clipping_mask(tiny_qwen3):
+    model = rqat_sdk.oneshot(tiny_qwen3, {"version": 1, "scheme": "W3G128", "stages": [{"name": "p", "modifiers": [{"type": "rtn"}]}]}).model
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.weight[0, 0] = 10.0  # far outside its group's range: clipped
+    params = attach_fake_quant(model, dtype=torch.float32, learn_scales=True, learn_clipping=False)
+    x = torch.randint(0, 100, (2, 12))
+    model(x).logits.float().pow(2).mean().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert layer.weight.grad[0, 0] == 0, "a clipped weight must get no gradient"
+    assert layer.weight_scale.grad is not None and layer.weight_scale.grad.abs().sum() > 0
+    assert layer.rqat_zero_point.grad is not None
+    assert len(params.scales) == 2 * len(quantized_linears(model)) and params.clipping == []
+    detach_fake_quant(model)
+
+
+def test_qat_kd_lowers_the_loss_and_exports_exactly(tiny_qwen3, tmp_path):
+    result = rqat_sdk.oneshot(tiny_qwen3, recipe(), DATA, tmp_path / "out", keep_checkpoints="all")
+    lines = [json.loads(line) for line in (tmp_path / "out" / "logs" / "01-qat.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in lines] == [2, 4, 6, 8, 10, 12]
+    assert lines[-1]["loss"] < lines[0]["loss"] * 0.8
+    assert lines[-1]["learning_rates"]["weights"] == 0.0  # cosine decays to zero
+    assert result.record["export"]["exact"] is True
+    assert result.record["stages"][1]["metrics"]["qat_kd"]["steps"] == 12
+    assert not (tmp_path / "out" / "checkpoints" / "01-qat.progress").exists()
+    # The exported model is the trained one: it differs from plain RTN.
+    rtn = rqat_sdk.oneshot(tiny_qwen3, {**recipe(), "stages": recipe()["stages"][:1]})
+    assert not torch.equal(logits(result.model, result.tokenizer), logits(rtn.model, rtn.tokenizer))
+
+
+@pytest.mark.parametrize("options", [{}, {"learn_scales": True, "learn_clipping": True}, {"objective": "sft"}])
+def test_resume_mid_stage_is_bit_identical(tiny_qwen3, tmp_path, monkeypatch, options):
+    full = rqat_sdk.oneshot(tiny_qwen3, recipe(**options), DATA, tmp_path / "full")
+
+    original_step = trainer_module.DistillationTrainer._step
+
+    def crash_at_step_ten(self, step):
+        if step == 9:
+            raise RuntimeError("simulated crash")
+        return original_step(self, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.DistillationTrainer, "_step", crash_at_step_ten)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            rqat_sdk.oneshot(tiny_qwen3, recipe(**options), DATA, tmp_path / "out")
+    progress = tmp_path / "out.partial" / "checkpoints" / "01-qat.progress"
+    assert [p.name for p in progress.iterdir()] == ["step-0000008"]
+
+    resumed = rqat_sdk.oneshot(tiny_qwen3, recipe(**options), DATA, tmp_path / "out", resume=True)
+    assert resumed.record["stages"][1]["metrics"]["qat_kd"]["resumed_at_step"] == 8
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    log = [json.loads(line)["step"] for line in (tmp_path / "out" / "logs" / "01-qat.jsonl").read_text().splitlines()]
+    assert log == [2, 4, 6, 8, 10, 12]
+
+
+def test_divergence_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_qwen3, tmp_path, monkeypatch):
+    original = trainer_module.lm_head_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 12 else loss  # 2 micro-batches a step: breaks at step 7
+
+    monkeypatch.setattr(trainer_module, "lm_head_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"stage 'qat' step 7: the loss is nan .*step-0000004.*--resume"):
+        rqat_sdk.oneshot(tiny_qwen3, recipe(), DATA, tmp_path / "out")
+    partial = tmp_path / "out.partial"
+    assert (partial / "checkpoints" / "01-qat.progress" / "step-0000004" / "trainer.pt").is_file()
+    assert (partial / "checkpoints" / "00-ptq" / "stage.json").is_file()
+    assert not (tmp_path / "out").exists()
+
+
+def test_packing_gives_the_same_loss_as_padding(tiny_qwen3, tmp_path):
+    padded = rqat_sdk.oneshot(tiny_qwen3, recipe(steps=1, logging_steps=1), DATA, tmp_path / "a")
+    packed = rqat_sdk.oneshot(tiny_qwen3, recipe(steps=1, logging_steps=1, packing=True), DATA, tmp_path / "b")
+    a = padded.record["stages"][1]["metrics"]["qat_kd"]["final_loss"]
+    b = packed.record["stages"][1]["metrics"]["qat_kd"]["final_loss"]
+    assert a == pytest.approx(b, rel=1e-4)
+    assert packed.record["stages"][1]["metrics"]["qat_kd"]["tokens"] < padded.record["stages"][1]["metrics"]["qat_kd"]["tokens"] * 1.01
+
+
+def test_quantized_only_training_leaves_other_weights_alone(tiny_qwen3, tmp_path):
+    result = rqat_sdk.oneshot(tiny_qwen3, recipe(train="quantized"), DATA, tmp_path / "out")
+    original = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    assert torch.equal(result.model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    assert torch.equal(result.model.model.norm.weight, original.model.norm.weight)
+    assert all(p.requires_grad for p in result.model.model.embed_tokens.parameters())
+
+
+def test_in_memory_model_is_its_own_teacher(tiny_qwen3):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    from transformers import AutoTokenizer
+
+    result = rqat_sdk.oneshot(model, recipe(steps=2), DATA, tokenizer=AutoTokenizer.from_pretrained(tiny_qwen3))
+    assert result.model is model
+    assert result.record["stages"][1]["metrics"]["qat_kd"]["final_loss"] > 0
+
+
+def test_qat_recipe_checks():
+    with pytest.raises(RecipeError, match=r"stages\[0\].modifiers\[0\]: qat_kd trains the quantized model"):
+        Recipe.from_dict({"version": 1, "scheme": "W3G128", "stages": [{"name": "a", "modifiers": [{"type": "qat_kd"}, {"type": "rtn"}]}]})
+    with pytest.raises(RecipeError, match="batch_size 30 is not a multiple of micro_batch_size 4"):
+        Recipe.from_dict(recipe(batch_size=30, micro_batch_size=4))
+    defaults = Recipe.from_dict(recipe()).stages[1].modifiers[0]
+    assert defaults.betas == (0.9, 0.95) and defaults.divergence == "forward_kl"
