@@ -51,9 +51,20 @@ def export_checkpoint(
 ) -> ExportReport:
     """Write ``model`` (already quantized with ``scheme``) and ``tokenizer`` into the empty ``directory``.
 
-    The in-memory model keeps working afterwards, holding the exported (dequantized) weights.
+    The in-memory model keeps working afterwards, holding the exported (dequantized) weights. Under a
+    multi-process launcher only the main rank exports, so compressed-tensors must not coordinate ranks.
     """
+    from compressed_tensors.offload.utils import as_single_threaded
+
+    with as_single_threaded():
+        return _export(model, tokenizer, scheme, directory)
+
+
+def _export(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scheme: QuantScheme, directory: Path
+) -> ExportReport:
     from compressed_tensors import ModelCompressor
+    from compressed_tensors.offload import remove_dispatch
 
     start = time.perf_counter()
     fmt = checkpoint_format(scheme)
@@ -68,6 +79,8 @@ def export_checkpoint(
         compressor.update_config(str(directory))
     finally:
         compressor.decompress_model(model)
+        # decompression leaves compressed-tensors offloading on every module; the model stays a plain one
+        remove_dispatch(model, onload_tensors=True).to(probe.device)
     tokenizer.save_pretrained(directory)
 
     reloaded = reload_checkpoint(directory, dtype=model.dtype, device=model.device)
@@ -89,20 +102,23 @@ def export_checkpoint(
 def save_dense(model: PreTrainedModel, directory: Path) -> None:
     """Save latent (unquantized) weights plus scales and zero points: the resumable form of a stage."""
     from compressed_tensors import ModelCompressor
+    from compressed_tensors.offload.utils import as_single_threaded
 
-    with quiet_upstream_logs():  # it warns that "dense" is not the format it would infer: that is the point
+    with quiet_upstream_logs(), as_single_threaded():  # it warns that "dense" is not the format it would infer: that is the point
         compressor = ModelCompressor.from_pretrained_model(model, quantization_format=DENSE)
-    model.save_pretrained(directory)
-    if compressor.quantization_config is not None:
-        compressor.update_config(str(directory))
+        model.save_pretrained(directory)
+        if compressor.quantization_config is not None:
+            compressor.update_config(str(directory))
 
 
 def reload_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    """Load a checkpoint written by this module the way users will: ``from_pretrained``."""
+    """Load a checkpoint written by this module the way users will: ``from_pretrained`` (on this rank only)."""
+    from compressed_tensors.offload.utils import as_single_threaded
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    return model.to(device).eval()
+    with as_single_threaded():
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        return model.to(device).eval()
 
 
 def probe_batch(tokenizer: PreTrainedTokenizerBase, device: torch.device) -> torch.Tensor:

@@ -29,6 +29,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def sharded(strategy: Strategy) -> bool:
+    return strategy == "fsdp" and dist.is_initialized()
+
+
 def launched() -> bool:
     """True when a launcher started several processes for this run."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -60,16 +64,23 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def wrap(module: torch.nn.Module, strategy: Strategy, layers: list[torch.nn.Module]) -> torch.nn.Module:
-    """DDP or FSDP2 around ``module`` (``layers``: the transformer blocks FSDP shards one by one)."""
+def wrap(
+    module: torch.nn.Module, strategy: Strategy, layers: list[torch.nn.Module], compute_dtype: torch.dtype
+) -> torch.nn.Module:
+    """DDP or FSDP2 around ``module`` (``layers``: the transformer blocks FSDP shards one by one).
+
+    FSDP2 keeps sharded fp32 parameters as the masters and gathers them in ``compute_dtype``.
+    """
     if not dist.is_initialized():
         return module
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        module.float()
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in layers:
-            fully_shard(layer)
-        fully_shard(module)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)
         return module
     from torch.nn.parallel import DistributedDataParallel
 

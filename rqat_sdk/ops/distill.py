@@ -113,28 +113,30 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         with torch.autocast(device.type, enabled=False):
             w = weight.to(compute)
             w_t = teacher_weight.to(compute) if teacher_weight is not None else None
-            h_all = hidden.index_select(0, rows) if rows.numel() < hidden.shape[0] else hidden
-            grad_h = torch.zeros(h_all.shape, dtype=torch.float32, device=device)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if ctx.needs_input_grad[1] else None
+            h_all = (hidden.index_select(0, rows) if rows.numel() < hidden.shape[0] else hidden).to(compute)
+            # Gradients accumulate in the compute dtype through addmm (fp32 inside the matmul), as the
+            # unchunked lm_head backward would produce them.
+            grad_h = torch.empty_like(h_all)
+            grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
             total = torch.zeros((), dtype=torch.float32, device=device)
             for start in range(0, h_all.shape[0], spec.chunk_size):
                 part = slice(start, start + spec.chunk_size)
-                h = h_all[part].to(compute)
+                h = h_all[part]
                 logits = (h @ w.T).float().requires_grad_(True)
                 teacher_logits = None
                 if teacher_hidden is not None:
                     teacher_logits = teacher_hidden[part].to(compute) @ w_t.T
                 with torch.enable_grad():
-                    loss = (token_losses(logits, teacher_logits, targets[part] if targets is not None else None, spec)
-                            * token_weights[part]).sum()
+                    chunk_targets = targets[part] if targets is not None else None
+                    loss = (token_losses(logits, teacher_logits, chunk_targets, spec) * token_weights[part]).sum()
                     (grad_logits,) = torch.autograd.grad(loss, logits)
                 total += loss.detach()
                 grad_logits = grad_logits.to(compute)
-                grad_h[part] = (grad_logits @ w).float()
+                torch.mm(grad_logits, w, out=grad_h[part])
                 if grad_w is not None:
-                    grad_w += (grad_logits.T @ h).float()
+                    grad_w.addmm_(grad_logits.T, h)
         if rows.numel() < hidden.shape[0]:
-            grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=device).index_copy_(0, rows, grad_h)
+            grad_h = torch.zeros(hidden.shape, dtype=compute, device=device).index_copy_(0, rows, grad_h)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
@@ -143,7 +145,6 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        scale = grad_output.float()
-        grad_hidden = (grad_h * scale).to(hidden_dtype)
-        grad_weight = (grad_w * scale).to(weight_dtype) if grad_w is not None else None
+        grad_hidden = (grad_h * grad_output.to(grad_h.dtype)).to(hidden_dtype)
+        grad_weight = (grad_w * grad_output.to(grad_w.dtype)).to(weight_dtype) if grad_w is not None else None
         return grad_hidden, grad_weight, None, None, None, None, None, None

@@ -217,6 +217,10 @@ class Session:
         return len(self.recipe.stages), last
 
     def _prepare_work_dir(self) -> tuple[int, Path | None]:
+        """Check the output and work directories, decide where to start, then (main rank) set them up.
+
+        Every rank decides from the same directory state: nothing is changed until all have looked.
+        """
         if self.work_dir is None:
             return 0, None
         if self.output_dir.exists() and not self.output_dir.is_dir():
@@ -226,29 +230,29 @@ class Session:
                 f"output directory {self.output_dir} exists and is not empty; pass overwrite=True (--overwrite) "
                 f"to replace it once the new run has finished"
             )
-        if self.work_dir.exists():
-            if self.resume:
-                if distributed.is_main():
-                    remove_temporaries(self.work_dir)
-                    remove_temporaries(self.work_dir / CHECKPOINTS)
-                first, checkpoint = self._resume_point()
-                log.info("resuming %s at stage %d of %d", self.work_dir, first + 1, len(self.recipe.stages))
-                return first, checkpoint
-            if not self.overwrite:
-                raise OutputDirError(
-                    f"{self.work_dir} holds an unfinished run; pass resume=True (--resume) to continue it, or "
-                    f"overwrite=True (--overwrite) to start over"
-                )
-            distributed.barrier()  # every rank has seen the old directory before it goes
-            if distributed.is_main():
-                shutil.rmtree(self.work_dir)
+        resuming = self.work_dir.exists() and self.resume
+        if self.work_dir.exists() and not self.resume and not self.overwrite:
+            raise OutputDirError(
+                f"{self.work_dir} holds an unfinished run; pass resume=True (--resume) to continue it, or "
+                f"overwrite=True (--overwrite) to start over"
+            )
+        first, checkpoint = self._resume_point() if resuming else (0, None)
+        distributed.barrier()
+        if distributed.is_main():
+            if resuming:
+                remove_temporaries(self.work_dir)
+                remove_temporaries(self.work_dir / CHECKPOINTS)
+            else:
+                if self.work_dir.exists():
+                    shutil.rmtree(self.work_dir)
+                self.work_dir.mkdir(parents=True)
+                self.recipe.save(self.work_dir / RECIPE_FILE)
+        distributed.barrier()
+        if resuming:
+            log.info("resuming %s at stage %d of %d", self.work_dir, first + 1, len(self.recipe.stages))
         elif self.resume:
             log.info("nothing to resume in %s; starting from the first stage", self.work_dir)
-        if distributed.is_main():
-            self.work_dir.mkdir(parents=True)
-            self.recipe.save(self.work_dir / RECIPE_FILE)
-        distributed.barrier()
-        return 0, None
+        return first, checkpoint
 
     def _prune_checkpoints(self) -> None:
         root = self.work_dir / CHECKPOINTS

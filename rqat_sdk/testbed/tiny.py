@@ -24,18 +24,24 @@ CORPUS_TASKS = ("chain_sum", "basic_arithmetic", "leg_counting", "simple_equatio
 Architecture = Literal["qwen3", "llama"]
 
 
-def build_tokenizer(vocab_size: int = 1024, corpus_size: int = 400, seed: int = 0) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with a ChatML template, trained on reasoning-gym text."""
-    import reasoning_gym
+def build_tokenizer(
+    vocab_size: int = 1024, corpus_size: int = 400, seed: int = 0, corpus: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with a ChatML template, trained on ``corpus`` or reasoning-gym text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from rqat_sdk.data.sources import REASONING_INSTRUCTION
 
     texts = [REASONING_INSTRUCTION, "Let me think step by step. So the answer is \\boxed{42}."]
-    for t, task in enumerate(CORPUS_TASKS):
-        for entry in reasoning_gym.create_dataset(task, size=corpus_size // len(CORPUS_TASKS), seed=seed + t):
-            texts.append(f"{entry['question']}\n\\boxed{{{entry['answer']}}}")
+    if corpus is not None:
+        texts += corpus
+    else:
+        import reasoning_gym
+
+        for t, task in enumerate(CORPUS_TASKS):
+            for entry in reasoning_gym.create_dataset(task, size=corpus_size // len(CORPUS_TASKS), seed=seed + t):
+                texts.append(f"{entry['question']}\n\\boxed{{{entry['answer']}}}")
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -10,8 +10,14 @@ side effects contained. Each call here:
   name fails there);
 - removes the ``save_pretrained`` wrapper that ``oneshot`` installs on the model instance, so that saving
   stays with our exporter;
+- removes the compressed-tensors offloading that ``oneshot``'s pipelines leave on every module (an
+  ``OffloadCache`` in place of ``_parameters``, onloading weights at each forward): training would pay for
+  it at every step, and FSDP2 cannot shard parameters held that way;
 - on hosts without an accelerator, skips ``IntermediatesCache.pin_memory``, which AWQ calls
   unconditionally and which raises "Cannot access accelerator device when none is available" on CPU;
+- under a multi-process launcher, runs single-threaded: every rank quantizes its own copy of the model
+  (deterministically, from the same seeded data) instead of coordinating through compressed-tensors'
+  distributed offloading, whose per-tensor broadcasts deadlocked here when ranks reached them out of step;
 - mutes llmcompressor's logging (see :mod:`rqat_sdk.logs`), modifier construction included.
 """
 
@@ -137,11 +143,16 @@ def _oneshot(
 @contextlib.contextmanager
 def _isolated(model: PreTrainedModel) -> Iterator[None]:
     original_name = model.config._name_or_path
+    device = next(model.parameters()).device
     with contextlib.ExitStack() as stack:
         stack.enter_context(quiet_upstream_logs())
+        from compressed_tensors.offload import remove_dispatch
+        from compressed_tensors.offload.utils import as_single_threaded
         from llmcompressor.core import create_session
         from llmcompressor.pipelines.cache import IntermediatesCache
 
+        stack.enter_context(as_single_threaded())
+        stack.callback(lambda: remove_dispatch(model, onload_tensors=True).to(device))
         config_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="rqat-config-"))
         model.config.save_pretrained(config_dir)
         model.config._name_or_path = config_dir

@@ -19,7 +19,6 @@ training computed.
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +29,12 @@ CLIP_MIN = 0.5
 _SAVED_FORWARD = "_rqat_compressed_tensors_forward"
 
 
-@dataclass(frozen=True)
-class QuantParams:
-    """The trainable quantization parameters that :func:`attach_fake_quant` created, by optimizer group."""
+_GROUPS = {"weight_scale": "scales", "rqat_zero_point": "scales", "rqat_clip": "clipping"}
 
-    scales: list[torch.nn.Parameter]
-    clipping: list[torch.nn.Parameter]
+
+def parameter_group(name: str) -> str:
+    """The optimizer group of a parameter, by its name: ``weights``, ``scales`` or ``clipping``."""
+    return _GROUPS.get(name.rsplit(".", 1)[-1], "weights")
 
 
 def quantized_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
@@ -48,29 +47,20 @@ def quantized_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear
     ]
 
 
-def attach_fake_quant(
-    model: torch.nn.Module, *, dtype: torch.dtype, learn_scales: bool, learn_clipping: bool
-) -> QuantParams:
+def attach_fake_quant(model: torch.nn.Module, *, dtype: torch.dtype, learn_scales: bool, learn_clipping: bool) -> None:
     """Make every quantized Linear train through fake quantization computed in ``dtype``."""
     layers = quantized_linears(model)
     if not layers:
         raise ValueError("the model has no quantized Linear layers; a PTQ modifier (rtn, gptq, awq) must run first")
-    scales, clipping = [], []
     for _, module in layers:
-        args = module.quantization_scheme.weights
         module._rqat_dtype = dtype
         setattr(module, _SAVED_FORWARD, module.__dict__.get("forward"))
         module.weight_scale.requires_grad_(learn_scales)
-        if learn_scales:
-            scales.append(module.weight_scale)
-            if not args.symmetric:
-                module.rqat_zero_point = torch.nn.Parameter(module.weight_zero_point.detach().float())
-                scales.append(module.rqat_zero_point)
+        if learn_scales and not module.quantization_scheme.weights.symmetric:
+            module.rqat_zero_point = torch.nn.Parameter(module.weight_zero_point.detach().float())
         if learn_clipping:
             module.rqat_clip = torch.nn.Parameter(torch.ones_like(module.weight_scale, dtype=torch.float32))
-            clipping.append(module.rqat_clip)
         module.forward = types.MethodType(_qat_forward, module)
-    return QuantParams(scales, clipping)
 
 
 def detach_fake_quant(model: torch.nn.Module) -> None:

@@ -72,8 +72,6 @@ class QATKDModifier(Modifier):
     """Train a clipping factor per scale in [0.5, 1] as its own parameter group."""
     train: Literal["all", "quantized"] = "all"
     """Train every parameter, or only the quantized layers' weights."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Weights train as fp32 masters; compute in bf16 autocast (``bf16``), in fp32, or ``auto``: bf16 on CUDA."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     packing: bool = False
@@ -88,8 +86,6 @@ class QATKDModifier(Modifier):
     """Under a multi-process launcher: DDP, or FSDP2 sharding of the transformer blocks."""
 
     _export_dtype: torch.dtype = PrivateAttr(torch.float32)
-    _autocast: torch.dtype | None = PrivateAttr(None)
-    _quant_params: object = PrivateAttr(None)
     _requires_grad: dict[str, bool] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
@@ -115,9 +111,7 @@ class QATKDModifier(Modifier):
         model = state.model
         self._export_dtype = model.dtype
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        self._autocast = self._autocast_dtype(model.device)
-        model.float()  # fp32 master weights: updates of 1e-6 vanish in bf16
-        self._quant_params = attach_fake_quant(
+        attach_fake_quant(
             model, dtype=self._export_dtype, learn_scales=self.learn_scales, learn_clipping=self.learn_clipping
         )
         if self.gradient_checkpointing:
@@ -145,9 +139,7 @@ class QATKDModifier(Modifier):
             state.model,
             teacher,
             batches,
-            self._quant_params,
             device=state.model.device,
-            autocast_dtype=self._autocast,
             paths=TrainerPaths(state.progress_dir(), state.log_file()),
             fingerprint=state.recipe.fingerprint(state.stage_index),
             stage=state.stage.name,
@@ -165,9 +157,3 @@ class QATKDModifier(Modifier):
         model.eval()
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(self._requires_grad.get(name, False))
-
-    def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
-            return torch.bfloat16
-        return None
-

@@ -11,6 +11,7 @@ A non-finite loss or gradient stops the stage before the optimizer touches the w
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from rqat_sdk.modifiers.qat.batches import StepBatches
-    from rqat_sdk.modifiers.qat.layers import QuantParams
     from rqat_sdk.modifiers.qat.modifier import QATKDModifier
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,8 @@ class DistillationTrainer:
         student: PreTrainedModel,
         teacher: PreTrainedModel | None,
         batches: StepBatches,
-        quant_params: QuantParams,
         *,
         device: torch.device,
-        autocast_dtype: torch.dtype | None,
         paths: TrainerPaths,
         fingerprint: str,
         stage: str,
@@ -100,7 +98,6 @@ class DistillationTrainer:
         self.teacher = teacher
         self.batches = batches
         self.device = device
-        self.autocast_dtype = autocast_dtype
         self.paths = paths
         self.fingerprint = fingerprint
         self.stage = stage
@@ -111,10 +108,13 @@ class DistillationTrainer:
             top_k=config.top_k,
             chunk_size=config.loss_chunk_size,
         )
-        self.objective = _StudentObjective(student, spec)
-        self.model = distributed.wrap(self.objective, config.distributed, _blocks(student))
-        self.optimizer = _optimizer(config, student, quant_params, device)
-        self.scheduler = _scheduler(config, self.optimizer)
+        self.sharded = distributed.sharded(config.distributed)
+        # FSDP2 shards a copy; the trained weights are gathered back into ``student`` after training.
+        trained = copy.deepcopy(student) if self.sharded else student
+        self.objective = _StudentObjective(trained, spec)
+        self.model = distributed.wrap(self.objective, config.distributed, _blocks(trained), student.dtype)
+        self.optimizer = _optimizer(config, trained, device)
+        self.scheduler = _scheduler(config, self.optimizer.optimizer)
         self.writer = _tensorboard(paths.log_file)
 
     # --- the loop --------------------------------------------------------------------------------
@@ -144,6 +144,8 @@ class DistillationTrainer:
         bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.sharded:
+            self._gather_into(self.student)
         seconds = time.perf_counter() - began
         return {
             "steps": config.steps,
@@ -155,19 +157,21 @@ class DistillationTrainer:
         }
 
     def _step(self, step: int) -> tuple[float, int]:
-        micro = self.batches.micro_batches(step, self.device)
+        micro = self.batches.micro_batches(step, torch.device("cpu"))
         counted = torch.tensor(
             [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
              sum(int(b["input_ids"].numel() if "attention_mask" not in b else b["attention_mask"].sum()) for b in micro)],
             dtype=torch.float64,
-            device=self.device,
         )
-        targets, tokens = distributed.all_reduce_sum(counted).tolist()
+        if distributed.world_size() > 1:
+            counted = distributed.all_reduce_sum(counted.to(self.device)).cpu()
+        targets, tokens = counted.tolist()
+        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
         normalizer = max(targets, 1.0) / distributed.world_size()
         total = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro):
             last = index == len(micro) - 1
-            with self._no_sync(not last), self._autocast():
+            with self._no_sync(not last):
                 teacher_hidden = self._teacher_hidden(batch)
                 teacher_weight = self.teacher.get_output_embeddings().weight if self.teacher is not None else None
                 loss = self.model(batch, normalizer, teacher_hidden, teacher_weight)
@@ -175,22 +179,24 @@ class DistillationTrainer:
             total += loss.detach()
         total = distributed.all_reduce_sum(total) / distributed.world_size()
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for group in self.optimizer.param_groups for p in group["params"]],
+            self.optimizer.parameters(),
             self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf,
         )
-        value = float(total)
-        if not (math.isfinite(value) and math.isfinite(float(grad_norm))):
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        value, norm = torch.stack([total.float(), grad_norm.float()]).tolist()  # the step's one host sync
+        if not (math.isfinite(value) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
                 f"stage {self.stage!r} step {step + 1}: the loss is {value} and the gradient norm "
-                f"{float(grad_norm)}; the weights were not updated. The last good checkpoint is "
+                f"{norm}; the weights were not updated. The last good checkpoint is "
                 f"{self._latest_checkpoint() or 'the previous stage checkpoint'}; lower the learning rate "
                 f"(or enable max_grad_norm) and rerun with --resume."
             )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._grad_norm = float(grad_norm)
+        self._grad_norm = norm
         return value, int(tokens)
 
     def _teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -198,11 +204,6 @@ class DistillationTrainer:
             return None
         with torch.no_grad():
             return hidden_states(self.teacher, batch)
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _no_sync(self, skip: bool):
         if skip and hasattr(self.model, "no_sync"):
@@ -238,10 +239,7 @@ class DistillationTrainer:
     # --- checkpoints -----------------------------------------------------------------------------
 
     def _save(self, step: int) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state, optimizer_state = get_state_dict(self.objective.student, self.optimizer, options=options)
+        model_state, optimizer_state = self._gather_state()
         if distributed.is_main() and self.paths.progress_dir is not None:
             state = {
                 "step": step,
@@ -267,9 +265,40 @@ class DistillationTrainer:
         found = self._checkpoints()
         return found[-1] if found else None
 
-    def _resume(self) -> int:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    def _gather_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Full (unsharded) model and optimizer state, on the CPU."""
+        student = self.objective.student
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state, optimizer_state = get_state_dict(student, self.optimizer.optimizer, options=options)
+            return model_state, {"optimizer": optimizer_state, "masters": []}
+        return {k: v.detach().cpu() for k, v in student.state_dict().items()}, self.optimizer.state_dict()
+
+    def _gather_into(self, student: PreTrainedModel) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.objective.student, options=StateDictOptions(full_state_dict=True))
+        with torch.no_grad():
+            for name, tensor in student.state_dict().items():
+                tensor.copy_(full[name])
+
+    def _restore_state(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+        student = self.objective.student
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                student, self.optimizer.optimizer,
+                model_state_dict=model_state, optim_state_dict=optimizer_state["optimizer"],
+                options=StateDictOptions(full_state_dict=True, strict=True),
+            )
+            return
+        student.load_state_dict(model_state, strict=True)
+        self.optimizer.load_state_dict(optimizer_state)
+
+    def _resume(self) -> int:
         latest = self._latest_checkpoint()
         if latest is None:
             return 0
@@ -279,11 +308,7 @@ class DistillationTrainer:
                 f"{latest} was written by a different recipe; remove {self.paths.progress_dir} or start over "
                 f"with --overwrite"
             )
-        options = StateDictOptions(full_state_dict=True, strict=True)
-        set_state_dict(
-            self.objective.student, self.optimizer,
-            model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options,
-        )
+        self._restore_state(state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"]:
@@ -305,26 +330,29 @@ def _blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
     return list(layers) if layers is not None else []
 
 
-def _optimizer(config: QATKDModifier, student: PreTrainedModel, quant: QuantParams, device: torch.device):
-    special = {id(p) for p in quant.scales + quant.clipping}
-    if config.train == "quantized":
-        from rqat_sdk.modifiers.qat.layers import quantized_linears
+def _optimizer(config: QATKDModifier, student: PreTrainedModel, device: torch.device):
+    from rqat_sdk.modifiers.qat.layers import parameter_group, quantized_linears
 
-        trained = {id(module.weight) for _, module in quantized_linears(student)}
-        for parameter in student.parameters():
-            if id(parameter) not in special:
-                parameter.requires_grad_(id(parameter) in trained)
-    weights = [p for p in student.parameters() if p.requires_grad and id(p) not in special]
-    groups = [{"name": "weights", "params": weights, "lr": config.learning_rate}]
-    if quant.scales:
-        groups.append({"name": "scales", "params": quant.scales, "lr": config.scale_learning_rate, "weight_decay": 0.0})
-    if quant.clipping:
-        groups.append(
-            {"name": "clipping", "params": quant.clipping, "lr": config.clipping_learning_rate, "weight_decay": 0.0}
-        )
+    if config.train == "quantized":
+        trained = {f"{name}.weight" for name, _ in quantized_linears(student)}
+        for name, parameter in student.named_parameters():
+            if parameter_group(name) == "weights":
+                parameter.requires_grad_(name in trained)
+    by_group: dict[str, list[torch.nn.Parameter]] = {"weights": [], "scales": [], "clipping": []}
+    for name, parameter in student.named_parameters():
+        if parameter.requires_grad:
+            by_group[parameter_group(name)].append(parameter)
+    rates = {"weights": config.learning_rate, "scales": config.scale_learning_rate, "clipping": config.clipping_learning_rate}
+    groups = [
+        {"name": name, "params": params, "lr": rates[name], **({"weight_decay": 0.0} if name != "weights" else {})}
+        for name, params in by_group.items()
+        if params
+    ]
+    from rqat_sdk.modifiers.qat.optim import MasterWeightOptimizer
+
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    fused = device.type == "cuda" and all(p.dtype == torch.float32 for g in groups for p in g["params"])
-    return cls(groups, betas=tuple(config.betas), weight_decay=config.weight_decay, fused=fused or None)
+    fused = device.type == "cuda" or None
+    return MasterWeightOptimizer(groups, cls, betas=tuple(config.betas), weight_decay=config.weight_decay, fused=fused)
 
 
 def _scheduler(config: QATKDModifier, optimizer: torch.optim.Optimizer):

@@ -1,0 +1,409 @@
+"""QAT-KD step time and memory against a plain bf16 cross-entropy step, on one GPU.
+
+Qwen3-0.6B's shape with random weights (vocab 151,936), batch 4 x 2,048 tokens, W3G128 (asymmetric RTN
+scales). Every variant runs in this one process, one after another, with the same data:
+
+- ``bf16_ce``: the bf16 model, ``model(input_ids, labels=...).loss``, fused AdamW: what a plain
+  fine-tuning step costs;
+- ``no_fake_quant_ce``: rqat's training step (chunked LM-head loss, fp32 master weights) with cross-entropy
+  and no fake quantization: the baseline that isolates the fake-quantization cost;
+- ``fake_quant_ce``: the same with W3G128 fake quantization (Triton kernels): ``fake_quant_overhead`` is
+  its extra time over ``no_fake_quant_ce``, as a share of the QAT-KD step;
+- ``qat_kd``: rqat's QAT-KD step, the ``DistillationTrainer`` itself: fake-quantized student, frozen bf16
+  teacher, forward KL on chunked LM-head logits;
+- ``naive_kd``: compressed-tensors' fake quantization and forward KL on full fp32 logits of both models,
+  for reference.
+
+It first checks the Triton kernels against the PyTorch path (bit-identical forward) and compressed-tensors.
+
+    python benchmarks/qat_kd_perf.py --json docs/results/qat_kd_perf.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+QWEN3_0_6B = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True,
+    rms_norm_eps=1e-6, rope_theta=1_000_000,
+)
+
+
+def check_kernels() -> list[str]:
+    """Triton vs PyTorch path vs compressed-tensors on CUDA; returns one line per case."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    from rqat_sdk.ops.fake_quant import _WeightFakeQuant, fake_quantize_weight, int_range
+
+    lines = []
+    torch.manual_seed(0)
+    for rows, cols in ((1024, 3072), (3072, 1024)):
+        for bits in (2, 3, 4, 8):
+            for group in (64, 128, None):
+                for symmetric in (True, False):
+                    w = torch.randn(rows, cols, device="cuda") * 0.02
+                    g = group or cols
+                    grouped = w.reshape(rows, cols // g, g)
+                    qmin, qmax = int_range(bits)
+                    if symmetric:
+                        scale = grouped.abs().amax(-1) / ((qmax - qmin) / 2)
+                        zero = torch.zeros(scale.shape, dtype=torch.int8, device="cuda")
+                    else:
+                        low, high = grouped.amin(-1), grouped.amax(-1)
+                        scale = (high - low) / (qmax - qmin)
+                        zero = (qmin - torch.round(low / scale)).clamp(qmin, qmax).to(torch.int8)
+                    scale = (scale * 0.85).bfloat16()
+                    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, group_size=group,
+                                            strategy="group" if group else "channel")
+                    expected = fake_quantize(w.bfloat16(), scale, zero, args)
+                    master = w.clone().requires_grad_(True)
+                    s32 = scale.float().requires_grad_(True)
+                    z32 = zero.float().requires_grad_(True)
+                    out = fake_quantize_weight(master, s32, z32, bits, group, dtype=torch.bfloat16)
+                    grad = torch.randn_like(out)
+                    out.backward(grad)
+                    ref_w = master.detach().clone().requires_grad_(True)
+                    ref_s = scale.float().requires_grad_(True)
+                    ref_z = zero.float().requires_grad_(True)
+                    ref = _WeightFakeQuant.apply(ref_w, ref_s, ref_z, qmin, qmax, g, torch.bfloat16)
+                    ref.backward(grad)
+                    ok = (
+                        torch.equal(out, expected)
+                        and torch.equal(out, ref)
+                        and torch.equal(master.grad, ref_w.grad)
+                        and torch.allclose(s32.grad, ref_s.grad, rtol=1e-4, atol=1e-4)
+                        and torch.allclose(z32.grad, ref_z.grad, rtol=1e-4, atol=1e-4)
+                    )
+                    lines.append(f"{'ok ' if ok else 'BAD'} {rows}x{cols} W{bits} g{group} sym={symmetric}")
+    return lines
+
+
+def synthetic_batch(batch: int, seq: int, vocab: int):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    return ids
+
+
+def measure(step, warmup: int, steps: int) -> tuple[float, float]:
+    """Median step time (ms) and peak memory (GB) over ``steps`` after ``warmup``."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 1e9
+
+
+def fresh_model(seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(**QWEN3_0_6B)
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(config)
+    return model.to(torch.bfloat16)
+
+
+def quantize_w3g128(model):
+    import rqat_sdk
+
+    recipe = {"version": 1, "scheme": "W3G128", "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
+    return rqat_sdk.oneshot(model, recipe, tokenizer=_Tokenizer()).model
+
+
+class _Tokenizer:
+    """oneshot needs a tokenizer object; RTN reads no data."""
+
+    pad_token_id = 0
+    chat_template = None
+
+
+def cleanup():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_bf16_ce(ids, warmup, steps):
+    model = fresh_model()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), fused=True)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = measure(step, warmup, steps)
+    del model, optimizer
+    cleanup()
+    return result
+
+
+def rqat_trainer(student, teacher, ids, objective: str):
+    from datasets import Dataset
+
+    from rqat_sdk.modifiers.qat.batches import StepBatches
+    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
+    from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
+
+    rows = [{"input_ids": r, "labels": r} for r in ids.tolist()]
+    config = QATKDModifier(objective=objective, steps=10_000, batch_size=len(rows), micro_batch_size=len(rows),
+                           learning_rate=1e-6, logging_steps=10_000, save_steps=10_000)
+    batches = StepBatches(Dataset.from_list(rows), batch_size=len(rows), micro_batch_size=len(rows), seed=0,
+                          pad_token_id=0, packing=False)
+    trainer = DistillationTrainer(
+        config, student, teacher, batches,
+        device=torch.device("cuda"), paths=TrainerPaths(None, None), fingerprint="bench", stage="bench",
+    )
+    student.train()
+    counter = iter(range(10**9))
+    return trainer, lambda: trainer._step(next(counter))
+
+
+def bench_rqat(ids, warmup, steps, *, fake_quant: bool, objective: str):
+    from rqat_sdk.modifiers.qat.layers import attach_fake_quant, detach_fake_quant
+
+    model = fresh_model()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if objective == "kd" else None
+    if fake_quant:
+        model = quantize_w3g128(model)
+        attach_fake_quant(model, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
+    trainer, step = rqat_trainer(model, teacher, ids, objective)
+    result = measure(step, warmup, steps)
+    if fake_quant:
+        detach_fake_quant(model)
+    del model, teacher, trainer, step
+    cleanup()
+    return result
+
+
+def bench_naive_kd(ids, warmup, steps):
+    model = fresh_model()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    model = quantize_w3g128(model)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), fused=True)
+
+    def step():
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids).logits.float()
+        logits = model(input_ids=ids).logits.float()
+        loss = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
+                        reduction="batchmean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = measure(step, warmup, steps)
+    del model, teacher, optimizer
+    cleanup()
+    return result
+
+
+def bench_kernel(warmup_ms=25, rep_ms=200) -> dict[str, float]:
+    """Fake-quant forward + backward over every quantized Linear of the 0.6B shape, Triton vs PyTorch."""
+    import triton.testing
+
+    from rqat_sdk.ops.fake_quant import _WeightFakeQuant, fake_quantize_weight, int_range
+
+    shapes = [(2048, 1024), (1024, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (3072, 1024), (1024, 3072)]
+    layers = QWEN3_0_6B["num_hidden_layers"]
+    qmin, qmax = int_range(3)
+    totals = {"triton_ms": 0.0, "torch_ms": 0.0}
+    for rows, cols in shapes:
+        w = (torch.randn(rows, cols, device="cuda") * 0.02).bfloat16().requires_grad_(True)
+        scale = torch.full((rows, cols // 128), 0.01, device="cuda", dtype=torch.bfloat16)
+        zero = torch.zeros((rows, cols // 128), device="cuda", dtype=torch.int8)
+        grad = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+
+        def triton_path():
+            fake_quantize_weight(w, scale, zero, 3, 128).backward(grad)
+
+        def torch_path():
+            _WeightFakeQuant.apply(w, scale, zero, qmin, qmax, 128, torch.bfloat16).backward(grad)
+
+        totals["triton_ms"] += layers * triton.testing.do_bench(triton_path, warmup=warmup_ms, rep=rep_ms)
+        totals["torch_ms"] += layers * triton.testing.do_bench(torch_path, warmup=warmup_ms, rep=rep_ms)
+    return totals
+
+
+def breakdown(ids, warmup: int, steps: int) -> dict[str, float]:
+    """Time the parts of a step one by one (median ms), to see where QAT-KD spends its time."""
+    from rqat_sdk.modifiers.qat.optim import MasterWeightOptimizer
+    from rqat_sdk.modifiers.qat.trainer import hidden_states
+    from rqat_sdk.ops.distill import LossSpec, lm_head_loss
+
+    model = fresh_model()
+    batch = {"input_ids": ids}
+    parts: dict[str, float] = {}
+
+    def teacher_forward():
+        with torch.no_grad():
+            hidden_states(model, batch)
+
+    parts["teacher_forward"] = measure(teacher_forward, warmup, steps)[0]
+
+    def hf_ce_fwd_bwd():
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    parts["student_fwd_bwd_hf_ce"] = measure(hf_ce_fwd_bwd, warmup, steps)[0]
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        hidden = hidden_states(model, batch)[:, :-1].reshape(-1, hidden_states(model, batch).shape[-1])
+        teacher_hidden = hidden + 0.01 * torch.randn_like(hidden)
+    hidden.requires_grad_(True)
+    targets = ids[:, 1:].reshape(-1)
+    weights = torch.full((hidden.shape[0],), 1.0 / hidden.shape[0], device="cuda")
+    for divergence in ("ce", "forward_kl"):
+        for chunk in (1024, 4096):
+            spec = LossSpec(divergence, chunk_size=chunk)
+
+            def head_loss():
+                lm_head_loss(hidden, weight, weights, spec, teacher_hidden=teacher_hidden, teacher_weight=weight,
+                             targets=targets).backward()
+                hidden.grad = None
+                weight.grad = None
+
+            parts[f"head_loss_{divergence}_chunk{chunk}"] = measure(head_loss, warmup, steps)[0]
+
+    def full_logits_ce():
+        logits = (hidden @ weight.T).float()
+        F.cross_entropy(logits, targets).backward()
+        hidden.grad = None
+        weight.grad = None
+
+    parts["head_loss_full_logits_ce"] = measure(full_logits_ce, warmup, steps)[0]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), fused=True)
+    parts["optimizer_bf16_adamw"] = measure(plain.step, warmup, steps)[0]
+    del plain
+    master = MasterWeightOptimizer([{"params": list(model.parameters()), "lr": 1e-6}], torch.optim.AdamW,
+                                   betas=(0.9, 0.95), fused=True)
+
+    def master_step():
+        grads = [p.grad for p in model.parameters()]
+        master.step()
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+
+    parts["optimizer_master_adamw"] = measure(master_step, warmup, steps)[0]
+    del model, master, hidden, teacher_hidden
+    cleanup()
+    return parts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}; torch {torch.__version__}", flush=True)
+
+    checks = check_kernels()
+    bad = [line for line in checks if line.startswith("BAD")]
+    print(f"kernel checks: {len(checks) - len(bad)}/{len(checks)} ok", flush=True)
+    for line in bad:
+        print("  " + line)
+
+    ids = synthetic_batch(args.batch, args.seq, QWEN3_0_6B["vocab_size"]).cuda()
+    tokens = ids.numel()
+    results = {}
+    for name, run in (
+        ("bf16_ce", lambda: bench_bf16_ce(ids, args.warmup, args.steps)),
+        ("no_fake_quant_ce", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=False, objective="sft")),
+        ("fake_quant_ce", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="sft")),
+        ("qat_kd", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd")),
+        ("naive_kd", lambda: bench_naive_kd(ids, args.warmup, args.steps)),
+    ):
+        started = time.perf_counter()
+        try:
+            results[name] = run()
+        except torch.OutOfMemoryError:
+            results[name] = (float("nan"), float("nan"))
+            cleanup()
+        print(f"{name}: {results[name][0]:.1f} ms, peak {results[name][1]:.1f} GB "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    kernel = bench_kernel()
+    parts = breakdown(ids, args.warmup, args.steps) if args.breakdown else {}
+
+    base_ms, base_gb = results["bf16_ce"]
+    kd_ms, kd_gb = results["qat_kd"]
+    overhead = (results["fake_quant_ce"][0] - results["no_fake_quant_ce"][0]) / kd_ms
+    record = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": device,
+        "date": datetime.date.today().isoformat(),
+        "bf16_ce_ms": round(base_ms, 1),
+        "qat_kd_ms": round(kd_ms, 1),
+        "fake_quant_ce_ms": round(results["fake_quant_ce"][0], 1),
+        "bf16_ce_peak_gb": round(base_gb, 2),
+        "qat_kd_peak_gb": round(kd_gb, 2),
+        "no_fake_quant_ce_ms": round(results["no_fake_quant_ce"][0], 1),
+        "naive_kd_ms": round(results["naive_kd"][0], 1),
+        "naive_kd_peak_gb": round(results["naive_kd"][1], 2),
+        "fake_quant_ce_peak_gb": round(results["fake_quant_ce"][1], 2),
+        "fake_quant_kernel_ms_per_pass": round(kernel["triton_ms"], 2),
+        "fake_quant_torch_ms_per_pass": round(kernel["torch_ms"], 2),
+        "qat_kd_over_bf16_ce": round(kd_ms / base_ms, 3),
+        "fake_quant_overhead": round(overhead, 4),
+        "fake_quant_kernel_share": round(kernel["triton_ms"] / kd_ms, 4),
+        "tokens_per_step": tokens,
+        "kernel_checks_ok": not bad,
+        "breakdown_ms": {k: round(v, 2) for k, v in parts.items()},
+    }
+    print()
+    print(f"| variant | step ms | tokens/s | peak GB |")
+    print(f"|---|---|---|---|")
+    for name, (ms, gb) in results.items():
+        print(f"| {name} | {ms:.1f} | {tokens / ms * 1000:,.0f} | {gb:.1f} |")
+    for name, ms in parts.items():
+        print(f"  {name}: {ms:.2f} ms")
+    print()
+    print(f"QAT-KD / bf16 CE step: {record['qat_kd_over_bf16_ce']:.3f} (target <= 1.35)")
+    print(f"QAT-KD peak / bf16 CE peak: {kd_gb / base_gb:.3f} (target <= 1.0)")
+    print(f"fake-quant overhead: {overhead:.1%} of the QAT-KD step (target <= 5%); kernels alone "
+          f"{record['fake_quant_kernel_share']:.1%} (fwd+bwd {kernel['triton_ms']:.2f} ms Triton, "
+          f"{kernel['torch_ms']:.2f} ms PyTorch)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(record, handle, indent=2)
+            handle.write("\n")
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""CUDA-only checks: the Triton fake-quant kernels and a QAT-KD run in bf16 on the GPU."""
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels, bf16 QAT)"),
+]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [64, 128, None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_kernels_match_the_pytorch_path(bits, group, dtype):
+    from rqat_sdk.ops.fake_quant import _WeightFakeQuant, fake_quantize_weight, int_range
+
+    torch.manual_seed(bits)
+    w = torch.randn(384, 1024, device="cuda") * 0.02
+    g = group or 1024
+    grouped = w.reshape(384, 1024 // g, g)
+    qmin, qmax = int_range(bits)
+    low, high = grouped.amin(-1), grouped.amax(-1)
+    scale = ((high - low) / (qmax - qmin) * 0.9).to(dtype)
+    zero = (qmin - torch.round(low / scale.float())).clamp(qmin, qmax).float()
+    grad = torch.randn(384, 1024, device="cuda", dtype=dtype)
+    outputs = []
+    for path in ("triton", "torch"):
+        wt, st, zt = (t.clone().requires_grad_(True) for t in (w, scale.float(), zero))
+        if path == "triton":
+            out = fake_quantize_weight(wt, st, zt, bits, group, dtype=dtype)
+        else:
+            out = _WeightFakeQuant.apply(wt, st, zt, qmin, qmax, g, dtype)
+        out.backward(grad)
+        outputs.append((out, wt.grad, st.grad, zt.grad))
+    (a, aw, as_, az), (b, bw, bs, bz) = outputs
+    assert torch.equal(a, b) and torch.equal(aw, bw)
+    # Scale and zero-point gradients are sums over a group; summation order differs, so compare relative
+    # to the largest magnitude (single sums can cancel to near zero).
+    assert (as_ - bs).abs().max() <= 1e-5 * bs.abs().max()
+    assert (az - bz).abs().max() <= 1e-5 * bz.abs().max()
+
+
+def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path):
+    from datasets import Dataset
+
+    import rqat_sdk
+    from rqat_sdk.testbed import build_model, build_tokenizer
+
+    corpus = [f"What is {a} + {b}? \\boxed{{{a + b}}}" for a in range(30) for b in range(5)]
+    tokenizer = build_tokenizer(vocab_size=400, corpus=corpus)
+    model = build_model(tokenizer, "qwen3").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": f"What is {a} + 3?"}, {"role": "assistant", "content": f"\\boxed{{{a + 3}}}"}]}
+         for a in range(40)]
+    )
+    recipe = {
+        "version": 1,
+        "scheme": "W3G128",
+        "stages": [
+            {"name": "ptq", "data": {"num_samples": 16, "max_seq_length": 64}, "modifiers": [{"type": "gptq"}]},
+            {"name": "qat", "data": {"num_samples": 40, "max_seq_length": 64}, "modifiers": [
+                {"type": "qat_kd", "steps": 10, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-4,
+                 "learn_scales": True, "logging_steps": 5}]},
+        ],
+    }
+    result = rqat_sdk.oneshot(tmp_path / "model", recipe, data, tmp_path / "out")
+    assert result.model.dtype == torch.bfloat16 and result.model.device.type == "cuda"
+    assert result.record["export"]["exact"] is True
+    assert result.record["stages"][1]["metrics"]["qat_kd"]["final_loss"] >= 0
