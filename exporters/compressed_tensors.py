@@ -81,6 +81,7 @@ def _export(
         compressor.decompress_model(model)
         # decompression leaves compressed-tensors offloading on every module; the model stays a plain one
         remove_dispatch(model, onload_tensors=True).to(probe.device)
+        _refreeze(model)
     tokenizer.save_pretrained(directory)
 
     reloaded = reload_checkpoint(directory, dtype=model.dtype, device=model.device)
@@ -97,6 +98,16 @@ def _export(
         )
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     return ExportReport(fmt, exact, diff, probe.numel(), size, time.perf_counter() - start)
+
+
+def _refreeze(model: PreTrainedModel) -> None:
+    """Back to FROZEN: a DECOMPRESSED module's forward stops fake-quantizing its weight, so any later change
+    to the weights (more training, a second export) would silently run unquantized."""
+    from compressed_tensors.quantization import QuantizationStatus
+
+    for module in model.modules():
+        if getattr(module, "quantization_status", None) == QuantizationStatus.DECOMPRESSED:
+            module.quantization_status = QuantizationStatus.FROZEN
 
 
 def save_dense(model: PreTrainedModel, directory: Path) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 # The recipe package is imported first: modifiers build on its field types and it builds on the modifiers.
 from rqat_sdk.recipe import QuantScheme, Recipe, load_recipe
 from rqat_sdk.errors import RqatError
+from rqat_sdk.evaluation import EvalReport, evaluate
 from rqat_sdk.session import RunResult, Session
 from rqat_sdk.session.engine import KeepCheckpoints
 
@@ -77,4 +78,15 @@ def oneshot(
     return session.run()
 
 
-__all__ = ["QuantScheme", "Recipe", "RqatError", "RunResult", "Session", "__version__", "load_recipe", "oneshot"]
+__all__ = [
+    "EvalReport",
+    "QuantScheme",
+    "Recipe",
+    "RqatError",
+    "RunResult",
+    "Session",
+    "__version__",
+    "evaluate",
+    "load_recipe",
+    "oneshot",
+]

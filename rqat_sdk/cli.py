@@ -52,6 +52,30 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("-o", "--output", type=Path, help="write to this file instead of standard output")
     schema.set_defaults(handler=_schema)
 
+    evaluate = commands.add_parser("eval", help="pass@1 of a model or checkpoint on a reasoning benchmark")
+    evaluate.add_argument("model", help="a model directory, an exported checkpoint, or a hub id")
+    evaluate.add_argument("--benchmark", default="testbed",
+                          help="testbed, reasoning-gym:TASK[,TASK], a .jsonl file, gsm8k, math500, aime24, hf:ORG/NAME")
+    evaluate.add_argument("--samples", type=int, default=3, help="answers per problem; pass@1 is their mean")
+    evaluate.add_argument("--num-examples", type=int, default=200)
+    evaluate.add_argument("--max-new-tokens", type=int, default=1024)
+    evaluate.add_argument("--temperature", type=float, default=0.6)
+    evaluate.add_argument("--top-p", type=float, default=0.95)
+    evaluate.add_argument("--greedy", action="store_true", help="one greedy answer per problem")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--label", help="the name shown in tables and plots (default: the model)")
+    evaluate.add_argument("--backend", choices=["hf"], default="hf", help="generation backend")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("-o", "--output", type=Path, help="write the report (with every response) as JSON")
+    evaluate.set_defaults(handler=_eval)
+
+    compare = commands.add_parser("compare", help="table (and plot) of evaluation reports")
+    compare.add_argument("reports", nargs="+", type=Path)
+    compare.add_argument("--baseline", help="label of the report the others are compared with")
+    compare.add_argument("--plot", type=Path, help="write a PNG bar chart here")
+    compare.set_defaults(handler=_compare)
+
     recipes = commands.add_parser("recipes", help="list the bundled recipes")
     recipes.set_defaults(handler=_recipes)
 
@@ -131,6 +155,8 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"  stages[{index}] {stage.name}: {', '.join(m.type for m in stage.modifiers)}{data}")
     for path, ref in recipe.code_references():
         print(f"  note: {path} names Python code ({ref}); running it needs --allow-code")
+    for warning in recipe.warnings():
+        print(f"  warning: {warning}")
     return 0
 
 
@@ -144,6 +170,37 @@ def _schema(args: argparse.Namespace) -> int:
         write_text_atomic(args.output, text)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rqat_sdk.evaluation import evaluate, markdown_table
+
+    report = evaluate(
+        args.model, args.benchmark, samples=args.samples, num_examples=args.num_examples,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
+        batch_size=args.batch_size, seed=args.seed, label=args.label, device=args.device,
+    )
+    if args.output:
+        report.save(args.output)
+    print(markdown_table([report]))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rqat_sdk.errors import RqatError
+    from rqat_sdk.evaluation import EvalReport, markdown_table, plot
+
+    reports = []
+    for path in args.reports:
+        try:
+            reports.append(EvalReport.load(path))
+        except (OSError, ValueError, TypeError) as exc:
+            raise RqatError(f"{path} is not an evaluation report written by `rqat eval -o`: {exc}") from None
+    print(markdown_table(reports, baseline=args.baseline))
+    if args.plot:
+        plot(reports, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 

@@ -26,14 +26,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def load_model(source: str | os.PathLike, *, dtype: str = "auto", device: torch.device | None = None) -> PreTrainedModel:
-    """A full-precision causal LM from a local directory or a Hub id."""
+def load_model(
+    source: str | os.PathLike,
+    *,
+    dtype: str = "auto",
+    device: torch.device | str | None = None,
+    allow_quantized: bool = False,
+) -> PreTrainedModel:
+    """A causal LM from a local directory or a Hub id: full precision, unless ``allow_quantized``."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in _DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     location = _check_location(source)
-    if location is not None:
+    if location is not None and not allow_quantized:
         config = json.loads((location / "config.json").read_text())
         if "quantization_config" in config:
             method = config["quantization_config"].get("quant_method", "unknown")

@@ -1,10 +1,11 @@
 """Dataset sources: every way a user can name data, normalised to one form.
 
-A source is a registered name (``reasoning-gym:chain_sum``), a JSONL file, a directory written by
+A source is a registered name (``reasoning-gym:chain_sum``, ``testbed``), a JSONL file, a directory written by
 ``datasets.save_to_disk``, a Hub dataset (``hf:ORG/NAME``), a ``datasets.Dataset`` in memory, or code
 (``python:module:function``, only with ``allow_code``). Whatever the source, :func:`load_examples` returns a
-``datasets.Dataset`` with three columns: ``messages`` (a chat: list of ``{"role", "content"}``) or
-``text`` (plain text), one of them null in each row, and ``answer`` where the source knows the gold answer. Calibration (PTQ) and
+``datasets.Dataset`` with columns ``messages`` (a chat: list of ``{"role", "content"}``) or ``text``
+(plain text), one of them null in each row, ``answer`` where the source knows the gold answer, and
+``meta`` for generated rows (which generator, seed and index: what a task's own scorer needs). Calibration (PTQ) and
 training (QAT, RL) read the same rows, so the two can come from the same domain.
 """
 
@@ -79,13 +80,15 @@ def examples_dataset(rows: list[dict[str, Any]]) -> Dataset:
             "messages": List({"role": Value("string"), "content": Value("string")}),
             "text": Value("string"),
             "answer": Value("string"),
+            "meta": Value("string"),
         }
     )
     return Dataset.from_list(rows, features=features)
 
 
 def normalise_row(row: dict[str, Any], where: str) -> dict[str, Any]:
-    """One example as ``{"messages", "text", "answer"}``: a chat or plain text, and the gold answer if known."""
+    """One example as ``{"messages", "text", "answer", "meta"}``: a chat or plain text, the gold answer if
+    known, and ``meta``, a JSON string saying where a generated example came from (for its scorer)."""
     row = {key: value for key, value in row.items() if value is not None}  # mixed-form datasets pad with None
     answer = row.get("answer")
     if "messages" in row:
@@ -109,6 +112,7 @@ def normalise_row(row: dict[str, Any], where: str) -> dict[str, Any]:
         messages += response if isinstance(response, list) else [{"role": "assistant", "content": str(response)}]
         out = {"messages": _check_messages(messages, where), "text": None}
     out["answer"] = str(answer) if answer is not None else None
+    out["meta"] = row.get("meta") if isinstance(row.get("meta"), str) else None
     return out
 
 
@@ -138,7 +142,7 @@ def _load_named(spec: str, *, num_samples: int, seed: int, allow_code: bool, fie
             return result, spec
         return examples_dataset([normalise_row(dict(r), f"{spec}, row {i}") for i, r in enumerate(result)]), spec
     prefix, _, rest = spec.partition(":")
-    if prefix in _REGISTRY and rest:
+    if prefix in _REGISTRY and (rest or prefix == "testbed"):
         return _REGISTRY[prefix](rest, num_samples=num_samples, seed=seed, field=field), spec
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -199,36 +203,20 @@ def _load_hub(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
 
 
 def _load_reasoning_gym(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
-    import difflib
+    from rqat_sdk.data.reasoning_gym import generate_rows, parse_tasks
 
-    import reasoning_gym
-    from reasoning_gym.factory import DATASETS
-
-    tasks = [t.strip() for t in spec.split(",") if t.strip()]
-    for task in tasks:
-        if task not in DATASETS:
-            close = difflib.get_close_matches(task, list(DATASETS), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else f"; see reasoning_gym.factory.DATASETS"
-            raise DatasetError(f"{field}: reasoning-gym has no task {task!r}{hint}")
-    rows = []
-    per_task = -(-num_samples // len(tasks))
-    for t, task in enumerate(tasks):
-        generated = reasoning_gym.create_dataset(task, size=per_task, seed=seed + t)
-        for entry in generated:
-            question = f"{entry['question']}\n{REASONING_INSTRUCTION}"
-            rows.append(
-                {
-                    "messages": [
-                        {"role": "user", "content": question},
-                        {"role": "assistant", "content": f"\\boxed{{{entry['answer']}}}"},
-                    ],
-                    "text": None,
-                    "answer": str(entry["answer"]),
-                }
-            )
-    # Interleave tasks so that any prefix of the rows mixes them.
-    order = sorted(range(len(rows)), key=lambda i: (i % per_task, i // per_task))
-    return examples_dataset([rows[i] for i in order])
+    tasks = parse_tasks(spec, field)
+    return examples_dataset(generate_rows(tasks, num_samples=num_samples, seed=seed, instruction=REASONING_INSTRUCTION))
 
 
-_REGISTRY: dict[str, Callable[..., Dataset]] = {"reasoning-gym": _load_reasoning_gym, "hf": _load_hub}
+def _load_testbed(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
+    from rqat_sdk.testbed.tasks import testbed_rows
+
+    return examples_dataset(testbed_rows(num_samples=num_samples, seed=seed, field=field, variant=spec))
+
+
+_REGISTRY: dict[str, Callable[..., Dataset]] = {
+    "reasoning-gym": _load_reasoning_gym,
+    "hf": _load_hub,
+    "testbed": _load_testbed,
+}

@@ -11,9 +11,10 @@ from pydantic import Field
 from rqat_sdk.modifiers.base import Modifier
 from rqat_sdk.modifiers.ptq import AWQModifier, GPTQModifier, RotationModifier, RTNModifier
 from rqat_sdk.modifiers.qat import QATKDModifier
+from rqat_sdk.modifiers.rl import GRPOModifier
 
 AnyModifier = Annotated[
-    Union[RTNModifier, GPTQModifier, AWQModifier, RotationModifier, QATKDModifier],
+    Union[RTNModifier, GPTQModifier, AWQModifier, RotationModifier, QATKDModifier, GRPOModifier],
     Field(discriminator="type"),
 ]
 
@@ -21,6 +22,7 @@ __all__ = [
     "AWQModifier",
     "AnyModifier",
     "GPTQModifier",
+    "GRPOModifier",
     "Modifier",
     "QATKDModifier",
     "RTNModifier",

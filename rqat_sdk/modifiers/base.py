@@ -37,6 +37,10 @@ class Modifier(StrictModel):
         """Problems with this modifier's place in ``recipe`` (it stands ``at`` there), found without a model."""
         return []
 
+    def warnings(self, recipe: Recipe, at: Position) -> list[str]:
+        """Legal but doubtful choices (``rqat validate`` prints them; a run logs them)."""
+        return []
+
     def wants_original_model(self) -> bool:
         """True when :meth:`apply` needs the full-precision model the run started from (as a teacher)."""
         return False

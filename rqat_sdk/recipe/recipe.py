@@ -123,6 +123,10 @@ class Recipe(StrictModel):
             for m, modifier in enumerate(stage.modifiers)
         ]
 
+    def warnings(self) -> list[str]:
+        """Legal but doubtful choices, each with its path."""
+        return [warning for at, modifier in self.positions() for warning in modifier.warnings(self, at)]
+
     def quantizer_position(self) -> Position | None:
         return next((at for at, modifier in self.positions() if modifier.quantizes), None)
 

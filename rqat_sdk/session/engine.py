@@ -115,6 +115,8 @@ class Session:
     def run(self) -> RunResult:
         distributed.initialize()
         self._check_code_allowed()
+        for warning in self.recipe.warnings():
+            log.warning("recipe: %s", warning)
         if self._output_is_complete_run():
             return self._load_finished()
         first_stage, checkpoint = self._prepare_work_dir()

@@ -39,6 +39,7 @@ class SessionState:
     stage_index: int = 0
     stage_metrics: dict[str, Any] = field(default_factory=dict)
     """What the current stage's modifiers report (losses, throughput); copied into the run record."""
+    _examples: dict[int, Dataset] = field(default_factory=dict, repr=False)
     _data: dict[int, Dataset] = field(default_factory=dict, repr=False)
     _teachers: dict[tuple, PreTrainedModel] = field(default_factory=dict, repr=False)
 
@@ -65,9 +66,9 @@ class SessionState:
     def stage_source(self) -> DatasetInput | None:
         return self.stage.data.source if self.stage.data.source is not None else self.run_dataset
 
-    def stage_data(self) -> Dataset:
-        """The current stage's examples, tokenized with the chat template (loaded once per stage)."""
-        if self.stage_index not in self._data:
+    def stage_examples(self) -> Dataset:
+        """The current stage's examples (chats or text, with gold answers), loaded once per stage."""
+        if self.stage_index not in self._examples:
             source = self.stage_source()
             where = f"stages[{self.stage_index}].data.source"
             if source is None:
@@ -77,14 +78,20 @@ class SessionState:
                 )
             config = self.stage.data
             log.info("stage %r: loading %d examples from %s", self.stage.name, config.num_samples, describe_source(source))
-            examples = load_examples(
+            self._examples[self.stage_index] = load_examples(
                 source,
                 num_samples=config.num_samples,
                 seed=self.recipe.seed,
                 allow_code=self.allow_code,
                 field=where if self.stage.data.source is not None else "dataset",
             )
-            self._data[self.stage_index] = tokenize_examples(examples, self.tokenizer, config.max_seq_length)
+        return self._examples[self.stage_index]
+
+    def stage_data(self) -> Dataset:
+        """The current stage's examples, tokenized with the chat template."""
+        if self.stage_index not in self._data:
+            examples = self.stage_examples()
+            self._data[self.stage_index] = tokenize_examples(examples, self.tokenizer, self.stage.data.max_seq_length)
         return self._data[self.stage_index]
 
     def teacher(self, source: str | None, dtype: torch.dtype) -> PreTrainedModel:

@@ -25,9 +25,17 @@ Architecture = Literal["qwen3", "llama"]
 
 
 def build_tokenizer(
-    vocab_size: int = 1024, corpus_size: int = 400, seed: int = 0, corpus: list[str] | None = None
+    vocab_size: int = 1024,
+    corpus_size: int = 400,
+    seed: int = 0,
+    corpus: list[str] | None = None,
+    split_digits: bool = False,
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with a ChatML template, trained on ``corpus`` or reasoning-gym text."""
+    """A byte-level BPE tokenizer with a ChatML template, trained on ``corpus`` or reasoning-gym text.
+
+    ``split_digits`` keeps every digit a token of its own (as Qwen's tokenizer does), which small models
+    need to learn arithmetic.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +51,10 @@ def build_tokenizer(
             for entry in reasoning_gym.create_dataset(task, size=corpus_size // len(CORPUS_TASKS), seed=seed + t):
                 texts.append(f"{entry['question']}\n\\boxed{{{entry['answer']}}}")
     bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

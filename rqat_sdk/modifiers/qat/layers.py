@@ -84,6 +84,30 @@ def detach_fake_quant(model: torch.nn.Module) -> None:
             module.forward = saved
 
 
+QUANTIZATION_PARAMETERS = ("weight_scale", "weight_zero_point", "weight_g_idx", "rqat_zero_point", "rqat_clip")
+
+
+@torch.no_grad()
+def fake_quantized_weights(model: torch.nn.Module):
+    """``(name, tensor)`` for every parameter a dense copy of the model needs, quantized layers' weights
+    replaced by their fake-quantized values and quantization parameters left out: what a rollout engine
+    serving the quantized policy in full precision must load."""
+    quantized = dict(quantized_linears(model))
+    for name, parameter in model.named_parameters():
+        module_name, _, leaf = name.rpartition(".")
+        if leaf in QUANTIZATION_PARAMETERS:
+            continue
+        module = quantized.get(module_name)
+        if module is not None and leaf == "weight":
+            args = module.quantization_scheme.weights
+            dtype = getattr(module, "_rqat_dtype", parameter.dtype)
+            yield name, fake_quantize_weight(
+                parameter, effective_scale(module), effective_zero_point(module), args.num_bits, args.group_size, dtype
+            )
+        else:
+            yield name, parameter.detach()
+
+
 def effective_scale(module: torch.nn.Linear) -> torch.Tensor:
     scale = module.weight_scale
     if hasattr(module, "rqat_clip"):

@@ -1,0 +1,18 @@
+"""Reasoning evaluation: pass@1 over sampled answers, for any model or checkpoint the SDK produces."""
+
+from rqat_sdk.evaluation.answers import extract_boxed, math_equal, score_response
+from rqat_sdk.evaluation.benchmarks import HUB_BENCHMARKS, Problem, load_benchmark
+from rqat_sdk.evaluation.harness import EvalReport, evaluate, markdown_table, plot
+
+__all__ = [
+    "HUB_BENCHMARKS",
+    "EvalReport",
+    "Problem",
+    "evaluate",
+    "extract_boxed",
+    "load_benchmark",
+    "markdown_table",
+    "math_equal",
+    "plot",
+    "score_response",
+]

@@ -1,0 +1,55 @@
+"""Benchmarks: the problems an evaluation asks, each with its gold answer (and scorer, for generated tasks).
+
+A benchmark is named like a dataset (see :mod:`rqat_sdk.data.sources`), with two differences: generated
+tasks (``reasoning-gym:...``, ``testbed``) draw from held-out seeds, never the training ones; and a few
+standard Hub benchmarks have short names (they need network access, or a local copy saved with
+``datasets.save_to_disk``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rqat_sdk.data.reasoning_gym import HELD_OUT_SEED_OFFSET
+from rqat_sdk.errors import DatasetError
+
+HUB_BENCHMARKS = {
+    "gsm8k": "hf:openai/gsm8k:main@test",
+    "math500": "hf:HuggingFaceH4/MATH-500@test",
+    "aime24": "hf:HuggingFaceH4/aime_2024@train",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: list[dict[str, str]]
+    """The chat up to the question (no assistant reply)."""
+    answer: str
+    meta: str | None = None
+    """Set for generated tasks: which generator entry, for its own scorer."""
+
+
+def load_benchmark(spec: str, *, num_examples: int, seed: int = 0) -> list[Problem]:
+    from rqat_sdk.data import load_examples
+
+    source = HUB_BENCHMARKS.get(spec, spec)
+    if source == "testbed":
+        source = "testbed:heldout"
+    elif source.startswith("reasoning-gym:"):
+        seed += HELD_OUT_SEED_OFFSET
+    rows = load_examples(source, num_samples=num_examples, seed=seed, field="benchmark")
+    problems = []
+    for index, row in enumerate(rows):
+        if row["answer"] is None:
+            raise DatasetError(f"benchmark {spec!r}, row {index}: no gold answer (an 'answer' column or field)")
+        if row["messages"] is None:
+            raise DatasetError(f"benchmark {spec!r}, row {index}: plain text rows have no question to ask")
+        messages = row["messages"]
+        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        problems.append(Problem(prompt, _gold(row["answer"]), row["meta"]))
+    return problems
+
+
+def _gold(answer: str) -> str:
+    """GSM8K writes its solution then ``#### 42``: keep the final answer."""
+    return answer.rsplit("####", 1)[-1].strip() if "####" in answer else answer

@@ -1,0 +1,75 @@
+"""Batched sampling with transformers: the ``hf`` evaluation backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int
+    """Generated tokens, the end-of-sequence token included."""
+    truncated: bool
+    """True when generation hit ``max_new_tokens`` before the end-of-sequence token."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 1024
+    temperature: float = 0.6
+    top_p: float = 0.95
+    greedy: bool = False
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[dict[str, str]]],
+    sampling: Sampling,
+    *,
+    batch_size: int,
+    seed: int,
+) -> list[Completion]:
+    """One completion per prompt, in order. Sampling is seeded per batch, so a run can be repeated."""
+    texts = [_render(tokenizer, prompt) for prompt in prompts]
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    completions: list[Completion] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        ).to(model.device)
+        torch.manual_seed(seed * 1_000_003 + start)
+        options = {"do_sample": False} if sampling.greedy else {
+            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
+        }
+        output = model.generate(
+            **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=eos, **options
+        )
+        for row in output[:, batch["input_ids"].shape[1] :].tolist():
+            ended = eos in row
+            kept = row[: row.index(eos) + 1] if ended else row
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            completions.append(Completion(text, len(kept), not ended))
+    model.train(was_training)
+    return completions
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]]) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return "\n".join(message["content"] for message in prompt)

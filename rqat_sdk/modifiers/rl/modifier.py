@@ -1,0 +1,198 @@
+"""``grpo``: cold-start GRPO with a correctness reward on the quantized model, Reasoning-QAT's third step."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import PrivateAttr, field_validator, model_validator
+
+from rqat_sdk.errors import RqatError
+from rqat_sdk.modifiers.base import Modifier
+from rqat_sdk.recipe.code import check_code_ref_syntax, is_code_ref
+from rqat_sdk.recipe.fields import FloatRange, IntRange
+
+if TYPE_CHECKING:
+    from rqat_sdk.recipe.recipe import Position, Recipe
+    from rqat_sdk.session.state import SessionState
+
+log = logging.getLogger(__name__)
+
+
+class ColdStartError(RqatError):
+    """GRPO would start from a policy that almost never earns a reward."""
+
+
+class GRPOModifier(Modifier):
+    """Reinforcement learning (GRPO, through trl) with a verifiable reward, on the fake-quantized model.
+
+    Defaults are the seed paper's: learning rate 5e-7, 64 prompts x 8 completions per step, 250 steps,
+    32k-token completions. GRPO straight after RTN collapses (the reward has no variance to learn from); after
+    a ``qat_kd`` stage it adds 1-2 points. Before training, a probe measures the mean reward and stops the
+    run when it is below ``cold_start_threshold`` (unless ``allow_cold_start``).
+    """
+
+    type: Literal["grpo"] = "grpo"
+    needs_data = True
+
+    steps: IntRange(1, None) = 250
+    """Optimizer steps."""
+    prompts_per_step: IntRange(1, None) = 64
+    """Prompts per step (over all ranks)."""
+    group_size: IntRange(2, None) = 8
+    """Completions sampled per prompt; rewards are normalised within each group."""
+    micro_batch_size: IntRange(1, None) = 8
+    """Completions per forward pass and rank."""
+    max_completion_length: IntRange(1, None) = 32768
+    """Tokens a completion may generate."""
+    temperature: FloatRange(0.01, 10.0) = 1.0
+    """Sampling temperature of the rollouts."""
+    top_p: FloatRange(0.0, 1.0) = 1.0
+    """Nucleus sampling of the rollouts."""
+    learning_rate: FloatRange(0.0, 1.0) = 5e-7
+    """Peak learning rate."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: IntRange(0, None) = 0
+    """Steps of linear warmup."""
+    betas: tuple[FloatRange(0.0, 0.9999), FloatRange(0.0, 0.9999)] = (0.9, 0.95)
+    """Adam's moment decay rates."""
+    weight_decay: FloatRange(0.0, None) = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: FloatRange(0.0, None) = 1.0
+    """Gradient norm clipping."""
+    beta: FloatRange(0.0, None) = 0.0
+    """KL penalty towards the starting policy (0: none, no reference model kept)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    """trl's loss normalisation."""
+    epsilon: FloatRange(0.0, 1.0) = 0.2
+    """PPO-style clipping of the probability ratio."""
+    rewards: list[str] = ["correctness"]
+    """``correctness``, ``format``, or ``python:module:function`` (needs allow_code)."""
+    reward_weights: list[FloatRange(0.0, None)] | None = None
+    """One weight per reward (default: all 1)."""
+    generation: Literal["transformers", "vllm-colocate", "vllm-server"] = "transformers"
+    """Rollout engine; vLLM receives the fake-quantized weights at every step."""
+    vllm_server_url: str | None = None
+    """The vLLM server, with ``generation: vllm-server``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    allow_cold_start: bool = False
+    """Train even when the probe's mean reward is below ``cold_start_threshold``."""
+    cold_start_threshold: FloatRange(0.0, None) = 0.05
+    """Minimum mean reward of the probe."""
+    probe_size: IntRange(1, None) = 32
+    """Prompts the cold-start probe samples once each."""
+    save_steps: IntRange(1, None) = 50
+    """Write a resumable checkpoint every this many steps."""
+    logging_steps: IntRange(1, None) = 1
+    """Log reward, length, entropy, KL and clip ratio every this many steps."""
+
+    _export_dtype: torch.dtype = PrivateAttr(torch.float32)
+    _requires_grad: dict[str, bool] = PrivateAttr(default_factory=dict)
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, value: list[str]) -> list[str]:
+        from rqat_sdk.modifiers.rl.rewards import BUILTIN_REWARDS
+
+        if not value:
+            raise ValueError("needs at least one reward")
+        for name in value:
+            if is_code_ref(name):
+                check_code_ref_syntax(name)
+            elif name not in BUILTIN_REWARDS:
+                raise ValueError(f"{name!r} is not one of: {', '.join(BUILTIN_REWARDS)}, or python:module:function")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> GRPOModifier:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rewards")
+        if self.generation == "vllm-server" and not self.vllm_server_url:
+            raise ValueError("generation 'vllm-server' needs vllm_server_url")
+        return self
+
+    def check(self, recipe: Recipe, at: Position) -> list[str]:
+        quantizer = recipe.quantizer_position()
+        if quantizer is not None and at < quantizer:
+            return [f"{at.path}: grpo trains the quantized model; put it after the quantizing modifier at {quantizer.path}"]
+        return []
+
+    def warnings(self, recipe: Recipe, at: Position) -> list[str]:
+        trained_before = any(m.type == "qat_kd" and p < at for p, m in recipe.positions())
+        if recipe.scheme.weights.num_bits <= 3 and not trained_before:
+            return [
+                f"{at.path}: grpo on a {recipe.scheme.label} model without a qat_kd stage before it: the seed paper "
+                f"finds cold-start GRPO after plain PTQ collapses; add a qat_kd stage first"
+            ]
+        return []
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def initialize(self, state: SessionState) -> None:
+        from rqat_sdk.modifiers.qat.layers import attach_fake_quant
+
+        model = state.model
+        self._export_dtype = model.dtype
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.float()  # fp32 masters: updates of 5e-7 vanish in bf16 (trl autocasts to bf16 on GPUs)
+        attach_fake_quant(model, dtype=self._export_dtype, learn_scales=False, learn_clipping=False)
+
+    def apply(self, state: SessionState) -> None:
+        from datasets import Dataset
+
+        from rqat_sdk.modifiers.rl.monitor import mean_reward, plot_training
+        from rqat_sdk.modifiers.rl.rewards import resolve_rewards
+        from rqat_sdk.modifiers.rl.trl_adapter import run_grpo
+
+        at = f"stages[{state.stage_index}].modifiers"
+        rewards = resolve_rewards(self.rewards, allow_code=state.allow_code, field=f"{at}.rewards")
+        examples = state.stage_examples()
+        rows = [
+            {"prompt": row["messages"][:-1] if row["messages"][-1]["role"] == "assistant" else row["messages"],
+             "answer": row["answer"], "meta": row["meta"]}
+            for row in examples
+            if row["messages"] is not None and row["answer"] is not None
+        ]
+        if not rows:
+            raise RqatError(f"stage {state.stage.name!r}: grpo needs chat examples with gold answers")
+        prompts = Dataset.from_list(rows)
+        probe = mean_reward(
+            state.model, state.tokenizer, prompts.select(range(min(self.probe_size, len(prompts)))), rewards,
+            self.reward_weights, max_new_tokens=self.max_completion_length, temperature=self.temperature,
+        )
+        state.stage_metrics["cold_start_probe_reward"] = probe
+        log.info("stage %r: cold-start probe mean reward %.3f", state.stage.name, probe)
+        if probe < self.cold_start_threshold and not self.allow_cold_start:
+            raise ColdStartError(
+                f"stage {state.stage.name!r}: the quantized model's mean reward on {min(self.probe_size, len(prompts))} "
+                f"probe prompts is {probe:.3f}, below cold_start_threshold {self.cold_start_threshold}. GRPO learns "
+                f"from reward differences within a group and has nothing to learn from here (the seed paper finds "
+                f"GRPO straight after RTN collapses). Add a qat_kd stage before this one, or set allow_cold_start: "
+                f"true to train anyway."
+            )
+        progress = state.progress_dir()
+        if progress is None:
+            import tempfile
+
+            progress = Path(tempfile.mkdtemp(prefix="rqat-grpo-"))
+        log_file = state.log_file()
+        state.stage_metrics[self.type] = run_grpo(
+            state.model, state.tokenizer, prompts, self, rewards,
+            progress_dir=progress, log_file=log_file, seed=state.recipe.seed + state.stage_index,
+        )
+        if log_file is not None and log_file.is_file():
+            plot_training(log_file, log_file.with_suffix(".png"))
+
+    def finalize(self, state: SessionState) -> None:
+        from rqat_sdk.modifiers.qat.layers import detach_fake_quant
+
+        model = state.model
+        detach_fake_quant(model)
+        model.to(self._export_dtype)
+        model.eval()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(self._requires_grad.get(name, False))

@@ -1,0 +1,153 @@
+"""The one file that talks to trl: GRPO on the fake-quantized student.
+
+trl's ``GRPOTrainer`` does the RL; this adapter gives it the recipe's settings, records its metrics, resumes
+from its checkpoints, and fixes one thing for quantized policies: when rollouts come from vLLM, trl pushes
+the model's raw ``named_parameters()`` (latent full-precision weights, plus scales and zero points vLLM does
+not know), so vLLM would sample from the wrong policy. Here vLLM receives the fake-quantized weights and no
+quantization parameters (:func:`~rqat_sdk.modifiers.qat.layers.fake_quantized_weights`); trl's importance
+sampling correction stays on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rqat_sdk import distributed
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rqat_sdk.modifiers.rl.modifier import GRPOModifier
+    from rqat_sdk.modifiers.rl.rewards import RewardFunction
+
+log = logging.getLogger(__name__)
+
+LOGGED = {
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "completions/mean_length": "response_length",
+    "entropy": "entropy",
+    "kl": "kl",
+    "clip_ratio/region_mean": "clip_ratio",
+    "loss": "loss",
+    "learning_rate": "lr",
+    "grad_norm": "grad_norm",
+}
+"""trl's metric names and the names they get in the stage's JSONL log."""
+
+
+def run_grpo(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Dataset,
+    config: GRPOModifier,
+    rewards: list[RewardFunction],
+    *,
+    progress_dir: Path,
+    log_file: Path | None,
+    seed: int,
+) -> dict[str, Any]:
+    """Train ``model`` with GRPO on ``prompts`` (columns ``prompt``, ``answer``, ``meta``); return a summary."""
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    completions_per_step = config.prompts_per_step * config.group_size
+    per_step = config.micro_batch_size * distributed.world_size()
+    if completions_per_step % per_step:
+        raise ValueError(
+            f"prompts_per_step x group_size ({completions_per_step}) must be a multiple of micro_batch_size x ranks "
+            f"({per_step})"
+        )
+    cuda = model.device.type == "cuda"
+    args = GRPOConfig(
+        output_dir=str(progress_dir),
+        max_steps=config.steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        adam_beta1=config.betas[0],
+        adam_beta2=config.betas[1],
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        per_device_train_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=completions_per_step // per_step,
+        num_generations=config.group_size,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        beta=config.beta,
+        loss_type=config.loss_type,
+        epsilon=config.epsilon,
+        reward_weights=config.reward_weights,
+        use_vllm=config.generation != "transformers",
+        vllm_mode="server" if config.generation == "vllm-server" else "colocate",
+        vllm_server_base_url=config.vllm_server_url,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        save_total_limit=1,
+        report_to=[],
+        seed=seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=config.gradient_checkpointing,
+        log_completions=False,
+    )
+    processing = copy.deepcopy(tokenizer)
+    processing.padding_side = "left"  # trl generates with left padding; the run's tokenizer stays as it is
+
+    class _Metrics(TrainerCallback):
+        def on_log(self, _args, state, control, logs=None, **kwargs):
+            if not logs or log_file is None or not distributed.is_main():
+                return
+            entry = {ours: logs[theirs] for theirs, ours in LOGGED.items() if theirs in logs}
+            entry.update({k: v for k, v in logs.items() if k.startswith("rewards/")})
+            if not entry:  # trl's end-of-training summary
+                return
+            entry = {"step": state.global_step, **entry}
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_file, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=args,
+        train_dataset=prompts,
+        processing_class=processing,
+        callbacks=[_Metrics()],
+    )
+    if trainer.use_vllm:
+        sync_quantized_weights(trainer.vllm_generation, model)
+    checkpoints = sorted(progress_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    resume = str(checkpoints[-1]) if checkpoints else None
+    if resume:
+        log.info("resuming GRPO from %s", resume)
+        _truncate_log(log_file, int(checkpoints[-1].name.rsplit("-", 1)[-1]))
+    output = trainer.train(resume_from_checkpoint=resume)
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    return {
+        "steps": trainer.state.global_step,
+        "resumed_from": resume,
+        "train_loss": output.training_loss,
+        "first_reward": history[0]["reward"] if history else None,
+        "last_reward": history[-1]["reward"] if history else None,
+    }
+
+
+def sync_quantized_weights(vllm_generation: Any, model: PreTrainedModel) -> None:
+    """Make trl's weight sync push the fake-quantized weights (no scales or zero points) to vLLM."""
+    from rqat_sdk.modifiers.qat.layers import fake_quantized_weights
+
+    vllm_generation._iter_named_params = lambda: fake_quantized_weights(model)
+
+
+def _truncate_log(log_file: Path | None, step: int) -> None:
+    if log_file is None or not log_file.is_file() or not distributed.is_main():
+        return
+    kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
+    log_file.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,99 @@
+"""The testbed's reasoning tasks: three reasoning-gym math generators and worked solutions for each.
+
+The testbed model learns to reason step by step: every training example is a reasoning-gym question and a
+chain of thought that computes the answer one operation per line and ends in ``\\boxed{}``. The same
+generators, with held-out seeds, are its benchmark (``testbed`` in ``rqat eval``), scored by reasoning-gym.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rqat_sdk.data.reasoning_gym import HELD_OUT_SEED_OFFSET, generate_rows, parse_tasks
+from rqat_sdk.data.sources import REASONING_INSTRUCTION
+
+TESTBED_TASKS = (
+    "chain_sum(min_terms=2,max_terms=3,min_digits=1,max_digits=2),"
+    "leg_counting(min_animals=1,max_animals=2,min_instances=1,max_instances=5),"
+    "simple_equations(min_terms=2,max_terms=2,min_value=1,max_value=12)"
+)
+"""The testbed mix, as a reasoning-gym spec: small enough for a model of a few million parameters."""
+
+
+def testbed_rows(*, num_samples: int, seed: int, field: str = "dataset", variant: str = "") -> list[dict[str, Any]]:
+    """Chat rows with worked solutions (``variant`` ``""``), or held-out benchmark rows (``"heldout"``)."""
+    if variant not in ("", "heldout"):
+        raise ValueError(f"{field}: unknown testbed variant {variant!r}; use 'testbed' or 'testbed:heldout'")
+    tasks = parse_tasks(TESTBED_TASKS, field)
+    if variant == "heldout":
+        seed += HELD_OUT_SEED_OFFSET
+    return generate_rows(tasks, num_samples=num_samples, seed=seed, instruction=REASONING_INSTRUCTION, trace=solution)
+
+
+def solution(task: str, entry: dict[str, Any]) -> str:
+    """A worked solution for ``entry``, one arithmetic step per line, ending in ``\\boxed{answer}``."""
+    steps = _SOLVERS[task](entry)
+    text = "\n".join(steps[:-1] + [f"\\boxed{{{steps[-1]}}}"])
+    if steps[-1] != str(entry["answer"]):
+        raise AssertionError(f"{task}: worked solution gives {steps[-1]}, reasoning-gym says {entry['answer']}")
+    return text
+
+
+def _chain(values: list[int], operators: list[str]) -> tuple[list[str], int]:
+    lines, total = [], values[0]
+    for operator, value in zip(operators, values[1:]):
+        result = total + value if operator == "+" else total - value
+        lines.append(f"{total} {operator} {value} = {result}")
+        total = result
+    return lines, total
+
+
+def _chain_sum(entry: dict[str, Any]) -> list[str]:
+    tokens = entry["metadata"]["expression"].split()
+    lines, total = _chain([int(t) for t in tokens[0::2]], tokens[1::2])
+    return lines + [str(total)]
+
+
+def _leg_counting(entry: dict[str, Any]) -> list[str]:
+    from reasoning_gym.arithmetic.leg_counting import ANIMALS
+
+    lines, totals = [], []
+    for animal, count in entry["metadata"]["animals"].items():
+        legs = ANIMALS[animal]
+        totals.append(count * legs)
+        lines.append(f"{animal}: {count} * {legs} = {count * legs}")
+    more, total = _chain(totals, ["+"] * (len(totals) - 1))
+    return lines + more + [str(total)]
+
+
+_EQUATION = re.compile(r"^(?P<left>\S+) (?P<op>[+-]) (?P<right>\S+) = (?P<rhs>-?\d+)$")
+
+
+def _simple_equations(entry: dict[str, Any]) -> list[str]:
+    variable = entry["metadata"]["variable"]
+    equation = entry["metadata"]["equation"]
+    match = _EQUATION.match(equation)
+    if match is None:  # a single term: a*x = c
+        coefficient_text, rhs = equation.split(" = ")
+        return _divide(coefficient_text, variable, int(rhs), [])
+    left, op, right, rhs = match["left"], match["op"], match["right"], int(match["rhs"])
+    if variable in left:
+        term, constant = left, int(right)
+        value = rhs - constant if op == "+" else rhs + constant
+        step = f"{term} = {rhs} {'-' if op == '+' else '+'} {constant} = {value}"
+    else:
+        term, constant = right, int(left)
+        value = rhs - constant if op == "+" else constant - rhs
+        step = f"{term} = {rhs} - {constant} = {value}" if op == "+" else f"{term} = {constant} - {rhs} = {value}"
+    return _divide(term, variable, value, [step])
+
+
+def _divide(term: str, variable: str, value: int, lines: list[str]) -> list[str]:
+    coefficient = int(term.removesuffix(f"*{variable}")) if term != variable else 1
+    if coefficient == 1:
+        return lines + [str(value)]
+    return lines + [f"{variable} = {value} / {coefficient} = {value // coefficient}", str(value // coefficient)]
+
+
+_SOLVERS = {"chain_sum": _chain_sum, "leg_counting": _leg_counting, "simple_equations": _simple_equations}

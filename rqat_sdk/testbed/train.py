@@ -1,0 +1,122 @@
+"""Train the reasoning testbed: a Qwen3-architecture model that learns the testbed tasks from scratch.
+
+The testbed exists so that this project has a reasoning model on which low-bit PTQ visibly hurts and QAT
+visibly recovers, without any Hub access. It is trained with the SDK's own training loop (cross-entropy on
+the worked solutions, response tokens only), seeded, so that ``python -m rqat_sdk.testbed.train`` rebuilds
+it. The CPU size is committed with the package (``rqat_sdk/testbed/cpu``) and is the embedded default of
+``rqat demo``; the GPU size is for the result tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = Path(__file__).parent / "cpu"
+"""The committed CPU testbed (bf16 safetensors, tokenizer, training record)."""
+
+
+@dataclass(frozen=True)
+class TestbedSize:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+    examples: int
+    steps: int
+    batch_size: int
+    micro_batch_size: int
+    learning_rate: float
+    warmup_steps: int
+
+
+SIZES = {
+    # Every Linear's input width is a multiple of 128, so W3G128 and W2G64 apply.
+    "cpu": TestbedSize(256, 768, 4, 512, examples=60_000, steps=3000, batch_size=64, micro_batch_size=64,
+                       learning_rate=2e-3, warmup_steps=150),
+    "gpu": TestbedSize(512, 1536, 8, 512, examples=200_000, steps=4000, batch_size=128, micro_batch_size=128,
+                       learning_rate=1e-3, warmup_steps=200),
+}
+
+
+def train_testbed(output_dir: str | Path, size: str = "cpu", *, seed: int = 0, steps: int | None = None) -> dict:
+    """Build the tokenizer and model, train them, and save a ``from_pretrained`` directory (bf16)."""
+    from datasets import Dataset
+
+    from rqat_sdk.data import tokenize_examples
+    from rqat_sdk.models import resolve_device
+    from rqat_sdk.modifiers.qat.batches import StepBatches
+    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
+    from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
+    from rqat_sdk.session.files import atomic_directory
+    from rqat_sdk.testbed.tasks import TESTBED_TASKS, testbed_rows
+    from rqat_sdk.testbed.tiny import build_model, build_tokenizer
+
+    spec = SIZES[size]
+    steps = steps or spec.steps
+    output_dir = Path(output_dir)
+    started = time.perf_counter()
+    rows = testbed_rows(num_samples=spec.examples, seed=seed)
+    corpus = [row["messages"][0]["content"] + "\n" + row["messages"][1]["content"] for row in rows[:5000]]
+    tokenizer = build_tokenizer(vocab_size=spec.vocab_size, corpus=corpus, split_digits=True)
+    model = build_model(
+        tokenizer, "qwen3", hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_layers=spec.num_layers, seed=seed,
+    ).to(resolve_device("auto"))
+    examples = tokenize_examples(Dataset.from_list(rows), tokenizer, max_seq_length=256)
+    config = QATKDModifier(
+        objective="sft", steps=steps, batch_size=spec.batch_size, micro_batch_size=spec.micro_batch_size,
+        learning_rate=spec.learning_rate, warmup_steps=spec.warmup_steps, weight_decay=0.01,
+        logging_steps=50, save_steps=500,
+    )
+    batches = StepBatches(
+        examples, batch_size=spec.batch_size, micro_batch_size=spec.micro_batch_size, seed=seed,
+        pad_token_id=tokenizer.pad_token_id, packing=False,
+    )
+    work = output_dir.with_name(output_dir.name + ".partial")
+    trainer = DistillationTrainer(
+        config, model, None, batches, device=model.device,
+        paths=TrainerPaths(work / "progress", work / "train.jsonl"), fingerprint=f"testbed-{size}-{seed}-{steps}",
+        stage=f"testbed-{size}",
+    )
+    summary = trainer.train()
+    record = {
+        "size": size, "spec": asdict(spec), "steps": steps, "seed": seed, "tasks": TESTBED_TASKS,
+        "parameters": sum(p.numel() for p in model.parameters()), "train": summary,
+        "seconds": round(time.perf_counter() - started, 1), "device": str(model.device),
+        "command": f"python -m rqat_sdk.testbed.train --size {size} --seed {seed} --steps {steps} {output_dir}",
+    }
+    with atomic_directory(output_dir) as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "testbed.json").write_text(json.dumps(record, indent=2) + "\n")
+        if (work / "train.jsonl").is_file():
+            (tmp / "train.jsonl").write_text((work / "train.jsonl").read_text())
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train the reasoning testbed from scratch.")
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    record = train_testbed(args.output_dir, args.size, seed=args.seed, steps=args.steps)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

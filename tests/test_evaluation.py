@@ -1,0 +1,128 @@
+"""The evaluation harness: answer checking, benchmarks, pass@1 bookkeeping, reports, the CLI."""
+
+import json
+
+import pytest
+
+import rqat_sdk
+from rqat_sdk.cli import main
+from rqat_sdk.data.reasoning_gym import HELD_OUT_SEED_OFFSET, parse_tasks
+from rqat_sdk.errors import DatasetError
+from rqat_sdk.evaluation import EvalReport, extract_boxed, load_benchmark, markdown_table, math_equal, plot
+from rqat_sdk.evaluation import harness
+from rqat_sdk.evaluation.generation import Completion
+
+
+def test_extract_boxed_takes_the_last_and_balances_braces():
+    assert extract_boxed("first \\boxed{1} then \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"
+    assert extract_boxed("no answer") is None
+    assert extract_boxed("\\boxed{unclosed") is None
+
+
+def test_math_equal_uses_math_verify():
+    assert math_equal("0.5", "so the answer is \\boxed{\\frac{1}{2}}")
+    assert math_equal("42", "\\boxed{42}")
+    assert not math_equal("42", "\\boxed{41}")
+    assert not math_equal("42", "I am not sure")
+
+
+def test_reasoning_gym_specs_take_settings_and_check_names():
+    (chain, legs) = parse_tasks("chain_sum(max_terms=3, max_digits=2), leg_counting")
+    assert chain.name == "chain_sum" and chain.config == {"max_terms": 3, "max_digits": 2}
+    assert legs.config == {}
+    with pytest.raises(DatasetError, match="no task 'chain_sums'"):
+        parse_tasks("chain_sums")
+    with pytest.raises(DatasetError, match="is not key=value"):
+        parse_tasks("chain_sum(max_terms)")
+    with pytest.raises(DatasetError, match="rejects settings"):
+        load_benchmark("reasoning-gym:chain_sum(max_terms=1,min_terms=3)", num_examples=2)
+
+
+def test_generated_benchmarks_use_held_out_seeds():
+    from rqat_sdk.data import load_examples
+
+    train = load_examples("reasoning-gym:chain_sum", num_samples=5, seed=0)
+    problems = load_benchmark("reasoning-gym:chain_sum", num_examples=5)
+    assert json.loads(problems[0].meta)["seed"] == HELD_OUT_SEED_OFFSET
+    assert json.loads(train[0]["meta"])["seed"] == 0
+    assert [p.prompt[-1]["content"] for p in problems] != [r["messages"][0]["content"] for r in train]
+    assert all(p.prompt[-1]["role"] == "user" for p in problems)
+
+
+def test_testbed_solutions_are_correct_and_scored_by_reasoning_gym():
+    from rqat_sdk.evaluation import score_response
+    from rqat_sdk.testbed.tasks import testbed_rows
+
+    rows = testbed_rows(num_samples=600, seed=3)  # each worked solution is checked against reasoning-gym
+    assert {json.loads(r["meta"])["task"] for r in rows} == {"chain_sum", "leg_counting", "simple_equations"}
+    for row in rows[:60]:
+        reply = row["messages"][1]["content"]
+        assert score_response(reply, row["answer"], row["meta"]) == 1.0
+        assert score_response(reply.replace(f"\\boxed{{{row['answer']}}}", "\\boxed{123456}"), row["answer"], row["meta"]) == 0.0
+
+
+def test_jsonl_benchmarks_need_gold_answers(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    path.write_text(json.dumps({"question": "What is 6 * 7?", "answer": "#### 42"}) + "\n")
+    (problem,) = load_benchmark(str(path), num_examples=10)
+    assert problem.answer == "42" and problem.meta is None
+    path.write_text(json.dumps({"prompt": "Say hi", "response": "hi"}) + "\n")
+    with pytest.raises(DatasetError, match="no gold answer"):
+        load_benchmark(str(path), num_examples=10)
+
+
+def test_hub_benchmarks_fail_clearly_offline():
+    with pytest.raises(DatasetError, match="could not load hf:openai/gsm8k:main@test .*Offline"):
+        load_benchmark("gsm8k", num_examples=10)
+
+
+def test_pass_at_1_is_the_mean_over_samples_with_its_spread(tiny_qwen3, monkeypatch):
+    problems = load_benchmark("testbed", num_examples=4)
+    calls = {"k": 0}
+
+    def canned(model, tokenizer, prompts, sampling, *, batch_size, seed):
+        # sample 0 answers every problem right, sample 1 only the first one; sample 1 also runs out of tokens
+        k = calls["k"]
+        calls["k"] += 1
+        right = [f"\\boxed{{{p.answer}}}" for p in problems]
+        texts = right if k == 0 else right[:1] + ["\\boxed{-99999}"] * 3
+        return [Completion(t, 10 + k, truncated=bool(k)) for t in texts]
+
+    monkeypatch.setattr(harness, "generate", canned)
+    report = rqat_sdk.evaluate(tiny_qwen3, "testbed", samples=2, num_examples=4, label="canned")
+    assert report.per_sample == [1.0, 0.25]
+    assert report.pass_at_1 == pytest.approx(0.625)
+    assert report.std == pytest.approx(0.5303, abs=1e-3)
+    assert report.mean_response_tokens == pytest.approx(10.5) and report.truncation_rate == 0.5
+    assert [r["score"] for r in report.items[1]["responses"]] == [1.0, 0.0]
+
+
+def test_real_generation_on_a_tiny_model(tiny_qwen3, tmp_path):
+    report = rqat_sdk.evaluate(tiny_qwen3, "testbed", samples=2, num_examples=6, max_new_tokens=8, batch_size=4)
+    assert report.num_problems == 6 and len(report.items[0]["responses"]) == 2
+    assert report.pass_at_1 == 0.0  # an untrained model
+    assert 0 < report.mean_response_tokens <= 8
+    greedy = rqat_sdk.evaluate(tiny_qwen3, "testbed", greedy=True, num_examples=6, max_new_tokens=8)
+    again = rqat_sdk.evaluate(tiny_qwen3, "testbed", greedy=True, num_examples=6, max_new_tokens=8)
+    assert greedy.samples == 1 and greedy.items == again.items
+    report.save(tmp_path / "r.json")
+    assert EvalReport.load(tmp_path / "r.json") == report
+
+
+def test_reports_table_plot_and_cli(tmp_path, capsys):
+    def report(label, value):
+        return EvalReport(label, "testbed", value, 0.02, [value], 40.0, 0.1, 100, 3, {}, 1.0)
+
+    reports = [report("BF16", 0.8), report("RTN", 0.2), report("RTN+KD", 0.6)]
+    table = markdown_table(reports, baseline="BF16")
+    assert "| RTN+KD | testbed | 60.0 | 2.0 | 75% | 40 | 10% |" in table
+    plot(reports, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in reports:
+        r.save(tmp_path / f"{r.label}.json")
+    assert main(["compare", *(str(tmp_path / f"{r.label}.json") for r in reports), "--baseline", "BF16",
+                 "--plot", str(tmp_path / "c.png")]) == 0
+    assert "| RTN | testbed | 20.0" in capsys.readouterr().out and (tmp_path / "c.png").is_file()
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["compare", str(tmp_path / "bad.json")]) == 1
+    assert "is not an evaluation report" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""GRPO on the fake-quantized model, through trl, on CPU."""
+
+import json
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import rqat_sdk
+from rqat_sdk.errors import RecipeError
+from rqat_sdk.modifiers.qat.layers import QUANTIZATION_PARAMETERS, attach_fake_quant, detach_fake_quant
+from rqat_sdk.modifiers.rl import ColdStartError
+from rqat_sdk.modifiers.rl.trl_adapter import sync_quantized_weights
+from rqat_sdk.recipe import Recipe
+
+REWARD_MODULE = '''
+def digits(prompts, completions, **kwargs):
+    """A reward with variance even for an untrained model: the share of digits in the completion."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+'''
+
+
+def recipe(**grpo):
+    settings = {"type": "grpo", "steps": 2, "prompts_per_step": 2, "group_size": 4, "micro_batch_size": 4,
+                "max_completion_length": 12, "learning_rate": 1e-3, "temperature": 1.0, **grpo}
+    return {
+        "version": 1,
+        "scheme": "W4G128",
+        "stages": [
+            {"name": "ptq", "data": {"num_samples": 8, "max_seq_length": 64}, "modifiers": [{"type": "rtn"}]},
+            {"name": "rl", "data": {"num_samples": 16, "max_seq_length": 96}, "modifiers": [settings]},
+        ],
+    }
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "python:my_rewards:digits"
+
+
+def test_grpo_steps_change_the_weights_and_export_exactly(tiny_qwen3, tmp_path, reward_module):
+    before = rqat_sdk.oneshot(tiny_qwen3, {**recipe(), "stages": recipe()["stages"][:1]})
+    result = rqat_sdk.oneshot(
+        tiny_qwen3, recipe(rewards=[reward_module], cold_start_threshold=0.0), "testbed", tmp_path / "out",
+        allow_code=True,
+    )
+    metrics = result.record["stages"][1]["metrics"]
+    assert metrics["grpo"]["steps"] == 2 and metrics["cold_start_probe_reward"] > 0
+    assert result.record["export"]["exact"] is True
+    changed = [
+        name for (name, a), (_, b) in zip(before.model.state_dict().items(), result.model.state_dict().items())
+        if a.is_floating_point() and not torch.equal(a, b)
+    ]
+    assert any("q_proj.weight" in name for name in changed)
+    log = [json.loads(line) for line in (tmp_path / "out" / "logs" / "01-rl.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2]
+    assert {"reward", "reward_std", "response_length", "entropy", "clip_ratio"} <= set(log[0])
+    assert (tmp_path / "out" / "logs" / "01-rl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cold_start_guard_stops_a_model_that_never_scores(tiny_qwen3, tmp_path):
+    with pytest.raises(ColdStartError, match=r"mean reward on 4 probe prompts is 0.000.*Add a qat_kd stage"):
+        rqat_sdk.oneshot(tiny_qwen3, recipe(probe_size=4), "testbed", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "checkpoints" / "00-ptq").is_dir()
+
+
+def test_reward_code_needs_allow_code(tiny_qwen3, reward_module):
+    with pytest.raises(rqat_sdk.RqatError, match=r"stages\[1\].modifiers\[0\].rewards\[0\]: python:my_rewards:digits"):
+        rqat_sdk.oneshot(tiny_qwen3, recipe(rewards=[reward_module]), "testbed")
+
+
+def test_rollout_engine_receives_the_quantized_weights(tiny_qwen3, tmp_path):
+    """trl's own colocate sync, pointed at a fake vLLM engine that records what it loads."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    quantized = rqat_sdk.oneshot(tiny_qwen3, {**recipe(), "stages": recipe()["stages"][:1]}, output_dir=tmp_path / "q")
+    model = quantized.model
+    attach_fake_quant(model, dtype=torch.float32, learn_scales=False, learn_clipping=False)
+    with torch.no_grad():  # as if training had moved the latent weights off the quantization grid
+        model.model.layers[0].mlp.up_proj.weight.add_(torch.randn_like(model.model.layers[0].mlp.up_proj.weight) * 1e-3)
+    received = {}
+    engine = types.SimpleNamespace(load_weights=lambda weights: received.update({n: t.clone() for n, t in weights}))
+    generation = object.__new__(VLLMGeneration)
+    generation.mode, generation.enable_sleep_mode = "colocate", False
+    generation.accelerator = types.SimpleNamespace(is_main_process=True)
+    generation.llm = types.SimpleNamespace(
+        llm_engine=types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(
+            model_runner=types.SimpleNamespace(model=engine)))),
+        reset_prefix_cache=lambda: None,
+    )
+    sync_quantized_weights(generation, model)
+    generation.sync_weights()
+
+    assert not any(n.endswith(("weight_scale", "weight_zero_point")) for n in received)
+    detach_fake_quant(model)
+    from rqat_sdk.exporters import export_checkpoint
+
+    export_checkpoint(model, quantized.tokenizer, quantized.recipe.scheme, tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    exported(torch.tensor([[1, 2, 3]]))  # decompress
+    dequantized = dict(exported.named_parameters())
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        assert torch.equal(received[name], dequantized[name]), name
+    dense = {n for n in dequantized if n.rpartition(".")[2] not in QUANTIZATION_PARAMETERS}
+    assert set(received) == dense
+
+
+def test_grpo_recipe_checks_and_warnings():
+    with pytest.raises(RecipeError, match=r"rewards: 'accuracy' is not one of: correctness, format"):
+        Recipe.from_dict(recipe(rewards=["accuracy"]))
+    with pytest.raises(RecipeError, match="reward_weights has 1 entries for 2 rewards"):
+        Recipe.from_dict(recipe(rewards=["correctness", "format"], reward_weights=[1.0]))
+    w3 = Recipe.from_dict({**recipe(), "scheme": "W3G128"})
+    assert w3.warnings() == [
+        "stages[1].modifiers[0]: grpo on a W3G128 model without a qat_kd stage before it: the seed paper finds "
+        "cold-start GRPO after plain PTQ collapses; add a qat_kd stage first"
+    ]
+    with_kd = {**recipe(), "scheme": "W3G128"}
+    with_kd["stages"] = [with_kd["stages"][0], {"name": "kd", "modifiers": [{"type": "qat_kd"}]}, with_kd["stages"][1]]
+    assert Recipe.from_dict(with_kd).warnings() == []
