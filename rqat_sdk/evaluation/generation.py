@@ -69,6 +69,38 @@ def generate(
     return completions
 
 
+def generate_vllm(
+    checkpoint: str,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[dict[str, str]]],
+    sampling: Sampling,
+    *,
+    samples: int,
+    seed: int,
+) -> list[list[Completion]]:
+    """``samples`` completions per prompt from vLLM (in its own environment), as ``runs[k][prompt]``."""
+    from rqat_sdk.errors import RqatError
+    from rqat_sdk.serving import vllm_env
+    from rqat_sdk.serving.check import _run_worker
+
+    interpreter = vllm_env.python()
+    if interpreter is None:
+        raise RqatError("the vllm backend needs a vLLM environment: run `rqat serve-check --setup` or set RQAT_VLLM_PYTHON")
+    ids = [tokenizer(_render(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    request = {
+        "model": checkpoint, "prompt_token_ids": ids, "n": samples, "max_tokens": sampling.max_new_tokens,
+        "temperature": 0.0 if sampling.greedy else sampling.temperature,
+        "top_p": 1.0 if sampling.greedy else sampling.top_p, "seed": seed,
+        "max_model_len": max(map(len, ids)) + sampling.max_new_tokens,
+    }
+    response = _run_worker(interpreter, request, timeout=24 * 3600)
+    return [
+        [Completion(row[k]["text"], len(row[k]["token_ids"]), row[k]["finish_reason"] == "length")
+         for row in response["outputs"]]
+        for k in range(samples)
+    ]
+
+
 def _render(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]]) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

