@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
 import time
@@ -71,7 +72,9 @@ def main() -> int:
     parser.add_argument("--grpo-lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tables", nargs="+", default=["5", "4", "3"])
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
+    parser.add_argument("--json", type=Path, help="written after every row")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,17 +82,44 @@ def main() -> int:
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.testbed)
     teacher = AutoModelForCausalLM.from_pretrained(args.testbed, dtype=torch.float32)
-    bf16 = measure(teacher, tokenizer, "BF16", args)
+    previous = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else {}
+    bf16 = previous.get("bf16") or measure(teacher, tokenizer, "BF16", args)
     print(f"BF16: {bf16}", flush=True)
-    rows = []
+    rows = previous.get("rows", [])
+    commands = previous.get("commands", [])
+    commands.append("python " + " ".join(shlex.quote(a) for a in sys.argv))
+
+    def save() -> None:
+        record = {
+            "command": " && ".join(commands),
+            "commands": commands,
+            "device": "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "date": datetime.date.today().isoformat(),
+            "testbed": os.path.relpath(args.testbed),
+            "bf16": bf16,
+            "seconds": round(previous.get("seconds", 0) + time.perf_counter() - started, 1),
+            "rows": rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.json.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(record, indent=2) + "\n")
+        partial.replace(args.json)
+
+    def done(table: str, scheme: str, method: str, data: dict) -> bool:
+        key = (table, scheme, method, data.get("calibration"), data.get("qat_data"))
+        return any((r["table"], r["scheme"], r["method"], r.get("calibration"), r.get("qat_data")) == key for r in rows)
 
     def run(table: str, scheme: str, method: str, init: str, stages: list[str], **data) -> None:
+        if (args.methods and method not in args.methods) or done(table, scheme, method, data):
+            return
         began = time.perf_counter()
         result = rqat_sdk.oneshot(args.testbed, recipe(scheme, init, stages, args, **data), dtype="float32")
         row = {"table": table, "scheme": scheme, "method": method, **measure(result.model, result.tokenizer, method, args),
                "bf16_pass_at_1": bf16["pass_at_1"], "seconds": round(time.perf_counter() - began, 1), **data}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.json:
+            save()
 
     for scheme in args.schemes:
         if "5" in args.tables:
@@ -106,18 +136,8 @@ def main() -> int:
             for qat_data in ("testbed", "wikipedia"):
                 run("3", "W2G64", "GPTQ+KD", "gptq", ["kd"], calibration=calibration, qat_data=qat_data)
 
-    record = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "device": "CPU (2 cores)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "testbed": str(args.testbed),
-        "bf16": bf16,
-        "seconds": round(time.perf_counter() - started, 1),
-        "rows": rows,
-    }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        save()
     print("\n| table | scheme | method | pass@1 | ± | kept |\n|---|---|---|---|---|---|")
     for row in rows:
         kept = row["pass_at_1"] / bf16["pass_at_1"] if bf16["pass_at_1"] else 0
