@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="apply a recipe to a model and write a compressed-tensors checkpoint")
     run.add_argument("recipe", help="a recipe file, or the name of a bundled recipe (see `rqat recipes`)")
-    run.add_argument("--model", required=True, help="a local model directory or a Hugging Face hub id")
+    run.add_argument("--model", help="a local model directory or a Hugging Face hub id (default: the recipe's model)")
     run.add_argument("--output-dir", required=True, type=Path, help="where the checkpoint goes")
     _add_run_options(run)
     run.set_defaults(handler=_run)
@@ -109,10 +109,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from rqat_sdk import oneshot
+    from rqat_sdk.recipe import load_recipe
 
     started = time.perf_counter()
+    model = args.model
+    if model is None:
+        model = load_recipe(args.recipe).model
+        if model is None:
+            raise RqatError(f"recipe {args.recipe} names no model (its `model` field); pass --model")
     result = oneshot(
-        model=args.model,
+        model=model,
         recipe=args.recipe,
         dataset=args.dataset,
         output_dir=args.output_dir,

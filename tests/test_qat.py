@@ -95,6 +95,14 @@ def test_qat_kd_lowers_the_loss_and_exports_exactly(tiny_qwen3, tmp_path):
     assert not torch.equal(logits(result.model, result.tokenizer), logits(rtn.model, rtn.tokenizer))
 
 
+def test_bf16_model_keeps_fp32_buffers_and_exports_exactly(tiny_qwen3, tmp_path):
+    # model.to(bf16) after training would round the rotary inv_freq buffer, which a reload recomputes in fp32
+    result = rqat_sdk.oneshot(tiny_qwen3, recipe(steps=2, save_steps=2), DATA, tmp_path / "out", dtype="bfloat16")
+    assert result.record["export"]["exact"] is True
+    assert result.model.dtype == torch.bfloat16
+    assert result.model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
 @pytest.mark.parametrize("options", [{}, {"learn_scales": True, "learn_clipping": True}, {"objective": "sft"}])
 def test_resume_mid_stage_is_bit_identical(tiny_qwen3, tmp_path, monkeypatch, options):
     full = rqat_sdk.oneshot(tiny_qwen3, recipe(**options), DATA, tmp_path / "full")
@@ -164,6 +172,8 @@ def test_in_memory_model_is_its_own_teacher(tiny_qwen3):
     result = rqat_sdk.oneshot(model, recipe(steps=2), DATA, tokenizer=AutoTokenizer.from_pretrained(tiny_qwen3))
     assert result.model is model
     assert result.record["stages"][1]["metrics"]["qat_kd"]["final_loss"] > 0
+    # trained in place, while the teacher was a frozen copy of the original weights
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight)
 
 
 def test_qat_recipe_checks():

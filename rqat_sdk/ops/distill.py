@@ -28,6 +28,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from rqat_sdk.ops import use_triton
+
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "topk_kl", "ce"]
 
 
@@ -105,6 +107,26 @@ def lm_head_loss(
     )
 
 
+def _chunk_loss_and_grad(logits, teacher_logits, targets, token_weights, spec: LossSpec):
+    """The chunk's weighted loss sum and its gradient with respect to ``logits`` (in their dtype).
+
+    Forward KL and cross-entropy use the fused Triton kernel on CUDA (same values to fp32 rounding); the
+    other divergences, and every divergence on CPU, use autograd through :func:`token_losses`.
+    """
+    if spec.divergence in ("forward_kl", "ce") and use_triton(logits):
+        from rqat_sdk.ops.triton_distill import head_loss_and_grad_
+
+        kl = spec.divergence == "forward_kl"
+        loss = head_loss_and_grad_(logits, teacher_logits if kl else None, None if kl else targets, token_weights,
+                                   spec.temperature)
+        return loss, logits
+    upcast = logits.float().requires_grad_(True)
+    with torch.enable_grad():
+        loss = (token_losses(upcast, teacher_logits, targets, spec) * token_weights).sum()
+        (grad,) = torch.autograd.grad(loss, upcast)
+    return loss.detach(), grad.to(logits.dtype)
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden, weight, rows, token_weights, teacher_hidden, teacher_weight, targets, spec):
@@ -122,16 +144,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             for start in range(0, h_all.shape[0], spec.chunk_size):
                 part = slice(start, start + spec.chunk_size)
                 h = h_all[part]
-                logits = (h @ w.T).float().requires_grad_(True)
+                logits = h @ w.T
                 teacher_logits = None
                 if teacher_hidden is not None:
                     teacher_logits = teacher_hidden[part].to(compute) @ w_t.T
-                with torch.enable_grad():
-                    chunk_targets = targets[part] if targets is not None else None
-                    loss = (token_losses(logits, teacher_logits, chunk_targets, spec) * token_weights[part]).sum()
-                    (grad_logits,) = torch.autograd.grad(loss, logits)
-                total += loss.detach()
-                grad_logits = grad_logits.to(compute)
+                chunk_targets = targets[part] if targets is not None else None
+                loss, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, chunk_targets, token_weights[part], spec)
+                total += loss
                 torch.mm(grad_logits, w, out=grad_h[part])
                 if grad_w is not None:
                     grad_w.addmm_(grad_logits.T, h)

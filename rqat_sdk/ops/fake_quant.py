@@ -17,10 +17,11 @@ On CUDA the same numbers come from fused Triton kernels (:mod:`rqat_sdk.ops.trit
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
+
+from rqat_sdk.ops import use_triton
 
 
 def int_range(num_bits: int) -> tuple[int, int]:
@@ -46,7 +47,7 @@ def fake_quantize_weight(
     if weight.shape[-1] % group:
         raise ValueError(f"group size {group} does not divide the weight's {weight.shape[-1]} columns")
     qmin, qmax = int_range(num_bits)
-    if weight.is_cuda and _triton_available():
+    if use_triton(weight):
         from rqat_sdk.ops.triton_fake_quant import TritonWeightFakeQuant
 
         return TritonWeightFakeQuant.apply(weight, scale, zero_point, qmin, qmax, group, dtype)
@@ -166,12 +167,3 @@ class _ClampSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         return grad, None, None
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -107,6 +107,8 @@ class Recipe(StrictModel):
     """A label for the recipe, copied into the run record."""
     description: str | None = None
     """Free text."""
+    model: str | None = None
+    """The model this recipe was written for (a hub id or directory); `rqat run` uses it without --model."""
     seed: IntRange(0, 2**32 - 1) = 0
     """Seeds data sampling and every stage, so that a run can be repeated."""
     scheme: QuantScheme

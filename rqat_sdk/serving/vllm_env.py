@@ -42,18 +42,29 @@ def python() -> str | None:
 
 
 def create(location: Path | None = None, *, gpu: bool | None = None) -> str:
-    """Build the environment (a few GB; minutes) and return its interpreter."""
+    """Build the environment (a few GB; minutes) and return its interpreter.
+
+    A new environment is built beside ``location`` and renamed into place when complete, so an interrupted
+    setup never leaves a half-installed interpreter that :func:`python` would pick up. An existing one is
+    brought up to the pinned packages in place.
+    """
     location = location or default_location()
     gpu = _has_cuda() if gpu is None else gpu
-    if not (location / "bin" / "python").is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(location)], check=True)
-    interpreter = str(location / "bin" / "python")
+    existing = (location / "bin" / "python").is_file()
+    target = location if existing else location.with_name(location.name + ".partial")
+    if not existing:
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(target)], check=True)
+    interpreter = str(target / "bin" / "python")
     pip = [interpreter, "-m", "pip", "install", "--quiet"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
     subprocess.run([*pip, *(GPU_PACKAGES if gpu else CPU_PACKAGES)], check=True)
     if not gpu:
         subprocess.run([interpreter, "-m", "pip", "uninstall", "--quiet", "--yes", *CPU_REMOVE], check=True)
-    return interpreter
+    if not existing:
+        target.rename(location)
+    return str(location / "bin" / "python")
 
 
 def remove(location: Path | None = None) -> None:

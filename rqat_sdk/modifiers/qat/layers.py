@@ -84,6 +84,22 @@ def detach_fake_quant(model: torch.nn.Module) -> None:
             module.forward = saved
 
 
+def finish_training(model: torch.nn.Module, *, dtype: torch.dtype, requires_grad: dict[str, bool]) -> None:
+    """Leave a trained model as the exporter expects it: compressed-tensors' forward restored, parameters
+    in the checkpoint ``dtype``, eval mode, the original ``requires_grad`` flags.
+
+    Only parameters are cast: ``model.to(dtype)`` would also round fp32 buffers such as the rotary
+    ``inv_freq`` to bf16, and the reloaded checkpoint (which recomputes them in fp32) would then differ.
+    """
+    detach_fake_quant(model)
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+    model.eval()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, False))
+
+
 QUANTIZATION_PARAMETERS = ("weight_scale", "weight_zero_point", "weight_g_idx", "rqat_zero_point", "rqat_clip")
 
 

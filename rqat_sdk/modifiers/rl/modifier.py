@@ -188,11 +188,7 @@ class GRPOModifier(Modifier):
             plot_training(log_file, log_file.with_suffix(".png"))
 
     def finalize(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.qat.layers import detach_fake_quant
+        from rqat_sdk.modifiers.qat.layers import finish_training
 
         model = state.model
-        detach_fake_quant(model)
-        model.to(self._export_dtype)
-        model.eval()
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(self._requires_grad.get(name, False))
+        finish_training(model, dtype=self._export_dtype, requires_grad=self._requires_grad)
