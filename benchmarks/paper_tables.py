@@ -60,6 +60,47 @@ def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
             "mean_response_tokens": round(report.mean_response_tokens, 1)}
 
 
+def plot(rows: list[dict], bf16: dict, path: Path) -> None:
+    """Table 5 (and AWQ) per scheme as bars with their spread, BF16 as a line; Table 3 as a 2 x 2 grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schemes = sorted({r["scheme"] for r in rows if r["table"] in "45"}, reverse=True)
+    fig, axes = plt.subplots(1, len(schemes) + 1, figsize=(6 * len(schemes) + 4, 4.5),
+                             gridspec_kw={"width_ratios": [3] * len(schemes) + [2]})
+    for ax, scheme in zip(axes, schemes):
+        picked = [r for r in rows if r["scheme"] == scheme and r["table"] in "45"]
+        names = [r["method"] for r in picked]
+        colors = ["#999" if "+" not in n else "#4a7" if "GRPO" not in n else "#27a" for n in names]
+        ax.bar(range(len(picked)), [100 * r["pass_at_1"] for r in picked], yerr=[100 * r["std"] for r in picked],
+               color=colors, capsize=3)
+        ax.axhline(100 * bf16["pass_at_1"], color="k", linestyle="--", label=f"BF16 {100 * bf16['pass_at_1']:.1f}")
+        ax.set_xticks(range(len(picked)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("pass@1 (%)")
+        ax.set_title(f"{scheme}: PTQ, +SFT, +KD, +KD+GRPO")
+        ax.legend(loc="lower right", fontsize=8)
+    domain = {(r.get("calibration"), r.get("qat_data")): 100 * r["pass_at_1"] for r in rows if r["table"] == "3"}
+    ax = axes[-1]
+    sources = ["testbed", "wikipedia"]
+    grid = [[domain.get((c, q), float("nan")) for q in sources] for c in sources]
+    ax.imshow(grid, cmap="Greens", vmin=0, vmax=100)
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{grid[i][j]:.1f}", ha="center", va="center", color="w" if grid[i][j] > 50 else "k")
+    ax.set_xticks([0, 1], ["math traces", "Wikipedia"])
+    ax.set_yticks([0, 1], ["math traces", "Wikipedia"])
+    ax.set_xlabel("QAT data")
+    ax.set_ylabel("calibration data")
+    ax.set_title("W2G64 GPTQ+KD: data domain")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", type=Path, default=Path(__file__).resolve().parents[1] / "rqat_sdk/testbed/cpu")
@@ -75,6 +116,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
+    parser.add_argument("--plot", type=Path, help="write a PNG of the tables here")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,8 +178,8 @@ def main() -> int:
             for qat_data in ("testbed", "wikipedia"):
                 run("3", "W2G64", "GPTQ+KD", "gptq", ["kd"], calibration=calibration, qat_data=qat_data)
 
-    if args.json:
-        save()
+    if args.plot:
+        plot(rows, bf16, args.plot)
     print("\n| table | scheme | method | pass@1 | ± | kept |\n|---|---|---|---|---|---|")
     for row in rows:
         kept = row["pass_at_1"] / bf16["pass_at_1"] if bf16["pass_at_1"] else 0
