@@ -179,6 +179,8 @@ def test_in_memory_model_is_its_own_teacher(tiny_qwen3):
 def test_qat_recipe_checks():
     with pytest.raises(RecipeError, match=r"stages\[0\].modifiers\[0\]: qat_kd trains the quantized model"):
         Recipe.from_dict({"version": 1, "scheme": "W3G128", "stages": [{"name": "a", "modifiers": [{"type": "qat_kd"}, {"type": "rtn"}]}]})
+    with pytest.raises(RecipeError, match=r"stages\[0\].modifiers\[0\]: grpo trains the quantized model"):
+        Recipe.from_dict({"version": 1, "scheme": "W3G128", "stages": [{"name": "a", "modifiers": [{"type": "grpo"}, {"type": "rtn"}]}]})
     with pytest.raises(RecipeError, match="batch_size 30 is not a multiple of micro_batch_size 4"):
         Recipe.from_dict(recipe(batch_size=30, micro_batch_size=4))
     defaults = Recipe.from_dict(recipe()).stages[1].modifiers[0]

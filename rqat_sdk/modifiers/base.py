@@ -32,9 +32,14 @@ class Modifier(StrictModel):
     """True for modifiers that attach the recipe's scheme to the model (a recipe needs exactly one)."""
     needs_data: ClassVar[bool] = False
     """True when :meth:`apply` reads the stage's dataset (calibration or training data)."""
+    trains_quantized: ClassVar[bool] = False
+    """True for modifiers that train the quantized model, so they must come after the quantizing one."""
 
     def check(self, recipe: Recipe, at: Position) -> list[str]:
         """Problems with this modifier's place in ``recipe`` (it stands ``at`` there), found without a model."""
+        quantizer = recipe.quantizer_position()
+        if self.trains_quantized and quantizer is not None and at < quantizer:
+            return [f"{at.path}: {self.type} trains the quantized model; put it after the quantizing modifier at {quantizer.path}"]
         return []
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:

@@ -13,7 +13,6 @@ from rqat_sdk.modifiers.base import Modifier
 from rqat_sdk.recipe.fields import FloatRange, IntRange
 
 if TYPE_CHECKING:
-    from rqat_sdk.recipe.recipe import Position, Recipe
     from rqat_sdk.session.state import SessionState
 
 log = logging.getLogger(__name__)
@@ -28,6 +27,7 @@ class QATKDModifier(Modifier):
 
     type: Literal["qat_kd"] = "qat_kd"
     needs_data = True
+    trains_quantized = True
 
     objective: Literal["kd", "sft"] = "kd"
     """``kd``: match the teacher's next-token distribution; ``sft``: cross-entropy on the data's responses."""
@@ -93,12 +93,6 @@ class QATKDModifier(Modifier):
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         return self
-
-    def check(self, recipe: Recipe, at: Position) -> list[str]:
-        quantizer = recipe.quantizer_position()
-        if quantizer is not None and at < quantizer:
-            return [f"{at.path}: qat_kd trains the quantized model; put it after the quantizing modifier at {quantizer.path}"]
-        return []
 
     def wants_original_model(self) -> bool:
         return self.objective == "kd" and self.teacher is None

@@ -36,6 +36,7 @@ class GRPOModifier(Modifier):
 
     type: Literal["grpo"] = "grpo"
     needs_data = True
+    trains_quantized = True
 
     steps: IntRange(1, None) = 250
     """Optimizer steps."""
@@ -114,12 +115,6 @@ class GRPOModifier(Modifier):
         if self.generation == "vllm-server" and not self.vllm_server_url:
             raise ValueError("generation 'vllm-server' needs vllm_server_url")
         return self
-
-    def check(self, recipe: Recipe, at: Position) -> list[str]:
-        quantizer = recipe.quantizer_position()
-        if quantizer is not None and at < quantizer:
-            return [f"{at.path}: grpo trains the quantized model; put it after the quantizing modifier at {quantizer.path}"]
-        return []
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:
         trained_before = any(m.type == "qat_kd" and p < at for p, m in recipe.positions())
