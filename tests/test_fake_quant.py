@@ -9,6 +9,7 @@ from rqat_sdk.ops.fake_quant import (
     clamp_ste,
     fake_quantize_activation,
     fake_quantize_weight,
+    fake_quantize_weights,
     int_range,
     round_ste,
 )
@@ -51,6 +52,23 @@ def test_forward_is_bit_identical_to_compressed_tensors(dtype, bits, group, symm
     assert torch.equal(fake_quantize_weight(w, scale, zero, bits, group), expected)
     # fp32 master weights quantized "in" the checkpoint dtype give the same numbers
     assert torch.equal(fake_quantize_weight(w.float(), scale.float(), zero, bits, group, dtype=dtype), expected)
+
+
+def test_several_weights_at_once_give_each_weight_alone():
+    torch.manual_seed(0)
+    weights = [(torch.randn(rows, 256) * 0.05).requires_grad_(True) for rows in (8, 24, 16)]
+    pairs = [minmax_qparams(w.detach(), 3, 64, symmetric=False) for w in weights]
+    scales = [(s * 0.8).requires_grad_(True) for s, _ in pairs]
+    zeros = [z.float() for _, z in pairs]
+    together = fake_quantize_weights(weights, scales, zeros, 3, 64)
+    sum(out.square().sum() for out in together).backward()
+    for w, s, z, out in zip(weights, scales, zeros, together):
+        alone_w, alone_s = w.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
+        alone = fake_quantize_weight(alone_w, alone_s, z, 3, 64)
+        alone.square().sum().backward()
+        assert torch.equal(out, alone) and torch.equal(w.grad, alone_w.grad) and torch.equal(s.grad, alone_s.grad)
+    with pytest.raises(ValueError, match="one group width"):
+        fake_quantize_weights([torch.zeros(4, 64), torch.zeros(4, 128)], [torch.ones(4, 1)] * 2, None, 3, None)
 
 
 def test_weight_gradient_passes_only_inside_the_range():

@@ -14,7 +14,11 @@ pytestmark = [
 @pytest.mark.parametrize("group", [64, 128, None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_kernels_match_the_pytorch_path(bits, group, dtype):
-    from rqat_sdk.ops.fake_quant import _WeightFakeQuant, fake_quantize_weight, int_range
+    from rqat_sdk.ops.fake_quant import (
+        _WeightFakeQuant,
+        fake_quantize_weight,
+        int_range,
+    )
 
     torch.manual_seed(bits)
     w = torch.randn(384, 1024, device="cuda") * 0.02
@@ -40,6 +44,43 @@ def test_triton_kernels_match_the_pytorch_path(bits, group, dtype):
     # to the largest magnitude (single sums can cancel to near zero).
     assert (as_ - bs).abs().max() <= 1e-5 * bs.abs().max()
     assert (az - bz).abs().max() <= 1e-5 * bz.abs().max()
+
+
+@pytest.mark.parametrize("group", [128, None])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_many_weights_in_one_launch_match_the_pytorch_path(group, symmetric):
+    from rqat_sdk.ops.fake_quant import (
+        _WeightFakeQuant,
+        fake_quantize_weights,
+        int_range,
+    )
+
+    torch.manual_seed(1)
+    qmin, qmax = int_range(3)
+    # rows not a multiple of the kernel's rows per program, so programs end inside a layer
+    shapes = [(1000, 1024), (24, 1024), (3072, 1024)] if group else [(1000, 1024), (7, 1024)]
+    weights, scales, zeros, grads = [], [], [], []
+    for rows, cols in shapes:
+        w = torch.randn(rows, cols, device="cuda") * 0.02
+        g = group or cols
+        grouped = w.reshape(rows, cols // g, g)
+        low, high = grouped.amin(-1), grouped.amax(-1)
+        scale = (high - low) / (qmax - qmin) * 0.9
+        weights.append(w.bfloat16())
+        scales.append(scale.float())
+        zeros.append((qmin - torch.round(low / scale)).clamp(qmin, qmax).float())
+        grads.append(torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16))
+    leaves = [[t.clone().requires_grad_(True) for t in ts] for ts in (weights, scales, zeros)]
+    outs = fake_quantize_weights(*(leaves[:2]), None if symmetric else leaves[2], 3, group, torch.bfloat16)
+    sum((o.float() * g.float()).sum() for o, g in zip(outs, grads)).backward()
+    for k, (rows, cols) in enumerate(shapes):
+        w, s, z = (t[k].clone().requires_grad_(True) for t in (weights, scales, zeros))
+        ref = _WeightFakeQuant.apply(w, s, None if symmetric else z, qmin, qmax, group or cols, torch.bfloat16)
+        (ref.float() * grads[k].float()).sum().backward()
+        assert torch.equal(outs[k], ref) and torch.equal(leaves[0][k].grad, w.grad)
+        assert (leaves[1][k].grad - s.grad).abs().max() <= 1e-5 * s.grad.abs().max()
+        if not symmetric:
+            assert (leaves[2][k].grad - z.grad).abs().max() <= 1e-5 * z.grad.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

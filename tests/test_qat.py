@@ -1,16 +1,23 @@
 """QAT with distillation on CPU: gradients, exact folding, training, resume, divergence."""
 
+import contextlib
 import json
 
 import pytest
 import torch
+from rqat_sdk.exporters import probe_batch
 from transformers import AutoModelForCausalLM
 
 import rqat_sdk
 from rqat_sdk.errors import RecipeError
-from rqat_sdk.exporters import probe_batch
 from rqat_sdk.modifiers.qat import trainer as trainer_module
-from rqat_sdk.modifiers.qat.layers import _qat_forward, attach_fake_quant, detach_fake_quant, quantized_linears
+from rqat_sdk.modifiers.qat.layers import (
+    _qat_forward,
+    attach_fake_quant,
+    detach_fake_quant,
+    fake_quantized_together,
+    quantized_linears,
+)
 from rqat_sdk.modifiers.qat.trainer import TrainingDiverged
 from rqat_sdk.recipe import Recipe
 
@@ -78,6 +85,31 @@ def test_gradients_reach_weights_and_scales_with_a_clipping_mask(tiny_qwen3):
     assert layer.weight_scale.grad is not None and layer.weight_scale.grad.abs().sum() > 0
     assert layer.rqat_zero_point.grad is not None
     assert not any(hasattr(module, "rqat_clip") for _, module in quantized_linears(model))
+    detach_fake_quant(model)
+
+
+def test_weights_quantized_together_give_the_per_layer_loss_and_gradients(tiny_qwen3):
+    ptq = {"version": 1, "scheme": "W3G128", "stages": [{"name": "p", "modifiers": [{"type": "rtn"}]}]}
+    model = rqat_sdk.oneshot(tiny_qwen3, ptq).model
+    attach_fake_quant(model, dtype=torch.float32, learn_scales=True, learn_clipping=True)
+    with torch.no_grad():
+        for _, layer in quantized_linears(model):
+            layer.rqat_clip.uniform_(0.6, 1.0)
+    x = torch.randint(0, 100, (2, 12))
+    results = []
+    for together in (False, True):
+        model.zero_grad(set_to_none=True)
+        with fake_quantized_together(model) if together else contextlib.nullcontext():
+            loss = model(x).logits.float().pow(2).mean()
+            loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and any(n.endswith("rqat_clip") for n in grads_a)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7), name
+    # outside the block each layer quantizes its own weight again
+    assert not any("_rqat_fake_quantized_weight" in vars(m) for _, m in quantized_linears(model))
     detach_fake_quant(model)
 
 

@@ -12,7 +12,8 @@ Gradients (straight-through estimator with a clipping mask), with ``u = w / s + 
 - scale (LSQ): ``q - u`` inside the range, ``q - z`` where clipped, summed over the group;
 - zero point: 0 inside the range, ``-s`` where clipped, summed over the group.
 
-On CUDA the same numbers come from fused Triton kernels (:mod:`rqat_sdk.ops.triton_fake_quant`).
+On CUDA the same numbers come from fused Triton kernels (:mod:`rqat_sdk.ops.triton_fake_quant`), which
+quantize many weights in one launch (:func:`fake_quantize_weights`).
 """
 
 from __future__ import annotations
@@ -42,16 +43,46 @@ def fake_quantize_weight(
     ``scale`` and ``zero_point`` have shape (out, in // group_size) or (out, 1). The result has ``dtype``
     (default: the weight's). Differentiable in ``weight``, ``scale`` and a floating ``zero_point``.
     """
-    dtype = dtype or weight.dtype
-    group = group_size or weight.shape[-1]
-    if weight.shape[-1] % group:
-        raise ValueError(f"group size {group} does not divide the weight's {weight.shape[-1]} columns")
-    qmin, qmax = int_range(num_bits)
-    if use_triton(weight):
-        from rqat_sdk.ops.triton_fake_quant import TritonWeightFakeQuant
+    zero_points = [zero_point] if zero_point is not None else None
+    return fake_quantize_weights([weight], [scale], zero_points, num_bits, group_size, dtype)[0]
 
-        return TritonWeightFakeQuant.apply(weight, scale, zero_point, qmin, qmax, group, dtype)
-    return _WeightFakeQuant.apply(weight, scale, zero_point, qmin, qmax, group, dtype)
+
+def fake_quantize_weights(
+    weights: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    zero_points: list[torch.Tensor] | None,
+    num_bits: int,
+    group_size: int | None,
+    dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """:func:`fake_quantize_weight` for several weights of one scheme (and one group width) at once.
+
+    On CUDA all of them take one kernel launch forward and one backward, which matters when a step
+    quantizes every Linear of a model; elsewhere each runs the PyTorch path. Same numbers either way.
+    """
+    dtype = dtype or weights[0].dtype
+    groups = {group_size or w.shape[-1] for w in weights}
+    if len(groups) != 1:
+        raise ValueError(f"one call quantizes weights of one group width; got widths {sorted(groups)}")
+    group = groups.pop()
+    for weight in weights:
+        if weight.shape[-1] % group:
+            raise ValueError(f"group size {group} does not divide the weight's {weight.shape[-1]} columns")
+    qmin, qmax = int_range(num_bits)
+    if use_triton(weights[0]):
+        from rqat_sdk.ops.triton_fake_quant import (
+            TritonWeightsFakeQuant,
+            WeightsSpec,
+            unflatten,
+        )
+
+        spec = WeightsSpec(len(weights), qmin, qmax, group, dtype, zero_points is not None)
+        flat = TritonWeightsFakeQuant.apply(spec, *weights, *scales, *(zero_points or ()))
+        return unflatten(flat, [w.shape for w in weights])
+    zero_points = zero_points or [None] * len(weights)
+    return [
+        _WeightFakeQuant.apply(w, s, z, qmin, qmax, group, dtype) for w, s, z in zip(weights, scales, zero_points)
+    ]
 
 
 def fake_quantize_weight_reference(

@@ -18,15 +18,26 @@ training computed.
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from rqat_sdk.ops.fake_quant import clamp_ste, fake_quantize_activation, fake_quantize_weight, int_range, round_ste
+from rqat_sdk.ops.fake_quant import (
+    clamp_ste,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    fake_quantize_weights,
+    int_range,
+    round_ste,
+)
 
 CLIP_MIN = 0.5
 _SAVED_FORWARD = "_rqat_compressed_tensors_forward"
+_PRECOMPUTED = "_rqat_fake_quantized_weight"
 
 
 _GROUPS = {"weight_scale": "scales", "rqat_zero_point": "scales", "rqat_clip": "clipping"}
@@ -139,18 +150,51 @@ def effective_zero_point(module: torch.nn.Linear) -> torch.Tensor | None:
     return getattr(module, "weight_zero_point", None)
 
 
+@contextlib.contextmanager
+def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, quantized Linears read weights fake-quantized up front, together: one kernel
+    launch per scheme for the whole model instead of one per layer, and one for the backward.
+
+    Run the forward and the backward inside it (a checkpointed layer recomputes its forward during the
+    backward). The numbers and gradients are the per-layer ones. Sharded (FSDP2) weights are gathered one
+    block at a time, so there the layers keep quantizing their own weight.
+    """
+    from torch.distributed.tensor import DTensor
+
+    trained = [m for _, m in quantized_linears(model) if hasattr(m, _SAVED_FORWARD)]
+    if any(isinstance(m.weight, DTensor) for m in trained):
+        trained = []
+    families: dict[tuple, list[tuple[torch.nn.Linear, tuple]]] = defaultdict(list)
+    for module in trained:
+        weight, scale, zero_point, num_bits, group_size, dtype = _quantizer_inputs(module)
+        key = (num_bits, group_size or weight.shape[-1], dtype, weight.dtype, scale.dtype,
+               None if zero_point is None else zero_point.dtype)
+        families[key].append((module, (weight, scale, zero_point)))
+    try:
+        for (num_bits, group, dtype, *_), members in families.items():
+            weights, scales, zero_points = zip(*(inputs for _, inputs in members))
+            zero_points = None if zero_points[0] is None else list(zero_points)
+            quantized = fake_quantize_weights(list(weights), list(scales), zero_points, num_bits, group, dtype)
+            for (module, _), tensor in zip(members, quantized):
+                setattr(module, _PRECOMPUTED, tensor)
+        yield
+    finally:
+        for module in trained:
+            module.__dict__.pop(_PRECOMPUTED, None)
+
+
+def _quantizer_inputs(module: torch.nn.Linear):
+    args = module.quantization_scheme.weights
+    return (module.weight, effective_scale(module), effective_zero_point(module), args.num_bits, args.group_size,
+            module._rqat_dtype)
+
+
 def _qat_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    scheme = self.quantization_scheme
-    weight = fake_quantize_weight(
-        self.weight,
-        effective_scale(self),
-        effective_zero_point(self),
-        scheme.weights.num_bits,
-        scheme.weights.group_size,
-        dtype=self._rqat_dtype,
-    )
-    if scheme.input_activations is not None:
-        x = fake_quantize_activation(x, scheme.input_activations)
+    weight = self.__dict__.get(_PRECOMPUTED)
+    if weight is None:
+        weight = fake_quantize_weight(*_quantizer_inputs(self))
+    if self.quantization_scheme.input_activations is not None:
+        x = fake_quantize_activation(x, self.quantization_scheme.input_activations)
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         x = x.to(weight.dtype)
     return F.linear(x, weight, self.bias)

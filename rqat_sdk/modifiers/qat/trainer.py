@@ -27,6 +27,11 @@ from tqdm.auto import tqdm
 from rqat_sdk import distributed
 from rqat_sdk.data import IGNORE_INDEX
 from rqat_sdk.errors import RqatError
+from rqat_sdk.modifiers.qat.layers import (
+    fake_quantized_together,
+    parameter_group,
+    quantized_linears,
+)
 from rqat_sdk.ops.distill import LossSpec, lm_head_loss
 from rqat_sdk.session.files import atomic_directory
 
@@ -171,11 +176,12 @@ class DistillationTrainer:
         total = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro):
             last = index == len(micro) - 1
-            with self._no_sync(not last):
-                teacher_hidden = self._teacher_hidden(batch)
-                teacher_weight = self.teacher.get_output_embeddings().weight if self.teacher is not None else None
-                loss = self.model(batch, normalizer, teacher_hidden, teacher_weight)
-            loss.backward()
+            with fake_quantized_together(self.objective.student):
+                with self._no_sync(not last):
+                    teacher_hidden = self._teacher_hidden(batch)
+                    teacher_weight = self.teacher.get_output_embeddings().weight if self.teacher is not None else None
+                    loss = self.model(batch, normalizer, teacher_hidden, teacher_weight)
+                loss.backward()
             total += loss.detach()
         total = distributed.all_reduce_sum(total) / distributed.world_size()
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -269,7 +275,10 @@ class DistillationTrainer:
         """Full (unsharded) model and optimizer state, on the CPU."""
         student = self.objective.student
         if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_state_dict,
+            )
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_state, optimizer_state = get_state_dict(student, self.optimizer.optimizer, options=options)
@@ -277,7 +286,10 @@ class DistillationTrainer:
         return {k: v.detach().cpu() for k, v in student.state_dict().items()}, self.optimizer.state_dict()
 
     def _gather_into(self, student: PreTrainedModel) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         full = get_model_state_dict(self.objective.student, options=StateDictOptions(full_state_dict=True))
         with torch.no_grad():
@@ -287,7 +299,10 @@ class DistillationTrainer:
     def _restore_state(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
         student = self.objective.student
         if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_state_dict,
+            )
 
             set_state_dict(
                 student, self.optimizer.optimizer,
@@ -331,8 +346,6 @@ def _blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
 
 
 def _optimizer(config: QATKDModifier, student: PreTrainedModel, device: torch.device):
-    from rqat_sdk.modifiers.qat.layers import parameter_group, quantized_linears
-
     if config.train == "quantized":
         trained = {f"{name}.weight" for name, _ in quantized_linears(student)}
         for name, parameter in student.named_parameters():
