@@ -123,12 +123,16 @@ def save_dense(model: PreTrainedModel, directory: Path) -> None:
 
 
 def reload_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    """Load a checkpoint written by this module the way users will: ``from_pretrained`` (on this rank only)."""
+    """Load a checkpoint written by this module the way users will: ``from_pretrained`` (on this rank only),
+    with the KV-cache quantization its config records."""
     from compressed_tensors.offload.utils import as_single_threaded
     from transformers import AutoModelForCausalLM
 
+    from rqat_sdk.models import restore_kv_cache_quantization
+
     with as_single_threaded():
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        restore_kv_cache_quantization(model)
         return model.to(device).eval()
 
 

@@ -5,10 +5,8 @@
 - int W4A4: ``pack-quantized``, forced, because compressed-tensors would otherwise infer the unpacked
   ``int-quantized`` layout for 4-bit weights with activations.
 
-KV-cache quantization is refused: compressed-tensors 0.19 fails to compress a model with a KV-cache scheme
-in a forced format (it looks for a ``weight`` on the attention module), and in the inferred format the
-reloaded model's logits differ from the in-memory model's (max 0.4-0.5 on the tiny Qwen3, measured here),
-so the round-trip check could never pass.
+The KV cache is not part of the quantization config: vLLM takes only fp8 there and quantizes its int4 cache
+itself. The checkpoint's ``config.json`` records it instead (:data:`rqat_sdk.models.KV_CACHE_CONFIG_KEY`).
 
 The recipe validator asks :func:`unsupported_reason` too, so a recipe the exporter cannot write is refused
 before any model is loaded.
@@ -28,11 +26,6 @@ DENSE = "dense"
 
 def unsupported_reason(scheme: QuantScheme) -> str | None:
     """Why the exporter cannot write ``scheme``, or None when it can."""
-    if scheme.kv_cache is not None:
-        return (
-            f"{scheme.label} is not exportable: KV-cache quantization does not survive a compressed-tensors "
-            f"save and transformers reload (compressed-tensors 0.19); drop scheme.kv_cache"
-        )
     acts = scheme.input_activations
     if acts is None:
         return None

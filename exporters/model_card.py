@@ -54,7 +54,7 @@ def model_card(recipe: Recipe, record: dict[str, Any]) -> str:
     lines += [
         "",
         "```bash",
-        serve_command("<this directory>"),
+        serve_command("<this directory>", scheme),
         "```",
         "",
         "```python",

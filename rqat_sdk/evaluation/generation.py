@@ -80,6 +80,7 @@ def generate_vllm(
 ) -> list[list[Completion]]:
     """``samples`` completions per prompt from vLLM (in its own environment), as ``runs[k][prompt]``."""
     from rqat_sdk.errors import RqatError
+    from rqat_sdk.exporters.vllm import engine_options
     from rqat_sdk.serving import vllm_env
     from rqat_sdk.serving.check import _run_worker
 
@@ -91,7 +92,7 @@ def generate_vllm(
         "model": checkpoint, "prompt_token_ids": ids, "n": samples, "max_tokens": sampling.max_new_tokens,
         "temperature": 0.0 if sampling.greedy else sampling.temperature,
         "top_p": 1.0 if sampling.greedy else sampling.top_p, "seed": seed,
-        "max_model_len": max(map(len, ids)) + sampling.max_new_tokens,
+        "max_model_len": max(map(len, ids)) + sampling.max_new_tokens, **engine_options(checkpoint),
     }
     response = _run_worker(interpreter, request, timeout=24 * 3600)
     return [

@@ -86,21 +86,18 @@ class ActivationQuant(StrictModel):
 
 
 class KVCacheQuant(StrictModel):
-    """Integer quantization of the attention key/value cache."""
+    """4-bit key/value cache, as vLLM stores it with ``--kv-cache-dtype int4_per_token_head``: keys (after
+    RoPE) and values rotated by a fixed randomized Hadamard transform, then quantized with one asymmetric
+    scale and zero point per token and KV head, computed at run time (:mod:`rqat_sdk.ops.kv_cache`).
 
-    num_bits: Bits
-    """Bits per cached key or value, 2 to 8."""
-    strategy: Literal["tensor", "attn_head"] = "tensor"
-    """One scale per tensor or one per attention head."""
-    symmetric: bool = True
-    """Symmetric, or asymmetric with a zero point."""
+    vLLM reads no integer KV-cache scheme from a checkpoint (it takes fp8 there), so this one is what rqat
+    trains through and exports: the checkpoint records it and the serve command asks vLLM for it.
+    """
 
-    def to_args(self) -> QuantizationArgs:
-        from compressed_tensors.quantization import QuantizationArgs
-
-        return QuantizationArgs(
-            num_bits=self.num_bits, type="int", symmetric=self.symmetric, strategy=self.strategy, dynamic=False
-        )
+    num_bits: Literal[4] = 4
+    """Bits per cached element: 4, vLLM's int4 cache."""
+    strategy: Literal["token_head"] = "token_head"
+    """One scale and zero point per token and KV head, computed at run time."""
 
 
 def _preset(weights: dict[str, Any], activations: dict[str, Any] | None = None, kv: dict[str, Any] | None = None):
@@ -119,6 +116,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "W4A4": _preset(
         {"num_bits": 4, "group_size": None, "symmetric": True}, {"num_bits": 4, "strategy": "token", "dynamic": True}
+    ),
+    # The seed paper's W4A4KV4, in the form vLLM serves: symmetric per-token activations, its int4 cache.
+    "W4A4KV4": _preset(
+        {"num_bits": 4, "group_size": None, "symmetric": True},
+        {"num_bits": 4, "strategy": "token", "dynamic": True},
+        {"num_bits": 4},
     ),
 }
 
@@ -162,8 +165,6 @@ class QuantScheme(StrictModel):
     def _compressed_tensors_accepts(self) -> QuantScheme:
         # compressed-tensors is the source of truth: anything it would refuse is refused here, at load time.
         self.config_groups()
-        if self.kv_cache is not None:
-            self.kv_cache.to_args()
         return self
 
     @property
@@ -196,8 +197,7 @@ class QuantScheme(StrictModel):
             asym = "symmetric" if a.symmetric else "asymmetric"
             parts.append(f"int{a.num_bits} activations ({scope}, {timing}, {asym})")
         if self.kv_cache is not None:
-            kv = self.kv_cache
-            parts.append(f"int{kv.num_bits} KV cache (per {kv.strategy.replace('attn_', '')})")
+            parts.append(f"int{self.kv_cache.num_bits} KV cache (per token and head, dynamic, Hadamard-rotated)")
         return "; ".join(parts)
 
     def config_groups(self) -> dict[str, QuantizationScheme]:
@@ -210,9 +210,6 @@ class QuantScheme(StrictModel):
             input_activations=self.input_activations.to_args() if self.input_activations else None,
         )
         return {CONFIG_GROUP: scheme}
-
-    def kv_cache_args(self) -> QuantizationArgs | None:
-        return self.kv_cache.to_args() if self.kv_cache is not None else None
 
     def targeted_modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """The (name, module) pairs this scheme quantizes, as compressed-tensors matches them."""

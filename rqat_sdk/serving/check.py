@@ -55,9 +55,10 @@ def serve_check(
     interpreter: str | None = None,
     timeout: float = 1800,
 ) -> ServeReport:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from rqat_sdk.exporters.vllm import vllm_support
+    from rqat_sdk.exporters.vllm import engine_options, vllm_support
+    from rqat_sdk.models import load_model
     from rqat_sdk.recipe import Recipe
 
     checkpoint = Path(checkpoint)
@@ -83,13 +84,14 @@ def serve_check(
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     texts = [_chat(tokenizer, p) for p in (prompts or _default_prompts())]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).to("cuda" if target == "gpu" else "cpu").eval()
+    model = load_model(checkpoint, device="cuda" if target == "gpu" else "cpu", allow_quantized=True)
     started = time.perf_counter()
     reference = [_greedy(model, row, max_tokens, tokenizer.eos_token_id) for row in ids]
     hf_seconds = time.perf_counter() - started
 
-    response = _run_worker(interpreter, {"model": str(checkpoint), "prompt_token_ids": ids, "max_tokens": max_tokens,
-                                         "temperature": 0.0, "max_model_len": 2048}, timeout)
+    request = {"model": str(checkpoint), "prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0.0,
+               "max_model_len": 2048, **engine_options(checkpoint)}
+    response = _run_worker(interpreter, request, timeout)
     served = [row[0]["token_ids"] for row in response["outputs"]]
     prefixes = [_common_prefix(a, b) for a, b in zip(reference, served)]
     report.prompts = len(ids)

@@ -6,7 +6,7 @@ environment; this script imports nothing from rqat_sdk. Usage::
     python vllm_worker.py REQUEST.json RESPONSE.json
 
 REQUEST: ``{"model", "prompt_token_ids": [[...]], "n", "temperature", "top_p", "max_tokens", "seed",
-"max_model_len"}``. RESPONSE: ``{"outputs": [[{"token_ids", "text", "finish_reason"}, ...]], "load_seconds",
+"max_model_len", "kv_cache_dtype"}``. RESPONSE: ``{"outputs": [[{"token_ids", "text", "finish_reason"}, ...]], "load_seconds",
 "generate_seconds", "generated_tokens"}``, or ``{"error"}``.
 """
 
@@ -25,6 +25,7 @@ def run(request: dict) -> dict:
         max_model_len=request.get("max_model_len", 2048),
         seed=request.get("seed", 0),
         enforce_eager=True,
+        kv_cache_dtype=request.get("kv_cache_dtype", "auto"),
     )
     loaded = time.perf_counter()
     params = SamplingParams(

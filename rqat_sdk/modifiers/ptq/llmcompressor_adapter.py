@@ -112,11 +112,7 @@ def rotate_spinquant(
 
 
 def _scheme_kwargs(scheme: QuantScheme) -> dict[str, Any]:
-    return {
-        "config_groups": scheme.config_groups(),
-        "ignore": list(scheme.ignore),
-        "kv_cache_scheme": scheme.kv_cache_args(),
-    }
+    return {"config_groups": scheme.config_groups(), "ignore": list(scheme.ignore)}
 
 
 def _oneshot(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import field_validator
 
+from rqat_sdk.models import attach_kv_cache_quantization
 from rqat_sdk.modifiers.base import Modifier
 from rqat_sdk.modifiers.ptq import llmcompressor_adapter as adapter
 from rqat_sdk.recipe.fields import FloatRange, IntRange
@@ -25,6 +26,12 @@ class _Quantizer(Modifier):
     def initialize(self, state: SessionState) -> None:
         state.scheme.check_model(state.model)
 
+    def finalize(self, state: SessionState) -> None:
+        # The KV cache is quantized at run time, so there is nothing to calibrate: attention starts reading
+        # it quantized from here on, through every later stage and into the checkpoint.
+        if state.scheme.kv_cache is not None:
+            attach_kv_cache_quantization(state.model, state.scheme.kv_cache)
+
 
 class RTNModifier(_Quantizer):
     """Round-to-nearest. Data-free for weight-only and dynamic-activation schemes."""
@@ -33,9 +40,7 @@ class RTNModifier(_Quantizer):
 
     def apply(self, state: SessionState) -> None:
         scheme = state.scheme
-        static_scales = scheme.kv_cache is not None or (
-            scheme.input_activations is not None and not scheme.input_activations.dynamic
-        )
+        static_scales = scheme.input_activations is not None and not scheme.input_activations.dynamic
         calibration = state.stage_data() if static_scales else None
         adapter.quantize_rtn(state.model, state.tokenizer, scheme, calibration)
 
