@@ -86,7 +86,7 @@ def test_gradient_passes_straight_through():
 
 
 def test_attention_reads_quantized_keys_and_values_and_trains_through_them(tiny_qwen3, tmp_path):
-    model = load_model(tiny_qwen3)
+    model = load_model(tiny_qwen3, device="cpu")
     ids = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         plain = model(ids).logits
@@ -102,7 +102,7 @@ def test_attention_reads_quantized_keys_and_values_and_trains_through_them(tiny_
     model.save_pretrained(tmp_path / "saved")
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["rqat_kv_cache"] == {
         "num_bits": 4, "strategy": "token_head"}
-    reloaded = load_model(tmp_path / "saved", allow_quantized=True)
+    reloaded = load_model(tmp_path / "saved", allow_quantized=True, device="cpu")
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, quantized)
     assert reloaded.generate(ids[:, :6], max_new_tokens=4, do_sample=False).shape == (2, 10)
