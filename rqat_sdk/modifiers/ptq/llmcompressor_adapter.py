@@ -101,12 +101,22 @@ def rotate_spinquant(
     transform_type: str,
     randomize: bool,
 ) -> None:
-    """Fuse Hadamard rotations (SpinQuant R1/R2) into the weights; the float model's output is unchanged."""
+    """Fuse Hadamard rotations (SpinQuant R1/R2) into the weights; the float model's output is unchanged.
+
+    llmcompressor's SpinQuant (0.14) also subtracts each embedding's mean, a step from QuaRot's LayerNorm
+    conversion that RMSNorm models do not take: RMSNorm is not mean-invariant, so it changed the tiny Qwen3's
+    and Llama's float logits by 10-17% of their largest value. Rotations alone commute with RMSNorm (once
+    its weight is fused into the next layers), so the step is skipped here.
+    """
 
     def modifiers() -> list:
         from llmcompressor.modifiers.transform import SpinQuantModifier
 
-        return [SpinQuantModifier(rotations=rotations, transform_type=transform_type, randomize=randomize)]
+        class RotationOnly(SpinQuantModifier):
+            def _center_embeddings(self, model: PreTrainedModel) -> None:
+                pass
+
+        return [RotationOnly(rotations=rotations, transform_type=transform_type, randomize=randomize)]
 
     _oneshot(model, tokenizer, modifiers, None)
 
