@@ -142,7 +142,7 @@ def _load_named(spec: str, *, num_samples: int, seed: int, allow_code: bool, fie
             return result, spec
         return examples_dataset([normalise_row(dict(r), f"{spec}, row {i}") for i, r in enumerate(result)]), spec
     prefix, _, rest = spec.partition(":")
-    if prefix in _REGISTRY and (rest or prefix in ("testbed", "wikipedia")):
+    if prefix in _REGISTRY and (rest or prefix in ("testbed", "testbed-long", "wikipedia")):
         return _REGISTRY[prefix](rest, num_samples=num_samples, seed=seed, field=field), spec
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -234,15 +234,19 @@ def _load_wikipedia(spec: str, *, num_samples: int, seed: int, field: str) -> Da
     ])
 
 
-def _load_testbed(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
-    from rqat_sdk.testbed.tasks import testbed_rows
+def _testbed_loader(mix: str) -> Callable[..., Dataset]:
+    def load(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
+        from rqat_sdk.testbed.tasks import testbed_rows
 
-    return examples_dataset(testbed_rows(num_samples=num_samples, seed=seed, field=field, variant=spec))
+        return examples_dataset(testbed_rows(num_samples=num_samples, seed=seed, field=field, variant=spec, mix=mix))
+
+    return load
 
 
 _REGISTRY: dict[str, Callable[..., Dataset]] = {
     "reasoning-gym": _load_reasoning_gym,
     "hf": _load_hub,
-    "testbed": _load_testbed,
+    "testbed": _testbed_loader("testbed"),
+    "testbed-long": _testbed_loader("testbed-long"),
     "wikipedia": _load_wikipedia,
 }

@@ -33,8 +33,8 @@ def load_benchmark(spec: str, *, num_examples: int, seed: int = 0) -> list[Probl
     from rqat_sdk.data import load_examples
 
     source = HUB_BENCHMARKS.get(spec, spec)
-    if source == "testbed":
-        source = "testbed:heldout"
+    if source in ("testbed", "testbed-long"):
+        source += ":heldout"
     elif source.startswith("reasoning-gym:"):
         seed += HELD_OUT_SEED_OFFSET
     rows = load_examples(source, num_samples=num_examples, seed=seed, field="benchmark")

@@ -13,19 +13,33 @@ from typing import Any
 from rqat_sdk.data.reasoning_gym import HELD_OUT_SEED_OFFSET, generate_rows, parse_tasks
 from rqat_sdk.data.sources import REASONING_INSTRUCTION
 
-TESTBED_TASKS = (
-    "chain_sum(min_terms=2,max_terms=3,min_digits=1,max_digits=2),"
-    "leg_counting(min_animals=1,max_animals=2,min_instances=1,max_instances=5),"
-    "simple_equations(min_terms=2,max_terms=2,min_value=1,max_value=12)"
-)
-"""The testbed mix, as a reasoning-gym spec: small enough for a model of a few million parameters."""
+MIXES = {
+    "testbed": (
+        "chain_sum(min_terms=2,max_terms=3,min_digits=1,max_digits=2),"
+        "leg_counting(min_animals=1,max_animals=2,min_instances=1,max_instances=5),"
+        "simple_equations(min_terms=2,max_terms=2,min_value=1,max_value=12)"
+    ),
+    "testbed-long": (
+        "chain_sum(min_terms=4,max_terms=7,min_digits=2,max_digits=3),"
+        "leg_counting(min_animals=3,max_animals=6,min_instances=1,max_instances=12),"
+        "products(min_terms=2,max_terms=2,min_digits=2,max_digits=2)"
+    ),
+}
+"""The testbed mixes, as reasoning-gym specs. ``testbed`` is small enough for a model of a few hundred
+thousand parameters (the CPU testbed). ``testbed-long`` needs chains of 5 to 12 worked steps: as in a
+reasoning model's long chain of thought, one wrong digit anywhere makes the answer wrong, so small
+per-token errors from quantization compound (the GPU testbed)."""
+RESPONSE_TOKENS = {"testbed": 96, "testbed-long": 224}
+"""Generation budget per mix: enough for the longest worked solution, with room to ramble."""
 
 
-def testbed_rows(*, num_samples: int, seed: int, field: str = "dataset", variant: str = "") -> list[dict[str, Any]]:
+def testbed_rows(
+    *, num_samples: int, seed: int, field: str = "dataset", variant: str = "", mix: str = "testbed"
+) -> list[dict[str, Any]]:
     """Chat rows with worked solutions (``variant`` ``""``), or held-out benchmark rows (``"heldout"``)."""
     if variant not in ("", "heldout"):
-        raise ValueError(f"{field}: unknown testbed variant {variant!r}; use 'testbed' or 'testbed:heldout'")
-    tasks = parse_tasks(TESTBED_TASKS, field)
+        raise ValueError(f"{field}: unknown testbed variant {variant!r}; use '{mix}' or '{mix}:heldout'")
+    tasks = parse_tasks(MIXES[mix], field)
     if variant == "heldout":
         seed += HELD_OUT_SEED_OFFSET
     return generate_rows(tasks, num_samples=num_samples, seed=seed, instruction=REASONING_INSTRUCTION, trace=solution)
@@ -96,4 +110,21 @@ def _divide(term: str, variable: str, value: int, lines: list[str]) -> list[str]
     return lines + [f"{variable} = {value} / {coefficient} = {value // coefficient}", str(value // coefficient)]
 
 
-_SOLVERS = {"chain_sum": _chain_sum, "leg_counting": _leg_counting, "simple_equations": _simple_equations}
+def _products(entry: dict[str, Any]) -> list[str]:
+    """Long multiplication: the first factor times each digit of the second, shifted, then summed."""
+    left, right = (int(t) for t in entry["metadata"]["expression"].split(" * "))
+    lines, partials = [], []
+    for place, digit in enumerate(reversed(str(right))):
+        if digit == "0":
+            continue
+        product = left * int(digit)
+        lines.append(f"{left} * {digit} = {product}")
+        if place:
+            lines.append(f"{left} * {digit}{'0' * place} = {product}{'0' * place}")
+        partials.append(product * 10**place)
+    more, total = _chain(partials, ["+"] * (len(partials) - 1))
+    return lines + more + [str(total)]
+
+
+_SOLVERS = {"chain_sum": _chain_sum, "leg_counting": _leg_counting, "simple_equations": _simple_equations,
+            "products": _products}

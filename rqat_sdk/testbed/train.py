@@ -4,7 +4,8 @@ The testbed exists so that this project has a reasoning model on which low-bit P
 visibly recovers, without any Hub access. It is trained with the SDK's own training loop (cross-entropy on
 the worked solutions, response tokens only), seeded, so that ``python -m rqat_sdk.testbed.train`` rebuilds
 it. The CPU size is committed with the package (``rqat_sdk/testbed/cpu``) and is the embedded default of
-``rqat demo``; the GPU size is for the result tables.
+``rqat demo``; the ``long`` size (the same model on longer worked solutions, committed as
+``rqat_sdk/testbed/long``) is the one that W3G128 hurts, for the result tables.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ log = logging.getLogger(__name__)
 
 EMBEDDED = Path(__file__).parent / "cpu"
 """The committed CPU testbed (bf16 safetensors, tokenizer, training record)."""
+LONG = Path(__file__).parent / "long"
+"""The committed long-chain testbed, on which W3G128 PTQ loses ~20 points."""
 
 
 @dataclass(frozen=True)
 class TestbedSize:
+    mix: str
+    """The task mix (:data:`rqat_sdk.testbed.tasks.MIXES`), also the testbed's benchmark name."""
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -37,21 +42,30 @@ class TestbedSize:
     learning_rate: float
     warmup_steps: int
     weight_decay: float
+    max_seq_length: int = 256
 
 
 SIZES = {
     # Every Linear's input width is a multiple of 128, so W3G128 and W2G64 apply. The CPU size is small on
     # purpose: wider models (hidden 256, 4 layers, 3.3M parameters) solve these tasks with so much margin that
     # even 2-bit RTN barely hurts them; at 0.46M parameters 2-bit RTN costs ~40 points.
-    "cpu": TestbedSize(128, 384, 2, 512, examples=60_000, steps=3000, batch_size=64, micro_batch_size=64,
+    "cpu": TestbedSize("testbed", 128, 384, 2, 512, examples=60_000, steps=3000, batch_size=64, micro_batch_size=64,
                        learning_rate=3e-3, warmup_steps=100, weight_decay=0.0),
-    "gpu": TestbedSize(512, 1536, 8, 512, examples=200_000, steps=4000, batch_size=128, micro_batch_size=128,
-                       learning_rate=1e-3, warmup_steps=200, weight_decay=0.0),
+    # The same model on worked solutions of 5 to 12 steps: W3G128 symmetric RTN costs it ~20 points.
+    "long": TestbedSize("testbed-long", 128, 384, 2, 512, examples=60_000, steps=3000, batch_size=64,
+                        micro_batch_size=64, learning_rate=3e-3, warmup_steps=100, weight_decay=0.0,
+                        max_seq_length=384),
 }
 
 
-def train_testbed(output_dir: str | Path, size: str = "cpu", *, seed: int = 0, steps: int | None = None) -> dict:
-    """Build the tokenizer and model, train them, and save a ``from_pretrained`` directory (bf16)."""
+def train_testbed(
+    output_dir: str | Path, size: str | TestbedSize = "cpu", *, seed: int = 0, steps: int | None = None
+) -> dict:
+    """Build the tokenizer and model, train them, and save a ``from_pretrained`` directory (bf16).
+
+    ``size`` names one of :data:`SIZES` or gives a :class:`TestbedSize` (benchmarks/testbed_sensitivity.py
+    trains candidates that way).
+    """
     from datasets import Dataset
 
     from rqat_sdk.data import tokenize_examples
@@ -60,21 +74,22 @@ def train_testbed(output_dir: str | Path, size: str = "cpu", *, seed: int = 0, s
     from rqat_sdk.modifiers.qat.modifier import QATKDModifier
     from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
     from rqat_sdk.session.files import atomic_directory
-    from rqat_sdk.testbed.tasks import TESTBED_TASKS, testbed_rows
+    from rqat_sdk.testbed.tasks import MIXES, testbed_rows
     from rqat_sdk.testbed.tiny import build_model, build_tokenizer
 
-    spec = SIZES[size]
+    spec = SIZES[size] if isinstance(size, str) else size
+    name = size if isinstance(size, str) else "custom"
     steps = steps or spec.steps
     output_dir = Path(output_dir)
     started = time.perf_counter()
-    rows = testbed_rows(num_samples=spec.examples, seed=seed)
+    rows = testbed_rows(num_samples=spec.examples, seed=seed, mix=spec.mix)
     corpus = [row["messages"][0]["content"] + "\n" + row["messages"][1]["content"] for row in rows[:5000]]
     tokenizer = build_tokenizer(vocab_size=spec.vocab_size, corpus=corpus, split_digits=True)
     model = build_model(
         tokenizer, "qwen3", hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_layers=spec.num_layers, seed=seed,
     ).to(resolve_device("auto"))
-    examples = tokenize_examples(Dataset.from_list(rows), tokenizer, max_seq_length=256)
+    examples = tokenize_examples(Dataset.from_list(rows), tokenizer, max_seq_length=spec.max_seq_length)
     config = QATKDModifier(
         objective="sft", steps=steps, batch_size=spec.batch_size, micro_batch_size=spec.micro_batch_size,
         learning_rate=spec.learning_rate, warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay,
@@ -87,15 +102,16 @@ def train_testbed(output_dir: str | Path, size: str = "cpu", *, seed: int = 0, s
     work = output_dir.with_name(output_dir.name + ".partial")
     trainer = DistillationTrainer(
         config, model, None, batches, device=model.device,
-        paths=TrainerPaths(work / "progress", work / "train.jsonl"), fingerprint=f"testbed-{size}-{seed}-{steps}",
-        stage=f"testbed-{size}",
+        paths=TrainerPaths(work / "progress", work / "train.jsonl"), fingerprint=f"testbed-{name}-{seed}-{steps}",
+        stage=f"testbed-{name}",
     )
     summary = trainer.train()
     record = {
-        "size": size, "spec": asdict(spec), "steps": steps, "seed": seed, "tasks": TESTBED_TASKS,
+        "size": name, "spec": asdict(spec), "steps": steps, "seed": seed, "benchmark": spec.mix,
+        "tasks": MIXES[spec.mix],
         "parameters": sum(p.numel() for p in model.parameters()), "train": summary,
         "seconds": round(time.perf_counter() - started, 1), "device": str(model.device),
-        "command": f"python -m rqat_sdk.testbed.train --size {size} --seed {seed} --steps {steps} {output_dir}",
+        "command": f"python -m rqat_sdk.testbed.train --size {name} --seed {seed} --steps {steps} {output_dir}",
     }
     with atomic_directory(output_dir) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp)
