@@ -49,16 +49,32 @@ def test_generated_benchmarks_use_held_out_seeds():
     assert all(p.prompt[-1]["role"] == "user" for p in problems)
 
 
-def test_testbed_solutions_are_correct_and_scored_by_reasoning_gym():
+@pytest.mark.parametrize("mix, tasks", [
+    ("testbed", {"chain_sum", "leg_counting", "simple_equations"}),
+    ("testbed-long", {"chain_sum", "leg_counting", "products"}),
+])
+def test_testbed_solutions_are_correct_and_scored_by_reasoning_gym(mix, tasks):
     from rqat_sdk.evaluation import score_response
     from rqat_sdk.testbed.tasks import testbed_rows
 
-    rows = testbed_rows(num_samples=600, seed=3)  # each worked solution is checked against reasoning-gym
-    assert {json.loads(r["meta"])["task"] for r in rows} == {"chain_sum", "leg_counting", "simple_equations"}
+    rows = testbed_rows(num_samples=600, seed=3, mix=mix)  # each worked solution is checked against reasoning-gym
+    assert {json.loads(r["meta"])["task"] for r in rows} == tasks
     for row in rows[:60]:
         reply = row["messages"][1]["content"]
         assert score_response(reply, row["answer"], row["meta"]) == 1.0
         assert score_response(reply.replace(f"\\boxed{{{row['answer']}}}", "\\boxed{123456}"), row["answer"], row["meta"]) == 0.0
+
+
+def test_long_testbed_solutions_work_step_by_step():
+    from rqat_sdk.testbed.tasks import solution
+
+    product = {"metadata": {"expression": "57 * 80"}, "answer": 4560}
+    assert solution("products", product) == "57 * 8 = 456\n57 * 80 = 4560\n\\boxed{4560}"
+    product = {"metadata": {"expression": "42 * 25"}, "answer": 1050}
+    assert solution("products", product).splitlines() == [
+        "42 * 5 = 210", "42 * 2 = 84", "42 * 20 = 840", "210 + 840 = 1050", "\\boxed{1050}"]
+    problems = load_benchmark("testbed-long", num_examples=30)
+    assert len(problems) == 30 and json.loads(problems[0].meta)["seed"] >= HELD_OUT_SEED_OFFSET
 
 
 def test_jsonl_benchmarks_need_gold_answers(tmp_path):
@@ -126,3 +142,18 @@ def test_reports_table_plot_and_cli(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert main(["compare", str(tmp_path / "bad.json")]) == 1
     assert "is not an evaluation report" in capsys.readouterr().err
+
+
+def test_the_committed_long_testbed_is_one_that_w3g128_rtn_hurts():
+    """The reason the long testbed exists: symmetric W3G128 RTN costs it ~20 points (measured: 84.1 -> 65.6)."""
+    from rqat_sdk.testbed.train import LONG
+
+    record = json.loads((LONG / "testbed.json").read_text())
+    assert record["benchmark"] == "testbed-long" and (LONG / "model.safetensors").stat().st_size < 15_000_000
+    common = dict(greedy=True, num_examples=60, max_new_tokens=224, batch_size=60, dtype="float32")
+    full = rqat_sdk.evaluate(LONG, "testbed-long", **common)
+    recipe = {"version": 1, "scheme": {"weights": {"num_bits": 3, "group_size": 128, "symmetric": True}},
+              "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
+    ptq = rqat_sdk.oneshot(LONG, recipe, dtype="float32")
+    quantized = rqat_sdk.evaluate(ptq.model, "testbed-long", tokenizer=ptq.tokenizer, **common)
+    assert full.pass_at_1 >= 0.85 and full.pass_at_1 - quantized.pass_at_1 >= 0.15
