@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import rqat_sdk
+from rqat_sdk.testbed.tasks import RESPONSE_TOKENS
 
 SCHEMES = {
     "W3G128": {"weights": {"num_bits": 3, "group_size": 128, "symmetric": False}},
@@ -42,66 +43,89 @@ INITS = {"rtn": [{"type": "rtn"}], "gptq": [{"type": "gptq"}], "awq": [{"type": 
 
 def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, qat_data: str = "testbed",
            calibration: str = "testbed") -> dict:
+    """``calibration`` and ``qat_data`` are ``testbed`` (the testbed's own task mix) or ``wikipedia``."""
+    calibration, qat_data = (args.benchmark if d == "testbed" else d for d in (calibration, qat_data))
+    length = args.max_seq_length
     qat = {"type": "qat_kd", "steps": args.qat_steps, "batch_size": 32, "micro_batch_size": 32,
            "learning_rate": args.qat_lr, "warmup_steps": 10, "logging_steps": 50, "save_steps": 10_000}
     grpo = {"type": "grpo", "steps": args.grpo_steps, "prompts_per_step": 8, "group_size": 8, "micro_batch_size": 64,
-            "max_completion_length": 96, "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000}
-    plan = [{"name": "ptq", "data": {"source": calibration, "num_samples": 128, "max_seq_length": 256},
+            "max_completion_length": RESPONSE_TOKENS[args.benchmark], "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000}
+    plan = [{"name": "ptq", "data": {"source": calibration, "num_samples": 128, "max_seq_length": length},
              "modifiers": INITS[init]}]
     if "sft" in stages:
-        plan.append({"name": "sft", "data": {"source": qat_data, "num_samples": 8000, "max_seq_length": 256},
+        plan.append({"name": "sft", "data": {"source": qat_data, "num_samples": 8000, "max_seq_length": length},
                      "modifiers": [{**qat, "objective": "sft"}]})
     if "kd" in stages:
-        plan.append({"name": "kd", "data": {"source": qat_data, "num_samples": 8000, "max_seq_length": 256},
+        plan.append({"name": "kd", "data": {"source": qat_data, "num_samples": 8000, "max_seq_length": length},
                      "modifiers": [qat]})
     if "grpo" in stages:
-        plan.append({"name": "grpo", "data": {"source": "testbed", "num_samples": 2000, "max_seq_length": 256},
+        plan.append({"name": "grpo", "data": {"source": args.benchmark, "num_samples": 2000, "max_seq_length": length},
                      "modifiers": [grpo]})
-    return {"version": 1, "seed": args.seed, "scheme": SCHEMES[scheme], "stages": plan}
+    return {"version": 1, "seed": args.seed, "scheme": scheme_for(scheme, init), "stages": plan}
+
+
+def scheme_for(scheme: str, init: str) -> dict | str:
+    """The seed initialises W3G128 with symmetric RTN or asymmetric GPTQ; the rest as :data:`SCHEMES`."""
+    if scheme == "W3G128" and init == "rtn":
+        return {"weights": {**SCHEMES[scheme]["weights"], "symmetric": True}}
+    return SCHEMES[scheme]
 
 
 def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
-    report = rqat_sdk.evaluate(model, "testbed", tokenizer=tokenizer, samples=args.samples,
-                               num_examples=args.problems, max_new_tokens=96, label=label, dtype="float32")
+    report = rqat_sdk.evaluate(model, args.benchmark, tokenizer=tokenizer, samples=args.samples,
+                               num_examples=args.problems, max_new_tokens=RESPONSE_TOKENS[args.benchmark],
+                               batch_size=args.problems, label=label, dtype="float32")
     return {"pass_at_1": round(report.pass_at_1, 4), "std": round(report.std, 4), "seeds": args.samples,
             "mean_response_tokens": round(report.mean_response_tokens, 1)}
 
 
+def _method_order(method: str) -> tuple[int, int]:
+    """Initialisations in the seed's order, each followed by +SFT, +KD, +KD+GRPO."""
+    inits, stages = ["RTN", "GPTQ", "AWQ", "Rotation+GPTQ"], ["", "SFT", "KD", "KD+GRPO"]
+    for position, init in enumerate(inits):
+        if method == init or method.startswith(init + "+") and method[len(init) + 1:] in stages:
+            return position, stages.index(method[len(init) + 1:])
+    return len(inits), 0
+
+
 def plot(rows: list[dict], bf16: dict, path: Path) -> None:
-    """Table 5 (and AWQ) per scheme as bars with their spread, BF16 as a line; Table 3 as a 2 x 2 grid."""
+    """Each scheme's rows as bars with their spread, BF16 as a line; Table 3 (when run) as a 2 x 2 grid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    schemes = sorted({r["scheme"] for r in rows if r["table"] in "45"}, reverse=True)
-    fig, axes = plt.subplots(1, len(schemes) + 1, figsize=(6 * len(schemes) + 4, 4.5),
-                             gridspec_kw={"width_ratios": [3] * len(schemes) + [2]})
-    for ax, scheme in zip(axes, schemes):
-        picked = [r for r in rows if r["scheme"] == scheme and r["table"] in "45"]
+    bars = [r for r in rows if r["table"] != "3"]
+    schemes = [s for s in (*WEIGHT_ONLY, "W4A4KV4") if any(r["scheme"] == s for r in bars)]
+    domain = {(r.get("calibration"), r.get("qat_data")): 100 * r["pass_at_1"] for r in rows if r["table"] == "3"}
+    panels = len(schemes) + bool(domain)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * len(schemes) + 4 * bool(domain), 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [3] * len(schemes) + [2] * bool(domain)})
+    for ax, scheme in zip(axes[0], schemes):
+        picked = sorted((r for r in bars if r["scheme"] == scheme), key=lambda r: _method_order(r["method"]))
         names = [r["method"] for r in picked]
-        colors = ["#999" if "+" not in n else "#4a7" if "GRPO" not in n else "#27a" for n in names]
+        colors = ["#27a" if "GRPO" in n else "#4a7" if "KD" in n or "SFT" in n else "#999" for n in names]
         ax.bar(range(len(picked)), [100 * r["pass_at_1"] for r in picked], yerr=[100 * r["std"] for r in picked],
                color=colors, capsize=3)
         ax.axhline(100 * bf16["pass_at_1"], color="k", linestyle="--", label=f"BF16 {100 * bf16['pass_at_1']:.1f}")
         ax.set_xticks(range(len(picked)), names, rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_ylabel("pass@1 (%)")
-        ax.set_title(f"{scheme}: PTQ, +SFT, +KD, +KD+GRPO")
+        ax.set_title(f"{scheme}: PTQ, then QAT")
         ax.legend(loc="lower right", fontsize=8)
-    domain = {(r.get("calibration"), r.get("qat_data")): 100 * r["pass_at_1"] for r in rows if r["table"] == "3"}
-    ax = axes[-1]
-    sources = ["testbed", "wikipedia"]
-    grid = [[domain.get((c, q), float("nan")) for q in sources] for c in sources]
-    ax.imshow(grid, cmap="Greens", vmin=0, vmax=100)
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, f"{grid[i][j]:.1f}", ha="center", va="center", color="w" if grid[i][j] > 50 else "k")
-    ax.set_xticks([0, 1], ["math traces", "Wikipedia"])
-    ax.set_yticks([0, 1], ["math traces", "Wikipedia"])
-    ax.set_xlabel("QAT data")
-    ax.set_ylabel("calibration data")
-    ax.set_title("W2G64 GPTQ+KD: data domain")
+    if domain:
+        ax = axes[0][-1]
+        sources = ["testbed", "wikipedia"]
+        grid = [[domain.get((c, q), float("nan")) for q in sources] for c in sources]
+        ax.imshow(grid, cmap="Greens", vmin=0, vmax=100)
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, f"{grid[i][j]:.1f}", ha="center", va="center", color="w" if grid[i][j] > 50 else "k")
+        ax.set_xticks([0, 1], ["math traces", "Wikipedia"])
+        ax.set_yticks([0, 1], ["math traces", "Wikipedia"])
+        ax.set_xlabel("QAT data")
+        ax.set_ylabel("calibration data")
+        ax.set_title("W2G64 GPTQ+KD: data domain")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -125,14 +149,22 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
     parser.add_argument("--plot", type=Path, help="write a PNG of the tables here")
+    parser.add_argument("--plot-only", action="store_true", help="draw --plot from the rows in --json; run nothing")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
+    built = json.loads((args.testbed / "testbed.json").read_text())
+    args.benchmark = built["benchmark"]
+    args.max_seq_length = built["spec"].get("max_seq_length", 256)
     tokenizer = AutoTokenizer.from_pretrained(args.testbed)
     teacher = AutoModelForCausalLM.from_pretrained(args.testbed, dtype=torch.float32)
     previous = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else {}
+    if args.plot_only:
+        if not previous:
+            parser.error("--plot-only draws the rows of an existing --json file: pass it with --resume")
+        args.tables, args.schemes = [], []
     bf16 = previous.get("bf16") or measure(teacher, tokenizer, "BF16", args)
     print(f"BF16: {bf16}", flush=True)
     rows = previous.get("rows", [])

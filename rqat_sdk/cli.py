@@ -261,7 +261,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     common = dict(greedy=True, num_examples=args.problems, max_new_tokens=96, dtype="float32")
-    print(f"Reasoning-QAT demo on the embedded testbed ({EMBEDDED.name}, a 3.3M-parameter Qwen3 trained offline)")
+    parameters = json.loads((EMBEDDED / "testbed.json").read_text())["parameters"]
+    print(f"Reasoning-QAT demo on the embedded testbed ({EMBEDDED.name}, a {parameters / 1e6:.2f}M-parameter Qwen3 "
+          "trained offline)")
     print(f"1/4 evaluating the full-precision model on {args.problems} held-out testbed problems ...")
     teacher = evaluate(EMBEDDED, "testbed", label="full precision", **common)
     print("2/4 running the recipe: PTQ, then quantization-aware distillation ...")
