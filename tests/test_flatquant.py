@@ -1,8 +1,11 @@
 """FlatQuant: Kronecker affine transforms, learnable clipping, layer-wise calibration, QAT, export and reload."""
 
+
 import pytest
 import torch
 
+import rqat_sdk
+from rqat_sdk.exporters import probe_batch
 from rqat_sdk.ops.affine_transform import (
     clamp_to_clipped_range,
     clip_activation,
@@ -14,6 +17,7 @@ from rqat_sdk.ops.affine_transform import (
     random_orthogonal,
     transform_activation,
 )
+from rqat_sdk.recipe import Recipe
 from rqat_sdk.recipe.scheme import QuantScheme
 
 
@@ -84,3 +88,126 @@ def test_min_max_scales_of_the_clamped_weight_are_the_clipped_scales(preset):
     torch.testing.assert_close(scale, observed_scale)
     if zero_point is not None:
         torch.testing.assert_close(zero_point, observed_zero.round().float())
+
+
+# --- transforms on a model -----------------------------------------------------------------------------
+
+
+def attach_random_transforms(model, orthogonal: bool, seed: int = 0) -> None:
+    """Attach every transform of every decoder layer with non-trivial factors and fold it, as calibration does."""
+    from rqat_sdk.modifiers.ptq.flatquant import TRANSFORM_INPUTS
+    from rqat_sdk.transforms import KroneckerTransform, attach_online_transform
+
+    generator = torch.Generator().manual_seed(seed)
+    for index, layer in enumerate(model.model.layers):
+        for key, members in TRANSFORM_INPUTS.items():
+            linears = [layer.get_submodule(m) for m in members]
+            transform = KroneckerTransform(
+                linears[0].in_features, smoothing=True, activation_clipping=True, orthogonal=orthogonal, generator=generator
+            )
+            if not orthogonal:  # far from orthogonal: the inverse matters
+                left, right, smooth = random_factors(linears[0].in_features, seed=seed + index)
+                transform.load_state_dict({"rqat_kron_left": left, "rqat_kron_right": right, "rqat_smooth": smooth}, strict=False)
+            attach_online_transform(model, f"model.layers.{index}", key, transform, [f"model.layers.{index}.{m}" for m in members])
+            with torch.no_grad():
+                for linear in linears:
+                    linear.weight.data = transform.fold(linear.weight)
+
+
+def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("orthogonal", [True, False])
+@pytest.mark.parametrize("architecture", ["tiny_qwen3", "tiny_llama"])
+def test_transforms_leave_the_float_model_unchanged(request, architecture, orthogonal):
+    from rqat_sdk.models import load_model, load_tokenizer
+
+    path = request.getfixturevalue(architecture)
+    model, tokenizer = load_model(path, dtype="float32", device="cpu"), load_tokenizer(path)
+    probe = probe_batch(tokenizer, torch.device("cpu"))
+    with torch.no_grad():
+        before = model(probe).logits
+    weight = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    attach_random_transforms(model, orthogonal)
+    with torch.no_grad():
+        after = model(probe).logits
+    assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, weight)  # the weights were folded
+    assert relative_difference(after, before) <= 1e-4
+
+
+def calibration_setup(path, num_samples: int = 4):
+    from rqat_sdk.data import load_examples, tokenize_examples
+    from rqat_sdk.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(path, dtype="float32", device="cpu"), load_tokenizer(path)
+    data = tokenize_examples(load_examples("reasoning-gym:chain_sum", num_samples=num_samples, seed=0), tokenizer, 48)
+    return model, tokenizer, data
+
+
+def test_calibration_lowers_the_layer_error_and_keeps_the_float_model(tiny_qwen3):
+    """Without weight clipping (which clamps weights on purpose) calibration leaves the float model as it was."""
+    from rqat_sdk.modifiers.ptq.flatquant import CalibrationOptions, calibrate
+
+    model, tokenizer, data = calibration_setup(tiny_qwen3)
+    probe = probe_batch(tokenizer, torch.device("cpu"))
+    with torch.no_grad():
+        before = model(probe).logits
+    options = CalibrationOptions(
+        transforms=("qkv", "o", "gate_up", "down"), epochs=2, learning_rate=5e-3, orthogonal_init=False,
+        smoothing=True, weight_clipping=False, activation_clipping=True, seed=0,
+    )
+    metrics = calibrate(model, data, QuantScheme.model_validate("W4A4"), options)
+    with torch.no_grad():
+        after = model(probe).logits
+    assert relative_difference(after, before) <= 1e-4
+    transform = model.model.layers[0].rqat_transforms["qkv"]
+    assert not torch.equal(transform.rqat_kron_left, torch.eye(16))  # trained away from the identity start
+    assert [m["layer"] for m in metrics] == ["model.layers.0", "model.layers.1"]
+    for layer in metrics:
+        assert layer["mse_after"] < 0.95 * layer["mse_before"], layer
+
+
+# --- the recipe ----------------------------------------------------------------------------------------
+
+
+def flatquant_recipe(modifiers: list[dict], scheme: str = "W4A4KV4", **extra) -> dict:
+    stages = [{"name": "ptq", "modifiers": modifiers}]
+    return {"version": 1, "scheme": scheme, "stages": stages, **extra}
+
+
+def test_a_flatquant_recipe_validates_with_its_defaults():
+    recipe = Recipe.from_dict(flatquant_recipe([{"type": "rotation"}, {"type": "flatquant"}, {"type": "gptq"}]))
+    modifier = recipe.stages[0].modifiers[1]
+    assert (modifier.epochs, modifier.learning_rate, modifier.transforms) == (15, 5e-3, ["qkv", "o", "gate_up", "down"])
+    assert any("vLLM cannot serve flatquant" in warning for warning in recipe.warnings())
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+
+
+@pytest.mark.parametrize(
+    ("modifiers", "scheme", "extra", "message"),
+    [
+        ([{"type": "flatquant", "epochs": 0}, {"type": "rtn"}], "W4A4KV4", {}, r"stages\[0\]\.modifiers\[0\]\.epochs"),
+        ([{"type": "flatquant", "transforms": ["qkv", "qkv"]}, {"type": "rtn"}], "W4A4KV4", {},
+         r"stages\[0\]\.modifiers\[0\]\.transforms: .*twice"),
+        ([{"type": "flatquant", "transforms": ["lm_head"]}, {"type": "rtn"}], "W4A4KV4", {},
+         r"stages\[0\]\.modifiers\[0\]\.transforms"),
+        ([{"type": "flatquant", "clip": 0.9}, {"type": "rtn"}], "W4A4KV4", {}, r"stages\[0\]\.modifiers\[0\]\.clip"),
+        ([{"type": "rtn"}, {"type": "flatquant"}], "W4A4KV4", {}, r"must come before the quantizing modifier"),
+        ([{"type": "flatquant"}, {"type": "rotation"}, {"type": "rtn"}], "W4A4KV4", {},
+         r"stages\[0\]\.modifiers\[1\]: rotation must come before flatquant"),
+        ([{"type": "flatquant"}, {"type": "rtn"}], "W4G128", {}, r"needs dynamic activation scales; scheme W4G128 has none"),
+        ([{"type": "flatquant"}, {"type": "rtn"}], "W4A4KV4", {"export": {"unservable": "refuse"}},
+         r"no path for flatquant's online transforms"),
+    ],
+)
+def test_bad_flatquant_recipes_name_the_field_at_fault(modifiers, scheme, extra, message):
+    with pytest.raises(rqat_sdk.RqatError, match=message):
+        Recipe.from_dict(flatquant_recipe(modifiers, scheme, **extra))
+
+
+def test_flatquant_refuses_a_later_grpo_that_generates_with_vllm():
+    recipe = flatquant_recipe([{"type": "flatquant"}, {"type": "rtn"}])
+    recipe["stages"].append({"name": "rl", "modifiers": [{"type": "grpo", "generation": "vllm-colocate"}]})
+    with pytest.raises(rqat_sdk.RqatError, match=r"stages\[1\]\.modifiers\[0\]\.generation: vLLM cannot run"):
+        Recipe.from_dict(recipe)
