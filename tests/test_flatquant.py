@@ -1,11 +1,12 @@
 """FlatQuant: Kronecker affine transforms, learnable clipping, layer-wise calibration, QAT, export and reload."""
 
+import json
 
 import pytest
 import torch
 
 import rqat_sdk
-from rqat_sdk.exporters import probe_batch
+from rqat_sdk.exporters import probe_batch, reload_checkpoint
 from rqat_sdk.ops.affine_transform import (
     clamp_to_clipped_range,
     clip_activation,
@@ -166,6 +167,116 @@ def test_calibration_lowers_the_layer_error_and_keeps_the_float_model(tiny_qwen3
     assert [m["layer"] for m in metrics] == ["model.layers.0", "model.layers.1"]
     for layer in metrics:
         assert layer["mse_after"] < 0.95 * layer["mse_before"], layer
+
+
+def test_ste_gradients_reach_transforms_clipping_and_weights(tiny_qwen3):
+    from rqat_sdk.models import load_model, load_tokenizer
+    from rqat_sdk.modifiers.ptq.llmcompressor_adapter import quantize_rtn
+    from rqat_sdk.modifiers.qat.layers import attach_fake_quant, parameter_group
+
+    model, tokenizer = load_model(tiny_qwen3, dtype="float32", device="cpu"), load_tokenizer(tiny_qwen3)
+    attach_random_transforms(model, orthogonal=True)
+    quantize_rtn(model, tokenizer, QuantScheme.model_validate("W4A4"), None)
+    attach_fake_quant(model, dtype=torch.float32, learn_scales=False, learn_clipping=True)
+    model.train()
+    probe = probe_batch(tokenizer, torch.device("cpu"))
+    model(probe).logits.float().pow(2).mean().backward()
+
+    parameters = dict(model.named_parameters())
+    prefix = "model.layers.0.rqat_transforms.gate_up."
+    expected = {
+        prefix + "rqat_kron_left": "transforms",
+        prefix + "rqat_kron_right": "transforms",
+        prefix + "rqat_smooth": "transforms",
+        prefix + "rqat_act_clip_logit": "clipping",
+        "model.layers.0.mlp.up_proj.rqat_clip": "clipping",
+        "model.layers.0.mlp.up_proj.weight": "weights",
+    }
+    for name, group in expected.items():
+        assert parameter_group(name) == group
+        grad = parameters[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_qat_gives_transforms_their_own_learning_rate(tiny_qwen3):
+    from rqat_sdk.models import load_model
+    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
+    from rqat_sdk.modifiers.qat.trainer import _optimizer
+
+    model = load_model(tiny_qwen3, dtype="float32", device="cpu")
+    attach_random_transforms(model, orthogonal=True)
+    config = QATKDModifier(transform_learning_rate=3e-5, clipping_learning_rate=4e-4, learning_rate=1e-6)
+    groups = {group["name"]: group for group in _optimizer(config, model, torch.device("cpu")).param_groups}
+    assert groups["transforms"]["lr"] == 3e-5 and groups["clipping"]["lr"] == 4e-4 and groups["weights"]["lr"] == 1e-6
+    assert len(groups["transforms"]["params"]) == 2 * 4 * 3  # two layers, four transforms, three tensors each
+    assert len(groups["clipping"]["params"]) == 2 * 4  # one activation-clipping logit per transform
+
+
+def test_finished_training_keeps_transforms_in_float32(tiny_qwen3):
+    from rqat_sdk.models import load_model
+    from rqat_sdk.modifiers.qat.layers import finish_training
+
+    model = load_model(tiny_qwen3, dtype="float32", device="cpu")
+    attach_random_transforms(model, orthogonal=True)
+    finish_training(model, dtype=torch.bfloat16, requires_grad={})
+    layer = model.model.layers[0]
+    assert layer.mlp.up_proj.weight.dtype == torch.bfloat16
+    assert layer.rqat_transforms["gate_up"].rqat_kron_left.dtype == torch.float32
+
+
+# --- the pipeline --------------------------------------------------------------------------------------
+
+
+def test_flatquant_rtn_qat_exports_and_reloads_the_fake_quant_model(tiny_qwen3, tmp_path):
+    from safetensors import safe_open
+
+    from rqat_sdk.errors import ModelLoadError
+    from rqat_sdk.exporters.vllm import engine_options, has_online_transforms
+    from rqat_sdk.models import load_model
+
+    recipe = {
+        "version": 1, "scheme": "W4A4KV4",
+        "stages": [
+            {"name": "ptq", "data": {"num_samples": 4, "max_seq_length": 48},
+             "modifiers": [{"type": "flatquant", "epochs": 1}, {"type": "rtn"}]},
+            {"name": "qat", "data": {"num_samples": 8, "max_seq_length": 96},
+             "modifiers": [{"type": "qat_kd", "steps": 2, "batch_size": 4, "learning_rate": 1e-4,
+                            "transform_learning_rate": 1e-3}]},
+        ],
+    }
+    out = tmp_path / "out"
+    result = rqat_sdk.oneshot(tiny_qwen3, recipe, "reasoning-gym:chain_sum", out, keep_checkpoints="all")
+
+    layers = result.record["stages"][0]["metrics"]["flatquant"]["layers"]  # one epoch: too short to judge them
+    assert [sorted(layer) for layer in layers] == [["layer", "mse_after", "mse_before"]] * 2
+    config = json.loads((out / "config.json").read_text())
+    transforms = config["rqat_transforms"]["transforms"]
+    assert transforms["model.layers.1.rqat_transforms.qkv"]["inputs_of"] == [
+        f"model.layers.1.self_attn.{p}_proj" for p in "qkv"
+    ]
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert not [k for k in weights.keys() if "rqat" in k]  # the factors live in the sidecar only
+    with safe_open(out / "rqat_transforms.safetensors", "pt") as final, \
+            safe_open(out / "checkpoints" / "00-ptq" / "rqat_transforms.safetensors", "pt") as calibrated:
+        name = "model.layers.0.rqat_transforms.qkv.rqat_kron_left"
+        assert not torch.equal(final.get_tensor(name), calibrated.get_tensor(name))  # QAT trained the transforms
+
+    # The exporter's own check passed; both loaders re-attach the transforms and reproduce the model.
+    probe = probe_batch(result.tokenizer, torch.device("cpu"))
+    with torch.no_grad():
+        expected = result.model(probe).logits
+        for reloaded in (reload_checkpoint(out, dtype=torch.float32, device=torch.device("cpu")),
+                         load_model(out, device="cpu", allow_quantized=True)):
+            assert relative_difference(reloaded(probe).logits, expected) <= 1e-3
+
+    # vLLM has no path for the transforms, and says so.
+    assert has_online_transforms(out)
+    with pytest.raises(rqat_sdk.RqatError, match="no path for flatquant"):
+        engine_options(out)
+    assert "vLLM has no path for flatquant" in (out / "README.md").read_text()
+    (out / "rqat_transforms.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="rqat_transforms.safetensors is missing"):
+        load_model(out, device="cpu", allow_quantized=True)
 
 
 # --- the recipe ----------------------------------------------------------------------------------------
