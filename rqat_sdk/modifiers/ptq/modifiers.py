@@ -138,7 +138,7 @@ class FlatQuantModifier(Modifier):
     Each decoder layer gets invertible transforms (a per-channel scale and a Kronecker product of two
     small matrices) in front of its Linears, trained on the calibration set to minimise the layer's
     quantized output error; their inverses are folded into the weights and the transforms run at inference
-    (:mod:`rqat_sdk.transforms`). Put it before the quantizing modifier, which quantizes the folded weights.
+    (docs/flatquant.md). Put it before the quantizing modifier, which quantizes the folded weights.
     vLLM has no path for the online transforms: the checkpoint runs in this SDK (fake quantization).
     """
 
