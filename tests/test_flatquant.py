@@ -210,6 +210,9 @@ def test_qat_gives_transforms_their_own_learning_rate(tiny_qwen3):
     assert groups["transforms"]["lr"] == 3e-5 and groups["clipping"]["lr"] == 4e-4 and groups["weights"]["lr"] == 1e-6
     assert len(groups["transforms"]["params"]) == 2 * 4 * 3  # two layers, four transforms, three tensors each
     assert len(groups["clipping"]["params"]) == 2 * 4  # one activation-clipping logit per transform
+    # Memory: the transforms add well under 1% to the trained parameters (and so to their optimizer state).
+    size = {name: sum(p.numel() for p in group["params"]) for name, group in groups.items()}
+    assert size["transforms"] + size["clipping"] < 0.01 * size["weights"]
 
 
 def test_finished_training_keeps_transforms_in_float32(tiny_qwen3):
