@@ -21,6 +21,7 @@ The layer runs in float32 while it is calibrated, whatever the model's dtype.
 from __future__ import annotations
 
 import contextlib
+import logging
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from rqat_sdk.recipe.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
 
 TRANSFORM_INPUTS: dict[str, tuple[str, ...]] = {
     "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -125,6 +128,12 @@ def calibrate(
                 after = _mse(layer, inputs, kwargs, targets)
             _fold(quantized, weight_args)
         metrics.append({"layer": name, "mse_before": before, "mse_after": after})
+        log.info("flatquant %s: quantized output MSE %.4g without transforms, %.4g with", name, before, after)
+        if after >= before:
+            log.warning(
+                "flatquant %s: the learned transforms did not lower the layer's quantized output error (%.4g -> %.4g); "
+                "more epochs or calibration samples may help", name, before, after,
+            )
         inputs = targets
     return metrics
 
