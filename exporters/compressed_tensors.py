@@ -18,6 +18,7 @@ import torch
 from rqat_sdk.errors import ExportError
 from rqat_sdk.exporters.formats import DENSE, checkpoint_format
 from rqat_sdk.logs import quiet_upstream_logs
+from rqat_sdk.transforms import restore_online_transforms, save_online_transforms
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -76,6 +77,7 @@ def _export(
     compressor.compress_model(model)
     try:
         model.save_pretrained(directory)
+        save_online_transforms(model, directory)
         compressor.update_config(str(directory))
     finally:
         compressor.decompress_model(model)
@@ -118,13 +120,14 @@ def save_dense(model: PreTrainedModel, directory: Path) -> None:
     with quiet_upstream_logs(), as_single_threaded():  # it warns that "dense" is not the format it would infer: that is the point
         compressor = ModelCompressor.from_pretrained_model(model, quantization_format=DENSE)
         model.save_pretrained(directory)
+        save_online_transforms(model, directory)
         if compressor.quantization_config is not None:
             compressor.update_config(str(directory))
 
 
 def reload_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     """Load a checkpoint written by this module the way users will: ``from_pretrained`` (on this rank only),
-    with the KV-cache quantization its config records."""
+    with the KV-cache quantization and the online transforms its config records."""
     from compressed_tensors.offload.utils import as_single_threaded
     from transformers import AutoModelForCausalLM
 
@@ -133,6 +136,7 @@ def reload_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.devi
     with as_single_threaded():
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
         restore_kv_cache_quantization(model)
+        restore_online_transforms(model, directory)
         return model.to(device).eval()
 
 

@@ -48,8 +48,9 @@ def model_card(recipe: Recipe, record: dict[str, Any]) -> str:
             f"{100 * evaluation['truncation_rate']:.0f}% truncated).",
         ]
     lines += ["", "## Serving with vLLM", "", "| target | servable | kernel or reason |", "|---|---|---|"]
+    online_transforms = any(modifier.type == "flatquant" for _, modifier in recipe.positions())
     for target in ("gpu", "cpu"):
-        verdict = vllm_support(scheme, target)
+        verdict = vllm_support(scheme, target, online_transforms=online_transforms)
         lines.append(f"| {target} | {'yes' if verdict.servable else 'no'} | {verdict.detail} |")
     lines += [
         "",

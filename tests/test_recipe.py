@@ -76,9 +76,9 @@ def test_unknown_keys_are_errors_with_suggestions():
 
 def test_unknown_modifier_type_lists_the_allowed_ones():
     (message,) = problems(with_stage("[{type: gptqq}]"))
-    assert message == "stages[0].modifiers[0].type: 'gptqq' is not one of: rtn, gptq, awq, rotation, qat_kd, grpo (did you mean 'gptq'?)"
+    assert message == "stages[0].modifiers[0].type: 'gptqq' is not one of: rtn, gptq, awq, rotation, flatquant, qat_kd, grpo (did you mean 'gptq'?)"
     (message,) = problems(with_stage("[{block_size: 4}]"))
-    assert message == "stages[0].modifiers[0].type: missing; one of: rtn, gptq, awq, rotation, qat_kd, grpo"
+    assert message == "stages[0].modifiers[0].type: missing; one of: rtn, gptq, awq, rotation, flatquant, qat_kd, grpo"
 
 
 def test_literal_and_union_errors_list_allowed_values():

@@ -9,18 +9,19 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from rqat_sdk.modifiers.base import Modifier
-from rqat_sdk.modifiers.ptq import AWQModifier, GPTQModifier, RotationModifier, RTNModifier
+from rqat_sdk.modifiers.ptq import AWQModifier, FlatQuantModifier, GPTQModifier, RotationModifier, RTNModifier
 from rqat_sdk.modifiers.qat import QATKDModifier
 from rqat_sdk.modifiers.rl import GRPOModifier
 
 AnyModifier = Annotated[
-    Union[RTNModifier, GPTQModifier, AWQModifier, RotationModifier, QATKDModifier, GRPOModifier],
+    Union[RTNModifier, GPTQModifier, AWQModifier, RotationModifier, FlatQuantModifier, QATKDModifier, GRPOModifier],
     Field(discriminator="type"),
 ]
 
 __all__ = [
     "AWQModifier",
     "AnyModifier",
+    "FlatQuantModifier",
     "GPTQModifier",
     "GRPOModifier",
     "Modifier",

@@ -130,3 +130,99 @@ class RotationModifier(Modifier):
             transform_type=self.transform_type,
             randomize=self.randomize,
         )
+
+
+class FlatQuantModifier(Modifier):
+    """FlatQuant (Sun et al., 2024): learned affine transforms and clipping, calibrated layer by layer.
+
+    Each decoder layer gets invertible transforms (a per-channel scale and a Kronecker product of two
+    small matrices) in front of its Linears, trained on the calibration set to minimise the layer's
+    quantized output error; their inverses are folded into the weights and the transforms run at inference
+    (docs/flatquant.md). Put it before the quantizing modifier, which quantizes the folded weights.
+    vLLM has no path for the online transforms: the checkpoint runs in this SDK (fake quantization).
+    """
+
+    type: Literal["flatquant"] = "flatquant"
+    needs_data = True
+    transforms: list[Literal["qkv", "o", "gate_up", "down"]] = ["qkv", "o", "gate_up", "down"]
+    """Which inputs get a transform: q/k/v's (one shared), o_proj's, gate/up's (one shared), down_proj's."""
+    init: Literal["orthogonal", "identity"] = "orthogonal"
+    """Start the Kronecker factors as random orthogonal matrices (seeded) or as identities."""
+    smoothing: bool = True
+    """Learn a per-channel scale in front of each Kronecker product."""
+    weight_clipping: bool = True
+    """Learn a clipping factor per weight quantization group; the weights are clamped to it after calibration."""
+    activation_clipping: bool = True
+    """Learn a clipping factor per transform for the activations it feeds to the quantizer."""
+    epochs: IntRange(1, None) = 15
+    """Passes over the calibration set per decoder layer."""
+    learning_rate: FloatRange(0.0, 1.0) = 5e-3
+    """Peak AdamW learning rate of the transforms and clipping factors (cosine decay to zero)."""
+
+    @field_validator("transforms")
+    @classmethod
+    def _distinct_transforms(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one of qkv, o, gate_up, down")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a transform twice: {value}")
+        return value
+
+    def check(self, recipe: Recipe, at: Position) -> list[str]:
+        problems = []
+        quantizer = recipe.quantizer_position()
+        if quantizer is not None and quantizer < at:
+            problems.append(f"{at.path}: flatquant must come before the quantizing modifier at {quantizer.path}")
+        activations = recipe.scheme.input_activations
+        if activations is None or not activations.dynamic:
+            problems.append(
+                f"{at.path}: flatquant learns transforms for activation quantization and needs dynamic activation "
+                f"scales; scheme {recipe.scheme.label} has {'none' if activations is None else 'static ones'} "
+                f"(for weight-only schemes use rotation, gptq or awq)"
+            )
+        for other_at, other in recipe.positions():
+            if other.type == "flatquant" and other_at < at:
+                problems.append(f"{at.path}: flatquant already runs at {other_at.path}; a recipe applies it once")
+            if other.type == "rotation" and at < other_at:
+                problems.append(f"{other_at.path}: rotation must come before flatquant at {at.path}")
+            if at < other_at and getattr(other, "generation", "transformers") != "transformers":
+                problems.append(
+                    f"{other_at.path}.generation: vLLM cannot run flatquant's online transforms; use 'transformers'"
+                )
+        if recipe.export.unservable == "refuse":
+            problems.append(
+                f"{at.path}: vLLM has no path for flatquant's online transforms, and export.unservable is 'refuse'; "
+                f"set export.unservable: warn"
+            )
+        return problems
+
+    def warnings(self, recipe: Recipe, at: Position) -> list[str]:
+        return [
+            f"{at.path}: vLLM cannot serve flatquant's online transforms; the checkpoint runs in rqat's evaluator "
+            f"(transformers, fake quantization)"
+        ]
+
+    def initialize(self, state: SessionState) -> None:
+        from rqat_sdk.errors import SchemeError
+        from rqat_sdk.modifiers.ptq.flatquant import check_layers
+
+        try:
+            check_layers(state.model, state.scheme, tuple(self.transforms))
+        except ValueError as exc:
+            raise SchemeError(str(exc)) from None
+
+    def apply(self, state: SessionState) -> None:
+        from rqat_sdk.modifiers.ptq.flatquant import CalibrationOptions, calibrate
+
+        options = CalibrationOptions(
+            transforms=tuple(self.transforms),
+            epochs=self.epochs,
+            learning_rate=self.learning_rate,
+            orthogonal_init=self.init == "orthogonal",
+            smoothing=self.smoothing,
+            weight_clipping=self.weight_clipping,
+            activation_clipping=self.activation_clipping,
+            seed=state.recipe.seed + state.stage_index,
+        )
+        layers = calibrate(state.model, state.stage_data(), state.scheme, options)
+        state.stage_metrics[self.type] = {"layers": layers}

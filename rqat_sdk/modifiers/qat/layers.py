@@ -11,6 +11,12 @@ Trainable quantization parameters live on the layer, in fp32:
   point used through round-to-nearest (asymmetric schemes);
 - ``rqat_clip``, a clipping factor per scale in [CLIP_MIN, 1] that shrinks the range (``learn_clipping``).
 
+A model calibrated by ``flatquant`` also carries online transforms (:mod:`rqat_sdk.transforms`): their
+factors train as the ``transforms`` group and their activation-clipping logits with ``clipping``. The
+Linears hold the folded weights ``W T^{-T}`` and train them directly, so a step that moves ``T`` does not
+refold: recomputing ``W T^{-T}`` in every forward would keep one more full-size weight per Linear alive
+until the backward, doubling the weights' share of training memory.
+
 :func:`detach_fake_quant` folds them back (``weight_scale = scale * clip``, ``weight_zero_point =
 round(rqat_zero_point)``) and restores compressed-tensors' forward, which then computes exactly what
 training computed.
@@ -34,17 +40,24 @@ from rqat_sdk.ops.fake_quant import (
     int_range,
     round_ste,
 )
+from rqat_sdk.transforms import ACTIVATION_CLIP_PARAMETER, TRANSFORM_PARAMETERS, is_transform_parameter
 
 CLIP_MIN = 0.5
 _SAVED_FORWARD = "_rqat_compressed_tensors_forward"
 _PRECOMPUTED = "_rqat_fake_quantized_weight"
 
 
-_GROUPS = {"weight_scale": "scales", "rqat_zero_point": "scales", "rqat_clip": "clipping"}
+_GROUPS = {
+    "weight_scale": "scales",
+    "rqat_zero_point": "scales",
+    "rqat_clip": "clipping",
+    ACTIVATION_CLIP_PARAMETER: "clipping",
+    **dict.fromkeys(TRANSFORM_PARAMETERS, "transforms"),
+}
 
 
 def parameter_group(name: str) -> str:
-    """The optimizer group of a parameter, by its name: ``weights``, ``scales`` or ``clipping``."""
+    """The optimizer group of a parameter, by its name: ``weights``, ``scales``, ``clipping`` or ``transforms``."""
     return _GROUPS.get(name.rsplit(".", 1)[-1], "weights")
 
 
@@ -101,10 +114,11 @@ def finish_training(model: torch.nn.Module, *, dtype: torch.dtype, requires_grad
 
     Only parameters are cast: ``model.to(dtype)`` would also round fp32 buffers such as the rotary
     ``inv_freq`` to bf16, and the reloaded checkpoint (which recomputes them in fp32) would then differ.
+    Online transforms stay fp32, as they are saved and reloaded.
     """
     detach_fake_quant(model)
-    for parameter in model.parameters():
-        if parameter.is_floating_point() and parameter.dtype != dtype:
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype and not is_transform_parameter(name):
             parameter.data = parameter.data.to(dtype)
     model.eval()
     for name, parameter in model.named_parameters():

@@ -53,7 +53,9 @@ class QATKDModifier(Modifier):
     scale_learning_rate: FloatRange(0.0, 1.0) = 5e-5
     """Peak learning rate of scales and zero points (with learn_scales)."""
     clipping_learning_rate: FloatRange(0.0, 1.0) = 5e-4
-    """Peak learning rate of clipping factors (with learn_clipping)."""
+    """Peak learning rate of clipping factors (with learn_clipping, and flatquant's activation clipping)."""
+    transform_learning_rate: FloatRange(0.0, 1.0) = 5e-5
+    """Peak learning rate of flatquant's online transforms (their Kronecker factors and smoothing scales)."""
     optimizer: Literal["adamw", "adam"] = "adamw"
     """AdamW (decoupled weight decay) or Adam."""
     betas: tuple[FloatRange(0.0, 0.9999), FloatRange(0.0, 0.9999)] = (0.9, 0.95)

@@ -2,7 +2,7 @@
 
 One optimizer step reads ``batch_size`` examples (split over ranks and micro-batches), normalises the loss
 by the number of response tokens in the whole step, clips the gradient norm, and steps AdamW with
-separate learning rates for weights, quantization scales and clipping factors. Every ``save_steps`` the
+separate learning rates for weights, quantization scales, clipping factors and online transforms. Every ``save_steps`` the
 model, optimizer, scheduler and RNG states are written atomically to the stage's progress directory;
 a resumed run loads the newest one and continues bit-identically (data order depends only on the step).
 A non-finite loss or gradient stops the stage before the optimizer touches the weights.
@@ -351,11 +351,16 @@ def _optimizer(config: QATKDModifier, student: PreTrainedModel, device: torch.de
         for name, parameter in student.named_parameters():
             if parameter_group(name) == "weights":
                 parameter.requires_grad_(name in trained)
-    by_group: dict[str, list[torch.nn.Parameter]] = {"weights": [], "scales": [], "clipping": []}
+    by_group: dict[str, list[torch.nn.Parameter]] = {"weights": [], "scales": [], "clipping": [], "transforms": []}
     for name, parameter in student.named_parameters():
         if parameter.requires_grad:
             by_group[parameter_group(name)].append(parameter)
-    rates = {"weights": config.learning_rate, "scales": config.scale_learning_rate, "clipping": config.clipping_learning_rate}
+    rates = {
+        "weights": config.learning_rate,
+        "scales": config.scale_learning_rate,
+        "clipping": config.clipping_learning_rate,
+        "transforms": config.transform_learning_rate,
+    }
     groups = [
         {"name": name, "params": params, "lr": rates[name], **({"weight_decay": 0.0} if name != "weights" else {})}
         for name, params in by_group.items()
