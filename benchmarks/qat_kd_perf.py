@@ -157,7 +157,7 @@ def bench_bf16_ce(ids, warmup, steps):
         optimizer.zero_grad(set_to_none=True)
 
     result = measure(step, warmup, steps)
-    del model, optimizer
+    model = optimizer = None  # drop the references (the closures share them) before cleanup()
     cleanup()
     return result
 
@@ -220,7 +220,7 @@ def bench_naive_kd(ids, warmup, steps):
         optimizer.zero_grad(set_to_none=True)
 
     result = measure(step, warmup, steps)
-    del model, teacher, optimizer
+    model = teacher = optimizer = None  # drop the references (the closures share them) before cleanup()
     cleanup()
     return result
 
@@ -308,7 +308,7 @@ def breakdown(ids, warmup: int, steps: int) -> dict[str, float]:
             p.grad = g
 
     parts["optimizer_master_adamw"] = measure(master_step, warmup, steps)[0]
-    del model, master, hidden, teacher_hidden
+    model = master = hidden = teacher_hidden = None  # drop the references (the closures share them) before cleanup()
     cleanup()
     return parts
 
