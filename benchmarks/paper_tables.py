@@ -156,6 +156,9 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
+    if not (args.testbed / "testbed.json").is_file():
+        parser.error(f"--testbed {args.testbed}: no testbed.json there; pass a directory that "
+                     "`python -m rqat_sdk.testbed.train` wrote (rqat_sdk/testbed/cpu or rqat_sdk/testbed/long)")
     built = json.loads((args.testbed / "testbed.json").read_text())
     args.benchmark = built["benchmark"]
     args.max_seq_length = built["spec"].get("max_seq_length", 256)
