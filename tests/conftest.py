@@ -49,3 +49,28 @@ def w4a4kv4_recipe() -> dict:
              "modifiers": [{"type": "qat_kd", "steps": 4, "batch_size": 4, "learning_rate": 1e-4, "save_steps": 2}]},
         ],
     }
+
+
+def measure_float_output_change(path: Path, transform) -> tuple[float, bool]:
+    """Apply ``transform(model, tokenizer)`` to the float model at ``path``: the largest change of its logits
+    on a probe batch, relative to their largest value, and whether the q_proj weights changed (were folded)."""
+    import torch
+
+    from rqat_sdk.exporters import probe_batch
+    from rqat_sdk.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(path, dtype="float32", device="cpu"), load_tokenizer(path)
+    probe = probe_batch(tokenizer, torch.device("cpu"))
+    weight = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    with torch.no_grad():
+        before = model(probe).logits
+        transform(model, tokenizer)
+        after = model(probe).logits
+    changed = not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, weight)
+    return ((after - before).abs().max() / before.abs().max()).item(), changed
+
+
+@pytest.fixture
+def float_output_change():
+    """How much a weight-folding transform changes a float model: ``float_output_change(path, transform)``."""
+    return measure_float_output_change
