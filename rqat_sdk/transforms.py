@@ -16,10 +16,12 @@ as unexpected keys on load and vLLM would refuse them. Every loader calls
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from rqat_sdk.errors import ModelLoadError
 from rqat_sdk.ops.affine_transform import (
@@ -41,6 +43,10 @@ SIDECAR = "rqat_transforms.safetensors"
 CONTAINER = "rqat_transforms"
 """The attribute of a decoder layer that holds its transforms (a ``ModuleDict``)."""
 _TRANSFORM = "_rqat_input_transform"
+_READERS = "_rqat_readers"
+"""How many Linears read a transform's output (on the transform)."""
+_PENDING = "_rqat_pending"
+"""The transform's last result while some of its readers have yet to read it (on the transform)."""
 TRANSFORM_PARAMETERS = ("rqat_kron_left", "rqat_kron_right", "rqat_smooth")
 ACTIVATION_CLIP_PARAMETER = "rqat_act_clip_logit"
 
@@ -97,11 +103,38 @@ def _transform_inputs(module: torch.nn.Module, args: tuple) -> tuple:
     # (FSDP's training copy, a teacher copy) runs its own copy of the transform.
     x = args[0]
     transform = module.__dict__[_TRANSFORM]
-    y = transform(x)
     activations = getattr(getattr(module, "quantization_scheme", None), "input_activations", None)
+    return (_shared_transform(transform, x, activations), *args[1:])
+
+
+def _shared_transform(transform: KroneckerTransform, x: torch.Tensor, activations: Any) -> torch.Tensor:
+    """``x T`` (clipped for ``activations``) in ``x``'s dtype, computed once for the Linears that share ``x``.
+
+    q/k/v (and gate/up) read one input through one transform: the first Linear computes the result and
+    keeps it until its siblings have read it, so the model holds one transformed copy, not three. Under
+    autograd the float32 work is recomputed in the backward pass (checkpointed): only ``x`` and the result
+    stay saved, which keeps a FlatQuant model's training memory close to the plain W4A4 model's.
+    """
+    pending = transform.__dict__.get(_PENDING)
+    if pending is not None:
+        source, version, args, y, readers_left = pending
+        if source() is x and version == x._version and args == activations:
+            transform.__dict__[_PENDING] = (source, version, args, y, readers_left - 1) if readers_left > 1 else None
+            return y
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in transform.parameters())):
+        y = checkpoint(_transform_and_clip, transform, x, activations, use_reentrant=False)
+    else:
+        y = _transform_and_clip(transform, x, activations)
+    readers = transform.__dict__.get(_READERS, 1)
+    transform.__dict__[_PENDING] = (weakref.ref(x), x._version, activations, y, readers - 1) if readers > 1 else None
+    return y
+
+
+def _transform_and_clip(transform: KroneckerTransform, x: torch.Tensor, activations: Any) -> torch.Tensor:
+    y = transform(x)
     if activations is not None:
         y = transform.clip(y, activations)
-    return (y.to(x.dtype), *args[1:])
+    return y.to(x.dtype)
 
 
 def attach_online_transform(
@@ -123,6 +156,7 @@ def attach_online_transform(
             raise ValueError(f"{linear_name} already has an online transform")
         linear.__dict__[_TRANSFORM] = transform
         linear.register_forward_pre_hook(_transform_inputs)
+        transform.__dict__[_READERS] = transform.__dict__.get(_READERS, 0) + 1
     name = f"{parent}.{CONTAINER}.{key}"
     record = getattr(model.config, TRANSFORMS_CONFIG_KEY, None) or {"method": "flatquant", "file": SIDECAR, "transforms": {}}
     record["transforms"][name] = {**transform.spec(), "inputs_of": list(linears)}

@@ -188,6 +188,55 @@ def test_ste_gradients_reach_transforms_clipping_and_weights(tiny_qwen3):
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+def saved_bytes_and_grads(model, probe) -> tuple[int, dict[str, torch.Tensor]]:
+    """Bytes autograd saves for the backward during one training forward, and the gradients it then gives."""
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(probe).logits.float().pow(2).mean()
+    loss.backward()
+    return saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_linears_that_share_an_input_share_one_checkpointed_transform(tiny_qwen3, monkeypatch):
+    """q/k/v (and gate/up) run their transform once per forward, autograd keeps none of its float32 work, and
+    the gradients are those of transforming each Linear's input on its own."""
+    import rqat_sdk.transforms as transforms
+    from rqat_sdk.models import load_model, load_tokenizer
+    from rqat_sdk.modifiers.ptq.llmcompressor_adapter import quantize_rtn
+    from rqat_sdk.modifiers.qat.layers import attach_fake_quant
+
+    model, tokenizer = load_model(tiny_qwen3, dtype="float32", device="cpu"), load_tokenizer(tiny_qwen3)
+    attach_random_transforms(model, orthogonal=False)
+    quantize_rtn(model, tokenizer, QuantScheme.model_validate("W4A4"), None)
+    attach_fake_quant(model, dtype=torch.float32, learn_scales=False, learn_clipping=True)
+    model.train()
+    probe = probe_batch(tokenizer, torch.device("cpu"))
+    calls = []
+    qkv = model.model.layers[0].rqat_transforms["qkv"]
+    qkv.register_forward_hook(lambda *_: calls.append(1))
+    shared_bytes, shared_grads = saved_bytes_and_grads(model, probe)
+    forward_calls = len(calls)
+
+    monkeypatch.setattr(transforms, "_shared_transform", transforms._transform_and_clip)
+    separate_bytes, separate_grads = saved_bytes_and_grads(model, probe)
+    monkeypatch.setattr(transforms, "_shared_transform", lambda transform, x, activations: x)
+    untransformed_bytes, _ = saved_bytes_and_grads(model, probe)
+
+    assert forward_calls == 2  # once in the forward, once recomputed in the backward; not once per q, k, v
+    added, added_separately = shared_bytes - untransformed_bytes, separate_bytes - untransformed_bytes
+    assert added < 0.15 * added_separately, (added, added_separately)
+    assert shared_grads.keys() == separate_grads.keys()
+    for name, grad in separate_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_qat_gives_transforms_their_own_learning_rate(tiny_qwen3):
     from rqat_sdk.models import load_model
     from rqat_sdk.modifiers.qat.modifier import QATKDModifier
