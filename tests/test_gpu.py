@@ -159,3 +159,25 @@ def test_w4a4kv4_qat_in_bf16_on_the_gpu(tmp_path, w4a4kv4_recipe):
     result = rqat_sdk.oneshot(model_dir, w4a4kv4_recipe, "reasoning-gym:chain_sum", tmp_path / "out", dtype="bfloat16")
     assert result.model.device.type == "cuda" and result.model.config._attn_implementation.startswith("rqat_int4_kv_")
     assert result.record["export"]["format"] == "pack-quantized"  # the exporter checked the reload itself
+
+
+def test_grpo_in_float32_on_the_gpu_exports_exactly(tmp_path):
+    """trl trains with bf16 autocast on GPUs; the float32 model it hands back must compute in float32 again."""
+    from pathlib import Path
+
+    import rqat_sdk
+
+    testbed = Path(rqat_sdk.__file__).parent / "testbed" / "cpu"
+    recipe = {
+        "version": 1,
+        "scheme": "W3G128",
+        "stages": [
+            {"name": "ptq", "data": {"source": "testbed", "num_samples": 16}, "modifiers": [{"type": "rtn"}]},
+            {"name": "rl", "data": {"source": "testbed", "num_samples": 32}, "modifiers": [
+                {"type": "grpo", "steps": 2, "prompts_per_step": 4, "group_size": 4, "micro_batch_size": 16,
+                 "max_completion_length": 48, "learning_rate": 1e-3, "allow_cold_start": True}]},
+        ],
+    }
+    result = rqat_sdk.oneshot(testbed, recipe, output_dir=tmp_path / "out", dtype="float32")
+    assert result.model.dtype == torch.float32 and result.model.device.type == "cuda"
+    assert result.record["export"]["exact"] is True

@@ -11,7 +11,7 @@ import rqat_sdk
 from rqat_sdk.errors import RecipeError
 from rqat_sdk.modifiers.qat.layers import QUANTIZATION_PARAMETERS, attach_fake_quant, detach_fake_quant
 from rqat_sdk.modifiers.rl import ColdStartError
-from rqat_sdk.modifiers.rl.trl_adapter import sync_quantized_weights
+from rqat_sdk.modifiers.rl.trl_adapter import remove_mixed_precision_wrapper, sync_quantized_weights
 from rqat_sdk.recipe import Recipe
 
 REWARD_MODULE = '''
@@ -60,6 +60,29 @@ def test_grpo_steps_change_the_weights_and_export_exactly(tiny_qwen3, tmp_path, 
     assert [e["step"] for e in log] == [1, 2]
     assert {"reward", "reward_std", "response_length", "entropy", "clip_ratio"} <= set(log[0])
     assert (tmp_path / "out" / "logs" / "01-rl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_trained_model_loses_the_bf16_autocast_that_mixed_precision_training_wraps_it_in(tiny_qwen3):
+    """On GPUs trl trains with bf16=True, and accelerate leaves ``model.forward`` wrapped in bf16 autocast;
+    the export check then saw logits 0.35 away from the reloaded checkpoint's."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+    probe = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        expected = model(probe).logits
+    AcceleratorState._reset_state(reset_partial_state=True)  # a trainer earlier in the process set its own
+    try:
+        Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    with torch.no_grad():
+        assert not torch.equal(model(probe).logits, expected)  # the wrapper computes in bf16
+    remove_mixed_precision_wrapper(model)
+    assert "forward" not in model.__dict__ and "_original_forward" not in model.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(probe).logits, expected)
 
 
 def test_cold_start_guard_stops_a_model_that_never_scores(tiny_qwen3, tmp_path):

@@ -128,7 +128,10 @@ def run_grpo(
     if resume:
         log.info("resuming GRPO from %s", resume)
         _truncate_log(log_file, int(checkpoints[-1].name.rsplit("-", 1)[-1]))
-    output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        remove_mixed_precision_wrapper(model)
     history = [h for h in trainer.state.log_history if "reward" in h]
     return {
         "steps": trainer.state.global_step,
@@ -144,6 +147,22 @@ def sync_quantized_weights(vllm_generation: Any, model: PreTrainedModel) -> None
     from rqat_sdk.modifiers.qat.layers import fake_quantized_weights
 
     vllm_generation._iter_named_params = lambda: fake_quantized_weights(model)
+
+
+def remove_mixed_precision_wrapper(model: PreTrainedModel) -> None:
+    """Give ``model`` back its own forward.
+
+    With ``bf16`` (on GPUs) accelerate replaces ``model.forward`` with one that runs under bf16 autocast,
+    and the trainer leaves it there: the trained model would keep computing in bf16 while its export and
+    every later stage expect the checkpoint's dtype (the export check then fails on the logits).
+    """
+    original = model.__dict__.pop("_original_forward", None)
+    if original is None:
+        return
+    if getattr(original, "__func__", None) is type(model).forward:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = original
 
 
 def _truncate_log(log_file: Path | None, step: int) -> None:
