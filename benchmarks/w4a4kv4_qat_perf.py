@@ -1,0 +1,145 @@
+"""W4A4KV4 QAT-KD step time and memory against the weight-only QAT-KD step on the same model, on one GPU.
+
+Qwen3-0.6B's shape with random weights (vocab 151,936), batch 4 x 2,048 tokens, every variant a real QAT-KD
+step (``DistillationTrainer``: fake-quantized student, frozen bf16 teacher, forward KL) on the same data:
+
+- ``w4_weight_only``: W4A4KV4's weights alone (int4 per channel, symmetric), round-to-nearest;
+- ``w4a4``: plus int4 per-token activations (STE through the activation quantizer);
+- ``w4a4kv4``: plus vLLM's int4 KV cache (Hadamard-rotated, per token and head);
+- ``w4a4kv4_flatquant``: W4A4KV4 after ``flatquant`` (1 epoch on 8 random sequences: the transforms'
+  values do not matter for time and memory): its online Kronecker transforms and activation clipping
+  train as their own parameter groups beside the weights;
+- ``w4a4kv4_flatquant_gc``: the same with gradient checkpointing.
+
+The issue's bound: transforms and clipping must not double training memory (``w4a4kv4_flatquant`` peak
+< 2x ``w4_weight_only``).
+
+    python benchmarks/w4a4kv4_qat_perf.py --json docs/results/w4a4kv4_qat_perf.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import shlex
+import sys
+import time
+
+import torch
+from qat_kd_perf import QWEN3_0_6B, _Tokenizer, cleanup, fresh_model, measure, rqat_trainer, synthetic_batch
+
+WEIGHTS_ONLY = {"weights": {"num_bits": 4, "group_size": None, "symmetric": True}}
+VARIANTS = {
+    "w4_weight_only": (WEIGHTS_ONLY, False, False),
+    "w4a4": ("W4A4", False, False),
+    "w4a4kv4": ("W4A4KV4", False, False),
+    "w4a4kv4_flatquant": ("W4A4KV4", True, False),
+    "w4a4kv4_flatquant_gc": ("W4A4KV4", True, True),
+}
+"""name: (scheme, flatquant first, gradient checkpointing)."""
+
+
+def calibrate_flatquant(model, scheme: str, sequences: int, length: int) -> None:
+    """Attach FlatQuant transforms as the ``flatquant`` modifier does, on random token sequences."""
+    from datasets import Dataset
+
+    from rqat_sdk.modifiers.ptq.flatquant import CalibrationOptions, calibrate
+    from rqat_sdk.recipe.scheme import QuantScheme
+
+    ids = synthetic_batch(sequences, length, QWEN3_0_6B["vocab_size"]).tolist()
+    options = CalibrationOptions(transforms=("qkv", "o", "gate_up", "down"), epochs=1, learning_rate=5e-3,
+                                 orthogonal_init=True, smoothing=True, weight_clipping=True, activation_clipping=True,
+                                 seed=0)
+    calibrate(model, Dataset.from_list([{"input_ids": row} for row in ids]), QuantScheme.model_validate(scheme), options)
+
+
+def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps: int) -> dict:
+    import rqat_sdk
+    from rqat_sdk.modifiers.qat.layers import attach_fake_quant, detach_fake_quant, parameter_group
+
+    model = fresh_model()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if flatquant:
+        calibrate_flatquant(model, scheme, sequences=8, length=512)
+    recipe = {"version": 1, "scheme": scheme, "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
+    model = rqat_sdk.oneshot(model, recipe, tokenizer=_Tokenizer()).model
+    attach_fake_quant(model, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    groups: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        groups[parameter_group(name)] = groups.get(parameter_group(name), 0) + parameter.numel()
+    trainer, step = rqat_trainer(model, teacher, ids, "kd")
+    ms, gb = measure(step, warmup, steps)
+    detach_fake_quant(model)
+    del model, teacher, trainer, step
+    cleanup()
+    return {"ms": ms, "peak_gb": gb, "trained_parameters": groups}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}; torch {torch.__version__}", flush=True)
+
+    ids = synthetic_batch(args.batch, args.seq, QWEN3_0_6B["vocab_size"]).cuda()
+    tokens = ids.numel()
+    results = {}
+    for name, (scheme, flatquant, checkpointing) in VARIANTS.items():
+        started = time.perf_counter()
+        try:
+            results[name] = bench(ids, scheme, flatquant, checkpointing, args.warmup, args.steps)
+        except torch.OutOfMemoryError:
+            results[name] = {"ms": float("nan"), "peak_gb": float("nan"), "trained_parameters": {}}
+            cleanup()
+        print(f"{name}: {results[name]['ms']:.1f} ms, peak {results[name]['peak_gb']:.1f} GB "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+    base = results["w4_weight_only"]
+    rows = [
+        {"variant": name, "step_ms": round(r["ms"], 1), "tokens_per_s": round(tokens / r["ms"] * 1000),
+         "peak_gb": round(r["peak_gb"], 2), "time_vs_weight_only": round(r["ms"] / base["ms"], 3),
+         "memory_vs_weight_only": round(r["peak_gb"] / base["peak_gb"], 3),
+         "trained_parameters": r["trained_parameters"]}
+        for name, r in results.items()
+    ]
+    record = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": device,
+        "date": datetime.date.today().isoformat(),
+        "tokens_per_step": tokens,
+        "rows": rows,
+    }
+    print()
+    print("| variant | step ms | tokens/s | peak GB | time / weight-only | memory / weight-only |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['step_ms']:.1f} | {row['tokens_per_s']:,} | {row['peak_gb']:.1f} | "
+              f"{row['time_vs_weight_only']:.2f}x | {row['memory_vs_weight_only']:.2f}x |")
+    flat = results["w4a4kv4_flatquant"]["peak_gb"] / base["peak_gb"]
+    print(f"\nFlatQuant W4A4KV4 peak / weight-only peak: {flat:.2f} (the issue's bound: < 2)")
+    for row in rows:
+        print(f"  {row['variant']} trained parameters by group: {row['trained_parameters']}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(record, handle, indent=2)
+            handle.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
