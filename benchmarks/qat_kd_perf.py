@@ -313,21 +313,35 @@ def breakdown(ids, warmup: int, steps: int) -> dict[str, float]:
     return parts
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every training-step benchmark here takes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step")
-    args = parser.parse_args()
+    return parser
+
+
+def cuda_device() -> str | None:
+    """The GPU's name, with TF32 matmuls on as in the measured runs; None (and a message) without CUDA."""
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
-        return 2
+        return None
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.cuda.get_device_name()
     print(f"device: {device}; torch {torch.__version__}", flush=True)
+    return device
+
+
+def main() -> int:
+    parser = step_benchmark_parser(__doc__)
+    parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step")
+    args = parser.parse_args()
+    device = cuda_device()
+    if device is None:
+        return 2
 
     checks = check_kernels()
     bad = [line for line in checks if line.startswith("BAD")]

@@ -19,7 +19,6 @@ The issue's bound: transforms and clipping must not double training memory (``w4
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
@@ -28,7 +27,17 @@ import sys
 import time
 
 import torch
-from qat_kd_perf import QWEN3_0_6B, _Tokenizer, cleanup, fresh_model, measure, rqat_trainer, synthetic_batch
+from qat_kd_perf import (
+    QWEN3_0_6B,
+    _Tokenizer,
+    cleanup,
+    cuda_device,
+    fresh_model,
+    measure,
+    rqat_trainer,
+    step_benchmark_parser,
+    synthetic_batch,
+)
 
 WEIGHTS_ONLY = {"weights": {"num_bits": 4, "group_size": None, "symmetric": True}}
 VARIANTS = {
@@ -82,19 +91,10 @@ def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
+    args = step_benchmark_parser(__doc__).parse_args()
+    device = cuda_device()
+    if device is None:
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
-    device = torch.cuda.get_device_name()
-    print(f"device: {device}; torch {torch.__version__}", flush=True)
 
     ids = synthetic_batch(args.batch, args.seq, QWEN3_0_6B["vocab_size"]).cuda()
     tokens = ids.numel()

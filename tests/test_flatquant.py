@@ -159,17 +159,24 @@ def test_calibration_lowers_the_layer_error_and_keeps_the_float_model(tiny_qwen3
         assert layer["mse_after"] < 0.95 * layer["mse_before"], layer
 
 
-def test_ste_gradients_reach_transforms_clipping_and_weights(tiny_qwen3):
+def training_flatquant_model(path, orthogonal: bool):
+    """A W4A4 model with random transforms, in QAT's training mode with learnable clipping, and a probe batch."""
     from rqat_sdk.models import load_model, load_tokenizer
     from rqat_sdk.modifiers.ptq.llmcompressor_adapter import quantize_rtn
-    from rqat_sdk.modifiers.qat.layers import attach_fake_quant, parameter_group
+    from rqat_sdk.modifiers.qat.layers import attach_fake_quant
 
-    model, tokenizer = load_model(tiny_qwen3, dtype="float32", device="cpu"), load_tokenizer(tiny_qwen3)
-    attach_random_transforms(model, orthogonal=True)
+    model, tokenizer = load_model(path, dtype="float32", device="cpu"), load_tokenizer(path)
+    attach_random_transforms(model, orthogonal=orthogonal)
     quantize_rtn(model, tokenizer, QuantScheme.model_validate("W4A4"), None)
     attach_fake_quant(model, dtype=torch.float32, learn_scales=False, learn_clipping=True)
     model.train()
-    probe = probe_batch(tokenizer, torch.device("cpu"))
+    return model, probe_batch(tokenizer, torch.device("cpu"))
+
+
+def test_ste_gradients_reach_transforms_clipping_and_weights(tiny_qwen3):
+    from rqat_sdk.modifiers.qat.layers import parameter_group
+
+    model, probe = training_flatquant_model(tiny_qwen3, orthogonal=True)
     model(probe).logits.float().pow(2).mean().backward()
 
     parameters = dict(model.named_parameters())
@@ -208,16 +215,8 @@ def test_linears_that_share_an_input_share_one_checkpointed_transform(tiny_qwen3
     """q/k/v (and gate/up) run their transform once per forward, autograd keeps none of its float32 work, and
     the gradients are those of transforming each Linear's input on its own."""
     import rqat_sdk.transforms as transforms
-    from rqat_sdk.models import load_model, load_tokenizer
-    from rqat_sdk.modifiers.ptq.llmcompressor_adapter import quantize_rtn
-    from rqat_sdk.modifiers.qat.layers import attach_fake_quant
 
-    model, tokenizer = load_model(tiny_qwen3, dtype="float32", device="cpu"), load_tokenizer(tiny_qwen3)
-    attach_random_transforms(model, orthogonal=False)
-    quantize_rtn(model, tokenizer, QuantScheme.model_validate("W4A4"), None)
-    attach_fake_quant(model, dtype=torch.float32, learn_scales=False, learn_clipping=True)
-    model.train()
-    probe = probe_batch(tokenizer, torch.device("cpu"))
+    model, probe = training_flatquant_model(tiny_qwen3, orthogonal=False)
     calls = []
     qkv = model.model.layers[0].rqat_transforms["qkv"]
     qkv.register_forward_hook(lambda *_: calls.append(1))
