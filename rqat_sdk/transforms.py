@@ -17,6 +17,7 @@ as unexpected keys on load and vLLM would refuse them. Every loader calls
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,7 @@ _TRANSFORM = "_rqat_input_transform"
 _READERS = "_rqat_readers"
 """How many Linears read a transform's output (on the transform)."""
 _PENDING = "_rqat_pending"
-"""The transform's last result while some of its readers have yet to read it (on the transform)."""
+"""A transform's :class:`_Pending` result (on the transform)."""
 TRANSFORM_PARAMETERS = ("rqat_kron_left", "rqat_kron_right", "rqat_smooth")
 ACTIVATION_CLIP_PARAMETER = "rqat_act_clip_logit"
 
@@ -107,6 +108,20 @@ def _transform_inputs(module: torch.nn.Module, args: tuple) -> tuple:
     return (_shared_transform(transform, x, activations), *args[1:])
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A transform's last result while ``readers_left`` of its Linears have yet to read it."""
+
+    source: weakref.ref
+    version: int
+    activations: Any
+    result: torch.Tensor
+    readers_left: int
+
+    def serves(self, x: torch.Tensor, activations: Any) -> bool:
+        return self.source() is x and self.version == x._version and self.activations == activations
+
+
 def _shared_transform(transform: KroneckerTransform, x: torch.Tensor, activations: Any) -> torch.Tensor:
     """``x T`` (clipped for ``activations``) in ``x``'s dtype, computed once for the Linears that share ``x``.
 
@@ -115,18 +130,17 @@ def _shared_transform(transform: KroneckerTransform, x: torch.Tensor, activation
     autograd the float32 work is recomputed in the backward pass (checkpointed): only ``x`` and the result
     stay saved, which keeps a FlatQuant model's training memory close to the plain W4A4 model's.
     """
-    pending = transform.__dict__.get(_PENDING)
-    if pending is not None:
-        source, version, args, y, readers_left = pending
-        if source() is x and version == x._version and args == activations:
-            transform.__dict__[_PENDING] = (source, version, args, y, readers_left - 1) if readers_left > 1 else None
-            return y
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in transform.parameters())):
-        y = checkpoint(_transform_and_clip, transform, x, activations, use_reentrant=False)
+    pending = transform.__dict__.pop(_PENDING, None)
+    if pending is not None and pending.serves(x, activations):
+        y, readers_left = pending.result, pending.readers_left - 1
     else:
-        y = _transform_and_clip(transform, x, activations)
-    readers = transform.__dict__.get(_READERS, 1)
-    transform.__dict__[_PENDING] = (weakref.ref(x), x._version, activations, y, readers - 1) if readers > 1 else None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in transform.parameters())):
+            y = checkpoint(_transform_and_clip, transform, x, activations, use_reentrant=False)
+        else:
+            y = _transform_and_clip(transform, x, activations)
+        readers_left = transform.__dict__.get(_READERS, 1) - 1
+    if readers_left > 0:
+        transform.__dict__[_PENDING] = _Pending(weakref.ref(x), x._version, activations, y, readers_left)
     return y
 
 
