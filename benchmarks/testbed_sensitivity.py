@@ -29,6 +29,11 @@ CANDIDATES: dict[str, TestbedSize] = {
     "short-h128-l2": SIZES["cpu"],
     "long-h128-l2": SIZES["long"],
     "long-h256-l2": replace(SIZES["long"], hidden_size=256, intermediate_size=768, learning_rate=2e-3),
+    # Depth and training length, the two ways the seed's models differ most from the committed testbed
+    # (Qwen3-0.6B: 28 layers, ~60,000 training tokens per parameter; the testbed: 2 layers, ~60).
+    "long-h128-l6": replace(SIZES["long"], num_layers=6),
+    "long-h128-l4-x2": replace(SIZES["long"], num_layers=4, steps=6000),
+    "long-h128-l2-x3": replace(SIZES["long"], steps=9000),
 }
 W3G128 = {
     "RTN (symmetric)": ("rtn", True),

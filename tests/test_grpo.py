@@ -145,3 +145,11 @@ def test_grpo_recipe_checks_and_warnings():
     with_kd = {**recipe(), "scheme": "W3G128"}
     with_kd["stages"] = [with_kd["stages"][0], {"name": "kd", "modifiers": [{"type": "qat_kd"}]}, with_kd["stages"][1]]
     assert Recipe.from_dict(with_kd).warnings() == []
+    w4a4 = {**with_kd, "scheme": "W4A4KV4"}
+    assert Recipe.from_dict(w4a4).warnings() == []
+    w4a4["stages"] = [*with_kd["stages"][:2], {**with_kd["stages"][2], "modifiers": [{"type": "grpo", "generation": "vllm-colocate"}]}]
+    assert Recipe.from_dict(w4a4).warnings() == [
+        "stages[2].modifiers[0].generation: vllm-colocate rollouts get the fake-quantized weights but run the "
+        "activations and KV cache in full precision, so they sample from a neighbour of the W4A4KV4 policy (trl's "
+        "importance-sampling correction weighs the gap); 'transformers' samples the trained policy itself"
+    ]

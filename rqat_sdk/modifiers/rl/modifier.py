@@ -117,13 +117,25 @@ class GRPOModifier(Modifier):
         return self
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:
+        found = []
         trained_before = any(m.type == "qat_kd" and p < at for p, m in recipe.positions())
         if recipe.scheme.weights.num_bits <= 3 and not trained_before:
-            return [
+            found.append(
                 f"{at.path}: grpo on a {recipe.scheme.label} model without a qat_kd stage before it: the seed paper "
                 f"finds cold-start GRPO after plain PTQ collapses; add a qat_kd stage first"
-            ]
-        return []
+            )
+        quantized_in_flight = [
+            part for part, args in (("activations", recipe.scheme.input_activations), ("KV cache", recipe.scheme.kv_cache))
+            if args is not None
+        ]
+        if self.generation != "transformers" and quantized_in_flight:
+            found.append(
+                f"{at.path}.generation: {self.generation} rollouts get the fake-quantized weights but run the "
+                f"{' and '.join(quantized_in_flight)} in full precision, so they sample from a neighbour of the "
+                f"{recipe.scheme.label} policy (trl's importance-sampling correction weighs the gap); 'transformers' "
+                f"samples the trained policy itself"
+            )
+        return found
 
     # --- lifecycle -------------------------------------------------------------------------------
 
