@@ -105,7 +105,46 @@ def attach_kv_cache_quantization(model: PreTrainedModel, kv_cache: KVCacheQuant)
     base = model.config._attn_implementation or "eager"
     if not base.startswith(_KV_ATTENTION_PREFIX):
         model.set_attn_implementation(_register_kv_attention(base))
+    for module in model.modules():
+        if _is_attention(module) and not getattr(module, "_rqat_quantizes_cache_entries", False):
+            module.register_forward_pre_hook(_quantize_on_cache_entry, with_kwargs=True)
+            module._rqat_quantizes_cache_entries = True
     setattr(model.config, KV_CACHE_CONFIG_KEY, kv_cache.model_dump())
+
+
+def _is_attention(module: torch.nn.Module) -> bool:
+    """transformers' attention layers: the modules that write the KV cache (``past_key_values.update``)."""
+    return type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx")
+
+
+class _QuantizingCache:
+    """The model's KV cache as one attention layer sees it: keys and values are quantized once, as they enter.
+
+    The quantizer works on each (token, head) vector alone, so storing quantized entries gives attention the
+    same keys and values as quantizing the whole cache at every step, at the cost of the new tokens only
+    (generation otherwise spends most of its time re-quantizing the cache).
+    """
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        from rqat_sdk.ops.kv_cache import fake_quantize_kv
+
+        return self._cache.update(fake_quantize_kv(key), fake_quantize_kv(value), *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+
+def _quantize_on_cache_entry(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Before each attention forward: route a cache passed by keyword through :class:`_QuantizingCache`, and
+    tell the attention function (through the module) whether its keys and values arrive quantized."""
+    cache = kwargs.get("past_key_values")
+    module._rqat_kv_quantized_in_cache = cache is not None
+    if cache is None:
+        return None
+    return args, {**kwargs, "past_key_values": _QuantizingCache(cache)}
 
 
 def restore_kv_cache_quantization(model: PreTrainedModel) -> None:
@@ -135,7 +174,9 @@ def _register_kv_attention(base: str) -> str:
             inner = sys.modules[type(module).__module__].eager_attention_forward
         else:
             inner = AttentionInterface._global_mapping[base]
-        return inner(module, query, fake_quantize_kv(key), fake_quantize_kv(value), attention_mask, **kwargs)
+        if not getattr(module, "_rqat_kv_quantized_in_cache", False):
+            key, value = fake_quantize_kv(key), fake_quantize_kv(value)
+        return inner(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])

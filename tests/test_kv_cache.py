@@ -108,6 +108,39 @@ def test_attention_reads_quantized_keys_and_values_and_trains_through_them(tiny_
     assert reloaded.generate(ids[:, :6], max_new_tokens=4, do_sample=False).shape == (2, 10)
 
 
+def test_generation_quantizes_each_token_once_and_reads_what_requantizing_reads(tiny_qwen3, monkeypatch):
+    from transformers import DynamicCache
+
+    from rqat_sdk.ops import kv_cache
+
+    model = load_model(tiny_qwen3, device="cpu", dtype="float32")
+    attach_kv_cache_quantization(model, KVCacheQuant())
+    layers = len(model.model.layers)
+    quantized_tokens = []
+    quantize = kv_cache.fake_quantize_kv
+    monkeypatch.setattr(kv_cache, "fake_quantize_kv", lambda x: quantized_tokens.append(x.shape[-2]) or quantize(x))
+    tokens = torch.randint(0, 300, (3, 12))
+
+    def decode() -> torch.Tensor:  # the prompt (7 tokens), then one token at a time through the cache
+        cache = DynamicCache(config=model.config)
+        logits = [model(tokens[:, :7], past_key_values=cache, use_cache=True).logits]
+        logits += [model(tokens[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(7, 12)]
+        return torch.cat(logits, 1)
+
+    with torch.no_grad():
+        cached = decode()
+        assert quantized_tokens == [7] * 2 * layers + [1] * 2 * layers * 5  # each token once, as it enters
+        without_cache = model(tokens, use_cache=False).logits  # the attention function quantizes everything
+        for module in model.modules():  # the reference: the whole cache quantized again at every step
+            module._forward_pre_hooks.clear()
+            module._rqat_kv_quantized_in_cache = False
+        quantized_tokens.clear()
+        requantized = decode()
+    assert quantized_tokens[-2:] == [12, 12]
+    assert torch.allclose(cached, requantized, atol=1e-4)
+    assert torch.allclose(cached, without_cache, atol=1e-4)
+
+
 def test_w4a4kv4_reasoning_qat_exports_with_the_kv_cache_and_vllm_flag(tiny_qwen3, tmp_path, w4a4kv4_recipe):
     result = rqat_sdk.oneshot(tiny_qwen3, w4a4kv4_recipe, "reasoning-gym:chain_sum", tmp_path / "out")
     assert result.recipe.scheme.label == "W4A4KV4"
