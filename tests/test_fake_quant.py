@@ -125,6 +125,27 @@ def test_activation_fake_quant_matches_compressed_tensors_and_passes_gradients()
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_bits", [4, 8])
+def test_symmetric_per_token_fast_path_is_bit_identical_to_compressed_tensors(dtype, num_bits):
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    from rqat_sdk.ops.fake_quant import symmetric_per_token_fake_quant
+
+    args = QuantizationArgs(num_bits=num_bits, strategy="token", symmetric=True, dynamic=True)
+    torch.manual_seed(num_bits)
+    x = (torch.randn(3, 9, 64) * torch.logspace(-3, 3, 9)[None, :, None]).to(dtype)
+    x[0, 0] = 0  # a zero token: compressed-tensors' epsilon scale
+    x[1, 1, :8] = torch.tensor([7.5, -7.5, 3.5, 2.5, -0.5, 0.5, 1.5, -8.0]).to(dtype)  # ties at 4 bits
+    x[1, 1, 8:] = 0
+    reference = fake_quantize(x, *compute_dynamic_scales_and_zp(value=x, args=args, module=torch.nn.Module()), args)
+    assert torch.equal(symmetric_per_token_fake_quant(x, num_bits), reference)
+    assert torch.equal(fake_quantize_activation(x, args), reference)
+    flat = x.reshape(27, 64)  # 2-D: compressed-tensors' 'token' strategy is one scale for the tensor
+    flat_reference = fake_quantize(flat, *compute_dynamic_scales_and_zp(value=flat, args=args, module=torch.nn.Module()), args)
+    assert torch.equal(fake_quantize_activation(flat, args), flat_reference)
+
+
 def test_ste_helpers_are_exact_forward_and_identity_backward():
     x = torch.tensor([-3.7, -0.5, 0.49, 2.5, 7.2], requires_grad=True)
     assert torch.equal(round_ste(x), torch.round(x.detach()))

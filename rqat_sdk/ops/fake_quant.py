@@ -160,12 +160,33 @@ class _ActivationFakeQuant(torch.autograd.Function):
         from compressed_tensors.quantization.lifecycle.forward import fake_quantize
         from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
+        if _symmetric_int_per_token(x, args):
+            return symmetric_per_token_fake_quant(x, args.num_bits)
         scale, zero_point = compute_dynamic_scales_and_zp(value=x, args=args, module=torch.nn.Module())
         return fake_quantize(x, scale, zero_point, args)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         return grad, None
+
+
+def _symmetric_int_per_token(x: torch.Tensor, args: Any) -> bool:
+    """The activation scheme rqat's W4A4/W4A4KV4 presets use, on (batch, tokens, features) inputs, where
+    compressed-tensors' ``token`` strategy is one scale per token (on 2-D inputs it is one per tensor)."""
+    from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
+
+    return (x.ndim == 3 and args.strategy == QuantizationStrategy.TOKEN and args.type == QuantizationType.INT
+            and args.symmetric and args.scale_dtype is None)
+
+
+def symmetric_per_token_fake_quant(x: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """compressed-tensors' dynamic symmetric per-token fake quantization in five operations instead of about
+    twenty (bit-identical, tested): ``s = max|x| / ((qmax - qmin) / 2)`` per token, a zero scale replaced by
+    the dtype's epsilon, then ``round(clamp(x / s, qmin, qmax)) * s``, all in ``x``'s dtype."""
+    qmin, qmax = int_range(num_bits)
+    scale = x.abs().amax(-1, keepdim=True) / ((qmax - qmin) / 2)
+    scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
+    return torch.clamp(x / scale, qmin, qmax).round() * scale
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
