@@ -62,6 +62,47 @@ def test_grpo_steps_change_the_weights_and_export_exactly(tiny_qwen3, tmp_path, 
     assert (tmp_path / "out" / "logs" / "01-rl.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_learn_scales_moves_the_scales_and_exports_exactly(tiny_qwen3, tmp_path, reward_module):
+    grpo = recipe(rewards=[reward_module], cold_start_threshold=0.0, learn_scales=True, scale_learning_rate=1e-2)
+    before = rqat_sdk.oneshot(tiny_qwen3, {**grpo, "stages": grpo["stages"][:1]})
+    result = rqat_sdk.oneshot(tiny_qwen3, grpo, "testbed", tmp_path / "out", allow_code=True)
+    assert result.record["export"]["exact"] is True
+    after = result.model.state_dict()
+    moved = {name for name, a in before.model.state_dict().items() if not torch.equal(a, after[name])}
+    assert any(name.endswith("q_proj.weight_scale") for name in moved)
+
+
+def test_the_optimizer_gives_scales_their_own_rate_and_no_weight_decay(tiny_qwen3):
+    from rqat_sdk.modifiers.rl.modifier import GRPOModifier
+    from rqat_sdk.modifiers.rl.trl_adapter import adamw
+
+    model = rqat_sdk.oneshot(tiny_qwen3, {**recipe(), "scheme": "W3G128", "stages": recipe()["stages"][:1]}).model
+    config = GRPOModifier(learning_rate=1e-4, scale_learning_rate=3e-3, weight_decay=0.1, learn_scales=True)
+    attach_fake_quant(model, dtype=torch.float32, learn_scales=True, learn_clipping=False)
+    weights, scales = adamw(model, config, fused=False).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert (weights["lr"], weights["weight_decay"], scales["lr"], scales["weight_decay"]) == (1e-4, 0.1, 3e-3, 0.0)
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in scales["params"]} == {"weight_scale", "rqat_zero_point"}
+    assert any(names[id(p)].endswith("q_proj.weight") for p in weights["params"])
+    detach_fake_quant(model)
+    assert len(adamw(model, GRPOModifier(), fused=False).param_groups) == 1
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_counted():
+    from rqat_sdk.modifiers.rl.trl_adapter import FiniteStepAdamW
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = FiniteStepAdamW([weight], lr=0.1, weight_decay=0.0)
+    weight.grad = torch.tensor([1.0, float("nan"), 1.0])
+    optimizer.step()
+    assert torch.equal(weight.detach(), torch.ones(3)) and optimizer.skipped_steps == 1 and not optimizer.state
+    weight.grad = torch.tensor([1.0, float("inf"), 1.0])
+    optimizer.step()
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    assert optimizer.skipped_steps == 2 and torch.allclose(weight.detach(), torch.full((3,), 0.9))
+
+
 def test_the_trained_model_loses_the_bf16_autocast_that_mixed_precision_training_wraps_it_in(tiny_qwen3):
     """On GPUs trl trains with bf16=True, and accelerate leaves ``model.forward`` wrapped in bf16 autocast;
     the export check then saw logits 0.35 away from the reloaded checkpoint's."""

@@ -53,7 +53,13 @@ class GRPOModifier(Modifier):
     top_p: FloatRange(0.0, 1.0) = 1.0
     """Nucleus sampling of the rollouts."""
     learning_rate: FloatRange(0.0, 1.0) = 5e-7
-    """Peak learning rate."""
+    """Peak learning rate of the weights (latent weights of quantized layers, and the unquantized ones)."""
+    learn_scales: bool = False
+    """Train weight scales and zero points too, as in ``qat_kd``. A quantized weight changes only when its
+    latent value crosses half a quantization step, which small rates rarely reach in a GRPO stage; a scale
+    moves its whole group's values at once."""
+    scale_learning_rate: FloatRange(0.0, 1.0) = 5e-5
+    """Peak learning rate of scales and zero points (with learn_scales)."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup."""
     warmup_steps: IntRange(0, None) = 0
@@ -146,7 +152,7 @@ class GRPOModifier(Modifier):
         self._export_dtype = model.dtype
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.float()  # fp32 masters: updates of 5e-7 vanish in bf16 (trl autocasts to bf16 on GPUs)
-        attach_fake_quant(model, dtype=self._export_dtype, learn_scales=False, learn_clipping=False)
+        attach_fake_quant(model, dtype=self._export_dtype, learn_scales=self.learn_scales, learn_clipping=False)
 
     def apply(self, state: SessionState) -> None:
         from datasets import Dataset

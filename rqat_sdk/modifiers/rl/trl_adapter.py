@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from rqat_sdk import distributed
 
 if TYPE_CHECKING:
@@ -70,9 +72,6 @@ def run_grpo(
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_steps,
-        adam_beta1=config.betas[0],
-        adam_beta2=config.betas[1],
-        weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         per_device_train_batch_size=config.micro_batch_size,
         gradient_accumulation_steps=completions_per_step // per_step,
@@ -113,6 +112,7 @@ def run_grpo(
             with open(log_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
 
+    optimizer = adamw(model, config, fused=cuda)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=rewards,
@@ -120,6 +120,7 @@ def run_grpo(
         train_dataset=prompts,
         processing_class=processing,
         callbacks=[_Metrics()],
+        optimizers=(optimizer, None),
     )
     if trainer.use_vllm:
         sync_quantized_weights(trainer.vllm_generation, model)
@@ -139,7 +140,45 @@ def run_grpo(
         "train_loss": output.training_loss,
         "first_reward": history[0]["reward"] if history else None,
         "last_reward": history[-1]["reward"] if history else None,
+        "skipped_steps": optimizer.skipped_steps,
     }
+
+
+class FiniteStepAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite, and counts the skips.
+
+    One non-finite policy gradient (GRPO runs hit them at high learning rates) would otherwise turn the
+    weights into NaN, and the next rollout would die in sampling with a CUDA device-side assert that names
+    neither the step nor the cause.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped_steps = 0
+
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.stack(torch._foreach_norm(grads)).isfinite().all():
+            self.skipped_steps += 1
+            log.warning("skipped an optimizer step with non-finite gradients (%d so far)", self.skipped_steps)
+            return None
+        return super().step(closure)
+
+
+def adamw(model: PreTrainedModel, config: GRPOModifier, *, fused: bool) -> FiniteStepAdamW:
+    """AdamW over the trained parameters in two groups: scales and zero points at ``scale_learning_rate``
+    without weight decay, everything else at ``learning_rate`` (trl's scheduler then scales both)."""
+    from rqat_sdk.modifiers.qat.layers import parameter_group
+
+    groups: dict[str, list[torch.nn.Parameter]] = {"weights": [], "scales": []}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups["scales" if parameter_group(name) == "scales" else "weights"].append(parameter)
+    return FiniteStepAdamW(
+        [{"params": groups["weights"], "lr": config.learning_rate, "weight_decay": config.weight_decay},
+         *([{"params": groups["scales"], "lr": config.scale_learning_rate, "weight_decay": 0.0}] if groups["scales"] else [])],
+        betas=tuple(config.betas), fused=fused or None,
+    )
 
 
 def sync_quantized_weights(vllm_generation: Any, model: PreTrainedModel) -> None:
