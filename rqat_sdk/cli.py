@@ -200,6 +200,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.output:
         report.save(args.output)
     print(markdown_table([report]))
+    by_task = report.pass_at_1_by_task()
+    if len(by_task) > 1:
+        print("per task: " + ", ".join(f"{task} {100 * value:.1f}" for task, value in by_task.items()))
     return 0
 
 

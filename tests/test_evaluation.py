@@ -111,6 +111,8 @@ def test_pass_at_1_is_the_mean_over_samples_with_its_spread(tiny_qwen3, monkeypa
     assert report.std == pytest.approx(0.5303, abs=1e-3)
     assert report.mean_response_tokens == pytest.approx(10.5) and report.truncation_rate == 0.5
     assert [r["score"] for r in report.items[1]["responses"]] == [1.0, 0.0]
+    assert [item["task"] for item in report.items] == ["chain_sum", "leg_counting", "simple_equations", "chain_sum"]
+    assert report.pass_at_1_by_task() == {"chain_sum": 0.75, "leg_counting": 0.5, "simple_equations": 0.5}
 
 
 def test_real_generation_on_a_tiny_model(tiny_qwen3, tmp_path):

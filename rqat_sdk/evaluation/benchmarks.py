@@ -8,6 +8,7 @@ standard Hub benchmarks have short names (they need network access, or a local c
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from rqat_sdk.data.reasoning_gym import HELD_OUT_SEED_OFFSET
@@ -27,6 +28,11 @@ class Problem:
     answer: str
     meta: str | None = None
     """Set for generated tasks: which generator entry, for its own scorer."""
+
+    @property
+    def task(self) -> str | None:
+        """The generated task's name (reasoning-gym's), or None for datasets."""
+        return json.loads(self.meta).get("task") if self.meta else None
 
 
 def load_benchmark(spec: str, *, num_examples: int, seed: int = 0) -> list[Problem]:

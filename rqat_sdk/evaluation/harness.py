@@ -48,6 +48,14 @@ class EvalReport:
 
         write_json_atomic(Path(path), self.to_dict())
 
+    def pass_at_1_by_task(self) -> dict[str, float]:
+        """pass@1 per generated task of a mixed benchmark (items without a task count as ``"-"``): a mix's
+        average hides a gain on one task and a loss on another."""
+        scores: dict[str, list[float]] = {}
+        for item in self.items:
+            scores.setdefault(item.get("task") or "-", []).extend(r["score"] for r in item["responses"])
+        return {task: statistics.fmean(values) for task, values in sorted(scores.items())}
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> EvalReport:
         return cls(**json.loads(Path(path).read_text()))
@@ -110,7 +118,8 @@ def evaluate(
             per_sample[k] += correct / len(problems)
             responses.append({"text": completion.text, "score": correct, "tokens": completion.tokens,
                               "truncated": completion.truncated})
-        items.append({"question": problem.prompt[-1]["content"], "answer": problem.answer, "responses": responses})
+        items.append({"question": problem.prompt[-1]["content"], "answer": problem.answer, "task": problem.task,
+                      "responses": responses})
     completions = [c for run in runs for c in run]
     return EvalReport(
         label=label,
