@@ -72,7 +72,7 @@ def policy_change(before: Path, after: Path) -> dict:
     relative change of a weight scale, and of an unquantized tensor (norms, embeddings).
 
     Latent weights move by about the learning rate per step, and a 3-bit code changes only when its weight
-    crosses half a quantization step (~0.025 on the testbed), so a small rate can train for 250 steps
+    crosses half a quantization step (~0.03 on the testbed), so a small rate can train for 250 steps
     without changing the quantized policy much.
     """
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -97,6 +97,26 @@ def policy_change(before: Path, after: Path) -> dict:
             "max_relative_change_unquantized": round(other, 5)}
 
 
+def latent_margin(stage: Path) -> dict:
+    """Where the KD stage left the latent weights of the quantized layers (from its dense stage checkpoint):
+    the mean quantization step (the scale), the mean distance of a latent weight from its grid point, in
+    steps, and the share within 0.1 step of a rounding boundary (the codes a small update can change)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(stage / "model.safetensors")
+    steps, distances = [], []
+    for key, scale in tensors.items():
+        if key.endswith(".weight_scale"):
+            weight = tensors[key.removesuffix("_scale")].float()
+            grid = weight / scale.float().repeat_interleave(weight.shape[1] // scale.shape[1], dim=1)
+            distances.append((grid - grid.round()).abs().flatten())
+            steps.append(scale.float().mean().item())
+    distance = torch.cat(distances)
+    return {"mean_step": round(sum(steps) / len(steps), 4), "step_range": [round(min(steps), 4), round(max(steps), 4)],
+            "mean_distance_from_grid_in_steps": round(distance.mean().item(), 4),
+            "share_within_0.1_step_of_a_boundary": round((0.5 - distance < 0.1).float().mean().item(), 5)}
+
+
 def emit(out: Path, record: dict) -> None:
     print("RESULT " + json.dumps(record), flush=True)
     with open(out / "results.jsonl", "a", encoding="utf-8") as handle:
@@ -115,7 +135,8 @@ def run_kd(args: argparse.Namespace) -> None:
     emit(args.out, {"name": "BF16", **evaluate(str(args.testbed), tokenizer, "BF16", args)})
     label = {"gptq": "GPTQ", "rtn": "RTN", "rotation+gptq": "Rotation+GPTQ"}.get(args.init, args.init) + "+KD"
     emit(args.out, {"name": label, **evaluate(str(kd_dir), tokenizer, label, args),
-                    "seconds": round(time.perf_counter() - started)})
+                    "seconds": round(time.perf_counter() - started),
+                    "latent_weights": latent_margin(kd_dir / "checkpoints" / "01-kd")})
 
 
 def run_variant(args: argparse.Namespace) -> None:
