@@ -162,21 +162,24 @@ def bench_bf16_ce(ids, warmup, steps):
     return result
 
 
-def rqat_trainer(student, teacher, ids, objective: str):
+def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp"):
+    """rqat's training step on ``ids``; under a launcher each rank trains on its own share of the rows."""
     from datasets import Dataset
 
+    from rqat_sdk import distributed
     from rqat_sdk.modifiers.qat.batches import StepBatches
     from rqat_sdk.modifiers.qat.modifier import QATKDModifier
     from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
 
     rows = [{"input_ids": r, "labels": r} for r in ids.tolist()]
-    config = QATKDModifier(objective=objective, steps=10_000, batch_size=len(rows), micro_batch_size=len(rows),
-                           learning_rate=1e-6, logging_steps=10_000, save_steps=10_000)
-    batches = StepBatches(Dataset.from_list(rows), batch_size=len(rows), micro_batch_size=len(rows), seed=0,
-                          pad_token_id=0, packing=False)
+    per_rank = len(rows) // distributed.world_size()
+    config = QATKDModifier(objective=objective, steps=10_000, batch_size=len(rows), micro_batch_size=per_rank,
+                           learning_rate=1e-6, logging_steps=10_000, save_steps=10_000, distributed=strategy)
+    batches = StepBatches(Dataset.from_list(rows), batch_size=len(rows), micro_batch_size=per_rank, seed=0,
+                          pad_token_id=0, packing=False, rank=distributed.rank(), world_size=distributed.world_size())
     trainer = DistillationTrainer(
         config, student, teacher, batches,
-        device=torch.device("cuda"), paths=TrainerPaths(None, None), fingerprint="bench", stage="bench",
+        device=distributed.local_device(), paths=TrainerPaths(None, None), fingerprint="bench", stage="bench",
     )
     student.train()
     counter = iter(range(10**9))

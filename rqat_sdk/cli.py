@@ -108,7 +108,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rqat_sdk import oneshot
+    from rqat_sdk import distributed, oneshot
     from rqat_sdk.recipe import load_recipe
 
     started = time.perf_counter()
@@ -130,7 +130,8 @@ def _run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         keep_checkpoints=args.keep_checkpoints,
     )
-    _print_summary(result.record, result.output_dir, time.perf_counter() - started)
+    if distributed.is_main():  # under a launcher the other ranks export nothing and have nothing to report
+        _print_summary(result.record, result.output_dir, time.perf_counter() - started)
     return 0
 
 

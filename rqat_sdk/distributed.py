@@ -41,10 +41,12 @@ def launched() -> bool:
 def initialize() -> None:
     """Join the process group the launcher set up (idempotent; a no-op for a single process)."""
     if launched() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+            torch.cuda.set_device(local_device())
+            # Naming the device binds NCCL to it (without, NCCL guesses it from the global rank).
+            dist.init_process_group("nccl", device_id=local_device())
+        else:
+            dist.init_process_group("gloo")
 
 
 def local_device() -> torch.device:
@@ -69,7 +71,9 @@ def wrap(
 ) -> torch.nn.Module:
     """DDP or FSDP2 around ``module`` (``layers``: the transformer blocks FSDP shards one by one).
 
-    FSDP2 keeps sharded fp32 parameters as the masters and gathers them in ``compute_dtype``.
+    FSDP2 keeps sharded fp32 parameters as the masters and gathers them in ``compute_dtype``. Integer
+    parameters (compressed-tensors' zero points) stay whole on every rank: they are frozen, and torch 2.11's
+    FSDP2 fails to shard them ("only Tensors of floating point dtype can require gradients").
     """
     if not dist.is_initialized():
         return module
@@ -78,9 +82,10 @@ def wrap(
 
         module.float()
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        integer = {parameter for parameter in module.parameters() if not parameter.is_floating_point()}
         for layer in layers:
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(module, mp_policy=policy)
+            fully_shard(layer, mp_policy=policy, ignored_params=integer)
+        fully_shard(module, mp_policy=policy, ignored_params=integer)
         return module
     from torch.nn.parallel import DistributedDataParallel
 

@@ -51,3 +51,50 @@ def test_two_processes_train_like_one(tiny_qwen3, tmp_path, single_process, stra
     # Two ranks read the same global batch as one process, and gradient averaging keeps training on the
     # same course: the losses agree up to float summation order.
     assert losses(output) == pytest.approx(losses(single_process), rel=1e-3)
+
+
+def test_cli_under_a_launcher_reports_once(tiny_qwen3, tmp_path):
+    """`torchrun -m rqat_sdk run`: every rank trains, only the main rank exports and prints the summary."""
+    import yaml
+
+    sys.path.insert(0, str(WORKER.parent))
+    from distributed_worker import recipe
+
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe("ddp")))
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rqat_sdk", "run",
+               str(recipe_file), "--model", str(tiny_qwen3), "--dataset", "reasoning-gym:chain_sum",
+               "--output-dir", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("reload check")]
+    assert summaries == ["reload check  identical logits"]
+    assert json.loads((output / "run.json").read_text())["status"] == "complete"
+
+
+def test_fsdp_leaves_integer_parameters_whole(tiny_qwen3, monkeypatch):
+    """torch 2.11's FSDP2 fails on integer parameters (compressed-tensors' zero points); they stay unsharded."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from rqat_sdk import distributed
+
+    recipe = {"version": 1, "scheme": "W3G128", "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
+    model = rqat_sdk.oneshot(tiny_qwen3, recipe, dtype="float32").model
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        wrapped = distributed.wrap(model, "fsdp", list(model.model.layers), torch.float32)
+        parameters = dict(wrapped.named_parameters())
+        zero_points = [p for name, p in parameters.items() if name.endswith("weight_zero_point")]
+        assert zero_points and all(not isinstance(p, DTensor) and p.dtype == torch.int8 for p in zero_points)
+        assert isinstance(parameters["model.layers.0.mlp.down_proj.weight"], DTensor)
+    finally:
+        dist.destroy_process_group()

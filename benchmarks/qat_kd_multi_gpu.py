@@ -1,0 +1,184 @@
+"""QAT-KD on two GPUs (DDP and FSDP2) against one: the training step, and a whole recipe under accelerate.
+
+Run on a machine with at least two GPUs; the script launches every multi-process part itself:
+
+- ``step``: rqat's QAT-KD training step (``DistillationTrainer``: W3G128 fake-quantized student, frozen bf16
+  teacher, forward KL on chunked LM-head logits) on Qwen3-0.6B's shape with random weights, 4 x 2,048 tokens
+  per GPU, on one GPU, then under ``torchrun`` on two GPUs with DDP and with FSDP2. Reports the step time,
+  tokens per second over all GPUs, the scaling efficiency against one GPU and the peak memory per GPU.
+- ``recipe``: the bundled long-testbed recipe's GPTQ and QAT-KD stages run end to end by ``rqat run`` on one
+  GPU and by ``accelerate launch --num_processes 2 -m rqat_sdk run`` with DDP and with FSDP2 (the same global
+  batch of 32), each checkpoint exported and evaluated on held-out problems. The three should agree within
+  sampling noise.
+
+    python benchmarks/qat_kd_multi_gpu.py --out runs/multi_gpu --json docs/results/qat_kd_multi_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qat_kd_perf import QWEN3_0_6B, fresh_model, measure, quantize_w3g128, rqat_trainer, synthetic_batch
+
+TESTBED = "rqat_sdk/testbed/long"
+RECIPE = "testbed-long_w3g128_gptq_kd_grpo"
+LAYOUTS = (("1 GPU", 1, "ddp"), ("2 GPUs, DDP", 2, "ddp"), ("2 GPUs, FSDP2", 2, "fsdp"))
+
+
+def step_worker(args: argparse.Namespace) -> int:
+    """One rank of the step benchmark (started by :func:`time_steps`)."""
+    from rqat_sdk import distributed
+    from rqat_sdk.modifiers.qat.layers import attach_fake_quant
+
+    distributed.initialize()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    world = distributed.world_size()
+    ids = synthetic_batch(args.batch * world, args.seq, QWEN3_0_6B["vocab_size"]).cuda()
+    student = fresh_model()
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    student = quantize_w3g128(student)
+    attach_fake_quant(student, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
+    _, step = rqat_trainer(student, teacher, ids, "kd", args.strategy)
+    step_ms, peak_gb = measure(step, args.warmup, args.steps)
+    step_ms = distributed.all_reduce_sum(torch.tensor(step_ms, device="cuda")).item() / world  # mean over ranks
+    peak = torch.tensor(peak_gb, device="cuda")
+    if world > 1:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    if distributed.is_main():
+        Path(args.result).write_text(json.dumps({
+            "gpus": world, "strategy": args.strategy, "step_ms": round(step_ms, 1),
+            "tokens_per_step": ids.numel(), "tokens_per_s": round(ids.numel() / step_ms * 1000),
+            "peak_gb_per_gpu": round(peak.item(), 2),
+        }))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def time_steps(args: argparse.Namespace, out: Path) -> list[dict]:
+    rows = []
+    for label, gpus, strategy in LAYOUTS:
+        result = out / f"step-{gpus}-{strategy}.json"
+        worker = [__file__, "step-worker", "--strategy", strategy, "--result", str(result), "--batch", str(args.batch),
+                  "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        launcher = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                       "--standalone", f"--nproc_per_node={gpus}"]
+        started = time.perf_counter()
+        subprocess.run(launcher + worker, check=True)
+        row = {"layout": label, **json.loads(result.read_text())}
+        print(f"step, {label}: {row['step_ms']} ms, {row['tokens_per_s']:,} tokens/s, "
+              f"{row['peak_gb_per_gpu']} GB per GPU ({time.perf_counter() - started:.0f} s)", flush=True)
+        rows.append(row)
+    single = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["scaling_efficiency"] = round(row["tokens_per_s"] / (single * row["gpus"]), 3)
+    return rows
+
+
+def recipe_for(strategy: str, problems: int) -> dict:
+    """The bundled long-testbed recipe without its GRPO stage, QAT-KD distributed with ``strategy``."""
+    import yaml
+
+    from rqat_sdk.recipes import bundled
+
+    recipe = yaml.safe_load(Path(bundled()[RECIPE]).read_text())
+    recipe["name"] = f"testbed-long_w3g128_gptq_kd_{strategy}"
+    recipe["description"] = f"GPTQ W3G128, then QAT-KD ({strategy}) on the long-chain testbed's task mix."
+    recipe["stages"] = [stage for stage in recipe["stages"] if stage["name"] != "grpo"]
+    for stage in recipe["stages"]:
+        for modifier in stage["modifiers"]:
+            if modifier["type"] == "qat_kd":
+                modifier["distributed"] = strategy
+                modifier["micro_batch_size"] = 16  # 32 per step: one micro-batch per rank on two GPUs
+    recipe["export"]["evaluate"]["num_examples"] = problems
+    return recipe
+
+
+def run_recipes(args: argparse.Namespace, out: Path) -> list[dict]:
+    import yaml
+
+    rows = []
+    for label, gpus, strategy in LAYOUTS:
+        directory = out / f"recipe-{gpus}-{strategy}"
+        recipe_file = out / f"recipe-{gpus}-{strategy}.yaml"
+        recipe_file.write_text(yaml.safe_dump(recipe_for(strategy, args.problems), sort_keys=False))
+        command = ["-m", "rqat_sdk", "run", str(recipe_file), "--model", TESTBED, "--dtype", "float32",
+                   "--output-dir", str(directory), "--overwrite"]
+        launcher = [sys.executable] if gpus == 1 else [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={gpus}",
+            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+        started = time.perf_counter()
+        subprocess.run(launcher + command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        seconds = time.perf_counter() - started
+        record = json.loads((directory / "run.json").read_text())
+        kd = next(stage for stage in record["stages"] if stage["name"] == "kd")["metrics"]["qat_kd"]
+        evaluation = record["evaluation"]
+        row = {
+            "layout": label, "gpus": gpus, "strategy": strategy, "run_seconds": round(seconds, 1),
+            "kd_seconds": kd["seconds"], "kd_tokens_per_s": kd["tokens_per_s"], "kd_final_loss": kd["final_loss"],
+            "pass_at_1": evaluation["pass_at_1"], "std": evaluation["std"],
+            "export_format": record["export"]["format"],
+        }
+        print(f"recipe, {label}: KD loss {row['kd_final_loss']:.4f}, pass@1 {100 * row['pass_at_1']:.1f} "
+              f"± {100 * row['std']:.1f} ({seconds:.0f} s)", flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", choices=("all", "step", "recipe", "step-worker"), default="all")
+    parser.add_argument("--out", type=Path, default=Path("runs/multi_gpu"), help="where runs and logs go")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per GPU in the step benchmark")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--problems", type=int, default=1000, help="held-out problems per recipe evaluation")
+    parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode == "step-worker":
+        return step_worker(args)
+    if torch.cuda.device_count() < 2:
+        print(f"needs at least two CUDA GPUs (found {torch.cuda.device_count()})")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    print(f"device: {device}; torch {torch.__version__}", flush=True)
+    steps = time_steps(args, args.out) if args.mode in ("all", "step") else []
+    recipes = run_recipes(args, args.out) if args.mode in ("all", "recipe") else []
+
+    print()
+    if steps:
+        print("| QAT-KD step (Qwen3-0.6B shape) | step ms | tokens/s | scaling | peak GB per GPU |")
+        print("|---|---|---|---|---|")
+        for row in steps:
+            print(f"| {row['layout']} | {row['step_ms']} | {row['tokens_per_s']:,} | {row['scaling_efficiency']:.0%} "
+                  f"| {row['peak_gb_per_gpu']} |")
+    if recipes:
+        print("| recipe (long testbed, GPTQ + KD) | KD s | KD tokens/s | final KD loss | pass@1 |")
+        print("|---|---|---|---|---|")
+        for row in recipes:
+            print(f"| {row['layout']} | {row['kd_seconds']:.0f} | {row['kd_tokens_per_s']:,.0f} "
+                  f"| {row['kd_final_loss']:.4f} | {100 * row['pass_at_1']:.1f} ± {100 * row['std']:.1f} |")
+    if args.json:
+        record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": device,
+                  "date": datetime.date.today().isoformat(), "step": steps, "recipe": recipes}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
