@@ -10,8 +10,12 @@ from transformers import AutoModelForCausalLM
 import rqat_sdk
 from rqat_sdk.errors import RecipeError
 from rqat_sdk.modifiers.qat.layers import QUANTIZATION_PARAMETERS, attach_fake_quant, detach_fake_quant
-from rqat_sdk.modifiers.rl import ColdStartError
-from rqat_sdk.modifiers.rl.trl_adapter import remove_mixed_precision_wrapper, sync_quantized_weights
+from rqat_sdk.modifiers.rl import ColdStartError, PolicyCollapseError
+from rqat_sdk.modifiers.rl.trl_adapter import (
+    RewardCollapseGuard,
+    remove_mixed_precision_wrapper,
+    sync_quantized_weights,
+)
 from rqat_sdk.recipe import Recipe
 
 REWARD_MODULE = '''
@@ -130,6 +134,61 @@ def test_cold_start_guard_stops_a_model_that_never_scores(tiny_qwen3, tmp_path):
     with pytest.raises(ColdStartError, match=r"mean reward on 4 probe prompts is 0.000.*Add a qat_kd stage"):
         rqat_sdk.oneshot(tiny_qwen3, recipe(probe_size=4), "testbed", tmp_path / "out")
     assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "checkpoints" / "00-ptq").is_dir()
+
+
+COLLAPSING_REWARD = '''
+calls = 0
+
+
+def fades(prompts, completions, **kwargs):
+    """1 for every completion of the first call (the cold-start probe), 0 afterwards: a policy that collapses."""
+    global calls
+    calls += 1
+    return [1.0 if calls == 1 else 0.0 for _ in completions]
+'''
+
+
+def test_the_collapse_guard_compares_a_window_of_rewards_with_the_start():
+    guard = RewardCollapseGuard(reference=0.8, fraction=0.5, window=3)
+    # Step 3 averages 0.57 (kept); step 4 averages (0.5 + 0.3 + 0.3) / 3 = 0.37 < 0.5 x 0.8, and it stays latched.
+    assert [guard.observe(step, r) for step, r in enumerate([0.9, 0.5, 0.3, 0.3, 0.9], 1)] == [
+        False, False, False, True, True]
+    assert guard.collapsed == {"step": 4, "recent_reward": pytest.approx(1.1 / 3), "reference_reward": 0.8}
+    off = RewardCollapseGuard(reference=0.8, fraction=None, window=1)
+    assert not any(off.observe(step, 0.0) for step in range(1, 5)) and off.collapsed is None
+
+
+def test_a_collapsing_policy_stops_the_stage_and_keeps_the_earlier_ones(tiny_qwen3, tmp_path, monkeypatch,
+                                                                        reward_module):
+    (tmp_path / "collapsing.py").write_text(COLLAPSING_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    grpo = recipe(steps=6, rewards=["python:collapsing:fades"], probe_size=2, collapse_window=2)
+    with pytest.raises(PolicyCollapseError, match=r"'rl' stopped at step 2: the mean training reward of the last 2 "
+                                                   r"logged steps is 0.000, below collapse_fraction 0.5 x the "
+                                                   r"starting reward 1.000.*rerun with --resume"):
+        rqat_sdk.oneshot(tiny_qwen3, grpo, "testbed", tmp_path / "out", allow_code=True)
+    partial = tmp_path / "out.partial"
+    assert not (tmp_path / "out").exists() and (partial / "checkpoints" / "00-ptq").is_dir()
+    logged = [json.loads(line)["step"] for line in (partial / "logs" / "01-rl.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]  # stopped long before the 6 planned steps
+    assert (partial / "logs" / "01-rl.png").is_file()
+    assert not (partial / "checkpoints" / "01-rl.progress").exists()  # the collapsing policy's checkpoints
+
+    # A changed GRPO stage resumes from the kept PTQ stage and finishes.
+    fixed = recipe(rewards=[reward_module], cold_start_threshold=0.0)
+    result = rqat_sdk.oneshot(tiny_qwen3, fixed, "testbed", tmp_path / "out", allow_code=True, resume=True)
+    assert result.record["status"] == "complete" and result.record["stages"][1]["metrics"]["grpo"]["steps"] == 2
+
+
+def test_grpo_resumes_only_from_its_own_recipe_s_checkpoints(tiny_qwen3, tmp_path, reward_module):
+    grpo = recipe(rewards=[reward_module], cold_start_threshold=0.0)
+    with pytest.raises(ColdStartError):  # leaves an unfinished run whose PTQ stage is done
+        rqat_sdk.oneshot(tiny_qwen3, recipe(probe_size=2), "testbed", tmp_path / "out")
+    progress = tmp_path / "out.partial" / "checkpoints" / "01-rl.progress"
+    (progress / "checkpoint-1").mkdir(parents=True)
+    (progress / "recipe_fingerprint.txt").write_text("0123456789abcdef\n")  # another recipe's GRPO stage
+    with pytest.raises(rqat_sdk.RqatError, match=r"01-rl.progress holds GRPO checkpoints of a different recipe"):
+        rqat_sdk.oneshot(tiny_qwen3, grpo, "testbed", tmp_path / "out", allow_code=True, resume=True)
 
 
 def test_reward_code_needs_allow_code(tiny_qwen3, reward_module):

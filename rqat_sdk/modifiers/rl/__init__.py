@@ -1,5 +1,5 @@
 """Reinforcement learning on the quantized model: cold-start GRPO with verifiable rewards."""
 
-from rqat_sdk.modifiers.rl.modifier import ColdStartError, GRPOModifier
+from rqat_sdk.modifiers.rl.modifier import ColdStartError, GRPOModifier, PolicyCollapseError
 
-__all__ = ["ColdStartError", "GRPOModifier"]
+__all__ = ["ColdStartError", "GRPOModifier", "PolicyCollapseError"]

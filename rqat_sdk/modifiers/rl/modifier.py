@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import PrivateAttr, field_validator, model_validator
 
+from rqat_sdk import distributed
 from rqat_sdk.errors import RqatError
 from rqat_sdk.modifiers.base import Modifier
 from rqat_sdk.recipe.code import check_code_ref_syntax, is_code_ref
@@ -23,6 +25,10 @@ log = logging.getLogger(__name__)
 
 class ColdStartError(RqatError):
     """GRPO would start from a policy that almost never earns a reward."""
+
+
+class PolicyCollapseError(RqatError):
+    """GRPO's training reward fell far below the starting policy's: it was destroying the model."""
 
 
 class GRPOModifier(Modifier):
@@ -92,6 +98,11 @@ class GRPOModifier(Modifier):
     """Minimum mean reward of the probe."""
     probe_size: IntRange(1, None) = 32
     """Prompts the cold-start probe samples once each."""
+    collapse_fraction: FloatRange(0.0, 1.0) | None = 0.5
+    """Stop the stage with an error when the mean training reward of the last ``collapse_window`` logged
+    steps falls below this fraction of the probe's (the starting policy's) mean reward; None: never."""
+    collapse_window: IntRange(1, None) = 10
+    """Logged steps that the collapse check averages."""
     save_steps: IntRange(1, None) = 50
     """Write a resumable checkpoint every this many steps."""
     logging_steps: IntRange(1, None) = 1
@@ -193,12 +204,28 @@ class GRPOModifier(Modifier):
 
             progress = Path(tempfile.mkdtemp(prefix="rqat-grpo-"))
         log_file = state.log_file()
-        state.stage_metrics[self.type] = run_grpo(
+        summary = run_grpo(
             state.model, state.tokenizer, prompts, self, rewards,
             progress_dir=progress, log_file=log_file, seed=state.recipe.seed + state.stage_index,
+            reference_reward=probe, fingerprint=state.recipe.fingerprint(state.stage_index),
         )
+        state.stage_metrics[self.type] = summary
         if log_file is not None and log_file.is_file():
             plot_training(log_file, log_file.with_suffix(".png"))
+        if summary["collapsed"] is not None:
+            collapse = summary["collapsed"]
+            if distributed.is_main():
+                shutil.rmtree(progress, ignore_errors=True)  # its checkpoints hold the collapsing policy
+            raise PolicyCollapseError(
+                f"stage {state.stage.name!r} stopped at step {collapse['step']}: the mean training reward of the "
+                f"last {self.collapse_window} logged steps is {collapse['recent_reward']:.3f}, below "
+                f"collapse_fraction {self.collapse_fraction} x the starting reward {probe:.3f}; GRPO was destroying "
+                f"the quantized policy (curves: {log_file or 'not logged without an output directory'}). Lower "
+                f"learning_rate, or start GRPO from a GPTQ-initialised qat_kd stage (on the W2G64 testbed lr 1e-3 "
+                f"wrecked RTN+KD and helped GPTQ+KD), then rerun with --resume: the stages before this one are "
+                f"kept and this one starts afresh (its mid-stage checkpoints were removed). collapse_fraction: "
+                f"null turns this check off."
+            )
 
     def finalize(self, state: SessionState) -> None:
         from rqat_sdk.modifiers.qat.layers import finish_training

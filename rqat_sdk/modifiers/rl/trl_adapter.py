@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rqat_sdk import distributed
+from rqat_sdk.errors import RqatError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -41,6 +42,7 @@ LOGGED = {
     "grad_norm": "grad_norm",
 }
 """trl's metric names and the names they get in the stage's JSONL log."""
+FINGERPRINT_FILE = "recipe_fingerprint.txt"
 
 
 def run_grpo(
@@ -53,8 +55,14 @@ def run_grpo(
     progress_dir: Path,
     log_file: Path | None,
     seed: int,
+    reference_reward: float,
+    fingerprint: str,
 ) -> dict[str, Any]:
-    """Train ``model`` with GRPO on ``prompts`` (columns ``prompt``, ``answer``, ``meta``); return a summary."""
+    """Train ``model`` with GRPO on ``prompts`` (columns ``prompt``, ``answer``, ``meta``); return a summary.
+
+    ``reference_reward`` is the starting policy's mean reward, which :class:`RewardCollapseGuard` compares
+    the training rewards with; the summary's ``collapsed`` says when it stopped the stage (else None).
+    """
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -99,8 +107,12 @@ def run_grpo(
     processing = copy.deepcopy(tokenizer)
     processing.padding_side = "left"  # trl generates with left padding; the run's tokenizer stays as it is
 
+    guard = RewardCollapseGuard(reference_reward, config.collapse_fraction, config.collapse_window)
+
     class _Metrics(TrainerCallback):
         def on_log(self, _args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs and guard.observe(state.global_step, logs["reward"]):
+                control.should_training_stop = True  # every rank sees the same gathered reward
             if not logs or log_file is None or not distributed.is_main():
                 return
             entry = {ours: logs[theirs] for theirs, ours in LOGGED.items() if theirs in logs}
@@ -125,6 +137,7 @@ def run_grpo(
     if trainer.use_vllm:
         sync_quantized_weights(trainer.vllm_generation, model)
     checkpoints = sorted(progress_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    _claim_progress_dir(progress_dir, fingerprint, resuming=bool(checkpoints))
     resume = str(checkpoints[-1]) if checkpoints else None
     if resume:
         log.info("resuming GRPO from %s", resume)
@@ -141,7 +154,33 @@ def run_grpo(
         "first_reward": history[0]["reward"] if history else None,
         "last_reward": history[-1]["reward"] if history else None,
         "skipped_steps": optimizer.skipped_steps,
+        "collapsed": guard.collapsed,
     }
+
+
+class RewardCollapseGuard:
+    """Says when GRPO is destroying the policy: the mean reward of the last ``window`` logged steps has
+    fallen below ``fraction`` of the starting policy's.
+
+    GRPO at too high a learning rate can wreck a quantized policy within a hundred steps (RTN-initialised
+    W2G64 testbed at lr 1e-3: pass@1 82 to 0) while the run goes on for hours; stopping there names the
+    cause and keeps the earlier stages.
+    """
+
+    def __init__(self, reference: float, fraction: float | None, window: int) -> None:
+        self.reference, self.fraction, self.window = reference, fraction, window
+        self.rewards: list[float] = []
+        self.collapsed: dict[str, float] | None = None
+
+    def observe(self, step: int, reward: float) -> bool:
+        """Record one logged mean reward; True once the policy has collapsed."""
+        self.rewards.append(reward)
+        if self.fraction is None or len(self.rewards) < self.window or self.collapsed is not None:
+            return self.collapsed is not None
+        recent = sum(self.rewards[-self.window:]) / self.window
+        if recent < self.fraction * self.reference:
+            self.collapsed = {"step": step, "recent_reward": recent, "reference_reward": self.reference}
+        return self.collapsed is not None
 
 
 class FiniteStepAdamW(torch.optim.AdamW):
@@ -202,6 +241,19 @@ def remove_mixed_precision_wrapper(model: PreTrainedModel) -> None:
         model.__dict__.pop("forward", None)
     else:
         model.forward = original
+
+
+def _claim_progress_dir(progress_dir: Path, fingerprint: str, *, resuming: bool) -> None:
+    """Resume only from checkpoints that this recipe's stage wrote (the recipe fingerprint beside them)."""
+    stamp = progress_dir / FINGERPRINT_FILE
+    if resuming and stamp.is_file() and stamp.read_text().strip() != fingerprint:
+        raise RqatError(
+            f"{progress_dir} holds GRPO checkpoints of a different recipe; remove that directory to start this "
+            f"stage afresh from the previous stage's checkpoint, or start over with --overwrite"
+        )
+    if distributed.is_main():
+        progress_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint + "\n")
 
 
 def _truncate_log(log_file: Path | None, step: int) -> None:
