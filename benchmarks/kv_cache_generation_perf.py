@@ -5,7 +5,9 @@ in one batch, for:
 
 - ``W4A16``: int4 weights per channel only;
 - ``W4A4``: plus int4 per-token activations;
-- ``W4A4KV4``: plus vLLM's int4 KV cache, each key and value quantized once as it enters the cache;
+- ``W4A4KV4``: plus vLLM's int4 KV cache, each key and value quantized once as it enters the cache (on
+  CUDA by the fused Triton kernel);
+- ``W4A4KV4 PyTorch quantizer`` (CUDA only): the same through the KV quantizer's PyTorch path;
 - ``W4A4KV4 requantized``: the same values, but the whole cache quantized again at every step (rqat's
   behaviour before keys and values were quantized on entry; the hooks that do that are removed here).
 
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from qat_kd_perf import pytorch_kv_quantizer
 
 import rqat_sdk
 from rqat_sdk.models import resolve_device
@@ -80,6 +83,10 @@ def main() -> int:
         result = quantized(scheme, str(device))
         rows.append(timed_generation(result, name, args.problems))
         print(rows[-1], flush=True)
+        if name == "W4A4KV4" and device.type == "cuda":
+            with pytorch_kv_quantizer():
+                rows.append(timed_generation(result, "W4A4KV4 PyTorch quantizer", args.problems))
+            print(rows[-1], flush=True)
         if name == "W4A4KV4":
             requantize_every_step(result.model)
             rows.append(timed_generation(result, "W4A4KV4 requantized", args.problems))

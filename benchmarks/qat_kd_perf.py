@@ -22,6 +22,7 @@ It first checks the Triton kernels against the PyTorch path (bit-identical forwa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -89,6 +90,19 @@ def check_kernels() -> list[str]:
                     )
                     lines.append(f"{'ok ' if ok else 'BAD'} {rows}x{cols} W{bits} g{group} sym={symmetric}")
     return lines
+
+
+@contextlib.contextmanager
+def pytorch_kv_quantizer():
+    """KV-cache fake quantization through its PyTorch path instead of the fused kernel (the kernel's baseline)."""
+    from rqat_sdk.ops import triton_kv_cache
+
+    fused = triton_kv_cache.supports
+    triton_kv_cache.supports = lambda x: False
+    try:
+        yield
+    finally:
+        triton_kv_cache.supports = fused
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int):

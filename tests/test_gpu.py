@@ -151,6 +151,46 @@ def test_kv_cache_fake_quant_on_cuda_matches_the_cpu_in_bf16():
     assert changed < 0.01 and (on_gpu.float() - on_cpu.float()).abs().max() < 0.5
 
 
+def _rows_changed(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a != b).flatten(0, -2).any(-1).float().mean().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_kv_cache_kernel_matches_the_pytorch_path_on_the_cpu(dtype, dim):
+    from rqat_sdk.ops.kv_cache import _KVFakeQuant, fake_quantize_kv
+    from rqat_sdk.ops.triton_kv_cache import supports
+
+    torch.manual_seed(dim)
+    # (batch, heads, tokens, dim) as attention sees keys: a transposed view of (batch, tokens, heads, dim),
+    # tokens not a multiple of the kernel's rows per program; scales from 1e-2 to 10 across tokens
+    x = torch.randn(3, 77, 8, dim) * torch.logspace(-2, 1, 77)[:, None, None]
+    x = x.to(dtype).transpose(1, 2)
+    fused = fake_quantize_kv(x.cuda())
+    assert supports(x.cuda()) and not x.is_contiguous()
+    assert fused.shape == x.shape and fused.dtype == dtype and fused.stride() == x.stride()
+    # The forward rotation's fp32 sums run in another order (the kernel's dot against the CPU's matmul);
+    # in bf16 and fp16 they are rounded to the dtype right after, so a row could differ only at a rounding
+    # tie; in fp32 a row's min or max may move by an ulp, and with it the stored scale.
+    reference = _KVFakeQuant.apply(x)
+    assert _rows_changed(fused.cpu(), reference) <= (0.15 if dtype == torch.float32 else 0.001)
+    rows = lambda t: t.float().flatten(0, -2)  # noqa: E731
+    assert ((rows(fused.cpu()) - rows(reference)).norm(dim=-1) <= 0.02 * rows(reference).norm(dim=-1)).all()
+    assert torch.equal(fake_quantize_kv(x.cuda().contiguous()), fused.contiguous())  # the layout does not matter
+
+
+def test_kv_cache_kernel_gradient_is_the_identity_and_other_dims_fall_back():
+    from rqat_sdk.ops.kv_cache import _KVFakeQuant, fake_quantize_kv
+    from rqat_sdk.ops.triton_kv_cache import supports
+
+    x = torch.randn(2, 4, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    fake_quantize_kv(x).backward(grad)
+    assert torch.equal(x.grad, grad)
+    odd = torch.randn(2, 4, 16, 96, device="cuda", dtype=torch.bfloat16)  # vLLM rotates 96 as 3 blocks of 32
+    assert not supports(odd) and torch.equal(fake_quantize_kv(odd), _KVFakeQuant.apply(odd))
+
+
 def test_w4a4kv4_qat_in_bf16_on_the_gpu(tmp_path, w4a4kv4_recipe):
     import rqat_sdk
     from rqat_sdk.testbed import write_tiny_model

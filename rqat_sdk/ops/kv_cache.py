@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from rqat_sdk.ops import use_triton
+
 LEVELS = 15  # uint4: 0..15
 _MIN_SCALE = 1e-6
 _SIGN_SEED = 0x9E3779B9  # vLLM's seed for the first (only) rotation round
@@ -45,6 +47,12 @@ def _hadamard(block: int) -> torch.Tensor:
     return h
 
 
+@functools.cache
+def rotation_constants(block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation's signs and Hadamard matrix (fp32) on ``device``, copied there once."""
+    return _signs(block).to(device), _hadamard(block).to(device)
+
+
 def random_hadamard(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """vLLM's ``single_rht`` on the last dimension, in fp32: ``H (d * x)``, or ``d * (H x)`` when ``inverse``.
 
@@ -53,7 +61,7 @@ def random_hadamard(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     dim = x.shape[-1]
     block = rotation_block(dim)
     blocks = x.float().reshape(*x.shape[:-1], dim // block, block)
-    signs, hadamard = _signs(block).to(x.device), _hadamard(block).to(x.device)
+    signs, hadamard = rotation_constants(block, x.device)
     out = blocks @ hadamard * signs if inverse else (blocks * signs) @ hadamard
     return out.reshape(x.shape)
 
@@ -70,14 +78,25 @@ def _without_low_bits(scale: torch.Tensor) -> torch.Tensor:
 def quantize_kv(rotated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer levels (as floats), stored scale and zero point of rotated fp32 rows (one per token and head)."""
     low, high = rotated.amin(-1, keepdim=True), rotated.amax(-1, keepdim=True)
-    scale = torch.clamp((high - low) / LEVELS, min=_MIN_SCALE)
+    # a tensor divisor: PyTorch's CUDA division by a Python number multiplies by its reciprocal instead,
+    # which can land an ulp away from vLLM's (and the CPU's) division
+    scale = torch.clamp((high - low) / torch.full_like(high, LEVELS), min=_MIN_SCALE)
     zero = torch.clamp(_round_half_away(-low / scale), 0, LEVELS)
     levels = torch.clamp(_round_half_away(rotated * (1.0 / scale) + zero), 0, LEVELS)
     return levels, _without_low_bits(scale), zero
 
 
 def fake_quantize_kv(x: torch.Tensor) -> torch.Tensor:
-    """What attention reads back for keys or values ``x`` (..., head_dim) stored in vLLM's int4 cache."""
+    """What attention reads back for keys or values ``x`` (..., head_dim) stored in vLLM's int4 cache.
+
+    On CUDA a fused Triton kernel computes it (:mod:`rqat_sdk.ops.triton_kv_cache`) for head dimensions it
+    supports; elsewhere this PyTorch path does.
+    """
+    if use_triton(x):
+        from rqat_sdk.ops.triton_kv_cache import TritonKVFakeQuant, supports
+
+        if supports(x):
+            return TritonKVFakeQuant.apply(x)
     return _KVFakeQuant.apply(x)
 
 
@@ -86,7 +105,8 @@ class _KVFakeQuant(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         rotated = random_hadamard(x).to(x.dtype).float()  # vLLM stores the rotated vector in the model dtype
         levels, scale, zero = quantize_kv(rotated)
-        restored = random_hadamard((levels - zero) * scale, inverse=True) / rotation_block(x.shape[-1])
+        # rotating the integer levels back is exact in fp32 (and in TF32); the scale then rounds once
+        restored = random_hadamard(levels - zero, inverse=True) * scale / rotation_block(x.shape[-1])
         return restored.to(x.dtype)
 
     @staticmethod
