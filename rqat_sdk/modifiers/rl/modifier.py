@@ -221,10 +221,10 @@ class GRPOModifier(Modifier):
                 f"last {self.collapse_window} logged steps is {collapse['recent_reward']:.3f}, below "
                 f"collapse_fraction {self.collapse_fraction} x the starting reward {probe:.3f}; GRPO was destroying "
                 f"the quantized policy (curves: {log_file or 'not logged without an output directory'}). Lower "
-                f"learning_rate, or start GRPO from a GPTQ-initialised qat_kd stage (on the W2G64 testbed lr 1e-3 "
-                f"wrecked RTN+KD and helped GPTQ+KD), then rerun with --resume: the stages before this one are "
-                f"kept and this one starts afresh (its mid-stage checkpoints were removed). collapse_fraction: "
-                f"null turns this check off."
+                f"learning_rate (on the testbed lr 1e-3 helped GPTQ+KD at W3G128 and W2G64 but destroyed RTN+KD "
+                f"at W2G64 and rotation+GPTQ+KD at W4A4KV4; docs/results.md), then rerun with --resume: the "
+                f"stages before this one are kept and this one starts afresh (its mid-stage checkpoints were "
+                f"removed). collapse_fraction: null turns this check off."
             )
 
     def finalize(self, state: SessionState) -> None:
