@@ -97,24 +97,14 @@ def policy_change(before: Path, after: Path) -> dict:
             "max_relative_change_unquantized": round(other, 5)}
 
 
-def latent_margin(stage: Path) -> dict:
-    """Where the KD stage left the latent weights of the quantized layers (from its dense stage checkpoint):
-    the mean quantization step (the scale), the mean distance of a latent weight from its grid point, in
-    steps, and the share within 0.1 step of a rounding boundary (the codes a small update can change)."""
+def quantization_steps(stage: Path) -> dict:
+    """The mean quantization step (weight scale) of a stage checkpoint's quantized layers, and its range over
+    layers: the distance a latent weight must travel to change its code is half a step."""
     from safetensors.torch import load_file
 
-    tensors = load_file(stage / "model.safetensors")
-    steps, distances = [], []
-    for key, scale in tensors.items():
-        if key.endswith(".weight_scale"):
-            weight = tensors[key.removesuffix("_scale")].float()
-            grid = weight / scale.float().repeat_interleave(weight.shape[1] // scale.shape[1], dim=1)
-            distances.append((grid - grid.round()).abs().flatten())
-            steps.append(scale.float().mean().item())
-    distance = torch.cat(distances)
-    return {"mean_step": round(sum(steps) / len(steps), 4), "step_range": [round(min(steps), 4), round(max(steps), 4)],
-            "mean_distance_from_grid_in_steps": round(distance.mean().item(), 4),
-            "share_within_0.1_step_of_a_boundary": round((0.5 - distance < 0.1).float().mean().item(), 5)}
+    steps = [scale.float().mean().item() for key, scale in load_file(stage / "model.safetensors").items()
+             if key.endswith(".weight_scale")]
+    return {"mean_step": round(sum(steps) / len(steps), 4), "step_range": [round(min(steps), 4), round(max(steps), 4)]}
 
 
 def emit(out: Path, record: dict) -> None:
@@ -134,9 +124,10 @@ def run_kd(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(kd_dir)
     emit(args.out, {"name": "BF16", **evaluate(str(args.testbed), tokenizer, "BF16", args)})
     label = {"gptq": "GPTQ", "rtn": "RTN", "rotation+gptq": "Rotation+GPTQ"}.get(args.init, args.init) + "+KD"
+    kd = json.loads((kd_dir / "run.json").read_text())["stages"][1]["metrics"]["qat_kd"]
     emit(args.out, {"name": label, **evaluate(str(kd_dir), tokenizer, label, args),
-                    "seconds": round(time.perf_counter() - started),
-                    "latent_weights": latent_margin(kd_dir / "checkpoints" / "01-kd")})
+                    "seconds": round(time.perf_counter() - started), "kd_codes_changed": kd["codes_changed"],
+                    "latent_weights": {**quantization_steps(kd_dir / "checkpoints" / "01-kd"), **kd["grid_margin_at_end"]}})
 
 
 def run_variant(args: argparse.Namespace) -> None:

@@ -54,6 +54,7 @@ def test_grpo_steps_change_the_weights_and_export_exactly(tiny_qwen3, tmp_path, 
     )
     metrics = result.record["stages"][1]["metrics"]
     assert metrics["grpo"]["steps"] == 2 and metrics["cold_start_probe_reward"] > 0
+    assert 0 <= metrics["grpo"]["codes_changed"] < 1 and "grid_margin_at_end" in metrics["grpo"]
     assert result.record["export"]["exact"] is True
     changed = [
         name for (name, a), (_, b) in zip(before.model.state_dict().items(), result.model.state_dict().items())
@@ -165,7 +166,9 @@ def test_a_collapsing_policy_stops_the_stage_and_keeps_the_earlier_ones(tiny_qwe
     grpo = recipe(steps=6, rewards=["python:collapsing:fades"], probe_size=2, collapse_window=2)
     with pytest.raises(PolicyCollapseError, match=r"'rl' stopped at step 2: the mean training reward of the last 2 "
                                                    r"logged steps is 0.000, below collapse_fraction 0.5 x the "
-                                                   r"starting reward 1.000.*rerun with --resume"):
+                                                   r"starting reward 1.000; GRPO was destroying the quantized "
+                                                   r"policy, and had changed \d+\.\d\d% of its weight codes"
+                                                   r".*rerun with --resume"):
         rqat_sdk.oneshot(tiny_qwen3, grpo, "testbed", tmp_path / "out", allow_code=True)
     partial = tmp_path / "out.partial"
     assert not (tmp_path / "out").exists() and (partial / "checkpoints" / "00-ptq").is_dir()

@@ -16,9 +16,12 @@ from rqat_sdk.modifiers.qat.layers import (
     attach_fake_quant,
     detach_fake_quant,
     fake_quantized_together,
+    grid_margin,
     quantized_linears,
+    tracking_codes,
 )
 from rqat_sdk.modifiers.qat.trainer import TrainingDiverged
+from rqat_sdk.ops.fake_quant import fake_quantize_weight_reference
 from rqat_sdk.recipe import Recipe
 
 DATA = "reasoning-gym:chain_sum,basic_arithmetic"
@@ -113,6 +116,29 @@ def test_weights_quantized_together_give_the_per_layer_loss_and_gradients(tiny_q
     detach_fake_quant(model)
 
 
+def test_grid_margin_and_changed_codes_are_measured_in_quantization_steps(tiny_qwen3):
+    model = rqat_sdk.oneshot(tiny_qwen3, {**recipe(), "stages": recipe()["stages"][:1]}).model
+    attach_fake_quant(model, dtype=torch.float32, learn_scales=False, learn_clipping=False)
+    layers = quantized_linears(model)
+    weights = sum(layer.weight.numel() for _, layer in layers)
+    with torch.no_grad():  # every latent weight onto a grid point, then 0.45 step above it
+        for _, layer in layers:
+            steps = layer.weight_scale.repeat_interleave(layer.weight.shape[1] // layer.weight_scale.shape[1], 1)
+            layer.weight.copy_(fake_quantize_weight_reference(
+                layer.weight, layer.weight_scale, layer.weight_zero_point, 3, 128) + 0.45 * steps)
+    assert grid_margin(model)["share_within_0.1_step_of_a_boundary"] > 0.95
+    with tracking_codes(model) as record:
+        with torch.no_grad():  # move every weight of one layer up by a whole step, the others by 0.02 step
+            for index, (_, layer) in enumerate(layers):
+                steps = layer.weight_scale.repeat_interleave(layer.weight.shape[1] // layer.weight_scale.shape[1], 1)
+                layer.weight.add_(steps * (1.0 if index == 0 else 0.02))
+    assert record["grid_margin_at_start"]["mean_distance_from_grid_in_steps"] == pytest.approx(0.45, abs=0.02)
+    # only the first layer's codes move (all but those already at the top of the range); 0.47 steps rounds down
+    first = layers[0][1].weight.numel() / weights
+    assert 0.5 * first < record["codes_changed"] <= first
+    detach_fake_quant(model)
+
+
 def test_qat_kd_lowers_the_loss_and_exports_exactly(tiny_qwen3, tmp_path):
     result = rqat_sdk.oneshot(tiny_qwen3, recipe(), DATA, tmp_path / "out", keep_checkpoints="all")
     lines = [json.loads(line) for line in (tmp_path / "out" / "logs" / "01-qat.jsonl").read_text().splitlines()]
@@ -120,7 +146,10 @@ def test_qat_kd_lowers_the_loss_and_exports_exactly(tiny_qwen3, tmp_path):
     assert lines[-1]["loss"] < lines[0]["loss"] * 0.8
     assert lines[-1]["learning_rates"]["weights"] == 0.0  # cosine decays to zero
     assert result.record["export"]["exact"] is True
-    assert result.record["stages"][1]["metrics"]["qat_kd"]["steps"] == 12
+    metrics = result.record["stages"][1]["metrics"]["qat_kd"]
+    assert metrics["steps"] == 12 and 0 < metrics["codes_changed"] < 1
+    assert metrics["grid_margin_at_start"]["mean_distance_from_grid_in_steps"] >= 0
+    assert metrics["grid_margin_at_end"] != metrics["grid_margin_at_start"]
     assert not (tmp_path / "out" / "checkpoints" / "01-qat.progress").exists()
     # The exported model is the trained one: it differs from plain RTN.
     rtn = rqat_sdk.oneshot(tiny_qwen3, {**recipe(), "stages": recipe()["stages"][:1]})

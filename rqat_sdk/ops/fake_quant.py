@@ -85,15 +85,30 @@ def fake_quantize_weights(
     ]
 
 
+@torch.no_grad()
 def fake_quantize_weight_reference(
     weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, num_bits: int, group_size: int | None
 ) -> torch.Tensor:
     """The plain forward computation, in the weight's dtype, without autograd: the reference for tests."""
-    qmin, qmax = int_range(num_bits)
     group = group_size or weight.shape[-1]
-    with torch.no_grad():
-        _, q, _ = _quantize(weight, scale, zero_point, qmin, qmax, group, weight.dtype)
-        return _dequantize(q, scale, zero_point, group, weight.dtype, weight.shape)
+    _, q = quantization_levels(weight, scale, zero_point, num_bits, group_size)
+    return _dequantize(q, scale, zero_point, group, weight.dtype, weight.shape)
+
+
+@torch.no_grad()
+def quantization_levels(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    num_bits: int,
+    group_size: int | None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each weight sits on its grid, grouped as (out, groups, group): ``u = w / s + z`` computed in
+    ``dtype`` (default: the weight's), and the integer level ``round(clamp(u))`` the checkpoint stores."""
+    qmin, qmax = int_range(num_bits)
+    u, q, _ = _quantize(weight, scale, zero_point, qmin, qmax, group_size or weight.shape[-1], dtype or weight.dtype)
+    return u, q
 
 
 def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ from rqat_sdk.ops.fake_quant import (
     fake_quantize_weight,
     fake_quantize_weights,
     int_range,
+    quantization_levels,
     round_ste,
 )
 from rqat_sdk.transforms import ACTIVATION_CLIP_PARAMETER, TRANSFORM_PARAMETERS, is_transform_parameter
@@ -195,6 +196,59 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module in trained:
             module.__dict__.pop(_PRECOMPUTED, None)
+
+
+@torch.no_grad()
+def grid_positions(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, u)`` for every quantized Linear under fake quantization: its latent weights measured in
+    quantization steps (``w / s + z``, clamped to the integer range, in the layer's compute dtype); rounding
+    ``u`` gives the codes the checkpoint will store. Under FSDP2 each rank sees its own rows."""
+    from torch.distributed.tensor import DTensor
+
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    for name, module in quantized_linears(model):
+        if not hasattr(module, _SAVED_FORWARD):
+            continue
+        weight, scale, zero_point, num_bits, group_size, dtype = _quantizer_inputs(module)
+        zero_point = None if zero_point is None else local(zero_point)
+        u, _ = quantization_levels(local(weight), local(scale), zero_point, num_bits, group_size, dtype)
+        qmin, qmax = int_range(num_bits)
+        yield name, u.clamp(qmin, qmax)
+
+
+def grid_margin(model: torch.nn.Module) -> dict[str, float]:
+    """How far the latent weights sit from the rounding boundaries where an update flips their code, in
+    quantization steps: the mean distance from the nearest grid point (0 to 0.5) and the share within 0.1
+    step of a boundary. Weights spread evenly over the grid give 0.25 and 20%. A training stage whose
+    updates are a fraction of a step flips only the codes near a boundary (docs/results.md)."""
+    count = near = 0
+    total = 0.0
+    for _, u in grid_positions(model):
+        distance = (u - u.round()).abs().float()
+        count += distance.numel()
+        total += distance.sum().item()
+        near += (distance > 0.4).sum().item()
+    return {"mean_distance_from_grid_in_steps": round(total / max(count, 1), 4),
+            "share_within_0.1_step_of_a_boundary": round(near / max(count, 1), 5)}
+
+
+@contextlib.contextmanager
+def tracking_codes(model: torch.nn.Module) -> Iterator[dict]:
+    """Measure what a training stage does to the quantized weights: the yielded dict receives
+    ``grid_margin_at_start``, and, when the block ends (also by an exception), ``codes_changed`` (the share
+    of weight codes that differ from the start) and ``grid_margin_at_end``. The start's codes are kept on
+    the CPU as int8, one byte per weight."""
+    codes = {name: u.round().to(torch.int8).cpu() for name, u in grid_positions(model)}
+    record = {"grid_margin_at_start": grid_margin(model)}
+    try:
+        yield record
+    finally:
+        changed = total = 0
+        for name, u in grid_positions(model):
+            changed += (codes[name] != u.round().to(torch.int8).cpu()).sum().item()
+            total += codes[name].numel()
+        record["codes_changed"] = round(changed / max(total, 1), 6)
+        record["grid_margin_at_end"] = grid_margin(model)
 
 
 def _quantizer_inputs(module: torch.nn.Linear):

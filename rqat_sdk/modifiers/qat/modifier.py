@@ -115,6 +115,7 @@ class QATKDModifier(Modifier):
 
     def apply(self, state: SessionState) -> None:
         from rqat_sdk.modifiers.qat.batches import StepBatches
+        from rqat_sdk.modifiers.qat.layers import tracking_codes
         from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
 
         teacher = None
@@ -140,7 +141,9 @@ class QATKDModifier(Modifier):
             fingerprint=state.recipe.fingerprint(state.stage_index),
             stage=state.stage.name,
         )
-        state.stage_metrics[self.type] = trainer.train()
+        with tracking_codes(state.model) as codes:
+            summary = trainer.train()
+        state.stage_metrics[self.type] = {**summary, **codes}
 
     def finalize(self, state: SessionState) -> None:
         from rqat_sdk.modifiers.qat.layers import finish_training

@@ -168,6 +168,7 @@ class GRPOModifier(Modifier):
     def apply(self, state: SessionState) -> None:
         from datasets import Dataset
 
+        from rqat_sdk.modifiers.qat.layers import tracking_codes
         from rqat_sdk.modifiers.rl.monitor import mean_reward, plot_training
         from rqat_sdk.modifiers.rl.rewards import resolve_rewards
         from rqat_sdk.modifiers.rl.trl_adapter import run_grpo
@@ -204,11 +205,18 @@ class GRPOModifier(Modifier):
 
             progress = Path(tempfile.mkdtemp(prefix="rqat-grpo-"))
         log_file = state.log_file()
-        summary = run_grpo(
-            state.model, state.tokenizer, prompts, self, rewards,
-            progress_dir=progress, log_file=log_file, seed=state.recipe.seed + state.stage_index,
-            reference_reward=probe, fingerprint=state.recipe.fingerprint(state.stage_index),
-        )
+        with tracking_codes(state.model) as codes:
+            margin = codes["grid_margin_at_start"]
+            log.info("stage %r: %.1f%% of the latent weights lie within 0.1 quantization step of a rounding boundary "
+                     "(mean distance from the grid %.3f steps); updates of a fraction of a step flip those codes",
+                     state.stage.name, 100 * margin["share_within_0.1_step_of_a_boundary"],
+                     margin["mean_distance_from_grid_in_steps"])
+            summary = run_grpo(
+                state.model, state.tokenizer, prompts, self, rewards,
+                progress_dir=progress, log_file=log_file, seed=state.recipe.seed + state.stage_index,
+                reference_reward=probe, fingerprint=state.recipe.fingerprint(state.stage_index),
+            )
+        summary = {**summary, **codes}
         state.stage_metrics[self.type] = summary
         if log_file is not None and log_file.is_file():
             plot_training(log_file, log_file.with_suffix(".png"))
@@ -220,7 +228,8 @@ class GRPOModifier(Modifier):
                 f"stage {state.stage.name!r} stopped at step {collapse['step']}: the mean training reward of the "
                 f"last {self.collapse_window} logged steps is {collapse['recent_reward']:.3f}, below "
                 f"collapse_fraction {self.collapse_fraction} x the starting reward {probe:.3f}; GRPO was destroying "
-                f"the quantized policy (curves: {log_file or 'not logged without an output directory'}). Lower "
+                f"the quantized policy, and had changed {100 * codes['codes_changed']:.2f}% of its weight codes "
+                f"(curves: {log_file or 'not logged without an output directory'}). Lower "
                 f"learning_rate (on the testbed lr 1e-3 helped GPTQ+KD at W3G128 and W2G64 but destroyed RTN+KD "
                 f"at W2G64 and rotation+GPTQ+KD at W4A4KV4; docs/results.md), then rerun with --resume: the "
                 f"stages before this one are kept and this one starts afresh (its mid-stage checkpoints were "
