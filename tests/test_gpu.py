@@ -189,6 +189,8 @@ def test_kv_cache_kernel_gradient_is_the_identity_and_other_dims_fall_back():
     assert torch.equal(x.grad, grad)
     odd = torch.randn(2, 4, 16, 96, device="cuda", dtype=torch.bfloat16)  # vLLM rotates 96 as 3 blocks of 32
     assert not supports(odd) and torch.equal(fake_quantize_kv(odd), _KVFakeQuant.apply(odd))
+    five = torch.randn(2, 2, 4, 16, 128, device="cuda", dtype=torch.bfloat16)
+    assert not supports(five) and torch.equal(fake_quantize_kv(five), _KVFakeQuant.apply(five))
 
 
 def test_w4a4kv4_qat_in_bf16_on_the_gpu(tmp_path, w4a4kv4_recipe):

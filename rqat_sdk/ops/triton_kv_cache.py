@@ -35,9 +35,9 @@ _MIN = tl.constexpr(_MIN_SCALE)
 def supports(x: torch.Tensor) -> bool:
     """Whether the kernel serves ``x``: a floating-point dtype it knows and a power-of-two head dimension
     from 16 (``tl.dot``'s least) to 128 (the fp32 Hadamard matrix must fit in shared memory), so that vLLM's
-    rotation is one block per row. Other shapes take the PyTorch path."""
+    rotation is one block per row, and at most four dimensions. Other tensors take the PyTorch path."""
     dim = x.shape[-1]
-    return x.dtype in _TL_DTYPES and 16 <= dim <= 128 and dim & (dim - 1) == 0 and x.numel() > 0
+    return x.dtype in _TL_DTYPES and 16 <= dim <= 128 and dim & (dim - 1) == 0 and x.numel() > 0 and x.dim() <= 4
 
 
 @triton.jit
@@ -90,9 +90,7 @@ def _kv_fake_quant_kernel(
 def _rows_view(t: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Sizes and strides of ``t``'s leading dimensions as three (padding with size 1), so the kernel reads
     keys and values in whatever layout attention hands them (transformers' are transposed views)."""
-    lead = list(zip(t.shape[:-1], t.stride()[:-1]))
-    if len(lead) > 3:
-        raise ValueError(f"KV fake quantization expects at most 4 dimensions, got {tuple(t.shape)}")
+    lead = list(zip(t.shape[:-1], t.stride()[:-1]))  # at most three (:func:`supports`)
     lead = [(1, 0)] * (3 - len(lead)) + lead
     return tuple(s for s, _ in lead), tuple(st for _, st in lead)
 
