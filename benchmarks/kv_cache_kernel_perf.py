@@ -88,7 +88,8 @@ def main() -> int:
             "pytorch_gpu_rows_changed": round(rows_changed(_KVFakeQuant.apply(on_gpu), reference), 5),
         })
         print(rows[-1], flush=True)
-    print("\n| case | PyTorch µs/call | kernel µs/call | speed-up | CUDA-event µs: PyTorch / kernel | rows ≠ CPU: kernel / PyTorch on GPU |")
+    print("\n| case | PyTorch µs/call | kernel µs/call | speed-up | CUDA-event µs: PyTorch / kernel "
+          "| rows ≠ CPU: kernel / PyTorch on GPU |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['pytorch_us']:,} | {r['kernel_us']:,} | {r['pytorch_us'] / r['kernel_us']:.1f}x | "

@@ -84,7 +84,8 @@ def _kv_fake_quant_kernel(
     # 15 * DIM (exact in fp32), then one rounding for the scale
     restored = tl.dot((levels - zero[:, None]).to(tl.float16), hadamard.to(tl.float16)) * signs[None, :]
     restored = libdevice.mul_rn(restored, stored[:, None]) * (1.0 / DIM)
-    tl.store(out_ptr + (i0 * os0 + i1 * os1 + i2 * os2)[:, None] + cols[None, :], restored.to(DTYPE, fp_downcast_rounding="rtne"), mask=mask)
+    out = restored.to(DTYPE, fp_downcast_rounding="rtne")
+    tl.store(out_ptr + (i0 * os0 + i1 * os1 + i2 * os2)[:, None] + cols[None, :], out, mask=mask)
 
 
 def _rows_view(t: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
