@@ -11,9 +11,14 @@ transforms and clipping, 4 epochs) + GPTQ initialisations, each alone, followed 
 
 Every figure is pass@1 on held-out testbed problems, averaged over ``--samples`` sampled answers per problem
 (temperature 0.6, top-p 0.95), with the spread over those samples; with ``--training-seeds N`` each method
-runs N times with different recipe seeds, and the spread covers both.
+runs N times with different recipe seeds, and the spread covers both. With ``--ppl-paragraphs N`` each row
+also gets the perplexity on N held-out Wikipedia paragraphs (``wikipedia:heldout``).
 
     python benchmarks/paper_tables.py --testbed rqat_sdk/testbed/cpu --json docs/results/paper_tables_cpu.json
+
+A pretrained teacher (``python -m rqat_sdk.testbed.train --size smollm2 DIR``) is a testbed too; there Table 3
+compares math-only with mixed math + Wikipedia data (``--domains mixed``), and SmolLM2's 576-wide layers take
+W3G128 with ``--group-size-fallback largest_divisor``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pathlib import Path
 import torch
 
 import rqat_sdk
+from rqat_sdk.data import load_examples
+from rqat_sdk.evaluation import perplexity
 from rqat_sdk.testbed.tasks import RESPONSE_TOKENS
 
 SCHEMES = {
@@ -43,10 +50,14 @@ INITS = {"rtn": [{"type": "rtn"}], "gptq": [{"type": "gptq"}], "awq": [{"type": 
          "flatquant+gptq": [{"type": "flatquant", "epochs": 4}, {"type": "gptq"}]}
 
 
+DOMAINS = {"testbed": "{benchmark}", "wikipedia": "wikipedia", "mixed": "{benchmark} + wikipedia"}
+"""Table 3's data: the testbed's own task mix, general text, or equal shares of both."""
+
+
 def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, qat_data: str = "testbed",
            calibration: str = "testbed") -> dict:
-    """``calibration`` and ``qat_data`` are ``testbed`` (the testbed's own task mix) or ``wikipedia``."""
-    calibration, qat_data = (args.benchmark if d == "testbed" else d for d in (calibration, qat_data))
+    """``calibration`` and ``qat_data`` name :data:`DOMAINS`."""
+    calibration, qat_data = (DOMAINS[d].format(benchmark=args.benchmark) for d in (calibration, qat_data))
     length = args.max_seq_length
     qat = {"type": "qat_kd", "steps": args.qat_steps, "batch_size": 32, "micro_batch_size": 32,
            "learning_rate": args.qat_lr, "warmup_steps": 10, "logging_steps": 50, "save_steps": 10_000}
@@ -65,22 +76,31 @@ def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, 
         plan.append({"name": "grpo", "data": {"source": args.grpo_data or args.benchmark, "num_samples": 2000,
                                               "max_seq_length": length},
                      "modifiers": [grpo]})
-    return {"version": 1, "seed": args.seed, "scheme": scheme_for(scheme, init), "stages": plan}
+    return {"version": 1, "seed": args.seed, "scheme": scheme_for(scheme, init, args.group_size_fallback),
+            "stages": plan}
 
 
-def scheme_for(scheme: str, init: str) -> dict | str:
-    """The seed initialises W3G128 with symmetric RTN or asymmetric GPTQ; the rest as :data:`SCHEMES`."""
-    if scheme == "W3G128" and init == "rtn":
-        return {"weights": {**SCHEMES[scheme]["weights"], "symmetric": True}}
-    return SCHEMES[scheme]
+def scheme_for(scheme: str, init: str, group_size_fallback: str = "error") -> dict | str:
+    """The seed initialises W3G128 with symmetric RTN or asymmetric GPTQ; the rest as :data:`SCHEMES`, with
+    ``group_size_fallback`` for layers whose width the group size does not divide."""
+    if scheme not in WEIGHT_ONLY:
+        return SCHEMES[scheme]
+    weights = {**SCHEMES[scheme]["weights"], "symmetric": not (scheme == "W3G128" and init != "rtn")}
+    if group_size_fallback != "error":
+        weights["group_size_fallback"] = group_size_fallback
+    return {"weights": weights}
 
 
 def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
     report = rqat_sdk.evaluate(model, args.benchmark, tokenizer=tokenizer, samples=args.samples,
                                num_examples=args.problems, max_new_tokens=RESPONSE_TOKENS[args.benchmark],
-                               batch_size=args.problems, label=label, dtype="float32")
-    return {"pass_at_1": round(report.pass_at_1, 4), "std": round(report.std, 4), "seeds": args.samples,
-            "mean_response_tokens": round(report.mean_response_tokens, 1), "per_sample": report.per_sample}
+                               batch_size=args.problems, label=label, dtype=args.dtype)
+    row = {"pass_at_1": round(report.pass_at_1, 4), "std": round(report.std, 4), "seeds": args.samples,
+           "mean_response_tokens": round(report.mean_response_tokens, 1), "per_sample": report.per_sample}
+    if args.ppl_paragraphs:
+        texts = [r["text"] for r in load_examples("wikipedia:heldout", num_samples=args.ppl_paragraphs, seed=0)]
+        row["wiki_ppl"] = round(perplexity(model, tokenizer, texts), 3)
+    return row
 
 
 def over_training_seeds(runs: list[dict]) -> dict:
@@ -90,6 +110,8 @@ def over_training_seeds(runs: list[dict]) -> dict:
 
     if len(runs) == 1:
         return {k: v for k, v in runs[0].items() if k != "per_sample"}
+    ppl = {"wiki_ppl": round(statistics.fmean(run["wiki_ppl"] for run in runs), 3),
+           "wiki_ppl_per_training_seed": [run["wiki_ppl"] for run in runs]} if "wiki_ppl" in runs[0] else {}
     pairs = [value for run in runs for value in run["per_sample"]]
     return {
         "pass_at_1": round(statistics.fmean(pairs), 4),
@@ -99,7 +121,22 @@ def over_training_seeds(runs: list[dict]) -> dict:
         "training_std": round(statistics.pstdev(run["pass_at_1"] for run in runs), 4),
         "per_training_seed": [run["pass_at_1"] for run in runs],
         "mean_response_tokens": round(statistics.fmean(run["mean_response_tokens"] for run in runs), 1),
+        **ppl,
     }
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, ``+dirty`` when it has uncommitted changes; None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _method_order(method: str) -> tuple[int, int]:
@@ -120,7 +157,8 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
 
     bars = [r for r in rows if r["table"] != "3"]
     schemes = [s for s in (*WEIGHT_ONLY, "W4A4KV4") if any(r["scheme"] == s for r in bars)]
-    domain = {(r.get("calibration"), r.get("qat_data")): 100 * r["pass_at_1"] for r in rows if r["table"] == "3"}
+    domain = {(r.get("calibration"), r.get("qat_data")): 100 * r["pass_at_1"] for r in rows
+              if r["table"] == "3" and r["method"] == "GPTQ+KD"}
     panels = len(schemes) + bool(domain)
     fig, axes = plt.subplots(1, panels, figsize=(6 * len(schemes) + 4 * bool(domain), 4.5), squeeze=False,
                              gridspec_kw={"width_ratios": [3] * len(schemes) + [2] * bool(domain)})
@@ -138,17 +176,18 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
         ax.legend(loc="lower right", fontsize=8)
     if domain:
         ax = axes[0][-1]
-        sources = ["testbed", "wikipedia"]
+        sources = sorted({c for c, _ in domain}, key=list(DOMAINS).index)
         grid = [[domain.get((c, q), float("nan")) for q in sources] for c in sources]
         ax.imshow(grid, cmap="Greens", vmin=0, vmax=100)
-        for i in range(2):
-            for j in range(2):
+        for i in range(len(sources)):
+            for j in range(len(sources)):
                 ax.text(j, i, f"{grid[i][j]:.1f}", ha="center", va="center", color="w" if grid[i][j] > 50 else "k")
-        ax.set_xticks([0, 1], ["math traces", "Wikipedia"])
-        ax.set_yticks([0, 1], ["math traces", "Wikipedia"])
+        names = {"testbed": "math traces", "wikipedia": "Wikipedia", "mixed": "math + Wikipedia"}
+        ax.set_xticks(range(len(sources)), [names[d] for d in sources])
+        ax.set_yticks(range(len(sources)), [names[d] for d in sources])
         ax.set_xlabel("QAT data")
         ax.set_ylabel("calibration data")
-        ax.set_title("W2G64 GPTQ+KD: data domain")
+        ax.set_title(f"{next(r['scheme'] for r in rows if r['table'] == '3')} GPTQ+KD: data domain")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -174,6 +213,15 @@ def main() -> int:
     parser.add_argument("--tables", nargs="+", default=["5", "4", "3"],
                         help="5, 4, 3, and W4A4KV4 (RTN, rotation + GPTQ and FlatQuant + GPTQ; each alone, +KD and +KD+GRPO)")
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the models' dtype in every run and evaluation")
+    parser.add_argument("--group-size-fallback", default="error", choices=["error", "largest_divisor", "channel"],
+                        help="for layers whose input width the scheme's group size does not divide")
+    parser.add_argument("--ppl-paragraphs", type=int, default=0,
+                        help="also measure perplexity on this many held-out Wikipedia paragraphs")
+    parser.add_argument("--domains", nargs=2, default=["testbed", "wikipedia"], choices=sorted(DOMAINS),
+                        help="Table 3's two data domains (calibration x QAT data)")
+    parser.add_argument("--table3-scheme", default="W2G64", choices=WEIGHT_ONLY)
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
     parser.add_argument("--plot", type=Path, help="write a PNG of the tables here")
@@ -188,9 +236,12 @@ def main() -> int:
                      "`python -m rqat_sdk.testbed.train` wrote (rqat_sdk/testbed/cpu or rqat_sdk/testbed/long)")
     built = json.loads((args.testbed / "testbed.json").read_text())
     args.benchmark = built["benchmark"]
+    model_name = built.get("base_model") or f"testbed ({args.benchmark})"
     args.max_seq_length = built["spec"].get("max_seq_length", 256)
     tokenizer = AutoTokenizer.from_pretrained(args.testbed)
-    teacher = AutoModelForCausalLM.from_pretrained(args.testbed, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(args.testbed, dtype=getattr(torch, args.dtype))
+    if torch.cuda.is_available():
+        teacher = teacher.cuda()
     previous = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else {}
     if args.plot_only:
         if not previous:
@@ -208,6 +259,8 @@ def main() -> int:
             "commands": commands,
             "device": "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "date": datetime.date.today().isoformat(),
+            "commit": git_commit(),
+            "model": model_name,
             "testbed": os.path.relpath(args.testbed),
             "bf16": bf16,
             "seconds": round(previous.get("seconds", 0) + time.perf_counter() - started, 1),
@@ -229,9 +282,9 @@ def main() -> int:
         runs = []
         for seed in range(args.seed, args.seed + args.training_seeds):
             planned = {**recipe(scheme, init, stages, args, **data), "seed": seed}
-            result = rqat_sdk.oneshot(args.testbed, planned, dtype="float32")
+            result = rqat_sdk.oneshot(args.testbed, planned, dtype=args.dtype)
             runs.append(measure(result.model, result.tokenizer, method, args))
-        row = {"table": table, "scheme": scheme, "method": method, **over_training_seeds(runs),
+        row = {"table": table, "model": model_name, "scheme": scheme, "method": method, **over_training_seeds(runs),
                "bf16_pass_at_1": bf16["pass_at_1"], "seconds": round(time.perf_counter() - began, 1), **data}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -254,17 +307,19 @@ def main() -> int:
             run("W4A4KV4", "W4A4KV4", f"{name}+KD", init, ["kd"])
             run("W4A4KV4", "W4A4KV4", f"{name}+KD+GRPO", init, ["kd", "grpo"])
     if "3" in args.tables:
-        for calibration in ("testbed", "wikipedia"):
-            for qat_data in ("testbed", "wikipedia"):
-                run("3", "W2G64", "GPTQ+KD", "gptq", ["kd"], calibration=calibration, qat_data=qat_data)
+        for calibration in args.domains:
+            run("3", args.table3_scheme, "GPTQ", "gptq", [], calibration=calibration)
+            for qat_data in args.domains:
+                run("3", args.table3_scheme, "GPTQ+KD", "gptq", ["kd"], calibration=calibration, qat_data=qat_data)
 
     if args.plot:
         plot(rows, bf16, args.plot)
-    print("\n| table | scheme | method | pass@1 | ± | kept |\n|---|---|---|---|---|---|")
+    print("\n| table | scheme | method | data | pass@1 | ± | kept | wiki ppl |\n|---|---|---|---|---|---|---|---|")
     for row in rows:
         kept = row["pass_at_1"] / bf16["pass_at_1"] if bf16["pass_at_1"] else 0
-        print(f"| {row['table']} | {row['scheme']} | {row['method']} | {100 * row['pass_at_1']:.1f} | "
-              f"{100 * row['std']:.1f} | {kept:.0%} |")
+        data = "/".join(filter(None, (row.get("calibration"), row.get("qat_data"))))
+        print(f"| {row['table']} | {row['scheme']} | {row['method']} | {data} | {100 * row['pass_at_1']:.1f} | "
+              f"{100 * row['std']:.1f} | {kept:.0%} | {row.get('wiki_ppl', '')} |")
     return 0
 
 

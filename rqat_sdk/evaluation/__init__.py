@@ -3,6 +3,7 @@
 from rqat_sdk.evaluation.answers import extract_boxed, math_equal, score_response
 from rqat_sdk.evaluation.benchmarks import HUB_BENCHMARKS, Problem, load_benchmark
 from rqat_sdk.evaluation.harness import EvalReport, evaluate, markdown_table, plot
+from rqat_sdk.evaluation.perplexity import perplexity
 
 __all__ = [
     "HUB_BENCHMARKS",
@@ -13,6 +14,7 @@ __all__ = [
     "load_benchmark",
     "markdown_table",
     "math_equal",
+    "perplexity",
     "plot",
     "score_response",
 ]

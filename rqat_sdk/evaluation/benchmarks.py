@@ -39,7 +39,7 @@ def load_benchmark(spec: str, *, num_examples: int, seed: int = 0) -> list[Probl
     from rqat_sdk.data import load_examples
 
     source = HUB_BENCHMARKS.get(spec, spec)
-    if source in ("testbed", "testbed-long"):
+    if source in ("testbed", "testbed-long", "worked-math"):
         source += ":heldout"
     elif source.startswith("reasoning-gym:"):
         seed += HELD_OUT_SEED_OFFSET

@@ -24,12 +24,20 @@ MIXES = {
         "leg_counting(min_animals=3,max_animals=6,min_instances=1,max_instances=12),"
         "products(min_terms=2,max_terms=2,min_digits=2,max_digits=2)"
     ),
+    "worked-math": (
+        "chain_sum(min_terms=6,max_terms=8,min_digits=2,max_digits=3),"
+        "leg_counting(min_animals=4,max_animals=6,min_instances=2,max_instances=12),"
+        "products(min_terms=2,max_terms=2,min_digits=3,max_digits=3),"
+        "gcd(min_numbers=2,max_numbers=2,min_value=1000,max_value=99999)"
+    ),
 }
 """The testbed mixes, as reasoning-gym specs. ``testbed`` is small enough for a model of a few hundred
 thousand parameters (the CPU testbed). ``testbed-long`` needs chains of 5 to 12 worked steps: as in a
 reasoning model's long chain of thought, one wrong digit anywhere makes the answer wrong, so small
-per-token errors from quantization compound (the GPU testbed)."""
-RESPONSE_TOKENS = {"testbed": 96, "testbed-long": 224}
+per-token errors from quantization compound (the GPU testbed). ``worked-math`` is for pretrained models
+fine-tuned into reasoning teachers (:mod:`rqat_sdk.testbed.teacher`): longer chains, 3-digit long
+multiplication and Euclid's algorithm, with numbered steps."""
+RESPONSE_TOKENS = {"testbed": 96, "testbed-long": 224, "worked-math": 384}
 """Generation budget per mix: enough for the longest worked solution, with room to ramble."""
 
 
@@ -42,7 +50,8 @@ def testbed_rows(
     tasks = parse_tasks(MIXES[mix], field)
     if variant == "heldout":
         seed += HELD_OUT_SEED_OFFSET
-    return generate_rows(tasks, num_samples=num_samples, seed=seed, instruction=REASONING_INSTRUCTION, trace=solution)
+    trace = numbered_solution if mix == "worked-math" else solution
+    return generate_rows(tasks, num_samples=num_samples, seed=seed, instruction=REASONING_INSTRUCTION, trace=trace)
 
 
 def solution(task: str, entry: dict[str, Any]) -> str:
@@ -52,6 +61,12 @@ def solution(task: str, entry: dict[str, Any]) -> str:
     if steps[-1] != str(entry["answer"]):
         raise AssertionError(f"{task}: worked solution gives {steps[-1]}, reasoning-gym says {entry['answer']}")
     return text
+
+
+def numbered_solution(task: str, entry: dict[str, Any]) -> str:
+    """:func:`solution` with its steps numbered (``Step 1: ...``), as a pretrained chat model writes them."""
+    *steps, last = solution(task, entry).split("\n")
+    return "\n".join([f"Step {i}: {step}" for i, step in enumerate(steps, 1)] + [f"Answer: {last}"])
 
 
 def _chain(values: list[int], operators: list[str]) -> tuple[list[str], int]:
@@ -126,5 +141,15 @@ def _products(entry: dict[str, Any]) -> list[str]:
     return lines + more + [str(total)]
 
 
+def _gcd(entry: dict[str, Any]) -> list[str]:
+    """Euclid's algorithm: divide with remainder until the remainder is 0; the last divisor is the GCD."""
+    a, b = sorted(entry["metadata"]["numbers"], reverse=True)
+    lines = []
+    while b:
+        lines.append(f"{a} = {a // b} * {b} + {a % b}")
+        a, b = b, a % b
+    return lines + [str(a)]
+
+
 _SOLVERS = {"chain_sum": _chain_sum, "leg_counting": _leg_counting, "simple_equations": _simple_equations,
-            "products": _products}
+            "products": _products, "gcd": _gcd}

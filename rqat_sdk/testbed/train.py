@@ -1,11 +1,13 @@
-"""Train the reasoning testbed: a Qwen3-architecture model that learns the testbed tasks from scratch.
+"""Train a reasoning testbed: a model that learns worked step-by-step solutions of reasoning-gym tasks.
 
 The testbed exists so that this project has a reasoning model on which low-bit PTQ visibly hurts and QAT
 visibly recovers, without any Hub access. It is trained with the SDK's own training loop (cross-entropy on
 the worked solutions, response tokens only), seeded, so that ``python -m rqat_sdk.testbed.train`` rebuilds
-it. The CPU size is committed with the package (``rqat_sdk/testbed/cpu``) and is the embedded default of
-``rqat demo``; the ``long`` size (the same model on longer worked solutions, committed as
-``rqat_sdk/testbed/long``) is the one that W3G128 hurts, for the result tables.
+it. Two sizes are Qwen3-architecture models trained from scratch: the CPU size is committed with the package
+(``rqat_sdk/testbed/cpu``) and is the embedded default of ``rqat demo``; the ``long`` size (committed as
+``rqat_sdk/testbed/long``) is the one that W3G128 hurts, for the result tables. The pretrained sizes
+(``smollm2``, ``gemma3``) fine-tune a real pretrained LLM, read from its offline package, into a reasoning
+teacher; they are rebuilt on a GPU from a seed rather than committed.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class TestbedSize:
     warmup_steps: int
     weight_decay: float
     max_seq_length: int = 256
+    base_model: str | None = None
+    """A pretrained model to fine-tune (anything ``--model`` takes); None trains a Qwen3 model from scratch."""
 
 
 SIZES = {
@@ -55,6 +59,13 @@ SIZES = {
     "long": TestbedSize("testbed-long", 128, 384, 2, 512, examples=60_000, steps=3000, batch_size=64,
                         micro_batch_size=64, learning_rate=3e-3, warmup_steps=100, weight_decay=0.0,
                         max_seq_length=384),
+    # Pretrained LLMs fine-tuned (all parameters) into reasoning teachers on the longer worked-math mix.
+    "smollm2": TestbedSize("worked-math", 576, 1536, 30, 49152, examples=48_000, steps=1500, batch_size=32,
+                           micro_batch_size=32, learning_rate=1e-4, warmup_steps=50, weight_decay=0.0,
+                           max_seq_length=512, base_model="gguf:smollm2-135m-instruct"),
+    "gemma3": TestbedSize("worked-math", 640, 2048, 18, 262144, examples=48_000, steps=1500, batch_size=32,
+                          micro_batch_size=32, learning_rate=5e-5, warmup_steps=50, weight_decay=0.0,
+                          max_seq_length=512, base_model="gguf:gemma3-270m"),
 }
 
 
@@ -67,9 +78,10 @@ def train_testbed(
     trains candidates that way).
     """
     from datasets import Dataset
+    from transformers import set_seed
 
     from rqat_sdk.data import tokenize_examples
-    from rqat_sdk.models import resolve_device
+    from rqat_sdk.models import load_model, load_tokenizer, resolve_device
     from rqat_sdk.modifiers.qat.batches import StepBatches
     from rqat_sdk.modifiers.qat.modifier import QATKDModifier
     from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
@@ -83,12 +95,17 @@ def train_testbed(
     output_dir = Path(output_dir)
     started = time.perf_counter()
     rows = testbed_rows(num_samples=spec.examples, seed=seed, mix=spec.mix)
-    corpus = [row["messages"][0]["content"] + "\n" + row["messages"][1]["content"] for row in rows[:5000]]
-    tokenizer = build_tokenizer(vocab_size=spec.vocab_size, corpus=corpus, split_digits=True)
-    model = build_model(
-        tokenizer, "qwen3", hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_layers=spec.num_layers, seed=seed,
-    ).to(resolve_device("auto"))
+    if spec.base_model is not None:
+        set_seed(seed)
+        model = load_model(spec.base_model)  # bf16 on a GPU; the optimizer keeps fp32 master weights
+        tokenizer = load_tokenizer(spec.base_model)
+    else:
+        corpus = [row["messages"][0]["content"] + "\n" + row["messages"][1]["content"] for row in rows[:5000]]
+        tokenizer = build_tokenizer(vocab_size=spec.vocab_size, corpus=corpus, split_digits=True)
+        model = build_model(
+            tokenizer, "qwen3", hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+            num_layers=spec.num_layers, seed=seed,
+        ).to(resolve_device("auto"))
     examples = tokenize_examples(Dataset.from_list(rows), tokenizer, max_seq_length=spec.max_seq_length)
     config = QATKDModifier(
         objective="sft", steps=steps, batch_size=spec.batch_size, micro_batch_size=spec.micro_batch_size,
@@ -108,7 +125,7 @@ def train_testbed(
     summary = trainer.train()
     record = {
         "size": name, "spec": asdict(spec), "steps": steps, "seed": seed, "benchmark": spec.mix,
-        "tasks": MIXES[spec.mix],
+        "tasks": MIXES[spec.mix], "base_model": spec.base_model,
         "parameters": sum(p.numel() for p in model.parameters()), "train": summary,
         "seconds": round(time.perf_counter() - started, 1), "device": str(model.device),
         "command": f"python -m rqat_sdk.testbed.train --size {name} --seed {seed} --steps {steps} {output_dir}",
