@@ -126,9 +126,12 @@ def over_training_seeds(runs: list[dict]) -> dict:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit, ``+dirty`` when it has uncommitted changes; None outside a git checkout."""
+    """The checkout's commit, ``+dirty`` when it has uncommitted changes; None outside a git checkout.
+    ``RQAT_COMMIT`` overrides it for a copied working tree whose ``.git`` is not the one it came from."""
     import subprocess
 
+    if os.environ.get("RQAT_COMMIT"):
+        return os.environ["RQAT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)

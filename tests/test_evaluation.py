@@ -52,6 +52,7 @@ def test_generated_benchmarks_use_held_out_seeds():
 @pytest.mark.parametrize("mix, tasks", [
     ("testbed", {"chain_sum", "leg_counting", "simple_equations"}),
     ("testbed-long", {"chain_sum", "leg_counting", "products"}),
+    ("worked-math", {"chain_sum", "leg_counting", "products", "gcd"}),
 ])
 def test_testbed_solutions_are_correct_and_scored_by_reasoning_gym(mix, tasks):
     from rqat_sdk.evaluation import score_response
@@ -75,6 +76,39 @@ def test_long_testbed_solutions_work_step_by_step():
         "42 * 5 = 210", "42 * 2 = 84", "42 * 20 = 840", "210 + 840 = 1050", "\\boxed{1050}"]
     problems = load_benchmark("testbed-long", num_examples=30)
     assert len(problems) == 30 and json.loads(problems[0].meta)["seed"] >= HELD_OUT_SEED_OFFSET
+
+
+def test_worked_math_numbers_its_steps_and_runs_euclid():
+    from rqat_sdk.testbed.tasks import numbered_solution
+
+    gcd = {"metadata": {"numbers": [1071, 462]}, "answer": 21}
+    assert numbered_solution("gcd", gcd).splitlines() == [
+        "Step 1: 1071 = 2 * 462 + 147", "Step 2: 462 = 3 * 147 + 21", "Step 3: 147 = 7 * 21 + 0",
+        "Answer: \\boxed{21}"]
+    problems = load_benchmark("worked-math", num_examples=8)
+    assert {json.loads(p.meta)["task"] for p in problems} == {"chain_sum", "leg_counting", "products", "gcd"}
+    assert all(json.loads(p.meta)["seed"] >= HELD_OUT_SEED_OFFSET for p in problems)
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss(tiny_qwen3):
+    import math
+
+    import torch
+
+    from rqat_sdk.evaluation import perplexity
+    from rqat_sdk.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_qwen3, dtype="float32", device="cpu"), load_tokenizer(tiny_qwen3)
+    texts = ["Step 1: 12 + 30 = 42", "Answer: 42 is the sum of twelve and thirty, computed in one step"]
+    ids = [torch.tensor([tokenizer(t)["input_ids"]]) for t in texts]
+    with torch.no_grad():
+        losses = [model(input_ids=i, labels=i).loss.item() for i in ids]
+    counts = [i.shape[1] - 1 for i in ids]
+    expected = math.exp(sum(loss * n for loss, n in zip(losses, counts)) / sum(counts))
+    assert perplexity(model, tokenizer, texts, batch_size=2) == pytest.approx(expected, rel=1e-4)
+    assert perplexity(model, tokenizer, texts, batch_size=1) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="at least one text"):
+        perplexity(model, tokenizer, [])
 
 
 def test_jsonl_benchmarks_need_gold_answers(tmp_path):
