@@ -52,7 +52,8 @@ def test_yaml_round_trip_keeps_every_value():
     assert again.stages[0].modifiers[0].rotations == ["R1"]
     assert again.stages[0].data.source == "reasoning-gym:chain_sum"
     dumped = yaml.safe_load(recipe.to_yaml())
-    assert dumped["scheme"]["weights"] == {"num_bits": 3, "group_size": 128, "symmetric": False, "observer": "minmax"}
+    assert dumped["scheme"]["weights"] == {"num_bits": 3, "group_size": 128, "symmetric": False, "observer": "minmax",
+                                         "group_size_fallback": "error"}
 
 
 def test_preset_is_saved_expanded():

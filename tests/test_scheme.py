@@ -59,7 +59,41 @@ def test_group_size_that_does_not_divide_a_layer_names_the_layer(tokenizer):
     assert "model.layers.0.mlp.down_proj (in_features=320)" in message
     assert "model.layers.1.mlp.down_proj (in_features=320)" in message
     assert "q_proj" not in message
+    assert "set scheme.weights.group_size_fallback to 'largest_divisor' or 'channel'" in message
     QuantScheme.model_validate("W2G64").check_model(model)  # 64 divides 320
+
+
+def fallback_scheme(fallback: str) -> QuantScheme:
+    return QuantScheme.model_validate({"weights": {"num_bits": 3, "group_size": 128, "group_size_fallback": fallback}})
+
+
+def test_group_size_fallback_resolves_per_layer(tokenizer):
+    model = build_model(tokenizer, "llama", hidden_size=256, intermediate_size=320)  # down_proj: in_features 320
+    downs = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert fallback_scheme("largest_divisor").group_size_fallbacks(model) == dict.fromkeys(downs, 64)
+    assert fallback_scheme("channel").group_size_fallbacks(model) == dict.fromkeys(downs, None)
+    assert fallback_scheme("error").group_size_fallbacks(model) == {}
+    fallback_scheme("channel").check_model(model)
+
+    groups = fallback_scheme("largest_divisor").config_groups(model)
+    assert [g.weights.group_size for g in groups.values()] == [128, 64]
+    assert groups["group_1"].targets == downs and len(groups["group_0"].targets) == 12
+    assert fallback_scheme("largest_divisor").config_groups()["group_0"].targets == ["Linear"]  # no model: as written
+    assert "the largest of 128/64/32 that fits" in fallback_scheme("largest_divisor").describe()
+
+
+def test_largest_divisor_without_a_fitting_size_names_the_layer_and_the_other_fallback(tokenizer):
+    model = build_model(tokenizer, "qwen3", intermediate_size=336)  # 336 = 16 * 21: no group of 32 fits
+    with pytest.raises(SchemeError) as info:
+        fallback_scheme("largest_divisor").check_model(model)
+    message = str(info.value)
+    assert "model.layers.0.mlp.down_proj (in_features=336)" in message and "no smaller vLLM group size" in message
+    assert "set scheme.weights.group_size_fallback to 'channel'" in message
+
+
+def test_group_size_fallback_needs_a_group_size():
+    with pytest.raises(ValueError, match="group_size_fallback is only used with a group_size"):
+        QuantScheme.model_validate({"weights": {"num_bits": 4, "group_size": None, "group_size_fallback": "channel"}})
 
 
 def test_targets_matching_nothing_is_an_error(tokenizer):

@@ -21,6 +21,15 @@ if TYPE_CHECKING:
 
 CONFIG_GROUP = "group_0"
 
+VLLM_GROUP_SIZES = (128, 64, 32)
+"""Group sizes vLLM's WNA16 kernels take on every GPU path, largest first. Marlin checks
+``c.group_size not in MARLIN_SUPPORTED_GROUP_SIZES`` with ``MARLIN_SUPPORTED_GROUP_SIZES = [-1, 32, 64, 128]``
+(-1: per channel) in ``vllm/model_executor/kernels/linear/mixed_precision/marlin.py`` and
+``quantization/utils/marlin_utils.py``; Machete takes ``[-1, 64, 128]``; the Humming kernel (2/3/5/6/7 bits)
+checks no group size. Marlin also needs each tensor-parallel shard's input width to be a multiple of it."""
+
+GroupSizeFallback = Literal["error", "largest_divisor", "channel"]
+
 
 class WeightQuant(StrictModel):
     """Integer weight quantization."""
@@ -33,20 +42,44 @@ class WeightQuant(StrictModel):
     """Symmetric (no zero point) or asymmetric (with an integer zero point)."""
     observer: Literal["minmax", "mse"] = "minmax"
     """How RTN and GPTQ choose scales: the min/max range, or the range that minimises squared error."""
+    group_size_fallback: GroupSizeFallback = "error"
+    """For a layer whose input width group_size does not divide: refuse the model ('error'); give that layer
+    the largest of vLLM's group sizes 128/64/32 that is at most group_size and divides its width
+    ('largest_divisor'); or quantize that layer per output channel ('channel'). The choice per layer is
+    logged, recorded in run.json and written into the checkpoint's quantization_config."""
 
-    def to_args(self) -> QuantizationArgs:
+    @model_validator(mode="after")
+    def _fallback_needs_groups(self) -> WeightQuant:
+        if self.group_size is None and self.group_size_fallback != "error":
+            raise ValueError("group_size_fallback is only used with a group_size (per-channel weights need none)")
+        return self
+
+    def to_args(self, group_size: int | None | Literal["scheme"] = "scheme") -> QuantizationArgs:
+        """compressed-tensors' arguments, at the scheme's group size or at ``group_size`` (None: per channel)."""
         from compressed_tensors.quantization import QuantizationArgs
 
+        group = self.group_size if group_size == "scheme" else group_size
         # llmcompressor's stateless min/max observer is what its GPTQ and RTN use for weights by default.
         observer = "memoryless_minmax" if self.observer == "minmax" else "memoryless_mse"
         return QuantizationArgs(
             num_bits=self.num_bits,
             type="int",
             symmetric=self.symmetric,
-            strategy="group" if self.group_size else "channel",
-            group_size=self.group_size,
+            strategy="group" if group else "channel",
+            group_size=group,
             observer=observer,
         )
+
+    def group_size_for(self, width: int) -> int | None | Literal["error"]:
+        """The group size a layer of input ``width`` gets (None: per channel), or 'error' when none fits."""
+        if not self.group_size or width % self.group_size == 0:
+            return self.group_size
+        if self.group_size_fallback == "channel":
+            return None
+        if self.group_size_fallback == "largest_divisor":
+            fits = [g for g in VLLM_GROUP_SIZES if g <= self.group_size and width % g == 0]
+            return fits[0] if fits else "error"
+        return "error"
 
 
 class ActivationQuant(StrictModel):
@@ -189,6 +222,9 @@ class QuantScheme(StrictModel):
         w = self.weights
         sym = "symmetric" if w.symmetric else "asymmetric"
         grouping = f"group {w.group_size}" if w.group_size else "per channel"
+        if w.group_size and w.group_size_fallback != "error":
+            other = "per channel" if w.group_size_fallback == "channel" else "the largest of 128/64/32 that fits"
+            grouping += f", {other} where {w.group_size} does not divide a layer"
         parts = [f"int{w.num_bits} weights ({sym}, {grouping})"]
         if self.input_activations is not None:
             a = self.input_activations
@@ -200,16 +236,37 @@ class QuantScheme(StrictModel):
             parts.append(f"int{self.kv_cache.num_bits} KV cache (per token and head, dynamic, Hadamard-rotated)")
         return "; ".join(parts)
 
-    def config_groups(self) -> dict[str, QuantizationScheme]:
-        """The compressed-tensors scheme that the PTQ modifiers attach and the exporter writes."""
+    def config_groups(self, model: torch.nn.Module | None = None) -> dict[str, QuantizationScheme]:
+        """The compressed-tensors scheme that the PTQ modifiers attach and the exporter writes.
+
+        Without ``model``, or when every targeted layer takes the scheme's group size, one group targets
+        ``scheme.targets``. When some layers of ``model`` need another group size
+        (:meth:`group_size_fallbacks`), there is one group per group size and every group lists its layers
+        by name: vLLM matches a fused layer (qkv_proj, gate_up_proj) by class name before it tries the
+        names of its parts, so a class-name target would win over a by-name exception.
+        """
         from compressed_tensors.quantization import QuantizationScheme
 
-        scheme = QuantizationScheme(
-            targets=list(self.targets),
-            weights=self.weights.to_args(),
-            input_activations=self.input_activations.to_args() if self.input_activations else None,
-        )
-        return {CONFIG_GROUP: scheme}
+        def group(targets: list[str], weights: QuantizationArgs) -> QuantizationScheme:
+            acts = self.input_activations.to_args() if self.input_activations else None
+            return QuantizationScheme(targets=targets, weights=weights, input_activations=acts)
+
+        fallbacks = self.group_size_fallbacks(model) if model is not None else {}
+        if not fallbacks:
+            return {CONFIG_GROUP: group(list(self.targets), self.weights.to_args())}
+        by_size: dict[int | None, list[str]] = {}
+        for name, module in self.targeted_modules(model):
+            by_size.setdefault(fallbacks.get(name, self.weights.group_size), []).append(name)
+        return {
+            f"group_{i}": group(names, self.weights.to_args(size)) for i, (size, names) in enumerate(by_size.items())
+        }
+
+    def group_size_fallbacks(self, model: torch.nn.Module) -> dict[str, int | None]:
+        """Targeted layers of ``model`` that take another group size than ``weights.group_size``, by name:
+        the group size each gets (None: per output channel), as ``weights.group_size_fallback`` chose it.
+        Empty when the scheme's group size divides every layer (or fallback is 'error': see check_model)."""
+        chosen = {name: self.weights.group_size_for(module.in_features) for name, module in self._linears(model)}
+        return {name: size for name, size in chosen.items() if size != self.weights.group_size and size != "error"}
 
     def targeted_modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """The (name, module) pairs this scheme quantizes, as compressed-tensors matches them."""
@@ -225,21 +282,46 @@ class QuantScheme(StrictModel):
                 f"scheme.targets {self.targets} (minus ignore {self.ignore}) match no layer of "
                 f"{type(model).__name__}"
             )
-        problems = []
-        for label, group in (("weights", self.weights.group_size), ("input_activations", self._act_group())):
-            if not group:
-                continue
-            bad = [(n, m.in_features) for n, m in modules if getattr(m, "in_features", 0) % group]
-            if bad:
-                listed = ", ".join(f"{n} (in_features={w})" for n, w in bad[:8])
-                more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
-                problems.append(
-                    f"scheme.{label}.group_size: {group} does not divide the input width of {len(bad)} "
-                    f"layer(s): {listed}{more}. Use a group size that divides every targeted layer's "
-                    f"in_features, or add those layers to scheme.ignore."
-                )
+        problems = [self._weight_group_problem(model), self._activation_group_problem(modules)]
+        problems = [p for p in problems if p]
         if problems:
             raise SchemeError("\n".join(problems))
 
+    def _weight_group_problem(self, model: torch.nn.Module) -> str | None:
+        w = self.weights
+        bad = [(n, m.in_features) for n, m in self._linears(model) if w.group_size_for(m.in_features) == "error"]
+        if not bad:
+            return None
+        fix = (
+            "set scheme.weights.group_size_fallback to 'channel'"
+            if w.group_size_fallback == "largest_divisor"
+            else "set scheme.weights.group_size_fallback to 'largest_divisor' or 'channel'"
+        )
+        return (
+            f"scheme.weights.group_size: {w.group_size} does not divide the input width of {len(bad)} layer(s)"
+            f"{' and no smaller vLLM group size (64, 32) does' if w.group_size_fallback == 'largest_divisor' else ''}: "
+            f"{_listed(bad)}. Use a group size that divides every targeted layer's in_features, {fix}, "
+            f"or add those layers to scheme.ignore."
+        )
+
+    def _activation_group_problem(self, modules: list[tuple[str, torch.nn.Module]]) -> str | None:
+        group = self._act_group()
+        bad = [(n, m.in_features) for n, m in modules if group and getattr(m, "in_features", 0) % group]
+        if not bad:
+            return None
+        return (
+            f"scheme.input_activations.group_size: {group} does not divide the input width of {len(bad)} "
+            f"layer(s): {_listed(bad)}. Use a group size that divides every targeted layer's in_features, "
+            f"or add those layers to scheme.ignore."
+        )
+
+    def _linears(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        return [(n, m) for n, m in self.targeted_modules(model) if hasattr(m, "in_features")]
+
     def _act_group(self) -> int | None:
         return self.input_activations.group_size if self.input_activations else None
+
+
+def _listed(layers: list[tuple[str, int]]) -> str:
+    listed = ", ".join(f"{n} (in_features={w})" for n, w in layers[:8])
+    return listed + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
