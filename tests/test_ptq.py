@@ -95,3 +95,119 @@ def test_rotations_leave_the_float_model_unchanged(request, float_output_change,
 
     change, rotated = float_output_change(request.getfixturevalue(architecture), rotate)
     assert rotated and change <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def odd_llama(tmp_path_factory):
+    """A Llama whose hidden width (192) 128 does not divide, while its MLP's (512) it does; head_dim 48."""
+    from rqat_sdk.testbed import build_model, build_tokenizer
+
+    directory = tmp_path_factory.mktemp("models") / "odd-llama"
+    tokenizer = build_tokenizer(vocab_size=512, corpus_size=80)
+    build_model(tokenizer, "llama", hidden_size=192, intermediate_size=512).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def w3g128_with(fallback: str) -> dict:
+    return {"weights": {"num_bits": 3, "group_size": 128, "symmetric": False, "group_size_fallback": fallback}}
+
+
+@pytest.mark.parametrize(
+    ("method", "fallback", "narrow"),
+    [("rtn", "largest_divisor", 64), ("gptq", "largest_divisor", 64), ("gptq", "channel", None)],
+)
+def test_group_size_fallback_is_attached_exported_and_reloaded(odd_llama, tmp_path, ptq_recipe, method, fallback,
+                                                              narrow):
+    recipe = ptq_recipe([{"type": method}], w3g128_with(fallback))
+    result = rqat_sdk.oneshot(odd_llama, recipe, "reasoning-gym:chain_sum", tmp_path / "o")
+    assert result.record["export"]["exact"] is True
+    layers = result.model.model.layers
+    hidden_wide = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj")
+    narrow_names = [f"model.layers.{i}.{p}" for i in range(2) for p in hidden_wide]
+    assert result.record["stages"][0]["metrics"]["group_size_fallbacks"] == dict.fromkeys(narrow_names, narrow)
+
+    # The model carries the per-layer choice, and the checkpoint's quantization_config says the same by name.
+    assert layers[0].self_attn.q_proj.quantization_scheme.weights.group_size == narrow
+    assert layers[0].mlp.down_proj.quantization_scheme.weights.group_size == 128
+    groups = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["config_groups"]
+    by_size = {g["weights"]["group_size"]: (g["weights"]["strategy"], sorted(g["targets"])) for g in groups.values()}
+    assert by_size == {128: ("group", ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]),
+                       narrow: ("group" if narrow else "channel", sorted(narrow_names))}
+    assert levels_per_group(layers[0].self_attn.q_proj.weight.detach(), narrow or 192) <= 8
+    assert levels_per_group(layers[0].mlp.down_proj.weight.detach(), 128) <= 8
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert reloaded.model.layers[1].self_attn.o_proj.quantization_scheme.weights.group_size == narrow
+    probe = probe_batch(result.tokenizer, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(probe).logits, result.model(probe).logits)
+
+
+def test_mixed_group_sizes_train_with_qat_and_export_exactly(odd_llama, tmp_path):
+    recipe = {
+        "version": 1, "scheme": w3g128_with("largest_divisor"),
+        "stages": [
+            {"name": "ptq", "data": {"num_samples": 8, "max_seq_length": 64}, "modifiers": [{"type": "gptq"}]},
+            {"name": "qat", "data": {"num_samples": 16, "max_seq_length": 64},
+             "modifiers": [{"type": "qat_kd", "steps": 3, "batch_size": 4, "learning_rate": 1e-2}]},
+        ],
+    }
+    before = rqat_sdk.oneshot(odd_llama, {**recipe, "stages": recipe["stages"][:1]}, "reasoning-gym:chain_sum")
+    result = rqat_sdk.oneshot(odd_llama, recipe, "reasoning-gym:chain_sum", tmp_path / "o")
+    assert result.record["export"]["exact"] is True
+    for name, group in (("self_attn.q_proj", 64), ("mlp.down_proj", 128)):
+        trained = result.model.get_submodule(f"model.layers.0.{name}").weight.detach()
+        assert not torch.equal(trained, before.model.get_submodule(f"model.layers.0.{name}").weight.detach())
+        assert 2 < levels_per_group(trained, group) <= 8
+
+
+def test_rotation_refuses_widths_a_hadamard_matrix_cannot_take(odd_llama, tmp_path, ptq_recipe):
+    recipe = ptq_recipe([{"type": "rotation"}, {"type": "rtn"}], w3g128_with("largest_divisor"))
+    message = r"rotation modifier's R1 \(hadamard\) cannot rotate LlamaForCausalLM's hidden_size 192: it must be a"
+    with pytest.raises(rqat_sdk.RqatError, match=message) as info:
+        rqat_sdk.oneshot(odd_llama, recipe, output_dir=tmp_path / "o")
+    assert "R2 (hadamard) cannot rotate LlamaForCausalLM's head_dim 48" in str(info.value)
+    assert "'random-hadamard' takes it" in str(info.value) and not (tmp_path / "o").exists()
+    # Known without loading the model when the recipe names a local model directory.
+    with pytest.raises(rqat_sdk.RqatError, match=r"stages\[0\].modifiers\[0\]: the rotation modifier's R1"):
+        Recipe.from_dict({**recipe, "model": str(odd_llama)})
+    random = [{"type": "rotation", "transform_type": "random-hadamard"}, {"type": "rtn"}]
+    Recipe.from_dict({**recipe, "model": str(odd_llama), "stages": [{**recipe["stages"][0], "modifiers": random}]})
+
+
+def test_rotation_refuses_gemma3_by_name(tmp_path, ptq_recipe):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from rqat_sdk.testbed import build_tokenizer
+
+    tokenizer = build_tokenizer(vocab_size=400, corpus_size=40)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=32)
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "gemma3")
+    tokenizer.save_pretrained(tmp_path / "gemma3")
+    recipe = ptq_recipe([{"type": "rotation", "transform_type": "random-hadamard"}, {"type": "rtn"}])
+    message = "the rotation modifier does not support Gemma3ForCausalLM; it supports LlamaForCausalLM, Qwen3ForCausalLM"
+    with pytest.raises(rqat_sdk.RqatError, match=message):
+        rqat_sdk.oneshot(tmp_path / "gemma3", recipe, output_dir=tmp_path / "o")
+    with pytest.raises(rqat_sdk.RqatError, match=message):
+        Recipe.from_dict({**recipe, "model": str(tmp_path / "gemma3")})
+
+
+def test_rotation_randomize_is_refused_at_validate_time(ptq_recipe):
+    with pytest.raises(rqat_sdk.RqatError, match=r"stages\[0\].modifiers\[0\].randomize: llmcompressor 0.14's"):
+        Recipe.from_dict(ptq_recipe([{"type": "rotation", "randomize": True}, {"type": "rtn"}]))
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_runs_are_reproducible(tiny_qwen3, tmp_path, ptq_recipe, method):
+    recipe = ptq_recipe([{"type": method}], "W3G128")
+    runs = [rqat_sdk.oneshot(tiny_qwen3, recipe, "reasoning-gym:chain_sum", tmp_path / str(run)) for run in range(2)]
+    records = [run.record for run in runs]
+    first, second = ((tmp_path / str(run) / "model.safetensors").read_bytes() for run in range(2))
+    assert first == second
+    calibration = records[0]["stages"][0]["metrics"][method]["calibration"]
+    assert calibration == records[1]["stages"][0]["metrics"][method]["calibration"]
+    assert calibration["torch_seed"] == 0 and calibration["samples"] == 8
+    assert calibration["order"].startswith("as drawn") and len(calibration["tokens_sha256"]) == 64

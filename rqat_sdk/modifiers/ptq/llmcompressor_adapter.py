@@ -18,12 +18,16 @@ side effects contained. Each call here:
 - under a multi-process launcher, runs single-threaded: every rank quantizes its own copy of the model
   (deterministically, from the same seeded data) instead of coordinating through compressed-tensors'
   distributed offloading, whose per-tensor broadcasts deadlocked here when ranks reached them out of step;
-- mutes llmcompressor's logging (see :mod:`rqat_sdk.logs`), modifier construction included.
+- mutes llmcompressor's logging (see :mod:`rqat_sdk.logs`), modifier construction included;
+- feeds calibration samples in the order our data layer drew them with the recipe's seed (llmcompressor
+  would shuffle them with an unseeded ``RandomSampler``, or sort them by length with an unstable sort that
+  may reorder ties), and seeds torch, so that the same recipe, seed and data give the same checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -37,19 +41,27 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from torch.utils.data import Sampler
+
     from rqat_sdk.recipe.scheme import QuantScheme
 
+
 def quantize_rtn(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scheme: QuantScheme, calibration: Dataset | None
-) -> None:
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    scheme: QuantScheme,
+    calibration: Dataset | None,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Round-to-nearest: scales from each weight's range; data only for static activation or KV scales."""
 
     def modifiers() -> list:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        return [QuantizationModifier(**_scheme_kwargs(scheme))]
+        return [QuantizationModifier(**_scheme_kwargs(scheme, model))]
 
-    _oneshot(model, tokenizer, modifiers, calibration)
+    return _oneshot(model, tokenizer, modifiers, calibration, seed)
 
 
 def quantize_gptq(
@@ -58,19 +70,20 @@ def quantize_gptq(
     scheme: QuantScheme,
     calibration: Dataset,
     *,
+    seed: int,
     block_size: int,
     dampening_frac: float,
     actorder: str | None,
-) -> None:
+) -> dict[str, Any]:
     """GPTQ: quantize column by column, folding each column's error into the rest through the Hessian."""
 
     def modifiers() -> list:
         from llmcompressor.modifiers.gptq import GPTQModifier
 
-        kwargs = _scheme_kwargs(scheme)
+        kwargs = _scheme_kwargs(scheme, model)
         return [GPTQModifier(**kwargs, block_size=block_size, dampening_frac=dampening_frac, actorder=actorder)]
 
-    _oneshot(model, tokenizer, modifiers, calibration)
+    return _oneshot(model, tokenizer, modifiers, calibration, seed)
 
 
 def quantize_awq(
@@ -79,18 +92,20 @@ def quantize_awq(
     scheme: QuantScheme,
     calibration: Dataset,
     *,
+    seed: int,
     duo_scaling: bool | str,
     n_grid: int,
-) -> None:
+) -> dict[str, Any]:
     """AWQ: search per-channel scales that protect salient weights, then round to nearest."""
 
     def modifiers() -> list:
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        return [AWQModifier(duo_scaling=duo_scaling, n_grid=n_grid), QuantizationModifier(**_scheme_kwargs(scheme))]
+        quantize = QuantizationModifier(**_scheme_kwargs(scheme, model))
+        return [AWQModifier(duo_scaling=duo_scaling, n_grid=n_grid), quantize]
 
-    _oneshot(model, tokenizer, modifiers, calibration)
+    return _oneshot(model, tokenizer, modifiers, calibration, seed)
 
 
 def rotate_spinquant(
@@ -118,11 +133,11 @@ def rotate_spinquant(
 
         return [RotationOnly(rotations=rotations, transform_type=transform_type, randomize=randomize)]
 
-    _oneshot(model, tokenizer, modifiers, None)
+    _oneshot(model, tokenizer, modifiers, None, 0)
 
 
-def _scheme_kwargs(scheme: QuantScheme) -> dict[str, Any]:
-    return {"config_groups": scheme.config_groups(), "ignore": list(scheme.ignore)}
+def _scheme_kwargs(scheme: QuantScheme, model: PreTrainedModel) -> dict[str, Any]:
+    return {"config_groups": scheme.config_groups(model), "ignore": list(scheme.ignore)}
 
 
 def _oneshot(
@@ -130,20 +145,43 @@ def _oneshot(
     tokenizer: PreTrainedTokenizerBase,
     make_modifiers: Callable[[], list],
     calibration: Dataset | None,
-) -> None:
+    seed: int,
+) -> dict[str, Any]:
+    """Run llmcompressor; what made the run repeatable: the torch seed, the sample order and the threads."""
     kwargs: dict[str, Any] = {}
     if calibration is not None:
         kwargs = {
             "dataset": calibration.select_columns(["input_ids", "attention_mask"]),
             "num_calibration_samples": len(calibration),
-            # Our data layer already chose and ordered the samples with the recipe's seed.
             "shuffle_calibration_samples": False,
             "max_seq_length": max(len(ids) for ids in calibration["input_ids"]),
         }
-    with _isolated(model):
+    torch.manual_seed(seed)
+    with _isolated(model), mock.patch("llmcompressor.datasets.utils._make_sampler", _drawn_order):
         from llmcompressor import oneshot
 
         oneshot(model=model, processor=tokenizer, recipe=make_modifiers(), output_dir=None, **kwargs)
+    return calibration_record(calibration, seed)
+
+
+def _drawn_order(args: Any, dataset: Dataset) -> Sampler:
+    """The samples in the order our data layer drew them (seeded by the recipe), every one of them."""
+    from torch.utils.data import SequentialSampler
+
+    return SequentialSampler(dataset)
+
+
+def calibration_record(calibration: Dataset | None, seed: int) -> dict[str, Any]:
+    """The torch seed, the calibration order and a digest of its tokens, and the CPU threads: what fixes
+    the result of a calibrated run (on CPU, matrix products may round differently with other thread counts)."""
+    record: dict[str, Any] = {"torch_seed": seed, "torch_threads": torch.get_num_threads()}
+    if calibration is not None:
+        digest = hashlib.sha256()
+        for ids in calibration["input_ids"]:
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+        record |= {"order": "as drawn (recipe seed), unshuffled", "samples": len(calibration),
+                   "tokens_sha256": digest.hexdigest()}
+    return record
 
 
 @contextlib.contextmanager

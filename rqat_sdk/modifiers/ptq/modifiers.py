@@ -6,10 +6,14 @@ llmcompressor; the algorithms live there and the calls live in :mod:`.llmcompres
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import field_validator
 
+from rqat_sdk.errors import SchemeError
 from rqat_sdk.models import attach_kv_cache_quantization
 from rqat_sdk.modifiers.base import Modifier
 from rqat_sdk.modifiers.ptq import llmcompressor_adapter as adapter
@@ -19,12 +23,39 @@ if TYPE_CHECKING:
     from rqat_sdk.recipe.recipe import Position, Recipe
     from rqat_sdk.session.state import SessionState
 
+log = logging.getLogger(__name__)
+
+ROTATION_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
+"""Architectures whose float output the rotation modifier leaves unchanged (tested). llmcompressor 0.14's
+SpinQuant maps LlamaForCausalLM and Cohere2MoeForCausalLM by name (``spinquant/mappings.py``; Cohere2-MoE
+needs its experts linearised first) and gives every other class Llama's module names and norm placement.
+Gemma 3 does not fit that: its scaled embedding is an Embedding subclass that compressed-tensors refuses to
+transform (NotImplementedError), and its norms on the attention and MLP outputs sit inside the residual
+stream, where R1 cannot be fused."""
+
+
+RANDOM_HADAMARD_HINT = "; transform_type 'random-hadamard' takes it"
+
 
 class _Quantizer(Modifier):
     quantizes = True
 
     def initialize(self, state: SessionState) -> None:
         state.scheme.check_model(state.model)
+        fallbacks = state.scheme.group_size_fallbacks(state.model)
+        if fallbacks:
+            log.info(
+                "scheme.weights.group_size_fallback %r: %d layer(s) take another group size than %s: %s",
+                state.scheme.weights.group_size_fallback, len(fallbacks), state.scheme.weights.group_size,
+                ", ".join(f"{name}={size or 'channel'}" for name, size in fallbacks.items()),
+            )
+            state.stage_metrics["group_size_fallbacks"] = fallbacks
+
+    def _record(self, state: SessionState, calibration: dict[str, Any]) -> None:
+        state.stage_metrics[self.type] = {"calibration": calibration}
+
+    def _seed(self, state: SessionState) -> int:
+        return state.recipe.seed + state.stage_index
 
     def finalize(self, state: SessionState) -> None:
         # The KV cache is quantized at run time, so there is nothing to calibrate: attention starts reading
@@ -42,7 +73,8 @@ class RTNModifier(_Quantizer):
         scheme = state.scheme
         static_scales = scheme.input_activations is not None and not scheme.input_activations.dynamic
         calibration = state.stage_data() if static_scales else None
-        adapter.quantize_rtn(state.model, state.tokenizer, scheme, calibration)
+        record = adapter.quantize_rtn(state.model, state.tokenizer, scheme, calibration, seed=self._seed(state))
+        self._record(state, record)
 
 
 class GPTQModifier(_Quantizer):
@@ -59,15 +91,17 @@ class GPTQModifier(_Quantizer):
     natural order."""
 
     def apply(self, state: SessionState) -> None:
-        adapter.quantize_gptq(
+        calibration = adapter.quantize_gptq(
             state.model,
             state.tokenizer,
             state.scheme,
             state.stage_data(),
+            seed=self._seed(state),
             block_size=self.block_size,
             dampening_frac=self.dampening_frac,
             actorder=self.actorder,
         )
+        self._record(state, calibration)
 
 
 class AWQModifier(_Quantizer):
@@ -86,14 +120,16 @@ class AWQModifier(_Quantizer):
         return []
 
     def apply(self, state: SessionState) -> None:
-        adapter.quantize_awq(
+        calibration = adapter.quantize_awq(
             state.model,
             state.tokenizer,
             state.scheme,
             state.stage_data(),
+            seed=self._seed(state),
             duo_scaling=self.duo_scaling,
             n_grid=self.n_grid,
         )
+        self._record(state, calibration)
 
 
 class RotationModifier(Modifier):
@@ -105,7 +141,7 @@ class RotationModifier(Modifier):
     transform_type: Literal["hadamard", "random-hadamard"] = "hadamard"
     """A fixed Hadamard matrix, or one with random sign flips."""
     randomize: bool = False
-    """Draw a fresh random matrix per layer instead of sharing one."""
+    """Draw a fresh random matrix per layer instead of sharing one (not implemented by llmcompressor 0.14)."""
 
     @field_validator("rotations")
     @classmethod
@@ -117,10 +153,44 @@ class RotationModifier(Modifier):
         return value
 
     def check(self, recipe: Recipe, at: Position) -> list[str]:
+        problems = []
         quantizer = recipe.quantizer_position()
         if quantizer is not None and quantizer < at:
-            return [f"{at.path}: rotation must come before the quantizing modifier at {quantizer.path}"]
-        return []
+            problems.append(f"{at.path}: rotation must come before the quantizing modifier at {quantizer.path}")
+        if self.randomize:
+            problems.append(f"{at.path}.randomize: llmcompressor 0.14's SpinQuant does not implement it; set false")
+        shape = _local_model_shape(recipe.model)
+        if shape is not None:
+            problems += [f"{at.path}: {p} (recipe.model {recipe.model})" for p in self._model_problems(*shape)]
+        return problems
+
+    def initialize(self, state: SessionState) -> None:
+        from compressed_tensors.utils import get_head_dim
+
+        config = state.model.config
+        problems = self._model_problems(type(state.model).__name__, config.hidden_size, get_head_dim(config))
+        if problems:
+            raise SchemeError("; ".join(problems))
+
+    def _model_problems(self, architecture: str, hidden_size: int, head_dim: int) -> list[str]:
+        """Why this rotation cannot run on a model of ``architecture`` with these widths (empty if it can)."""
+        problems = []
+        if architecture not in ROTATION_ARCHITECTURES:
+            problems.append(
+                f"the rotation modifier does not support {architecture}; it supports "
+                f"{', '.join(ROTATION_ARCHITECTURES)}"
+            )
+        sizes = {"R1": ("hidden_size", hidden_size), "R2": ("head_dim", head_dim)}
+        for rotation in self.rotations:
+            field, size = sizes[rotation]
+            if not hadamard_exists(size, self.transform_type):
+                need = "a power of two" if self.transform_type == "hadamard" else "a known Hadamard size x 2^n"
+                problems.append(
+                    f"the rotation modifier's {rotation} ({self.transform_type}) cannot rotate {architecture}'s "
+                    f"{field} {size}: it must be {need}"
+                    + (RANDOM_HADAMARD_HINT if hadamard_exists(size, "random-hadamard") else "")
+                )
+        return problems
 
     def apply(self, state: SessionState) -> None:
         adapter.rotate_spinquant(
@@ -130,6 +200,32 @@ class RotationModifier(Modifier):
             transform_type=self.transform_type,
             randomize=self.randomize,
         )
+
+
+def hadamard_exists(size: int, transform_type: str) -> bool:
+    """Whether compressed-tensors can build a ``transform_type`` Hadamard matrix of ``size``: 'hadamard'
+    needs a power of two; 'random-hadamard' a size k * 2**m for a k whose matrix it ships (12, 20, 36, ...)."""
+    from compressed_tensors.transform.utils.hadamard import REPO_PATH, is_pow2
+    from safetensors import safe_open
+
+    if transform_type == "hadamard":
+        return is_pow2(size)
+    with safe_open(REPO_PATH, framework="pt") as known:
+        return any(size % int(k) == 0 and is_pow2(size // int(k)) for k in known.keys())
+
+
+def _local_model_shape(model: str | None) -> tuple[str, int, int] | None:
+    """(architecture, hidden_size, head_dim) from a local model directory's config.json, if there is one."""
+    config_file = Path(model) / "config.json" if model else None
+    if config_file is None or not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    architectures, hidden = config.get("architectures") or [], config.get("hidden_size")
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
+    if not architectures or not hidden or not head_dim:
+        return None
+    return architectures[0], hidden, head_dim
 
 
 class FlatQuantModifier(Modifier):
@@ -203,13 +299,17 @@ class FlatQuantModifier(Modifier):
         ]
 
     def initialize(self, state: SessionState) -> None:
-        from rqat_sdk.errors import SchemeError
         from rqat_sdk.modifiers.ptq.flatquant import check_layers
 
         try:
             check_layers(state.model, state.scheme, tuple(self.transforms))
         except ValueError as exc:
             raise SchemeError(str(exc)) from None
+        if state.scheme.group_size_fallbacks(state.model):
+            raise SchemeError(
+                "flatquant calibrates every layer at one weight group size, and scheme.weights.group_size_fallback "
+                "gives some layers another; use a group size that divides every layer"
+            )
 
     def apply(self, state: SessionState) -> None:
         from rqat_sdk.modifiers.ptq.flatquant import CalibrationOptions, calibrate
