@@ -1,14 +1,23 @@
 """Write a quantized model as a compressed-tensors checkpoint, and prove the file matches the model.
 
+Before compressing, each quantized weight is replaced by the value the model's forward computes with (its
+codes dequantized): compression recomputes the codes from the weight it is given, and compressed-tensors
+does that with other arithmetic than its forward on CUDA (a float32 kernel, against the weight's own dtype),
+so a latent weight that training left near a rounding boundary could get another code in the file than in
+the model. A weight on its grid lies a whole number of steps from the zero point, far from any boundary,
+and every arithmetic recovers its code.
+
 After writing, the checkpoint is reloaded with ``transformers.AutoModelForCausalLM.from_pretrained`` and its
 logits on a probe batch are compared with the in-memory quantized model's: they must be bit-identical for
 weight-only schemes (and within float rounding where activations are quantized at run time). A mismatch is
-an :class:`~rqat_sdk.errors.ExportError` that names the layers whose weights differ.
+an :class:`~rqat_sdk.errors.ExportError` that names the module whose output first differs (in execution
+order) and the layers whose weights differ.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,7 +79,8 @@ def _export(
     start = time.perf_counter()
     fmt = checkpoint_format(scheme)
     probe = probe_batch(tokenizer, model.device)
-    expected = _logits(model, probe)
+    expected, expected_outputs = _traced_forward(model, probe)
+    snap_to_grid(model)
 
     with quiet_upstream_logs():  # it warns when a forced format differs from the one it would infer
         compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
@@ -87,19 +97,33 @@ def _export(
     tokenizer.save_pretrained(directory)
 
     reloaded = reload_checkpoint(directory, dtype=model.dtype, device=model.device)
-    actual = _logits(reloaded, probe)
+    actual, actual_outputs = _traced_forward(reloaded, probe)
     diff = (actual - expected).abs().max().item()
     exact = torch.equal(actual, expected)
-    tolerance_ok = scheme.input_activations is not None and diff <= ACTIVATION_RTOL * expected.abs().max().item()
-    if not (exact or tolerance_ok):
+    rtol = ACTIVATION_RTOL if scheme.input_activations is not None else 0.0
+    if not (exact or _close(expected, actual, rtol)):
+        first = _first_differing_output(expected_outputs, actual_outputs, rtol)
         layers = _differing_layers(model, reloaded)
         raise ExportError(
             f"the checkpoint written to {directory} does not reproduce the in-memory model: max |logit diff| "
-            f"{diff:.3g} on {probe.numel()} probe tokens ({fmt}); layers whose reloaded weights differ: "
-            f"{', '.join(layers[:8]) or 'none (the difference is outside the quantized weights)'}"
+            f"{diff:.3g} on {probe.numel()} probe tokens ({fmt}); the first module whose output differs: "
+            f"{first}; layers whose reloaded weights differ: {', '.join(layers[:8]) or 'none'}"
         )
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     return ExportReport(fmt, exact, diff, probe.numel(), size, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def snap_to_grid(model: PreTrainedModel) -> None:
+    """Replace every quantized weight by the one its layer's forward computes with, so that compression, in
+    whatever arithmetic, stores the codes the model ran with (see the module's docstring)."""
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    for module in model.modules():
+        args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+        if args is None or not getattr(module, "quantization_enabled", True):
+            continue
+        module.weight.data = forward_quantize(module, module.weight.data, "weight", args)
 
 
 def _refreeze(model: PreTrainedModel) -> None:
@@ -155,8 +179,68 @@ def probe_batch(tokenizer: PreTrainedTokenizerBase, device: torch.device) -> tor
 
 
 @torch.no_grad()
-def _logits(model: PreTrainedModel, probe: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=probe).logits.float()
+def _traced_forward(model: PreTrainedModel, probe: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """The logits on ``probe`` and each submodule's output (its first tensor), in the order the modules
+    finished: what a failed check compares to find where two models part."""
+    outputs: list[tuple[str, torch.Tensor]] = []
+
+    def record(name: str):
+        def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+            tensor = _first_tensor(output)
+            if tensor is not None:
+                outputs.append((name, tensor.detach().clone()))  # clone: a later in-place op must not change it
+
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
+    try:
+        logits = model(input_ids=probe).logits.float()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, outputs
+
+
+def _first_tensor(output: object) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return next((t for t in output if isinstance(t, torch.Tensor)), None)
+    return None
+
+
+def _close(expected: torch.Tensor, actual: torch.Tensor, rtol: float) -> bool:
+    """Equal shapes and values within ``rtol`` of the expected tensor's largest magnitude (0: identical)."""
+    if expected.shape != actual.shape:
+        return False
+    if rtol == 0.0:
+        return torch.equal(expected, actual)
+    bound = rtol * expected.float().abs().max().item()
+    return (expected.float() - actual.float()).abs().max().item() <= bound
+
+
+def _first_differing_output(
+    expected: list[tuple[str, torch.Tensor]], actual: list[tuple[str, torch.Tensor]], rtol: float
+) -> str:
+    """The first module, in execution order, whose output on the probe differs between the two models
+    (a module that runs several times is compared call by call), with its largest difference."""
+    theirs: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for name, tensor in actual:
+        theirs[name].append(tensor)
+    calls: dict[str, int] = defaultdict(int)
+    for name, tensor in expected:
+        index = calls[name]
+        calls[name] += 1
+        other = theirs[name][index] if index < len(theirs[name]) else None
+        if other is None:
+            return f"{name} (it did not run in the reloaded model)"
+        if not _close(tensor, other, rtol):
+            if tensor.shape != other.shape:
+                return f"{name} (output shape {tuple(tensor.shape)}, reloaded {tuple(other.shape)})"
+            return f"{name} (max |diff| {(tensor.float() - other.float()).abs().max().item():.3g})"
+    return "none (every module's output matches; only the final logits differ)"
 
 
 def _differing_layers(model: PreTrainedModel, reloaded: PreTrainedModel) -> list[str]:

@@ -8,6 +8,9 @@ from rqat_sdk.errors import ExportError
 from rqat_sdk.exporters import checkpoint_format, export_checkpoint
 from rqat_sdk.recipe import QuantScheme
 
+DATA = "reasoning-gym:chain_sum"
+W3G64 = {"weights": {"num_bits": 3, "group_size": 64, "symmetric": False}}
+
 
 def quantized(tiny_qwen3, ptq_recipe, scheme="W3G128"):
     return rqat_sdk.oneshot(tiny_qwen3, ptq_recipe([{"type": "rtn"}], scheme))
@@ -53,7 +56,30 @@ def test_a_checkpoint_that_does_not_reproduce_the_model_is_an_error_naming_the_l
         return model
 
     monkeypatch.setattr(ct_exporter, "reload_checkpoint", corrupted)
-    with pytest.raises(ExportError, match=r"does not reproduce the in-memory model.*model\.layers\.1\.mlp\.up_proj$"):
+    with pytest.raises(
+        ExportError,
+        match=r"does not reproduce the in-memory model.*the first module whose output differs: "
+        r"model\.layers\.1\.mlp\.up_proj \(max \|diff\| .*weights differ: model\.layers\.1\.mlp\.up_proj$",
+    ):
+        export_checkpoint(result.model, result.tokenizer, result.recipe.scheme, tmp_path)
+
+
+def test_a_difference_outside_the_weights_names_the_module_where_outputs_part(
+    tiny_qwen3, ptq_recipe, tmp_path, monkeypatch
+):
+    result = quantized(tiny_qwen3, ptq_recipe)
+    reload = ct_exporter.reload_checkpoint
+
+    def buffer_cast(directory, *, dtype, device):
+        model = reload(directory, dtype=dtype, device=device)
+        inv_freq = model.model.rotary_emb.inv_freq
+        inv_freq.copy_(inv_freq.to(torch.bfloat16).float())  # as a cast of buffers to bf16 would leave it
+        return model
+
+    monkeypatch.setattr(ct_exporter, "reload_checkpoint", buffer_cast)
+    with pytest.raises(
+        ExportError, match=r"the first module whose output differs: model\.rotary_emb .*weights differ: none$"
+    ):
         export_checkpoint(result.model, result.tokenizer, result.recipe.scheme, tmp_path)
 
 
@@ -64,3 +90,40 @@ def test_probe_batch_is_chat_formatted_and_rectangular(tiny_qwen3):
     probe = ct_exporter.probe_batch(tokenizer, torch.device("cpu"))
     assert probe.shape[0] == len(ct_exporter.PROBE_PROMPTS) and probe.shape[1] > 10
     assert tokenizer.decode(probe[0]).startswith("<|im_start|>user\nWhat is 17 * 23?")
+
+
+def quantize_in_float32(x, scale, zero_point, q_min, q_max, args, dtype=None, global_scale=None):
+    """compressed-tensors' ``_quantize`` (what compression stores) as its Triton kernel computes it on CUDA:
+    in float32 whatever the weight's dtype. Its fake-quantizing forward divides in the weight's dtype."""
+    if global_scale is not None:
+        scale = scale.float() / global_scale.float()
+    levels = x.float() / scale.float()
+    if zero_point is not None:
+        levels = levels + zero_point.float()
+    return levels.clamp(q_min, q_max).round().to(dtype or x.dtype)
+
+
+@pytest.fixture
+def compress_as_on_cuda(monkeypatch):
+    """Call it to make compressed-tensors compress with its CUDA arithmetic on this CPU."""
+    from compressed_tensors.utils.impl_backend import ImplBackend
+
+    return lambda: monkeypatch.setitem(ImplBackend._backends, "_quantize", [(quantize_in_float32, lambda *a, **k: True, 0)])
+
+
+def test_a_trained_bf16_model_exports_exactly_whatever_arithmetic_compression_uses(
+    tiny_llama, tmp_path, compress_as_on_cuda
+):
+    """Issue 23: training leaves latent weights anywhere between grid points; where one sat near a rounding
+    boundary, compression's float32 arithmetic (CUDA) gave it another code than the bf16 forward computed
+    with, and the export check refused SmolLM2 trained at lr >= 1e-4."""
+    qat = {"type": "qat_kd", "steps": 4, "batch_size": 4, "micro_batch_size": 4, "learning_rate": 1e-3}
+    recipe = {
+        "version": 1, "scheme": W3G64,
+        "stages": [{"name": "ptq", "data": {"num_samples": 8, "max_seq_length": 64}, "modifiers": [{"type": "rtn"}]},
+                   {"name": "qat", "data": {"num_samples": 16, "max_seq_length": 64}, "modifiers": [qat]}],
+    }
+    result = rqat_sdk.oneshot(tiny_llama, recipe, DATA, dtype="bfloat16", device="cpu")
+    compress_as_on_cuda()
+    report = export_checkpoint(result.model, result.tokenizer, result.recipe.scheme, tmp_path)
+    assert report.exact and report.max_abs_logit_diff == 0.0
