@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rqat_sdk
-from rqat_sdk.errors import CodeExecutionNotAllowed, ModelLoadError, OutputDirError
+from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError
 from rqat_sdk.exporters import probe_batch
 from rqat_sdk.modifiers import GPTQModifier, RotationModifier
 
@@ -75,6 +75,35 @@ def test_resume_after_a_crash_continues_from_the_last_stage(tiny_qwen3, tmp_path
     assert [s["name"] for s in resumed.record["stages"]] == ["rotate", "ptq"]
     assert not partial.exists() and (out / "model.safetensors").is_file()
     assert torch.equal(logits(resumed.model, resumed.tokenizer), logits(reference.model, reference.tokenizer))
+
+
+def test_a_failed_export_keeps_the_trained_model_and_resume_finishes_it(tiny_qwen3, tmp_path, monkeypatch, caplog):
+    import rqat_sdk.exporters
+
+    def refused(*args, **kwargs):
+        raise ExportError("simulated refusal")
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(rqat_sdk.exporters, "export_checkpoint", refused)
+        with pytest.raises(ExportError, match=r"simulated refusal\. The trained model is kept in .*01-ptq: once the "
+                           r"cause is fixed, `rqat run --resume` \(resume=True\) finishes the export"):
+            rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out)
+    partial = tmp_path / "out.partial"
+    assert not out.exists()
+    assert (partial / "checkpoints" / "01-ptq" / "stage.json").is_file()
+    assert not any(partial.glob(".export*")), "the failed export's files are removed, the checkpoints kept"
+
+    with monkeypatch.context() as patch, caplog.at_level("INFO", logger="rqat_sdk.session.engine"):
+        patch.setattr(RotationModifier, "apply", crash)  # no stage runs again
+        patch.setattr(GPTQModifier, "apply", crash)
+        resumed = rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out, resume=True)
+    assert "all 2 stages done; exporting" in caplog.text and "stage 3 of 2" not in caplog.text
+    assert resumed.record["resumed_at_stage"] == 2 and resumed.record["export"]["exact"]
+    assert [s["name"] for s in resumed.record["stages"]] == ["rotate", "ptq"]
+    assert not partial.exists() and (out / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(logits(reloaded, resumed.tokenizer), logits(resumed.model, resumed.tokenizer))
 
 
 def test_resume_refuses_checkpoints_of_another_recipe(tiny_qwen3, tmp_path, monkeypatch):

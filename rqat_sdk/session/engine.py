@@ -34,7 +34,7 @@ import torch
 
 from rqat_sdk import distributed
 from rqat_sdk.data import describe_source
-from rqat_sdk.errors import CodeExecutionNotAllowed, ModelLoadError, OutputDirError
+from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError
 from rqat_sdk.models import load_model, load_tokenizer, resolve_device
 from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
 from rqat_sdk.session.files import (
@@ -254,7 +254,7 @@ class Session:
                 self.recipe.save(self.work_dir / RECIPE_FILE)
         distributed.barrier()
         if resuming:
-            log.info("resuming %s at stage %d of %d", self.work_dir, first + 1, len(self.recipe.stages))
+            log.info("resuming %s: %s", self.work_dir, _resume_point_text(first, len(self.recipe.stages)))
         elif self.resume:
             log.info("nothing to resume in %s; starting from the first stage", self.work_dir)
         return first, checkpoint
@@ -370,6 +370,12 @@ class Session:
             report = export_checkpoint(state.model, state.tokenizer, self.recipe.scheme, tmp)
             for entry in tmp.iterdir():
                 os.replace(entry, self.work_dir / entry.name)
+        except ExportError as exc:
+            kept = self._stage_dir(len(self.recipe.stages) - 1)
+            raise ExportError(
+                f"{exc}. The trained model is kept in {kept}: once the cause is fixed, `rqat run --resume` "
+                f"(resume=True) finishes the export from it without rerunning any stage"
+            ) from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info(
@@ -402,6 +408,11 @@ class Session:
         from rqat_sdk.session.files import write_text_atomic
 
         write_text_atomic(self.work_dir / "README.md", model_card(self.recipe, record))
+
+
+def _resume_point_text(first: int, total: int) -> str:
+    """Where a resumed run starts, for the log: a stage, or only the export when every stage is done."""
+    return f"all {total} stages done; exporting" if first == total else f"at stage {first + 1} of {total}"
 
 
 def _checkpoint_dtype(directory: Path) -> torch.dtype:
