@@ -1,10 +1,11 @@
-"""Loading models and tokenizers the Hugging Face way, with errors that say what is wrong, and the model
-state that a checkpoint's config carries beyond compressed-tensors: KV-cache quantization (and learned online
-transforms, :mod:`rqat_sdk.transforms`)."""
+"""Loading models and tokenizers the Hugging Face way (or from a GGUF file, :mod:`rqat_sdk.gguf`), with errors
+that say what is wrong, and the model state that a checkpoint's config carries beyond compressed-tensors:
+KV-cache quantization (and learned online transforms, :mod:`rqat_sdk.transforms`)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rqat_sdk.errors import ModelLoadError
+from rqat_sdk.gguf import build_tokenizer, describe_gguf, is_gguf_source, load_gguf_model, resolve_gguf
 from rqat_sdk.transforms import restore_online_transforms
 
 if TYPE_CHECKING:
@@ -20,7 +22,10 @@ if TYPE_CHECKING:
 
     from rqat_sdk.recipe.scheme import KVCacheQuant
 
+log = logging.getLogger(__name__)
+
 _DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -39,32 +44,40 @@ def load_model(
     device: torch.device | str | None = None,
     allow_quantized: bool = False,
 ) -> PreTrainedModel:
-    """A causal LM from a local directory or a Hub id: full precision, unless ``allow_quantized``."""
+    """A causal LM from a local directory, a Hub id, a ``.gguf`` file or ``gguf:<name>`` (dequantized): full
+    precision, unless ``allow_quantized``. ``dtype="auto"``: :func:`choose_dtype`, :func:`choose_gguf_dtype`."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in _DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    target = resolve_device(device)
+    if is_gguf_source(source):
+        model = load_gguf_model(resolve_gguf(source), choose_gguf_dtype(dtype, target))
+        return model.to(target).eval()
     location = _check_location(source)
-    if location is not None and not allow_quantized:
-        config = json.loads((location / "config.json").read_text())
-        if "quantization_config" in config:
-            method = config["quantization_config"].get("quant_method", "unknown")
-            raise ModelLoadError(
-                f"{location} is already quantized ({method}); rqat starts from the full-precision model. "
-                f"To continue an interrupted run, pass resume=True (rqat run --resume) with the same output directory."
-            )
+    config = json.loads((location / "config.json").read_text()) if location is not None else {}
+    if "quantization_config" in config and not allow_quantized:
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise ModelLoadError(
+            f"{location} is already quantized ({method}); rqat starts from the full-precision model. "
+            f"To continue an interrupted run, pass resume=True (rqat run --resume) with the same output directory."
+        )
+    chosen = choose_dtype(dtype, target, stored=_stored_dtype(config))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=chosen)
     except OSError as exc:
         raise ModelLoadError(f"could not load model {str(source)!r}: {exc}") from None
     restore_kv_cache_quantization(model)
     restore_online_transforms(model, location)
-    return model.to(resolve_device(device)).eval()
+    return model.to(target).eval()
 
 
 def load_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer of a directory, a Hub id or a GGUF (rebuilt from the file's metadata, :mod:`rqat_sdk.gguf`)."""
     from transformers import AutoTokenizer
 
+    if is_gguf_source(source):
+        return build_tokenizer(resolve_gguf(source))
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as exc:
@@ -73,13 +86,78 @@ def load_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase:
         ) from None
 
 
+def describe_model_source(source: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """What the run started from, for run.json: a GGUF's file, sha256, quantization type and architecture
+    (and ``dtype``, what it was dequantized to); a directory's path; a Hub id."""
+    if is_gguf_source(source):
+        return {"source": str(source), **describe_gguf(resolve_gguf(source), dtype)}
+    location = _check_location(source)
+    if location is None:
+        return {"source": str(source), "format": "hub"}
+    return {"source": str(source), "format": "transformers", "path": str(location.resolve())}
+
+
+def choose_dtype(requested: str, device: torch.device, stored: torch.dtype | None) -> torch.dtype | str:
+    """The dtype to load a checkpoint saved in ``stored`` in. ``auto`` keeps the saved dtype (``"auto"`` for
+    transformers), except a half dtype that ``device`` only emulates (bf16 on a CPU without native bf16 is many
+    times slower than float32), which becomes float32 (logged)."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    fast, reason = fast_dtype(device)
+    if stored in _HALF and fast == torch.float32:
+        log.info("dtype auto: float32 instead of the checkpoint's %s (%s)", str(stored).removeprefix("torch."), reason)
+        return torch.float32
+    return "auto"
+
+
+def choose_gguf_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The dtype to dequantize a GGUF to: ``auto`` is what ``device`` computes fast (:func:`fast_dtype`),
+    since the file's own weights are quantized (logged)."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    fast, reason = fast_dtype(device)
+    log.info("dtype auto: %s (%s)", str(fast).removeprefix("torch."), reason)
+    return fast
+
+
+def fast_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """bf16 where ``device`` computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else
+    float32; and the reason, for the log."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, f"{torch.cuda.get_device_name(device)} computes bf16 natively"
+        return torch.float32, f"{torch.cuda.get_device_name(device)} has no native bf16"
+    if device.type == "cpu":
+        if cpu_has_native_bf16():
+            return torch.bfloat16, "this CPU computes bf16 natively (AVX512-BF16 or AMX)"
+        return torch.float32, "this CPU has no native bf16 (no AVX512-BF16 or AMX), so bf16 would be emulated"
+    return torch.float32, f"no bf16 rule for device type {device.type!r}"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matrix products natively here (AVX512-BF16 or AMX)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _stored_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    """The dtype a saved config records (``dtype``, or ``torch_dtype`` in older files)."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
 def _check_location(source: str | os.PathLike) -> Path | None:
     """The local directory ``source`` names, None for a Hub id; errors for paths that cannot be a model."""
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"model path {text!r} is a file; pass the directory that holds config.json")
+            raise ModelLoadError(
+                f"model path {text!r} is a file but not a .gguf file; pass the directory that holds config.json, "
+                f"or a .gguf file"
+            )
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory {text!r} has no config.json, so it is not a transformers model")
         return path
