@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="apply a recipe to a model and write a compressed-tensors checkpoint")
     run.add_argument("recipe", help="a recipe file, or the name of a bundled recipe (see `rqat recipes`)")
-    run.add_argument("--model", help="a local model directory or a Hugging Face hub id (default: the recipe's model)")
+    run.add_argument("--model", help="a local model directory, a Hugging Face hub id, a .gguf file (dequantized) or "
+                     "gguf:smollm2-135m-instruct / gguf:gemma3-270m (default: the recipe's model)")
     run.add_argument("--output-dir", required=True, type=Path, help="where the checkpoint goes")
     _add_run_options(run)
     run.set_defaults(handler=_run)
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     schema.set_defaults(handler=_schema)
 
     evaluate = commands.add_parser("eval", help="pass@1 of a model or checkpoint on a reasoning benchmark")
-    evaluate.add_argument("model", help="a model directory, an exported checkpoint, or a hub id")
+    evaluate.add_argument("model", help="a model directory, an exported checkpoint, a hub id, a .gguf file "
+                          "or gguf:NAME")
     evaluate.add_argument("--benchmark", default="testbed",
                           help="testbed, reasoning-gym:TASK[,TASK], a .jsonl file, gsm8k, math500, aime24, hf:ORG/NAME")
     evaluate.add_argument("--samples", type=int, default=3, help="answers per problem; pass@1 is their mean")
@@ -103,7 +105,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last stage")
     parser.add_argument("--allow-code", action="store_true", help="let the recipe import the Python code it names")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="auto: the checkpoint's dtype (float32 for bf16/fp16 on a CPU without native bf16); "
+                        "a GGUF: bf16 where the device computes it natively, else float32")
     parser.add_argument("--keep-checkpoints", default="last", choices=["all", "last", "none"])
 
 
