@@ -40,8 +40,8 @@ def generate(
 ) -> list[Completion]:
     """One completion per prompt, in order. Sampling is seeded per batch, so a run can be repeated."""
     texts = [_render(tokenizer, prompt) for prompt in prompts]
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     completions: list[Completion] = []
     was_training = model.training
     model.eval()
@@ -58,15 +58,27 @@ def generate(
             "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
         }
         output = model.generate(
-            **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=eos, **options
+            **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=stops, **options
         )
         for row in output[:, batch["input_ids"].shape[1] :].tolist():
-            ended = eos in row
-            kept = row[: row.index(eos) + 1] if ended else row
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            ended = end is not None
+            kept = row[: end + 1] if ended else row
             text = tokenizer.decode(kept, skip_special_tokens=True)
             completions.append(Completion(text, len(kept), not ended))
     model.train(was_training)
     return completions
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end an answer: the generation config's (Gemma 3 ends a chat turn with
+    ``<end_of_turn>``, not its ``<eos>``) and the tokenizer's EOS."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    ids = [*configured, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]
+    if not ids:
+        raise ValueError("neither the model's generation config nor the tokenizer names an end-of-sequence token")
+    return list(dict.fromkeys(ids))
 
 
 def generate_vllm(
