@@ -125,6 +125,28 @@ def over_training_seeds(runs: list[dict]) -> dict:
     }
 
 
+def training_settings(stages: list[str], args: argparse.Namespace) -> dict:
+    """The learning rates and step counts a row's training stages ran with."""
+    settings = {}
+    if "sft" in stages or "kd" in stages:
+        settings.update(qat_lr=args.qat_lr, qat_steps=args.qat_steps)
+    if "grpo" in stages:
+        settings.update(grpo_lr=args.grpo_lr, grpo_steps=args.grpo_steps)
+    return settings
+
+
+def rows_with_settings(record: dict, parser: argparse.ArgumentParser) -> list[dict]:
+    """A JSON file's rows, each with its training settings; rows written before rows recorded them take them
+    from the file's last command, read by this script's own parser."""
+    last = parser.parse_args(shlex.split(record["commands"][-1])[2:])
+    stages = {"SFT": ["sft"], "KD": ["kd"], "GRPO": ["grpo"]}
+    rows = []
+    for row in record["rows"]:
+        trained = [stage for part in row["method"].split("+") for stage in stages.get(part, [])]
+        rows.append({**training_settings(trained, last), **row})
+    return rows
+
+
 def git_commit() -> str | None:
     """The checkout's commit, ``+dirty`` when it has uncommitted changes; None outside a git checkout.
     ``RQAT_COMMIT`` overrides it for a copied working tree whose ``.git`` is not the one it came from."""
@@ -166,16 +188,23 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(6 * len(schemes) + 4 * bool(domain), 4.5), squeeze=False,
                              gridspec_kw={"width_ratios": [3] * len(schemes) + [2] * bool(domain)})
     for ax, scheme in zip(axes[0], schemes):
-        picked = sorted((r for r in bars if r["scheme"] == scheme), key=lambda r: _method_order(r["method"]))
-        names = [r["method"] for r in picked]
+        picked = sorted((r for r in bars if r["scheme"] == scheme),
+                        key=lambda r: (_method_order(r["method"]), r.get("qat_lr", 0)))
+        repeated = {r["method"] for r in picked if sum(o["method"] == r["method"] for o in picked) > 1}
+        names = [f"{r['method']} (lr {r['qat_lr']:g})" if r["method"] in repeated else r["method"] for r in picked]
         colors = ["#27a" if "GRPO" in n else "#4a7" if "KD" in n or "SFT" in n else "#999" for n in names]
         ax.bar(range(len(picked)), [100 * r["pass_at_1"] for r in picked], yerr=[100 * r["std"] for r in picked],
                color=colors, capsize=3)
-        ax.axhline(100 * bf16["pass_at_1"], color="k", linestyle="--", label=f"BF16 {100 * bf16['pass_at_1']:.1f}")
+        for x, r in enumerate(picked):
+            if "wiki_ppl" in r:  # general-domain perplexity beside the reasoning score
+                ax.text(x, 100 * r["pass_at_1"] + 3, f"ppl {r['wiki_ppl']:.0f}", ha="center", fontsize=7)
+        ppl = f", ppl {bf16['wiki_ppl']:.0f}" if "wiki_ppl" in bf16 else ""
+        ax.axhline(100 * bf16["pass_at_1"], color="k", linestyle="--", label=f"BF16 {100 * bf16['pass_at_1']:.1f}{ppl}")
         ax.set_xticks(range(len(picked)), names, rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_ylabel("pass@1 (%)")
-        ax.set_title(f"{scheme}: PTQ, then QAT")
+        model = picked[0].get("model", "testbed")
+        ax.set_title(f"{scheme}: PTQ, then QAT" + (f" ({model})" if model.startswith("gguf:") else ""))
         ax.legend(loc="lower right", fontsize=8)
     if domain:
         ax = axes[0][-1]
@@ -229,11 +258,19 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
     parser.add_argument("--plot", type=Path, help="write a PNG of the tables here")
     parser.add_argument("--plot-only", action="store_true", help="draw --plot from the rows in --json; run nothing")
+    parser.add_argument("--plot-also", nargs="+", type=Path, default=[],
+                        help="with --plot-only: more JSON files of the same testbed whose rows join the plot")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
+    if args.plot_only:
+        if not (args.json and args.json.exists() and args.plot):
+            parser.error("--plot-only draws the rows of an existing --json file into --plot")
+        records = [json.loads(path.read_text()) for path in (args.json, *args.plot_also)]
+        plot([row for record in records for row in rows_with_settings(record, parser)], records[0]["bf16"], args.plot)
+        return 0
     if not (args.testbed / "testbed.json").is_file():
         parser.error(f"--testbed {args.testbed}: no testbed.json there; pass a directory that "
                      "`python -m rqat_sdk.testbed.train` wrote (rqat_sdk/testbed/cpu or rqat_sdk/testbed/long)")
@@ -246,10 +283,6 @@ def main() -> int:
     if torch.cuda.is_available():
         teacher = teacher.cuda()
     previous = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else {}
-    if args.plot_only:
-        if not previous:
-            parser.error("--plot-only draws the rows of an existing --json file: pass it with --resume")
-        args.tables, args.schemes = [], []
     bf16 = previous.get("bf16") or over_training_seeds([measure(teacher, tokenizer, "BF16", args)])
     print(f"BF16: {bf16}", flush=True)
     rows = previous.get("rows", [])
@@ -287,7 +320,8 @@ def main() -> int:
             planned = {**recipe(scheme, init, stages, args, **data), "seed": seed}
             result = rqat_sdk.oneshot(args.testbed, planned, dtype=args.dtype)
             runs.append(measure(result.model, result.tokenizer, method, args))
-        row = {"table": table, "model": model_name, "scheme": scheme, "method": method, **over_training_seeds(runs),
+        row = {"table": table, "model": model_name, "scheme": scheme, "method": method, **training_settings(stages, args),
+               **over_training_seeds(runs),
                "bf16_pass_at_1": bf16["pass_at_1"], "seconds": round(time.perf_counter() - began, 1), **data}
         rows.append(row)
         print(json.dumps(row), flush=True)
