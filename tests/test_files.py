@@ -37,3 +37,20 @@ def test_write_text_atomic_and_cleanup(tmp_path):
     (tmp_path / "keep.tmp").write_text("")
     remove_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "keep.tmp"]
+
+
+def test_a_published_checkpoint_is_readable_like_any_new_file(tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "ckpt") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))  # safetensors itself writes 0600
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(mask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "ckpt").iterdir()}
+    assert modes == {"model.safetensors": "0o644", "config.json": "0o644"}

@@ -59,6 +59,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 def replace_directory(source: Path, target: Path) -> None:
     """Move ``source`` to ``target``; an existing ``target`` is kept aside until the move has happened."""
+    publish_modes(source)
     old = None
     if target.exists():
         old = _temporary_sibling(target)
@@ -66,6 +67,19 @@ def replace_directory(source: Path, target: Path) -> None:
     os.replace(source, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_modes(directory: Path) -> None:
+    """Give every file under ``directory`` the mode the umask gives a new file (0644 under umask 022).
+
+    safetensors writes through a private temporary file and so leaves ``model.safetensors`` at 0600, unlike
+    every other file of a checkpoint; others sharing the machine or the model directory could not read it.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
 
 
 def remove_temporaries(directory: Path) -> None:
