@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread unless the caller chose otherwise (before torch is imported, so torch and every `rqat`
+# subprocess read it): the tiny test models gain nothing from more, and on a shared machine (CI, a
+# newcomer's laptop) threads that wait on a descheduled partner make the suite 10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from rqat_sdk.testbed import write_tiny_model  # noqa: E402
 

@@ -83,9 +83,11 @@ def evaluate(
 
     ``num_examples`` caps the problems drawn (generated benchmarks draw exactly that many). ``greedy``
     decodes once per problem (``samples`` is then 1). ``backend="vllm"`` generates with vLLM in its own
-    environment (``model`` must then be a directory).
+    environment (``model`` must then be a directory). On CPU the process's thread count is set for the model
+    (:func:`rqat_sdk.threads.configure_threads`: one thread below 20M parameters unless the user chose).
     """
     from rqat_sdk.models import load_model, load_tokenizer
+    from rqat_sdk.threads import configure_threads
 
     started = time.perf_counter()
     if backend not in ("hf", "vllm"):
@@ -108,6 +110,7 @@ def evaluate(
         elif tokenizer is None:
             raise ValueError("evaluating a model object needs its tokenizer: pass tokenizer=")
         label = label or type(model).__name__
+        configure_threads(model)
         runs = [generate(model, tokenizer, prompts, sampling, batch_size=batch_size, seed=seed + k) for k in range(samples)]
     items, per_sample = [], [0.0] * samples
     for index, problem in enumerate(problems):

@@ -45,6 +45,7 @@ from rqat_sdk.session.files import (
     write_json_atomic,
 )
 from rqat_sdk.session.state import SessionState
+from rqat_sdk.threads import configure_threads
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -121,6 +122,7 @@ class Session:
             return self._load_finished()
         first_stage, checkpoint = self._prepare_work_dir()
         model, tokenizer = self._load(checkpoint)
+        configure_threads(model)
         state = SessionState(
             model,
             tokenizer,

@@ -88,6 +88,7 @@ def train_testbed(
     from rqat_sdk.session.files import atomic_directory
     from rqat_sdk.testbed.tasks import MIXES, testbed_rows
     from rqat_sdk.testbed.tiny import build_model, build_tokenizer
+    from rqat_sdk.threads import configure_threads
 
     spec = SIZES[size] if isinstance(size, str) else size
     name = size if isinstance(size, str) else "custom"
@@ -106,6 +107,7 @@ def train_testbed(
             tokenizer, "qwen3", hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
             num_layers=spec.num_layers, seed=seed,
         ).to(resolve_device("auto"))
+    configure_threads(model)
     examples = tokenize_examples(Dataset.from_list(rows), tokenizer, max_seq_length=spec.max_seq_length)
     config = QATKDModifier(
         objective="sft", steps=steps, batch_size=spec.batch_size, micro_batch_size=spec.micro_batch_size,
