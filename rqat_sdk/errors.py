@@ -17,8 +17,11 @@ class RecipeError(RqatError):
     ``"stages[1].modifiers[0].dampening_frac: 1.5 is not in 0..1"``.
     """
 
+    MAX_LINE = 500
+    """Characters of one problem line: a recipe is untrusted input, and a line may quote part of it."""
+
     def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
+        self.problems = [p if len(p) <= self.MAX_LINE else p[: self.MAX_LINE] + " [...]" for p in problems]
         self.source = source
         where = f" in {source}" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)

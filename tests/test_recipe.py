@@ -103,6 +103,39 @@ def test_duplicate_yaml_keys_and_syntax_errors_give_lines():
     assert "a recipe is a YAML mapping" in message
 
 
+def billion_laughs(levels: int = 9) -> str:
+    lines = ['a0: &a0 "lol"']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + f"\nversion: 1\nscheme: W4A16\nname: *a{levels}\nstages: []\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(billion_laughs())
+    started = time.perf_counter()
+    with pytest.raises(RecipeError) as info:
+        load_recipe(str(path))
+    assert time.perf_counter() - started < 5
+    (message,) = info.value.problems
+    assert "aliases (*name) written out" in message and "more than a recipe may hold" in message
+    assert len(str(info.value)) < 1000
+    # A few aliases are fine, and a value echoed by an error message is cut short.
+    assert Recipe.from_yaml("version: 1\nscheme: &s W4A16\nname: n\nstages: [{name: a, modifiers: [{type: rtn}]}]\n")
+    (message,) = problems(f"version: 1\nscheme: W4A16\nname: {['x' * 10_000] * 50}\nstages: [{{name: a, modifiers: [{{type: rtn}}]}}]\n")
+    assert message.startswith("name: ") and len(message) < 600
+
+
+def test_an_oversized_recipe_is_refused_before_it_is_parsed(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("version: 1\n" + "# padding\n" * 200_000)
+    with pytest.raises(RecipeError, match=r"2000011 bytes is more than a recipe may hold \(1048576\)"):
+        Recipe.from_file(path)
+    (message,) = problems("[" * 100_000)
+    assert message == "the YAML is nested too deeply to be a recipe"
+
+
 def test_semantic_checks():
     twice = problems(with_stage("[{type: rtn}, {type: gptq}]"))
     assert twice == ["stages[0].modifiers[1]: the model is already quantized by stages[0].modifiers[0]; a recipe quantizes once"]

@@ -9,6 +9,7 @@ enclosing model allows when a key is unknown.
 from __future__ import annotations
 
 import difflib
+import reprlib
 import types
 import typing
 from typing import Any
@@ -16,12 +17,20 @@ from typing import Any
 from pydantic import BaseModel
 
 
+def shown(value: Any) -> str:
+    """``repr(value)`` cut short: a recipe is untrusted input and an error message echoes part of it only."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, 80, 80
+    short.maxlist = short.maxdict = short.maxtuple = 5
+    return short.repr(value)
+
+
 def describe(root: type[BaseModel], error: dict[str, Any]) -> list[str]:
     path, model, node, union = _walk(root, error["loc"])
     kind = error["type"]
     value = error.get("input")
     if union is not None:  # one error per member of a plain union: report the union once
-        return [f"{path}: {value!r} is not one of: {_describe_union(union)}"]
+        return [f"{path}: {shown(value)} is not one of: {_describe_union(union)}"]
     if kind == "extra_forbidden":
         key = str(error["loc"][-1])
         allowed = list(model.model_fields) if model else []
@@ -32,11 +41,11 @@ def describe(root: type[BaseModel], error: dict[str, Any]) -> list[str]:
         if kind == "union_tag_not_found":
             return [f"{where}: missing; one of: {', '.join(tags)}"]
         tag = error["ctx"]["tag"]
-        return [f"{where}: {tag!r} is not one of: {', '.join(tags)}{_did_you_mean(tag, tags)}"]
+        return [f"{where}: {shown(tag)} is not one of: {', '.join(tags)}{_did_you_mean(tag, tags)}"]
     if kind == "missing":
         return [f"{path}: required field missing"]
     if kind == "literal_error":
-        return [f"{path}: {value!r} is not one of: {error['ctx']['expected']}"]
+        return [f"{path}: {shown(value)} is not one of: {error['ctx']['expected']}"]
     message = str(error["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
@@ -45,7 +54,7 @@ def describe(root: type[BaseModel], error: dict[str, Any]) -> list[str]:
         lines = message.splitlines()
         return [line if not path or line.startswith(("stages", "scheme")) else f"{path}: {line}" for line in lines]
     message = message[0].lower() + message[1:] if message else message
-    return [f"{path}: {message} (got {value!r})" if "input" in error else f"{path}: {message}"]
+    return [f"{path}: {message} (got {shown(value)})" if "input" in error else f"{path}: {message}"]
 
 
 def _walk(root: type[BaseModel], loc: tuple) -> tuple[str, type[BaseModel] | None, Any, Any]:

@@ -226,6 +226,7 @@ class Recipe(StrictModel):
         path = Path(path)
         if not path.is_file():
             raise RecipeError([f"recipe file {str(path)!r} does not exist"], str(path))
+        _check_size(path.stat().st_size, str(path))
         return cls.from_yaml(path.read_text(encoding="utf-8"), str(path))
 
     def to_yaml(self) -> str:
@@ -275,9 +276,59 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _safe_load(text: str, source: str | None) -> Any:
+MAX_RECIPE_BYTES = 1 << 20
+"""Recipes are a few kilobytes; a larger input is refused before it is parsed."""
+MAX_EXPANDED_CHARS = 4 * MAX_RECIPE_BYTES
+"""A bound on a recipe with its aliases written out (values plus one per node): what validation walks."""
+
+
+def _check_size(size: int, source: str | None) -> None:
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError([f"{size} bytes is more than a recipe may hold ({MAX_RECIPE_BYTES})"], source)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """The size of ``node`` with every alias in it written out (characters of its values, plus one per node),
+    counted without expanding anything.
+
+    A YAML alias reuses a node, so nested aliases ("billion laughs") turn a few hundred bytes into billions of
+    values that validation and error messages would walk; ``sizes`` memoises the shared nodes.
+    """
+    if id(node) not in sizes:
+        if isinstance(node, yaml.ScalarNode):
+            size = len(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size = sum(_expanded_size(key, sizes) + _expanded_size(value, sizes) for key, value in node.value)
+        else:
+            size = sum(_expanded_size(child, sizes) for child in node.value)
+        sizes[id(node)] = 1 + size
+    return sizes[id(node)]
+
+
+def _compose(text: str, source: str | None) -> Any:
+    """Safe YAML to Python, refusing a document whose aliases expand it beyond :data:`MAX_EXPANDED_CHARS`."""
+    loader = _UniqueKeyLoader(text)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_EXPANDED_CHARS:
+            raise RecipeError([
+                f"with its aliases (*name) written out the YAML would be {size} characters, more than a recipe may "
+                f"hold ({MAX_EXPANDED_CHARS}); write the values out, or use fewer nested aliases"
+            ], source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _safe_load(text: str, source: str | None) -> Any:
+    _check_size(len(text.encode("utf-8", errors="replace")), source)
+    try:
+        data = _compose(text, source)
+    except RecursionError:
+        raise RecipeError(["the YAML is nested too deeply to be a recipe"], source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
