@@ -208,6 +208,22 @@ def test_divergence_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_qwen
     assert not (tmp_path / "out").exists()
 
 
+def test_an_exploding_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_qwen3, tmp_path, monkeypatch):
+    original = trainer_module.lm_head_loss
+    calls = {"n": 0}
+
+    def exploding(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * 1e4 if calls["n"] > 12 else loss  # 2 micro-batches a step: explodes at step 7
+
+    monkeypatch.setattr(trainer_module, "lm_head_loss", exploding)
+    with pytest.raises(TrainingDiverged, match=r"stage 'qat' step 7: the loss \S+ is more than max_loss_ratio 100 "
+                       r"times the first step's \S+: training diverged; the weights were not updated.*step-0000004"):
+        rqat_sdk.oneshot(tiny_qwen3, recipe(), DATA, tmp_path / "out")
+    assert (tmp_path / "out.partial" / "checkpoints" / "01-qat.progress" / "step-0000004" / "trainer.pt").is_file()
+
+
 def test_packing_gives_the_same_loss_as_padding(tiny_qwen3, tmp_path):
     padded = rqat_sdk.oneshot(tiny_qwen3, recipe(steps=1, logging_steps=1), DATA, tmp_path / "a")
     packed = rqat_sdk.oneshot(tiny_qwen3, recipe(steps=1, logging_steps=1, packing=True), DATA, tmp_path / "b")

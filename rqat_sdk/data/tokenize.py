@@ -24,6 +24,30 @@ def tokenize_examples(examples: Dataset, tokenizer: PreTrainedTokenizerBase, max
     return Dataset.from_list(rows)
 
 
+def has_response(row: dict[str, Any]) -> bool:
+    """Whether training counts any token of ``row``: plain text, or a chat ending with the assistant's turn."""
+    return bool(row.get("text")) or (bool(row.get("messages")) and row["messages"][-1]["role"] == "assistant")
+
+
+def check_trainable(examples: Dataset, field: str) -> None:
+    """Refuse examples with no response to train on: the loss and its gradient would be zero, and the stage
+    would run to the end and export an unchanged model. ``field`` names the source in the message."""
+    if not any(has_response(row) for row in examples):
+        raise DatasetError(
+            f"{field}: none of its {len(examples)} examples has a response to train on (a final assistant message, "
+            f"a response/completion/solution/answer column, or plain text); training counts response tokens only"
+        )
+
+
+def check_trainable_tokens(data: Dataset, field: str, max_seq_length: int) -> None:
+    """Refuse tokenized examples whose responses were all cut off by truncation to ``max_seq_length``."""
+    if not any(label != IGNORE_INDEX for labels in data["labels"] for label in labels):
+        raise DatasetError(
+            f"{field}: truncated to max_seq_length {max_seq_length} tokens, no example keeps a response token to "
+            f"train on; raise the stage's data.max_seq_length or shorten the prompts"
+        )
+
+
 def _tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_len: int) -> dict[str, list[int]]:
     if row.get("messages"):
         text, response_start = _render_chat(row["messages"], tokenizer)

@@ -34,6 +34,8 @@ class Modifier(StrictModel):
     """True when :meth:`apply` reads the stage's dataset (calibration or training data)."""
     trains_quantized: ClassVar[bool] = False
     """True for modifiers that train the quantized model, so they must come after the quantizing one."""
+    trains_on_responses: ClassVar[bool] = False
+    """True when :meth:`apply` learns from the data's responses, so data without any is refused up front."""
 
     def check(self, recipe: Recipe, at: Position) -> list[str]:
         """Problems with this modifier's place in ``recipe`` (it stands ``at`` there), found without a model."""

@@ -39,7 +39,8 @@ class SessionState:
     stage_index: int = 0
     stage_metrics: dict[str, Any] = field(default_factory=dict)
     """What the current stage's modifiers report (losses, throughput); copied into the run record."""
-    _examples: dict[int, Dataset] = field(default_factory=dict, repr=False)
+    examples: dict[int, Dataset] = field(default_factory=dict, repr=False)
+    """Each stage's examples by index, loaded once; the session loads training stages' before the model."""
     _data: dict[int, Dataset] = field(default_factory=dict, repr=False)
     _teachers: dict[tuple, PreTrainedModel] = field(default_factory=dict, repr=False)
 
@@ -68,24 +69,11 @@ class SessionState:
 
     def stage_examples(self) -> Dataset:
         """The current stage's examples (chats or text, with gold answers), loaded once per stage."""
-        if self.stage_index not in self._examples:
-            source = self.stage_source()
-            where = f"stages[{self.stage_index}].data.source"
-            if source is None:
-                raise DatasetError(
-                    f"stage {self.stage.name!r} needs data: pass dataset= to oneshot (--dataset on the command "
-                    f"line) or set {where} in the recipe"
-                )
-            config = self.stage.data
-            log.info("stage %r: loading %d examples from %s", self.stage.name, config.num_samples, describe_source(source))
-            self._examples[self.stage_index] = load_examples(
-                source,
-                num_samples=config.num_samples,
-                seed=self.recipe.seed,
-                allow_code=self.allow_code,
-                field=where if self.stage.data.source is not None else "dataset",
+        if self.stage_index not in self.examples:
+            self.examples[self.stage_index] = load_stage_examples(
+                self.recipe, self.stage_index, self.run_dataset, allow_code=self.allow_code
             )
-        return self._examples[self.stage_index]
+        return self.examples[self.stage_index]
 
     def stage_data(self) -> Dataset:
         """The current stage's examples, tokenized with the chat template."""
@@ -116,3 +104,30 @@ class SessionState:
             teacher.eval().requires_grad_(False)
             self._teachers[key] = teacher
         return self._teachers[key]
+
+
+def stage_data_field(recipe: Recipe, index: int, run_dataset: DatasetInput | None) -> str:
+    """Where stage ``index``'s data comes from, as error messages name it: its recipe field or the run's dataset."""
+    if recipe.stages[index].data.source is not None:
+        return f"stages[{index}].data.source ({recipe.stages[index].data.source})"
+    return f"dataset ({describe_source(run_dataset)})" if run_dataset is not None else "dataset"
+
+
+def load_stage_examples(recipe: Recipe, index: int, run_dataset: DatasetInput | None, *, allow_code: bool) -> Dataset:
+    """Stage ``index``'s examples (chats or text, with gold answers): its own source, else the run's dataset."""
+    stage = recipe.stages[index]
+    source = stage.data.source if stage.data.source is not None else run_dataset
+    where = f"stages[{index}].data.source"
+    if source is None:
+        raise DatasetError(
+            f"stage {stage.name!r} needs data: pass dataset= to oneshot (--dataset on the command line) or set "
+            f"{where} in the recipe"
+        )
+    log.info("stage %r: loading %d examples from %s", stage.name, stage.data.num_samples, describe_source(source))
+    return load_examples(
+        source,
+        num_samples=stage.data.num_samples,
+        seed=recipe.seed,
+        allow_code=allow_code,
+        field=where if stage.data.source is not None else "dataset",
+    )

@@ -13,6 +13,7 @@ from rqat_sdk.modifiers.base import Modifier
 from rqat_sdk.recipe.fields import FloatRange, IntRange
 
 if TYPE_CHECKING:
+    from rqat_sdk.recipe.recipe import Position, Recipe
     from rqat_sdk.session.state import SessionState
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class QATKDModifier(Modifier):
     type: Literal["qat_kd"] = "qat_kd"
     needs_data = True
     trains_quantized = True
+    trains_on_responses = True
 
     objective: Literal["kd", "sft"] = "kd"
     """``kd``: match the teacher's next-token distribution; ``sft``: cross-entropy on the data's responses."""
@@ -84,6 +86,9 @@ class QATKDModifier(Modifier):
     """Write a resumable checkpoint every this many steps."""
     logging_steps: IntRange(1, None) = 10
     """Log loss, learning rate, gradient norm and throughput every this many steps."""
+    max_loss_ratio: FloatRange(1.0, None) | None = 100.0
+    """Stop the stage when a step's loss exceeds this multiple of its first step's loss (training has diverged
+    and would ruin the model); null to never stop."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under a multi-process launcher: DDP, or FSDP2 sharding of the transformer blocks."""
 
@@ -95,6 +100,13 @@ class QATKDModifier(Modifier):
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         return self
+
+    def warnings(self, recipe: Recipe, at: Position) -> list[str]:
+        if self.learning_rate > 0:
+            return []
+        others = [name for name, on in (("scales", self.learn_scales), ("clipping", self.learn_clipping)) if on]
+        trained = f"only the {' and '.join(others)} train" if others else "nothing trains and the stage changes nothing"
+        return [f"{at.path}.learning_rate: 0 leaves the weights unchanged; {trained}"]
 
     def wants_original_model(self) -> bool:
         return self.objective == "kd" and self.teacher is None
@@ -114,15 +126,21 @@ class QATKDModifier(Modifier):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def apply(self, state: SessionState) -> None:
+        from rqat_sdk.data import check_trainable_tokens
         from rqat_sdk.modifiers.qat.batches import StepBatches
         from rqat_sdk.modifiers.qat.layers import tracking_codes
         from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
+        from rqat_sdk.session.state import stage_data_field
 
         teacher = None
         if self.objective == "kd":
             teacher = state.teacher(self.teacher, dtype=self._export_dtype)
+        data = state.stage_data()
+        check_trainable_tokens(
+            data, stage_data_field(state.recipe, state.stage_index, state.run_dataset), state.stage.data.max_seq_length
+        )
         batches = StepBatches(
-            state.stage_data(),
+            data,
             batch_size=self.batch_size,
             micro_batch_size=self.micro_batch_size,
             seed=state.recipe.seed + state.stage_index,

@@ -5,7 +5,8 @@ by the number of response tokens in the whole step, clips the gradient norm, and
 separate learning rates for weights, quantization scales, clipping factors and online transforms. Every ``save_steps`` the
 model, optimizer, scheduler and RNG states are written atomically to the stage's progress directory;
 a resumed run loads the newest one and continues bit-identically (data order depends only on the step).
-A non-finite loss or gradient stops the stage before the optimizer touches the weights.
+A non-finite loss or gradient, or a loss above ``max_loss_ratio`` times the first step's, stops the stage
+before the optimizer touches the weights.
 """
 
 from __future__ import annotations
@@ -47,7 +48,17 @@ STATE_FILE = "trainer.pt"
 
 
 class TrainingDiverged(RqatError):
-    """The loss or the gradient became NaN or infinite."""
+    """The loss or the gradient became NaN or infinite, or the loss grew past ``max_loss_ratio``."""
+
+
+def format_loss(loss: float) -> str:
+    """A loss as the progress bar and the run summary show it: KD losses near 1e-4 must not read 0.0000."""
+    return f"{loss:.4f}" if loss == 0 or 1e-2 <= abs(loss) < 1e4 or not math.isfinite(loss) else f"{loss:.2e}"
+
+
+def loss_exploded(loss: float, first: float, max_ratio: float | None) -> bool:
+    """Whether ``loss`` has grown past ``max_ratio`` times the stage's ``first`` loss (never, with no ratio)."""
+    return max_ratio is not None and first > 0 and loss > max_ratio * first
 
 
 @dataclass
@@ -121,6 +132,7 @@ class DistillationTrainer:
         self.optimizer = _optimizer(config, trained, device)
         self.scheduler = _scheduler(config, self.optimizer.optimizer)
         self.writer = _tensorboard(paths.log_file)
+        self._first_loss: float | None = None
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -140,7 +152,7 @@ class DistillationTrainer:
             if (step + 1) % config.logging_steps == 0 or step + 1 == config.steps:
                 elapsed = time.perf_counter() - window_start
                 metrics = self._metrics(step + 1, loss, window_tokens / max(elapsed, 1e-9))
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=format_loss(loss), lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 self._log(metrics)
                 window_start, window_tokens = time.perf_counter(), 0
             bar.update(1)
@@ -192,18 +204,29 @@ class DistillationTrainer:
             grad_norm = grad_norm.full_tensor()
         value, norm = torch.stack([total.float(), grad_norm.float()]).tolist()  # the step's one host sync
         if not (math.isfinite(value) and math.isfinite(norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"stage {self.stage!r} step {step + 1}: the loss is {value} and the gradient norm "
-                f"{norm}; the weights were not updated. The last good checkpoint is "
-                f"{self._latest_checkpoint() or 'the previous stage checkpoint'}; lower the learning rate "
-                f"(or enable max_grad_norm) and rerun with --resume."
+            self._stop(step, f"the loss is {value} and the gradient norm {norm}", "or enable max_grad_norm")
+        self._first_loss = value if self._first_loss is None else self._first_loss
+        if loss_exploded(value, self._first_loss, self.config.max_loss_ratio):
+            self._stop(
+                step,
+                f"the loss {format_loss(value)} is more than max_loss_ratio {self.config.max_loss_ratio:g} times the "
+                f"first step's {format_loss(self._first_loss)}: training diverged",
+                "or raise max_loss_ratio",
             )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._grad_norm = norm
         return value, int(tokens)
+
+    def _stop(self, step: int, why: str, remedy: str) -> None:
+        """Stop the stage before this step's update: the weights keep the last step that trained sanely."""
+        self.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(
+            f"stage {self.stage!r} step {step + 1}: {why}; the weights were not updated. The last good checkpoint "
+            f"is {self._latest_checkpoint() or 'the previous stage checkpoint'}; lower the learning rate ({remedy}) "
+            f"and rerun with --resume."
+        )
 
     def _teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if self.teacher is None:
