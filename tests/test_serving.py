@@ -11,7 +11,7 @@ import pytest
 
 import rqat_sdk
 from rqat_sdk.errors import RecipeError
-from rqat_sdk.exporters.vllm import closest_servable, vllm_support
+from rqat_sdk.exporters.vllm import checkpoint_group_sizes, closest_servable, vllm_support
 from rqat_sdk.recipe import QuantScheme, Recipe
 from rqat_sdk.serving import serve_check, vllm_env
 from rqat_sdk.serving.vllm_env import cpu_has_avx512
@@ -47,6 +47,28 @@ def test_asymmetric_int4_activations_are_not_servable_on_gpus():
     assert not verdict.servable and "symmetric" in verdict.detail
     fixed = closest_servable(q, "gpu")
     assert fixed.input_activations.symmetric and vllm_support(fixed, "gpu").servable
+
+
+def test_marlin_group_sizes_are_checked_per_layer(tmp_path):
+    w4g128 = {"num_bits": 4, "group_size": 128, "symmetric": False}
+    fallback = QuantScheme.model_validate({"weights": {**w4g128, "group_size_fallback": "largest_divisor"}})
+    assert vllm_support(fallback, "gpu").servable  # whatever a layer falls back to, Marlin takes it
+    mixed = vllm_support(fallback, "gpu", group_sizes={128, 64})
+    assert mixed.servable and mixed.detail == "WNA16, Marlin; layers' group sizes 128, 64"
+    odd = vllm_support(fallback, "gpu", group_sizes={128, 96})
+    assert not odd.servable and odd.detail.endswith("layers here have 96")
+
+    wide = QuantScheme.model_validate({"weights": {**w4g128, "group_size": 256}})
+    assert not vllm_support(wide, "gpu").servable
+    assert closest_servable(wide, "gpu").weights.group_size == 128
+    assert closest_servable(QuantScheme.model_validate({"weights": {**w4g128, "group_size": 48}}), "gpu").label == "W4"
+    assert vllm_support(QuantScheme.model_validate({"weights": {**w4g128, "num_bits": 3, "group_size": 256}}),
+                        "gpu").servable  # Humming checks no group size
+
+    groups = {"group_0": {"targets": ["a"], "weights": {"strategy": "group", "group_size": 128}},
+              "group_1": {"targets": ["b"], "weights": {"strategy": "channel", "group_size": None}}}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"config_groups": groups}}))
+    assert checkpoint_group_sizes(tmp_path) == {128, None}
 
 
 def test_recipes_warn_or_refuse_unservable_schemes():

@@ -57,7 +57,7 @@ def serve_check(
 ) -> ServeReport:
     from transformers import AutoTokenizer
 
-    from rqat_sdk.exporters.vllm import engine_options, has_online_transforms, vllm_support
+    from rqat_sdk.exporters.vllm import checkpoint_group_sizes, engine_options, has_online_transforms, vllm_support
     from rqat_sdk.models import load_model
     from rqat_sdk.recipe import Recipe
 
@@ -69,7 +69,12 @@ def serve_check(
     label = scheme.label if scheme else "unquantized"
     report = ServeReport(str(checkpoint), target, label, max_tokens=max_tokens)
     if scheme is not None:
-        verdict = vllm_support(scheme, target, online_transforms=has_online_transforms(checkpoint))
+        verdict = vllm_support(
+            scheme,
+            target,
+            group_sizes=checkpoint_group_sizes(checkpoint),
+            online_transforms=has_online_transforms(checkpoint),
+        )
         if not verdict.servable:
             report.skipped = f"vLLM cannot serve {label} on {target}: {verdict.detail}"
             return report
