@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except RqatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("\n".join([f"error: {exc}", *getattr(exc, "__notes__", [])]), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue from the last finished stage", file=sys.stderr)
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rqat", description="Reasoning-QAT for low-bit reasoning LLMs.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging, llmcompressor's too")
+    parser.add_argument("--version", action="version", version=f"rqat {_version()}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="apply a recipe to a model and write a compressed-tensors checkpoint")
@@ -92,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="Reasoning-QAT end to end on the embedded testbed model (CPU, minutes)")
     demo.add_argument("--recipe", default="testbed_w2g64", help="recipe file or bundled name (default: testbed_w2g64)")
-    demo.add_argument("--output-dir", type=Path, default=Path("rqat-demo"), help="default: ./rqat-demo (replaced)")
+    demo.add_argument("--output-dir", type=Path, default=Path("rqat-demo"), help="default: ./rqat-demo (a previous demo's output is replaced)")
     demo.add_argument("--problems", type=int, default=150, help="held-out testbed problems per evaluation")
     demo.set_defaults(handler=_demo)
     return parser
@@ -109,6 +110,18 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="auto: the checkpoint's dtype (float32 for bf16/fp16 on a CPU without native bf16); "
                         "a GGUF: bf16 where the device computes it natively, else float32")
     parser.add_argument("--keep-checkpoints", default="last", choices=["all", "last", "none"])
+
+
+def _version() -> str:
+    """The installed rqat-sdk's version (the package's own when it runs from a source tree)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("rqat-sdk")
+    except metadata.PackageNotFoundError:
+        from rqat_sdk import __version__
+
+        return __version__
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -145,6 +158,7 @@ def _print_summary(record: dict, output_dir: Path | None, seconds: float) -> Non
         ("output", str(output_dir)),
         ("scheme", f"{record.get('scheme')} ({export.get('format', '-')})"),
         ("stages", ", ".join(f"{s['name']} {s['seconds']:.1f}s" for s in record.get("stages", []))),
+        *(("training", line) for line in _training_lines(record.get("stages", []))),
         ("size", f"{export.get('bytes_on_disk', 0) / 2**20:.2f} MiB"),
         (
             "reload check",
@@ -157,6 +171,20 @@ def _print_summary(record: dict, output_dir: Path | None, seconds: float) -> Non
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+def _training_lines(stages: list[dict]) -> list[str]:
+    """What each training stage changed: its final loss and the share of weight codes that moved."""
+    from rqat_sdk.modifiers.qat.trainer import format_loss
+
+    lines = []
+    for stage in stages:
+        for modifier, metrics in (stage.get("metrics") or {}).items():
+            if "codes_changed" in metrics:
+                loss = f"final loss {format_loss(metrics['final_loss'])}, " if "final_loss" in metrics else ""
+                lines.append(f"{stage['name']} ({modifier}): {loss}{100 * metrics['codes_changed']:.2f}% of weight "
+                             f"codes changed")
+    return lines
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -264,9 +292,10 @@ def _recipes(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from rqat_sdk import oneshot
     from rqat_sdk.evaluation import evaluate, markdown_table, plot
-    from rqat_sdk.session.engine import CHECKPOINTS
+    from rqat_sdk.session.engine import CHECKPOINTS, check_output_dir
     from rqat_sdk.testbed.train import EMBEDDED
 
+    check_output_dir(args.output_dir, EMBEDDED, overwrite=True)  # before the evaluation, not after it
     started = time.perf_counter()
     common = dict(greedy=True, num_examples=args.problems, max_new_tokens=96, dtype="float32")
     parameters = json.loads((EMBEDDED / "testbed.json").read_text())["parameters"]

@@ -60,7 +60,7 @@ def load_model(
         method = config["quantization_config"].get("quant_method", "unknown")
         raise ModelLoadError(
             f"{location} is already quantized ({method}); rqat starts from the full-precision model. "
-            f"To continue an interrupted run, pass resume=True (rqat run --resume) with the same output directory."
+            f"To continue an interrupted run, rerun `rqat run` with --resume and the same output directory."
         )
     chosen = choose_dtype(dtype, target, stored=_stored_dtype(config))
     try:

@@ -59,7 +59,7 @@ def test_run_writes_a_checkpoint_and_refuses_to_clobber(tiny_qwen3, tmp_path, ca
     assert "identical logits" in out and "W4G128 (pack-quantized)" in out
     assert (tmp_path / "out" / "run.json").is_file()
     assert main(args) == 1
-    assert "exists and is not empty; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert "exists and is not empty; rerun with --overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
 
 

@@ -65,7 +65,7 @@ def test_resume_after_a_crash_continues_from_the_last_stage(tiny_qwen3, tmp_path
     assert not (partial / "checkpoints" / "01-ptq").exists()
     assert json.loads((partial / "run.json").read_text())["status"] == "running"
 
-    with pytest.raises(OutputDirError, match="holds an unfinished run; pass resume=True"):
+    with pytest.raises(OutputDirError, match="holds an unfinished run; rerun with --resume"):
         rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out)
 
     with monkeypatch.context() as patch:
@@ -87,7 +87,7 @@ def test_a_failed_export_keeps_the_trained_model_and_resume_finishes_it(tiny_qwe
     with monkeypatch.context() as patch:
         patch.setattr(rqat_sdk.exporters, "export_checkpoint", refused)
         with pytest.raises(ExportError, match=r"simulated refusal\. The trained model is kept in .*01-ptq: once the "
-                           r"cause is fixed, `rqat run --resume` \(resume=True\) finishes the export"):
+                           r"cause is fixed, `rqat run --resume` finishes the export"):
             rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out)
     partial = tmp_path / "out.partial"
     assert not out.exists()
@@ -113,7 +113,7 @@ def test_resume_refuses_checkpoints_of_another_recipe(tiny_qwen3, tmp_path, monk
         with pytest.raises(RuntimeError):
             rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out)
     changed = {**TWO_STAGES, "seed": 4}
-    with pytest.raises(OutputDirError, match=r"00-rotate was written by a different recipe .* overwrite=True"):
+    with pytest.raises(OutputDirError, match=r"00-rotate was written by a different recipe .* rerun with --overwrite"):
         rqat_sdk.oneshot(tiny_qwen3, changed, DATA, out, resume=True)
     fresh = rqat_sdk.oneshot(tiny_qwen3, changed, DATA, out, overwrite=True)
     assert fresh.record["resumed_at_stage"] is None and fresh.record["seed"] == 4
@@ -131,15 +131,17 @@ def test_existing_output_is_refused_and_replaced_only_when_the_new_run_finishes(
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(OutputDirError, match="exists and is not empty; pass overwrite=True"):
+    with pytest.raises(OutputDirError, match="exists and is not empty; rerun with --overwrite"):
         rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out)
+    (out / "precious.txt").unlink()
+    first = rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out)
     with monkeypatch.context() as patch:
         patch.setattr(GPTQModifier, "apply", crash)
         with pytest.raises(RuntimeError):
             rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out, overwrite=True)
-    assert (out / "precious.txt").read_text() == "keep me"
-    rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out, overwrite=True)
-    assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / "run.json").read_text()) == first.record
+    again = rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out, overwrite=True)
+    assert json.loads((out / "run.json").read_text()) == again.record != first.record
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputDirError, match="is a file"):
         rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, tmp_path / "file")

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from rqat_sdk import distributed
-from rqat_sdk.data import describe_source
+from rqat_sdk.data import check_trainable, describe_source
 from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError
 from rqat_sdk.models import load_model, load_tokenizer, resolve_device
 from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
@@ -44,10 +44,11 @@ from rqat_sdk.session.files import (
     replace_directory,
     write_json_atomic,
 )
-from rqat_sdk.session.state import SessionState
+from rqat_sdk.session.state import SessionState, load_stage_examples, stage_data_field
 from rqat_sdk.threads import configure_threads
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from rqat_sdk.data import DatasetInput
@@ -121,6 +122,14 @@ class Session:
         if self._output_is_complete_run():
             return self._load_finished()
         first_stage, checkpoint = self._prepare_work_dir()
+        try:
+            return self._run_from(first_stage, checkpoint)
+        except BaseException as exc:
+            self._after_failure(exc)
+            raise
+
+    def _run_from(self, first_stage: int, checkpoint: Path | None) -> RunResult:
+        examples = self._training_examples(first_stage)
         model, tokenizer = self._load(checkpoint)
         configure_threads(model)
         state = SessionState(
@@ -131,6 +140,7 @@ class Session:
             allow_code=self.allow_code,
             original_model=self._original_model(model, checkpoint),
             work_dir=self.work_dir,
+            examples=examples,
         )
         record = self._start_record(first_stage)
 
@@ -150,10 +160,35 @@ class Session:
             self._write_record(record)
             self._write_card(record)
             self._prune_checkpoints()
+            if (replaced := run_record(self.output_dir)) is not None:
+                log.warning("--overwrite: replacing %s, %s", self.output_dir, describe_run(replaced))
             replace_directory(self.work_dir, self.output_dir)
             log.info("wrote %s (%s, %s)", self.output_dir, self.recipe.scheme.label, record["export"]["format"])
         distributed.barrier()
         return RunResult(state.model, state.tokenizer, self.recipe, self.output_dir, record)
+
+    def _after_failure(self, exc: BaseException) -> None:
+        """Remove the work directory of a run that kept nothing; otherwise say how to continue it."""
+        if self.work_dir is None or not self.work_dir.exists() or not distributed.is_main():
+            return
+        if holds_work(self.work_dir):
+            if "--resume" not in str(exc):
+                exc.add_note(f"{self.work_dir} keeps the finished work: `rqat run --resume` with the same output "
+                             f"directory continues from it")
+            return
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        log.info("removed %s: the run failed before it finished any stage or training step", self.work_dir)
+
+    def _training_examples(self, first_stage: int) -> dict[int, Dataset]:
+        """The examples of every stage still to run that trains on responses, checked before the model loads:
+        data with nothing to train on would otherwise cost a model load and a stage, and change nothing."""
+        examples = {}
+        for index in range(first_stage, len(self.recipe.stages)):
+            stage = self.recipe.stages[index]
+            if any(modifier.trains_on_responses for modifier in stage.modifiers):
+                examples[index] = load_stage_examples(self.recipe, index, self.dataset, allow_code=self.allow_code)
+                check_trainable(examples[index], stage_data_field(self.recipe, index, self.dataset))
+        return examples
 
     def _run_stage(self, state: SessionState, index: int) -> dict[str, Any]:
         from transformers import set_seed
@@ -217,8 +252,8 @@ class Session:
             if recorded.get("fingerprint") != self.recipe.fingerprint(index):
                 raise OutputDirError(
                     f"{directory} was written by a different recipe (stage {index} {stage.name!r} or an earlier "
-                    f"stage, the scheme or the seed changed), so the run cannot resume from it; pass "
-                    f"overwrite=True (--overwrite) to start over"
+                    f"stage, the scheme or the seed changed), so the run cannot resume from it; rerun with "
+                    f"--overwrite to start over"
                 )
             last = directory
         return len(self.recipe.stages), last
@@ -230,18 +265,17 @@ class Session:
         """
         if self.work_dir is None:
             return 0, None
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise OutputDirError(f"output directory {self.output_dir} is a file")
-        if self.output_dir.is_dir() and any(self.output_dir.iterdir()) and not self.overwrite:
-            raise OutputDirError(
-                f"output directory {self.output_dir} exists and is not empty; pass overwrite=True (--overwrite) "
-                f"to replace it once the new run has finished"
-            )
+        check_output_dir(self.output_dir, self.model_input, overwrite=self.overwrite)
         resuming = self.work_dir.exists() and self.resume
         if self.work_dir.exists() and not self.resume and not self.overwrite:
             raise OutputDirError(
-                f"{self.work_dir} holds an unfinished run; pass resume=True (--resume) to continue it, or "
-                f"overwrite=True (--overwrite) to start over"
+                f"{self.work_dir} holds an unfinished run; rerun with --resume to continue it, or with --overwrite "
+                f"to start over"
+            )
+        if self.work_dir.exists() and not resuming and not _is_work_dir(self.work_dir):
+            raise OutputDirError(
+                f"{self.work_dir} was not written by rqat (it holds no {RUN_RECORD} or {RECIPE_FILE} of a run), so "
+                f"--overwrite does not remove it; move it away or choose another output directory"
             )
         first, checkpoint = self._resume_point() if resuming else (0, None)
         distributed.barrier()
@@ -251,6 +285,7 @@ class Session:
                 remove_temporaries(self.work_dir / CHECKPOINTS)
             else:
                 if self.work_dir.exists():
+                    log.warning("--overwrite: removing the unfinished run in %s", self.work_dir)
                     shutil.rmtree(self.work_dir)
                 self.work_dir.mkdir(parents=True)
                 self.recipe.save(self.work_dir / RECIPE_FILE)
@@ -327,7 +362,7 @@ class Session:
             listed = "; ".join(f"{path}: {ref}" for path, ref in references)
             raise CodeExecutionNotAllowed(
                 f"the recipe names Python code ({listed}). Recipes are untrusted input, so rqat does not import "
-                f"code they name unless you opt in: pass allow_code=True (rqat run --allow-code) if you trust it."
+                f"code they name unless you opt in: rerun with --allow-code (allow_code=True in Python) if you trust it."
             )
 
     def _start_record(self, first_stage: int) -> dict[str, Any]:
@@ -376,7 +411,7 @@ class Session:
             kept = self._stage_dir(len(self.recipe.stages) - 1)
             raise ExportError(
                 f"{exc}. The trained model is kept in {kept}: once the cause is fixed, `rqat run --resume` "
-                f"(resume=True) finishes the export from it without rerunning any stage"
+                f"finishes the export from it without rerunning any stage"
             ) from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -410,6 +445,68 @@ class Session:
         from rqat_sdk.session.files import write_text_atomic
 
         write_text_atomic(self.work_dir / "README.md", model_card(self.recipe, record))
+
+
+def run_record(directory: Path) -> dict[str, Any] | None:
+    """The run record rqat wrote in ``directory``, or None: how rqat recognises its own outputs."""
+    try:
+        record = json.loads((directory / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"rqat_sdk", "recipe", "status"} <= record.keys() else None
+
+
+def describe_run(record: dict[str, Any]) -> str:
+    """One line naming a run, for the log line that says what ``--overwrite`` replaces."""
+    recipe = record["recipe"].get("name") if isinstance(record["recipe"], dict) else None
+    return (f"the {record['status']} run of recipe {recipe or '(unnamed)'} ({record.get('scheme')}) started "
+            f"{record.get('started_at')}")
+
+
+def _is_work_dir(directory: Path) -> bool:
+    """An unfinished run's directory: its run record, or, before the first stage finished, its recipe."""
+    return run_record(directory) is not None or (directory / RECIPE_FILE).is_file()
+
+
+def holds_work(work_dir: Path) -> bool:
+    """Whether an unfinished run kept anything to resume from: a stage checkpoint or a mid-stage one."""
+    root = work_dir / CHECKPOINTS
+    return root.is_dir() and any(not entry.name.startswith(".") for entry in root.iterdir())
+
+
+def _local_model(model: object) -> Path | None:
+    """The local directory (or .gguf file) a model was given as, resolved; None for hub ids and in-memory models."""
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).expanduser().exists():
+        return None
+    return Path(model).expanduser().resolve()
+
+
+def check_output_dir(output_dir: Path, model: object, *, overwrite: bool) -> None:
+    """Refuse an output directory whose replacement would destroy the input model or files rqat did not write.
+
+    ``--overwrite`` replaces only a previous rqat output (recognised by its run.json), never the model's
+    directory, a directory holding it or one inside it.
+    """
+    source, target = _local_model(model), output_dir.expanduser().resolve()
+    if source is not None and (target == source or target in source.parents or source in target.parents):
+        raise OutputDirError(
+            f"output directory {output_dir} is, holds or lies inside the model {source}; choose an output "
+            f"directory outside the model's"
+        )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"output directory {output_dir} is a file")
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    if not overwrite:
+        raise OutputDirError(
+            f"output directory {output_dir} exists and is not empty; rerun with --overwrite to replace it once "
+            f"the new run has finished (only a previous rqat output is replaced)"
+        )
+    if run_record(output_dir) is None:
+        raise OutputDirError(
+            f"output directory {output_dir} was not written by rqat (it has no {RUN_RECORD} of an rqat run), so "
+            f"--overwrite does not replace it; choose another output directory, or empty it yourself"
+        )
 
 
 def _resume_point_text(first: int, total: int) -> str:

@@ -1,0 +1,133 @@
+"""Issue 18: rqat never loses the user's work, and refuses runs that would do nothing or ruin the model."""
+
+import json
+
+import pytest
+
+import rqat_sdk
+from rqat_sdk.cli import main
+from rqat_sdk.errors import DatasetError, OutputDirError, RecipeError, RqatError
+from rqat_sdk.modifiers import RotationModifier, RTNModifier
+from rqat_sdk.recipe import Recipe
+from rqat_sdk.session import engine
+
+RTN = {"version": 1, "scheme": "W4G128", "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
+TWO = {
+    "version": 1, "scheme": "W4G128",
+    "stages": [{"name": "rotate", "modifiers": [{"type": "rotation"}]}, {"name": "ptq", "modifiers": [{"type": "rtn"}]}],
+}
+QAT_KD = {"type": "qat_kd", "steps": 2, "batch_size": 2, "micro_batch_size": 2, "logging_steps": 1}
+QAT = {**RTN, "stages": [*RTN["stages"], {"name": "qat", "data": {"num_samples": 4, "max_seq_length": 64},
+                                          "modifiers": [QAT_KD]}]}
+
+
+def failing(*args, **kwargs):
+    raise RqatError("simulated failure")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_overwrite_replaces_only_a_previous_rqat_output_and_says_so(tiny_qwen3, tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputDirError, match=r"out was not written by rqat .*so --overwrite does not replace it"):
+        rqat_sdk.oneshot(tiny_qwen3, RTN, output_dir=out, overwrite=True)
+    assert (out / "precious.txt").read_text() == "keep me" and not (tmp_path / "out.partial").exists()
+
+    (out / "precious.txt").unlink()
+    rqat_sdk.oneshot(tiny_qwen3, RTN, output_dir=out)  # an empty directory is not replaced, only filled
+    with caplog.at_level("WARNING", logger="rqat_sdk.session.engine"):
+        rqat_sdk.oneshot(tiny_qwen3, RTN, output_dir=out, overwrite=True)
+    assert f"--overwrite: replacing {out}, the complete run of recipe (unnamed) (W4G128) started" in caplog.text
+
+    stray = tmp_path / "other.partial"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match=r"other.partial was not written by rqat .*--overwrite does not remove it"):
+        rqat_sdk.oneshot(tiny_qwen3, RTN, output_dir=tmp_path / "other", overwrite=True)
+    assert (stray / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["model", "parent", "inside"])
+def test_the_model_directory_is_never_an_output(tiny_qwen3, where):
+    out = {"model": tiny_qwen3, "parent": tiny_qwen3.parent, "inside": tiny_qwen3 / "w4"}[where]
+    with pytest.raises(OutputDirError, match=r"is, holds or lies inside the model .*choose an output directory"):
+        rqat_sdk.oneshot(str(tiny_qwen3) + "/", RTN, output_dir=out, overwrite=True)
+    assert (tiny_qwen3 / "model.safetensors").is_file() and not (tiny_qwen3 / "w4").exists()
+
+
+def test_demo_refuses_a_folder_it_did_not_write_before_evaluating(tmp_path, capsys, monkeypatch):
+    import rqat_sdk.evaluation
+
+    monkeypatch.setattr(rqat_sdk.evaluation, "evaluate", failing)
+    (tmp_path / "mine.txt").write_text("x")
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 1
+    assert "was not written by rqat" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_a_failed_run_leaves_nothing_when_it_did_nothing_else_says_resume(tiny_qwen3, tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(json.dumps(TWO))
+    args = ["run", str(recipe), "--model", str(tiny_qwen3), "--output-dir", str(tmp_path / "out")]
+    with monkeypatch.context() as patch:
+        patch.setattr(RotationModifier, "apply", failing)
+        assert main(args) == 1
+    assert "simulated failure" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.yaml"], "nothing done: nothing left behind"
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RTNModifier, "apply", failing)
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: simulated failure\n" in err
+    assert "out.partial keeps the finished work: `rqat run --resume` with the same output directory" in err
+    assert (tmp_path / "out.partial" / "checkpoints" / "00-rotate" / "stage.json").is_file()
+    assert main(args) == 1
+    assert "holds an unfinished run; rerun with --resume to continue it, or with --overwrite" in capsys.readouterr().err
+
+
+def test_training_data_without_responses_is_refused_before_the_model_loads(tiny_qwen3, tmp_path, monkeypatch):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": "2+2?"}]}] * 4)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "load_model", failing)
+        with pytest.raises(DatasetError, match=r"^dataset \(.*prompts.jsonl\): none of its 4 examples has a response"):
+            rqat_sdk.oneshot(tiny_qwen3, QAT, prompts, tmp_path / "out")
+    assert not (tmp_path / "out.partial").exists()
+
+    long = [{"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "4"}]}] * 4
+    with pytest.raises(DatasetError, match=r"long.jsonl\): truncated to max_seq_length 64 tokens, no example keeps"):
+        rqat_sdk.oneshot(tiny_qwen3, QAT, write_jsonl(tmp_path / "long.jsonl", long))
+
+
+def test_a_zero_learning_rate_warns_and_max_loss_ratio_is_validated():
+    still = {**QAT, "stages": [QAT["stages"][0], {**QAT["stages"][1], "modifiers": [{**QAT_KD, "learning_rate": 0}]}]}
+    assert Recipe.from_dict(still).warnings() == [
+        "stages[1].modifiers[0].learning_rate: 0 leaves the weights unchanged; nothing trains and the stage changes "
+        "nothing"
+    ]
+    low = {**QAT, "stages": [QAT["stages"][0], {**QAT["stages"][1], "modifiers": [{**QAT_KD, "max_loss_ratio": 0.5}]}]}
+    with pytest.raises(RecipeError, match=r"stages\[1\].modifiers\[0\].max_loss_ratio"):
+        Recipe.from_dict(low)
+
+
+def test_small_losses_and_what_training_changed_are_shown(tiny_qwen3, tmp_path, capsys):
+    from rqat_sdk.modifiers.qat.trainer import format_loss
+
+    assert [format_loss(x) for x in (1.234e-4, 0.5, 0.0, 123.4)] == ["1.23e-04", "0.5000", "0.0000", "123.4000"]
+    recipe = tmp_path / "qat.yaml"
+    recipe.write_text(json.dumps(QAT))
+    args = ["run", str(recipe), "--model", str(tiny_qwen3), "--dataset", "reasoning-gym:chain_sum"]
+    assert main(args + ["--output-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "training      qat (qat_kd): final loss " in out and "% of weight codes changed" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("rqat 0.")
