@@ -131,3 +131,29 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("rqat 0.")
+
+
+def test_export_is_left_out_of_stage_fingerprints():
+    evaluated = Recipe.from_dict({**TWO, "export": {"vllm_target": "cpu", "evaluate": {"benchmark": "gsm8k"}}})
+    plain = Recipe.from_dict(TWO)
+    assert [evaluated.fingerprint(i) for i in (0, 1)] == [plain.fingerprint(i) for i in (0, 1)]
+    assert evaluated.fingerprint() != plain.fingerprint(), "the whole recipe's fingerprint (run.json) keeps export"
+
+
+def test_a_refused_resume_says_what_changed_and_a_resume_saves_the_recipe_that_ran(tiny_qwen3, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(RTNModifier, "apply", failing)
+        with pytest.raises(RqatError, match="simulated failure"):
+            rqat_sdk.oneshot(tiny_qwen3, TWO, output_dir=out)
+    reseeded = {**TWO, "seed": 4, "stages": [{**TWO["stages"][0], "data": {"num_samples": 9}}, TWO["stages"][1]]}
+    with pytest.raises(OutputDirError, match=r"00-rotate was written by a different recipe \(changed since it was "
+                       r"written: seed: 0 -> 4; stages\[0\].data.num_samples: 128 -> 9\), so the run cannot resume"):
+        rqat_sdk.oneshot(tiny_qwen3, reseeded, output_dir=out, resume=True)
+
+    edited = {**TWO, "export": {"vllm_target": "cpu"},
+              "stages": [TWO["stages"][0], {**TWO["stages"][1], "data": {"num_samples": 7}}]}
+    result = rqat_sdk.oneshot(tiny_qwen3, edited, output_dir=out, resume=True)
+    assert result.record["resumed_at_stage"] == 1
+    saved = Recipe.from_file(out / "recipe.yaml")
+    assert saved == Recipe.from_dict(edited) and saved.fingerprint() == result.record["recipe"]["fingerprint"]

@@ -200,13 +200,35 @@ class Recipe(StrictModel):
         return found
 
     def fingerprint(self, upto_stage: int | None = None) -> str:
-        """A hash of the scheme, seed and stages ``0..upto_stage``: what a stage checkpoint depends on."""
+        """A hash of the scheme, seed and stages ``0..upto_stage``: what a stage checkpoint depends on.
+
+        A stage's fingerprint leaves ``export`` out (it does not change what a stage computes, so a fixed export
+        section resumes); the whole recipe's (``upto_stage=None``, in run.json) keeps it.
+        """
         import hashlib
 
         data = self.model_dump(mode="json", exclude={"name", "description"})
         if upto_stage is not None:
             data["stages"] = data["stages"][: upto_stage + 1]
+            del data["export"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def changes_from(self, earlier: Recipe, upto_stage: int, limit: int = 5) -> list[str]:
+        """``path: old -> new`` for the fields of stages ``0..upto_stage``, scheme and seed that differ from
+        ``earlier``'s: what a resume refused for a changed fingerprint tells the user."""
+
+        def relevant(recipe: Recipe) -> dict[str, Any]:
+            data = recipe.model_dump(mode="json", exclude={"name", "description", "export"})
+            data["stages"] = data["stages"][: upto_stage + 1]
+            return _flatten(data)
+
+        before, after = relevant(earlier), relevant(self)
+        changed = [
+            f"{path}: {_short(before, path)} -> {_short(after, path)}"
+            for path in sorted(before.keys() | after.keys(), key=_path_order)
+            if before.get(path, _ABSENT) != after.get(path, _ABSENT)
+        ]
+        return changed[:limit] + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])
 
     # --- reading and writing -------------------------------------------------------------------
 
@@ -340,6 +362,33 @@ def _safe_load(text: str, source: str | None) -> Any:
 
 
 # --- error messages ----------------------------------------------------------------------------
+
+_ABSENT = object()
+
+
+def _flatten(node: Any, path: str = "") -> dict[str, Any]:
+    """Leaf values by the path users write (``stages[1].modifiers[0].learning_rate``)."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{path}.{key}" if path else key).items()}
+    if isinstance(node, list) and node:
+        return {k: v for i, value in enumerate(node) for k, v in _flatten(value, f"{path}[{i}]").items()}
+    return {path: node}
+
+
+def _path_order(path: str) -> list[Any]:
+    """Sort key that puts ``stages[2]`` before ``stages[10]``."""
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def _short(fields: dict[str, Any], path: str) -> str:
+    """A field's value for a message: short, since a recipe is untrusted input."""
+    if path not in fields:
+        return "(absent)"
+    text = repr(fields[path])
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 
 def format_validation_error(exc: ValidationError) -> list[str]:

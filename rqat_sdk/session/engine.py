@@ -34,7 +34,7 @@ import torch
 
 from rqat_sdk import distributed
 from rqat_sdk.data import check_trainable, describe_source
-from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError
+from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError, RqatError
 from rqat_sdk.models import load_model, load_tokenizer, resolve_device
 from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
 from rqat_sdk.session.files import (
@@ -243,7 +243,7 @@ class Session:
     def _resume_point(self) -> tuple[int, Path | None]:
         """The first stage still to run and the checkpoint to start it from."""
         last: Path | None = None
-        for index, stage in enumerate(self.recipe.stages):
+        for index in range(len(self.recipe.stages)):
             directory = self._stage_dir(index)
             record_file = directory / STAGE_RECORD
             if not record_file.is_file():
@@ -251,12 +251,21 @@ class Session:
             recorded = json.loads(record_file.read_text())
             if recorded.get("fingerprint") != self.recipe.fingerprint(index):
                 raise OutputDirError(
-                    f"{directory} was written by a different recipe (stage {index} {stage.name!r} or an earlier "
-                    f"stage, the scheme or the seed changed), so the run cannot resume from it; rerun with "
-                    f"--overwrite to start over"
+                    f"{directory} was written by a different recipe ({self._what_changed(index)}), so the run "
+                    f"cannot resume from it; rerun with --overwrite to start over"
                 )
             last = directory
         return len(self.recipe.stages), last
+
+    def _what_changed(self, index: int) -> str:
+        """The settings of stages ``0..index`` that differ from the saved recipe's, for a refused resume."""
+        generic = f"stage {index} {self.recipe.stages[index].name!r} or an earlier stage, the scheme or the seed changed"
+        try:
+            saved = Recipe.from_file(self.work_dir / RECIPE_FILE)
+        except RqatError:
+            return generic
+        changes = self.recipe.changes_from(saved, index)
+        return f"changed since it was written: {'; '.join(changes)}" if changes else generic
 
     def _prepare_work_dir(self) -> tuple[int, Path | None]:
         """Check the output and work directories, decide where to start, then (main rank) set them up.
@@ -283,6 +292,8 @@ class Session:
             if resuming:
                 remove_temporaries(self.work_dir)
                 remove_temporaries(self.work_dir / CHECKPOINTS)
+                # the kept stages match this recipe, so the output's recipe.yaml is the one that produces it
+                self.recipe.save(self.work_dir / RECIPE_FILE)
             else:
                 if self.work_dir.exists():
                     log.warning("--overwrite: removing the unfinished run in %s", self.work_dir)
