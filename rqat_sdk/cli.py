@@ -188,10 +188,14 @@ def _training_lines(stages: list[dict]) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from rqat_sdk.errors import PreflightError
     from rqat_sdk.exporters import checkpoint_format
     from rqat_sdk.recipe import load_recipe
+    from rqat_sdk.session.preflight import recipe_problems
 
     recipe = load_recipe(args.recipe)
+    if problems := recipe_problems(recipe):
+        raise PreflightError(problems)
     if args.json:
         print(json.dumps(recipe.model_dump(mode="json"), indent=2))
         return 0

@@ -50,3 +50,17 @@ class OutputDirError(RqatError):
 
 class ExportError(RqatError):
     """A checkpoint could not be exported, or its reload does not match the in-memory model."""
+
+
+class PreflightError(RqatError):
+    """A run would fail later on something checkable before the first stage (a missing teacher, an unknown
+    benchmark, vLLM generation without vLLM): all such problems, one ``"field: message"`` line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"the run cannot start:\n{lines}")
+
+
+class DeviceError(RqatError):
+    """The requested device does not exist on this machine."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rqat_sdk.errors import ModelLoadError
+from rqat_sdk.errors import DeviceError, ModelLoadError
 from rqat_sdk.gguf import build_tokenizer, describe_gguf, is_gguf_source, load_gguf_model, resolve_gguf
 from rqat_sdk.transforms import restore_online_transforms
 
@@ -34,7 +34,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         from rqat_sdk.distributed import local_device
 
         return local_device()
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: this machine has no CUDA device that torch can use; use --device cpu "
+                          f"(or auto, which picks CUDA when there is one)")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 def load_model(
@@ -55,7 +64,7 @@ def load_model(
         model = load_gguf_model(resolve_gguf(source), choose_gguf_dtype(dtype, target))
         return model.to(target).eval()
     location = _check_location(source)
-    config = json.loads((location / "config.json").read_text()) if location is not None else {}
+    config = read_config(location) if location is not None else {}
     if "quantization_config" in config and not allow_quantized:
         method = config["quantization_config"].get("quant_method", "unknown")
         raise ModelLoadError(
@@ -146,6 +155,27 @@ def _stored_dtype(config: dict[str, Any]) -> torch.dtype | None:
     """The dtype a saved config records (``dtype``, or ``torch_dtype`` in older files)."""
     name = config.get("dtype") or config.get("torch_dtype")
     return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def check_model_source(source: str | os.PathLike) -> None:
+    """Fail now, not after hours of training, on a model that cannot load: a missing path or GGUF, a directory
+    without a readable config.json. Hub ids are not checked (that needs the network)."""
+    if is_gguf_source(source):
+        resolve_gguf(source)
+    elif (location := _check_location(source)) is not None:
+        read_config(location)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """A model directory's config.json, with an error naming the file when it is not a JSON object."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} cannot be read as JSON ({exc}); the model directory is damaged") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} holds {type(config).__name__}, not a JSON object; the model directory is damaged")
+    return config
 
 
 def _check_location(source: str | os.PathLike) -> Path | None:

@@ -157,3 +157,35 @@ def test_a_refused_resume_says_what_changed_and_a_resume_saves_the_recipe_that_r
     assert result.record["resumed_at_stage"] == 1
     saved = Recipe.from_file(out / "recipe.yaml")
     assert saved == Recipe.from_dict(edited) and saved.fingerprint() == result.record["recipe"]["fingerprint"]
+
+
+def test_what_would_fail_after_training_is_refused_before_any_model_loads(tiny_qwen3, tmp_path, monkeypatch):
+    from rqat_sdk.errors import PreflightError
+
+    late = {**QAT, "export": {"evaluate": {"benchmark": "gsm8kk"}},
+            "stages": [QAT["stages"][0], {**QAT["stages"][1], "modifiers": [{**QAT_KD, "teacher": str(tmp_path / "t")}]}]}
+    monkeypatch.setattr(engine, "load_model", failing)
+    with pytest.raises(PreflightError) as refused:
+        rqat_sdk.oneshot(tiny_qwen3, late, "reasoning-gym:chain_sum", tmp_path / "out")
+    assert refused.value.problems[0] == f"stages[1].modifiers[0].teacher: model path '{tmp_path / 't'}' does not exist"
+    assert refused.value.problems[1].startswith("export.evaluate.benchmark: 'gsm8kk' is neither an existing file")
+    assert refused.value.problems[1].endswith("Close benchmark names: gsm8k")
+    assert not (tmp_path / "out.partial").exists()
+
+    missing = {**RTN, "stages": [*RTN["stages"], {"name": "qat", "data": {"source": str(tmp_path / "kd.jsonl")},
+                                                  "modifiers": [QAT_KD]}]}
+    with pytest.raises(DatasetError, match=r"stages\[1\].data.source: .*kd.jsonl' is neither an existing file"):
+        rqat_sdk.oneshot(tiny_qwen3, missing, output_dir=tmp_path / "out")
+    grpo = {**RTN, "stages": [*RTN["stages"], {"name": "rl", "data": {"source": str(tmp_path / "rl.jsonl")},
+                                               "modifiers": [{"type": "grpo"}]}]}
+    with pytest.raises(DatasetError, match=r"stages\[1\].data.source: .*rl.jsonl' is neither"):
+        rqat_sdk.oneshot(tiny_qwen3, grpo, output_dir=tmp_path / "out")
+
+
+def test_a_cuda_device_without_cuda_is_refused(tiny_qwen3, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    out = str(tmp_path / "o")
+    assert main(["run", "rtn_w3g128", "--model", str(tiny_qwen3), "--output-dir", out, "--device", "cuda"]) == 1
+    assert capsys.readouterr().err == ("error: --device cuda: this machine has no CUDA device that torch can use; use "
+                                       "--device cpu (or auto, which picks CUDA when there is one)\n")
+    assert not any(tmp_path.iterdir())

@@ -8,6 +8,7 @@ standard Hub benchmarks have short names (they need network access, or a local c
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 
@@ -35,15 +36,30 @@ class Problem:
         return json.loads(self.meta).get("task") if self.meta else None
 
 
-def load_benchmark(spec: str, *, num_examples: int, seed: int = 0) -> list[Problem]:
+GENERATED_BENCHMARKS = ("testbed", "testbed-long", "worked-math")
+
+
+def check_benchmark(spec: str, field: str) -> None:
+    """Load two problems of ``spec`` so that a typo fails before training, not after it; a Hub benchmark is not
+    checked (that needs the network). ``field`` names where ``spec`` came from in the error."""
+    if spec in HUB_BENCHMARKS or spec.startswith("hf:"):
+        return
+    try:
+        load_benchmark(spec, num_examples=2, field=field)
+    except DatasetError as exc:
+        close = difflib.get_close_matches(spec, [*HUB_BENCHMARKS, *GENERATED_BENCHMARKS], n=3)
+        raise DatasetError(f"{exc}" + (f" Close benchmark names: {', '.join(close)}" if close else "")) from None
+
+
+def load_benchmark(spec: str, *, num_examples: int, seed: int = 0, field: str = "benchmark") -> list[Problem]:
     from rqat_sdk.data import load_examples
 
     source = HUB_BENCHMARKS.get(spec, spec)
-    if source in ("testbed", "testbed-long", "worked-math"):
+    if source in GENERATED_BENCHMARKS:
         source += ":heldout"
     elif source.startswith("reasoning-gym:"):
         seed += HELD_OUT_SEED_OFFSET
-    rows = load_examples(source, num_samples=num_examples, seed=seed, field="benchmark")
+    rows = load_examples(source, num_samples=num_examples, seed=seed, field=field)
     problems = []
     for index, row in enumerate(rows):
         if row["answer"] is None:

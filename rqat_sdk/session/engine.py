@@ -44,6 +44,7 @@ from rqat_sdk.session.files import (
     replace_directory,
     write_json_atomic,
 )
+from rqat_sdk.session.preflight import check_before_loading
 from rqat_sdk.session.state import SessionState, load_stage_examples, stage_data_field
 from rqat_sdk.threads import configure_threads
 
@@ -121,6 +122,7 @@ class Session:
             log.warning("recipe: %s", warning)
         if self._output_is_complete_run():
             return self._load_finished()
+        check_before_loading(self.recipe, self.model_input)
         first_stage, checkpoint = self._prepare_work_dir()
         try:
             return self._run_from(first_stage, checkpoint)
@@ -129,7 +131,7 @@ class Session:
             raise
 
     def _run_from(self, first_stage: int, checkpoint: Path | None) -> RunResult:
-        examples = self._training_examples(first_stage)
+        examples = self._stage_examples(first_stage)
         model, tokenizer = self._load(checkpoint)
         configure_threads(model)
         state = SessionState(
@@ -179,14 +181,15 @@ class Session:
         shutil.rmtree(self.work_dir, ignore_errors=True)
         log.info("removed %s: the run failed before it finished any stage or training step", self.work_dir)
 
-    def _training_examples(self, first_stage: int) -> dict[int, Dataset]:
-        """The examples of every stage still to run that trains on responses, checked before the model loads:
-        data with nothing to train on would otherwise cost a model load and a stage, and change nothing."""
+    def _stage_examples(self, first_stage: int) -> dict[int, Dataset]:
+        """The examples of every stage still to run that reads data, loaded before the model: a missing or
+        unparsable source, or data with nothing to train on, would otherwise fail after the earlier stages."""
         examples = {}
         for index in range(first_stage, len(self.recipe.stages)):
             stage = self.recipe.stages[index]
-            if any(modifier.trains_on_responses for modifier in stage.modifiers):
+            if any(modifier.needs_data for modifier in stage.modifiers):
                 examples[index] = load_stage_examples(self.recipe, index, self.dataset, allow_code=self.allow_code)
+            if any(modifier.trains_on_responses for modifier in stage.modifiers):
                 check_trainable(examples[index], stage_data_field(self.recipe, index, self.dataset))
         return examples
 
