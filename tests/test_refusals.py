@@ -189,3 +189,29 @@ def test_a_cuda_device_without_cuda_is_refused(tiny_qwen3, tmp_path, monkeypatch
     assert capsys.readouterr().err == ("error: --device cuda: this machine has no CUDA device that torch can use; use "
                                        "--device cpu (or auto, which picks CUDA when there is one)\n")
     assert not any(tmp_path.iterdir())
+
+
+def test_every_bundled_recipe_validates_as_shipped(capsys):
+    from rqat_sdk.recipes import bundled
+
+    for name in bundled():
+        assert main(["validate", name]) == 0, capsys.readouterr().err
+    assert "generation: vllm" not in "".join(path.read_text() for path in bundled().values())
+
+
+def test_vllm_rollouts_without_vllm_are_refused_before_any_model_loads(tiny_qwen3, tmp_path, monkeypatch, capsys):
+    from rqat_sdk.errors import PreflightError
+    from rqat_sdk.session import preflight
+
+    monkeypatch.setattr(preflight, "vllm_importable", lambda: False)
+    monkeypatch.setattr(engine, "load_model", failing)
+    vllm = {**QAT, "stages": [*QAT["stages"], {"name": "rl", "modifiers": [{"type": "grpo", "generation": "vllm-colocate"}]}]}
+    with pytest.raises(PreflightError, match=r"stages\[2\].modifiers\[0\].generation: vllm-colocate runs trl's vLLM "
+                       r"rollouts inside rqat's environment, where vLLM is not importable .* Set generation: transformers"):
+        rqat_sdk.oneshot(tiny_qwen3, vllm, "reasoning-gym:chain_sum", tmp_path / "out")
+    recipe = tmp_path / "vllm.yaml"
+    recipe.write_text(json.dumps(vllm))
+    assert main(["validate", str(recipe)]) == 1
+    assert "stages[2].modifiers[0].generation: vllm-colocate" in capsys.readouterr().err
+    monkeypatch.setattr(preflight, "vllm_importable", lambda: True)
+    assert main(["validate", str(recipe)]) == 0
