@@ -4,21 +4,35 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rqat_sdk.exporters.vllm import serve_command, vllm_support
+from rqat_sdk.exporters.vllm import layer_group_sizes, serve_command, vllm_support
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe import Recipe
 
 
+def base_model_name(model: str | dict[str, Any]) -> str:
+    """The source the run started from: run.json's ``model`` is a description (a dict) for a named source and a
+    plain string for a model given in memory."""
+    return model["source"] if isinstance(model, dict) else model
+
+
+def recorded_fallbacks(record: dict[str, Any]) -> dict[str, int | None]:
+    """The per-layer group sizes the quantizing stage recorded (stage metric ``group_size_fallbacks``)."""
+    found: dict[str, int | None] = {}
+    for stage in record.get("stages", []):
+        found.update(stage.get("metrics", {}).get("group_size_fallbacks", {}))
+    return found
+
+
 def model_card(recipe: Recipe, record: dict[str, Any]) -> str:
     scheme = recipe.scheme
     export = record.get("export", {})
-    base = record.get("model", "")
+    base = base_model_name(record.get("model", ""))
     lines = [
         "---",
         "library_name: transformers",
         "tags: [rqat-sdk, compressed-tensors, quantized, reasoning]",
-        *([f"base_model: {base}"] if base and not base.startswith(("/", ".", "<")) else []),
+        *([f"base_model: {base}"] if base and not base.startswith(("/", ".", "<", "gguf:")) else []),
         "---",
         "",
         f"# {recipe.name or 'Quantized model'}: {scheme.label}",
@@ -49,8 +63,9 @@ def model_card(recipe: Recipe, record: dict[str, Any]) -> str:
         ]
     lines += ["", "## Serving with vLLM", "", "| target | servable | kernel or reason |", "|---|---|---|"]
     online_transforms = any(modifier.type == "flatquant" for _, modifier in recipe.positions())
+    group_sizes = layer_group_sizes(scheme, recorded_fallbacks(record))
     for target in ("gpu", "cpu"):
-        verdict = vllm_support(scheme, target, online_transforms=online_transforms)
+        verdict = vllm_support(scheme, target, group_sizes=group_sizes, online_transforms=online_transforms)
         lines.append(f"| {target} | {'yes' if verdict.servable else 'no'} | {verdict.detail} |")
     if online_transforms:
         # The folded weights are only right behind the learned transforms, which plain transformers does not apply.

@@ -74,7 +74,8 @@ def test_run_takes_the_model_from_the_recipe(tiny_qwen3, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"version: 1\nmodel: {tiny_qwen3}\nscheme: W4G128\nstages: [{{name: ptq, modifiers: [{{type: rtn}}]}}]\n")
     assert main(["run", str(recipe), "--output-dir", str(tmp_path / "o")]) == 0
-    assert json.loads((tmp_path / "o" / "run.json").read_text())["model"] == str(tiny_qwen3)
+    model = json.loads((tmp_path / "o" / "run.json").read_text())["model"]
+    assert model == {"source": str(tiny_qwen3), "format": "transformers", "path": str(tiny_qwen3.resolve())}
     assert main(["run", "rtn_w3g128", "--output-dir", str(tmp_path / "p")]) == 1
     assert "recipe rtn_w3g128 names no model (its `model` field); pass --model" in capsys.readouterr().err
 
