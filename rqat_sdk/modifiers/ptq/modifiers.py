@@ -20,6 +20,8 @@ from rqat_sdk.modifiers.ptq import llmcompressor_adapter as adapter
 from rqat_sdk.recipe.fields import FloatRange, IntRange
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from rqat_sdk.recipe.recipe import Position, Recipe
     from rqat_sdk.session.state import SessionState
 
@@ -104,6 +106,13 @@ class GPTQModifier(_Quantizer):
         self._record(state, calibration)
 
 
+def min_awq_grid(duo_scaling: bool | str) -> int:
+    """The fewest grid points llmcompressor's AWQ search takes: it spaces its ratios by ``n_grid - 2`` (duo
+    scaling, after the identity), ``n_grid - 1`` (activations only) or ``n_grid // 2 - 1`` (both), and fewer
+    points divide by zero mid-calibration."""
+    return {True: 3, False: 2}.get(duo_scaling, 4)
+
+
 class AWQModifier(_Quantizer):
     """AWQ (Lin et al., 2023) scale search followed by round-to-nearest; weight-only schemes."""
 
@@ -115,9 +124,15 @@ class AWQModifier(_Quantizer):
     """Grid points searched per layer group."""
 
     def check(self, recipe: Recipe, at: Position) -> list[str]:
+        problems = []
         if not recipe.scheme.weight_only:
-            return [f"{at.path}: awq is weight-only; scheme {recipe.scheme.label} quantizes activations or the KV cache"]
-        return []
+            problems.append(
+                f"{at.path}: awq is weight-only; scheme {recipe.scheme.label} quantizes activations or the KV cache"
+            )
+        if self.n_grid < (least := min_awq_grid(self.duo_scaling)):
+            problems.append(f"{at.path}.n_grid: {self.n_grid} is too small with duo_scaling {self.duo_scaling}; use "
+                            f"at least {least}")
+        return problems
 
     def apply(self, state: SessionState) -> None:
         calibration = adapter.quantize_awq(
@@ -171,6 +186,21 @@ class RotationModifier(Modifier):
         problems = self._model_problems(type(state.model).__name__, config.hidden_size, get_head_dim(config))
         if problems:
             raise SchemeError("; ".join(problems))
+        quantizer = state.recipe.quantizer_position()
+        following = dict(state.recipe.positions()).get(quantizer) if quantizer is not None else None
+        if following is not None and following.type == "rtn" and (silenced := silenced_norm_channels(state.model)):
+            name, channel, gain, median = silenced[0]
+            model = state.original_model if isinstance(state.original_model, (str, Path)) else None
+            model = f"{model or config._name_or_path or 'this model'} ({type(state.model).__name__})"
+            raise SchemeError(
+                f"rotation followed by rtn would wreck {model}: {len(silenced)} of its RMSNorm layers nearly "
+                f"silence some residual channels (e.g. {name} channel {channel}: gain {gain:.2g}, median "
+                f"{median:.2g}). Rotating needs those gains fused into the next Linears, and the rotation then "
+                f"spreads RTN's data-blind rounding error over every channel, including the silenced ones, where "
+                f"such models carry their largest activations; every layer's weight error falls, yet on "
+                f"SmolLM2-135M W3G64 Wikipedia perplexity went from 47 (rtn) to ~2,000 (rotation+rtn). Use rtn "
+                f"without rotation, or gptq after the rotation (docs/models.md, 'Rotation on pretrained models')"
+            )
 
     def _model_problems(self, architecture: str, hidden_size: int, head_dim: int) -> list[str]:
         """Why this rotation cannot run on a model of ``architecture`` with these widths (empty if it can)."""
@@ -200,6 +230,28 @@ class RotationModifier(Modifier):
             transform_type=self.transform_type,
             randomize=self.randomize,
         )
+
+
+SILENCED_GAIN = 0.01
+"""A norm gain below this fraction of its layer's median gain counts as silencing its channel."""
+
+
+def silenced_norm_channels(model: PreTrainedModel) -> list[tuple[str, int, float, float]]:
+    """The RMSNorms that R1 fuses into quantized Linears (each block's input and post-attention norms) whose
+    smallest gain is below :data:`SILENCED_GAIN` of their median: ``(name, channel, gain, median |gain|)``,
+    most silenced first. Trained models use such gains to mute the residual channels that hold their massive
+    activations (SmolLM2-135M: channels 507 and 247, about half the normalised input's energy); a model that
+    was never trained has gains of one."""
+    found = []
+    for name, module in model.named_modules():
+        if not name.endswith(("input_layernorm", "post_attention_layernorm")) or getattr(module, "weight", None) is None:
+            continue
+        gains = module.weight.detach().float().abs()
+        median = float(gains.median())
+        channel = int(gains.argmin())
+        if median > 0 and float(gains[channel]) < SILENCED_GAIN * median:
+            found.append((name, channel, float(module.weight[channel]), median))
+    return sorted(found, key=lambda row: abs(row[2]) / row[3])
 
 
 def hadamard_exists(size: int, transform_type: str) -> bool:
