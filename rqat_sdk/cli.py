@@ -228,7 +228,10 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from rqat_sdk.evaluation import evaluate, markdown_table
+    from rqat_sdk.session.files import check_writable
 
+    if args.output:
+        check_writable(args.output)  # before the evaluation, whose results would otherwise be lost
     report = evaluate(
         args.model, args.benchmark, samples=args.samples, num_examples=args.num_examples,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
@@ -236,6 +239,7 @@ def _eval(args: argparse.Namespace) -> int:
     )
     if args.output:
         report.save(args.output)
+        print(f"report: {args.output}")
     print(markdown_table([report]))
     by_task = report.pass_at_1_by_task()
     if len(by_task) > 1:

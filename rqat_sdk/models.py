@@ -87,11 +87,14 @@ def load_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase:
 
     if is_gguf_source(source):
         return build_tokenizer(resolve_gguf(source))
+    if _looks_local(source) and not Path(str(source)).expanduser().exists():
+        raise ModelLoadError(f"path {str(source)!r} does not exist")
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"could not load a tokenizer from {str(source)!r}: {exc}. Pass tokenizer= (or --tokenizer) explicitly."
+            f"could not load a tokenizer from {str(source)!r}: {exc}. If the model has no tokenizer files, pass "
+            f"one explicitly (tokenizer=, or --tokenizer of rqat run)."
         ) from None
 
 
@@ -191,10 +194,15 @@ def _check_location(source: str | os.PathLike) -> Path | None:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory {text!r} has no config.json, so it is not a transformers model")
         return path
-    looks_local = isinstance(source, os.PathLike) or text.startswith(("/", "./", "../", "~")) or text.count("/") > 1
-    if looks_local:
+    if _looks_local(source):
         raise ModelLoadError(f"model path {text!r} does not exist")
     return None
+
+
+def _looks_local(source: str | os.PathLike) -> bool:
+    """Whether ``source`` is meant as a local path rather than a Hub id (``ORG/NAME``)."""
+    text = str(source)
+    return isinstance(source, os.PathLike) or text.startswith(("/", "./", "../", "~")) or text.count("/") > 1
 
 
 KV_CACHE_CONFIG_KEY = "rqat_kv_cache"

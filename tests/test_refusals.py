@@ -215,3 +215,43 @@ def test_vllm_rollouts_without_vllm_are_refused_before_any_model_loads(tiny_qwen
     assert "stages[2].modifiers[0].generation: vllm-colocate" in capsys.readouterr().err
     monkeypatch.setattr(preflight, "vllm_importable", lambda: True)
     assert main(["validate", str(recipe)]) == 0
+
+
+def test_bad_inputs_get_a_message_not_a_traceback(tiny_qwen3, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import rqat_sdk.evaluation
+
+    def error(argv):
+        assert main(argv) == 1
+        return capsys.readouterr().err
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen3, broken)
+    (broken / "config.json").write_text('{"model_type": ')
+    assert "broken/config.json cannot be read as JSON" in error(
+        ["run", "rtn_w3g128", "--model", str(broken), "--output-dir", str(tmp_path / "o")])
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert f"error: dataset: {empty} holds no examples" in error(
+        ["run", "gptq_w3g128", "--model", str(tiny_qwen3), "--dataset", str(empty), "--output-dir", str(tmp_path / "o")])
+
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfeversion: 1")
+    assert "byte 0 is not UTF-8: a recipe is a YAML text file" in error(["validate", str(binary)])
+    assert f"recipe path '{tmp_path}' is a directory" in error(["validate", str(tmp_path)])
+    assert "recipe file 'gptq_w3g12' does not exist; bundled recipes with close names: gptq_w3g128" in error(
+        ["validate", "gptq_w3g12"])
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert f"cannot write {a_file}/o.partial/recipe.yaml: Not a directory" in error(
+        ["run", "rtn_w3g128", "--model", str(tiny_qwen3), "--output-dir", str(a_file / "o")])
+
+    monkeypatch.setattr(rqat_sdk.evaluation, "evaluate", failing)
+    assert f"cannot write {a_file}/report.json: {a_file} is a file, not a directory" in error(
+        ["eval", str(tiny_qwen3), "-o", str(a_file / "report.json")])
+    monkeypatch.undo()
+    missing = error(["eval", str(tmp_path / "missing"), "--num-examples", "1"])
+    assert f"path '{tmp_path / 'missing'}' does not exist" in missing and "--tokenizer" not in missing

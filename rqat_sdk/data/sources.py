@@ -188,6 +188,8 @@ def _load_jsonl(path: Path, field: str) -> Dataset:
             if not isinstance(row, dict):
                 raise DatasetError(f"{field}: {path}:{number}: each line must be a JSON object")
             rows.append(normalise_row(row, f"{path}:{number}"))
+    if not rows:
+        raise DatasetError(f"{field}: {path} holds no examples (it has no non-blank line)")
     return examples_dataset(rows)
 
 

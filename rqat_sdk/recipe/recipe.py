@@ -246,10 +246,19 @@ class Recipe(StrictModel):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Recipe:
         path = Path(path)
+        if path.is_dir():
+            raise RecipeError([f"recipe path {str(path)!r} is a directory; pass a recipe file (.yaml) or the name of "
+                               f"a bundled recipe (rqat recipes lists them)"], str(path))
         if not path.is_file():
-            raise RecipeError([f"recipe file {str(path)!r} does not exist"], str(path))
+            raise RecipeError([f"recipe file {str(path)!r} does not exist{_close_bundled(path.name)}"], str(path))
         _check_size(path.stat().st_size, str(path))
-        return cls.from_yaml(path.read_text(encoding="utf-8"), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError([f"byte {exc.start} is not UTF-8: a recipe is a YAML text file"], str(path)) from None
+        except OSError as exc:
+            raise RecipeError([f"cannot read the file: {exc.strerror}"], str(path)) from None
+        return cls.from_yaml(text, str(path))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
@@ -277,9 +286,20 @@ def load_recipe(recipe: RecipeInput) -> Recipe:
         one_line = "\n" not in recipe
         if one_line and not os.path.isfile(recipe) and recipe in bundled():
             return Recipe.from_file(bundled()[recipe])
-        looks_like_path = one_line and (recipe.endswith((".yaml", ".yml")) or os.path.isfile(recipe))
+        # a whole recipe on one line is a flow mapping; any other line is a file or a bundled name
+        looks_like_path = one_line and not recipe.lstrip().startswith("{")
         return Recipe.from_file(recipe) if looks_like_path else Recipe.from_yaml(recipe)
     raise RecipeError([f"expected a Recipe, dict, path or YAML string, got {type(recipe).__name__}"])
+
+
+def _close_bundled(name: str) -> str:
+    """The bundled recipes named like ``name``, for a recipe that does not exist (a typo of a bundled name)."""
+    import difflib
+
+    from rqat_sdk.recipes import bundled
+
+    close = difflib.get_close_matches(Path(name).stem, bundled(), n=3)
+    return f"; bundled recipes with close names: {', '.join(close)}" if close else ""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -35,11 +35,12 @@ import torch
 from rqat_sdk import distributed
 from rqat_sdk.data import check_trainable, describe_source
 from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError, RqatError
-from rqat_sdk.models import describe_model_source, load_model, load_tokenizer, resolve_device
+from rqat_sdk.models import load_model, load_tokenizer, resolve_device
 from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
 from rqat_sdk.session.files import (
     TMP_MARK,
     atomic_directory,
+    check_writable,
     remove_temporaries,
     replace_directory,
     write_json_atomic,
@@ -144,7 +145,7 @@ class Session:
             work_dir=self.work_dir,
             examples=examples,
         )
-        record = self._start_record(first_stage, model.dtype)
+        record = self._start_record(first_stage)
 
         for index in range(first_stage, len(self.recipe.stages)):
             record["stages"].append(self._run_stage(state, index))
@@ -301,7 +302,7 @@ class Session:
                 if self.work_dir.exists():
                     log.warning("--overwrite: removing the unfinished run in %s", self.work_dir)
                     shutil.rmtree(self.work_dir)
-                self.work_dir.mkdir(parents=True)
+                check_writable(self.work_dir / RECIPE_FILE)
                 self.recipe.save(self.work_dir / RECIPE_FILE)
         distributed.barrier()
         if resuming:
@@ -379,21 +380,18 @@ class Session:
                 f"code they name unless you opt in: rerun with --allow-code (allow_code=True in Python) if you trust it."
             )
 
-    def _start_record(self, first_stage: int, dtype: torch.dtype) -> dict[str, Any]:
-        """The run record, with the model source described as :func:`describe_model_source` does (``dtype``: what
-        it was loaded in, which for a GGUF is what it was dequantized to)."""
+    def _start_record(self, first_stage: int) -> dict[str, Any]:
         previous: list[dict[str, Any]] = []
         if first_stage and self.work_dir is not None and (self.work_dir / RUN_RECORD).is_file():
             previous = json.loads((self.work_dir / RUN_RECORD).read_text()).get("stages", [])[:first_stage]
-        is_path = isinstance(self.model_input, (str, os.PathLike))
-        model = describe_model_source(self.model_input, dtype) if is_path else "<in-memory model>"
+        model_name = self.model_input if isinstance(self.model_input, (str, os.PathLike)) else "<in-memory model>"
         return {
             "rqat_sdk": _version("rqat-sdk"),
             "status": "running",
             "started_at": _now(),
             "recipe": {"name": self.recipe.name, "fingerprint": self.recipe.fingerprint()},
             "scheme": self.recipe.scheme.label,
-            "model": model,
+            "model": str(model_name),
             "dataset": describe_source(self.dataset) if self.dataset is not None else None,
             "seed": self.recipe.seed,
             "resumed_at_stage": first_stage if first_stage else None,

@@ -39,6 +39,22 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable(path: Path) -> None:
+    """Fail before the work that produces ``path`` (an evaluation, a run), not after it: create its folder and a
+    temporary file there."""
+    from rqat_sdk.errors import OutputDirError
+
+    if path.parent.exists() and not path.parent.is_dir():
+        raise OutputDirError(f"cannot write {path}: {path.parent} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary_sibling(path)
+        tmp.touch()
+        tmp.unlink()
+    except OSError as exc:
+        raise OutputDirError(f"cannot write {path}: {exc.strerror} ({exc.filename}); choose a writable place") from None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
