@@ -195,6 +195,29 @@ def test_rotation_refuses_gemma3_by_name(tmp_path, ptq_recipe):
         Recipe.from_dict({**recipe, "model": str(tmp_path / "gemma3")})
 
 
+def test_rotation_then_rtn_refuses_a_model_whose_norms_silence_channels(tiny_llama, tmp_path, ptq_recipe):
+    """Issue 23: SmolLM2's RMSNorm gains mute the residual channels holding its massive activations; fused into
+    the weights and rotated, RTN's error reaches them (W3G64 perplexity 47 -> ~2,000). Refused before any work."""
+    from rqat_sdk.models import load_model, load_tokenizer
+    from rqat_sdk.modifiers.ptq.modifiers import silenced_norm_channels
+
+    model = load_model(tiny_llama, dtype="float32", device="cpu")
+    assert silenced_norm_channels(model) == []  # untrained gains: rotation+rtn runs (test_oneshot_*)
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[5] = 1e-4
+    model.save_pretrained(tmp_path / "muted")
+    load_tokenizer(tiny_llama).save_pretrained(tmp_path / "muted")
+    assert silenced_norm_channels(model) == [("model.layers.1.post_attention_layernorm", 5, pytest.approx(1e-4), 1.0)]
+
+    rotated_rtn = ptq_recipe([{"type": "rotation"}, {"type": "rtn"}], "W3G128")
+    message = (r"rotation followed by rtn would wreck .*muted \(LlamaForCausalLM\): 1 of its RMSNorm layers nearly "
+               r"silence .*model.layers.1.post_attention_layernorm channel 5: gain 0.0001.* gptq after the rotation")
+    with pytest.raises(rqat_sdk.RqatError, match=message):
+        rqat_sdk.oneshot(tmp_path / "muted", rotated_rtn, output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    rqat_sdk.oneshot(tmp_path / "muted", ptq_recipe([{"type": "rtn"}], "W3G128"))  # rtn alone is fine
+
+
 def test_rotation_randomize_is_refused_at_validate_time(ptq_recipe):
     with pytest.raises(rqat_sdk.RqatError, match=r"stages\[0\].modifiers\[0\].randomize: llmcompressor 0.14's"):
         Recipe.from_dict(ptq_recipe([{"type": "rotation", "randomize": True}, {"type": "rtn"}]))

@@ -250,7 +250,7 @@ def silenced_norm_channels(model: PreTrainedModel) -> list[tuple[str, int, float
         median = float(gains.median())
         channel = int(gains.argmin())
         if median > 0 and float(gains[channel]) < SILENCED_GAIN * median:
-            found.append((name, channel, float(module.weight[channel]), median))
+            found.append((name, channel, float(module.weight.detach()[channel]), median))
     return sorted(found, key=lambda row: abs(row[2]) / row[3])
 
 
