@@ -35,7 +35,7 @@ import torch
 from rqat_sdk import distributed
 from rqat_sdk.data import check_trainable, describe_source
 from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError, RqatError
-from rqat_sdk.models import load_model, load_tokenizer, resolve_device
+from rqat_sdk.models import describe_model_source, load_model, load_tokenizer, resolve_device
 from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
 from rqat_sdk.session.files import (
     TMP_MARK,
@@ -145,7 +145,7 @@ class Session:
             work_dir=self.work_dir,
             examples=examples,
         )
-        record = self._start_record(first_stage)
+        record = self._start_record(first_stage, model.dtype)
 
         for index in range(first_stage, len(self.recipe.stages)):
             record["stages"].append(self._run_stage(state, index))
@@ -380,18 +380,21 @@ class Session:
                 f"code they name unless you opt in: rerun with --allow-code (allow_code=True in Python) if you trust it."
             )
 
-    def _start_record(self, first_stage: int) -> dict[str, Any]:
+    def _start_record(self, first_stage: int, dtype: torch.dtype) -> dict[str, Any]:
+        """The run record, with the model source described as :func:`describe_model_source` does (``dtype``: what
+        it was loaded in, which for a GGUF is what it was dequantized to)."""
         previous: list[dict[str, Any]] = []
         if first_stage and self.work_dir is not None and (self.work_dir / RUN_RECORD).is_file():
             previous = json.loads((self.work_dir / RUN_RECORD).read_text()).get("stages", [])[:first_stage]
-        model_name = self.model_input if isinstance(self.model_input, (str, os.PathLike)) else "<in-memory model>"
+        is_path = isinstance(self.model_input, (str, os.PathLike))
+        model = describe_model_source(self.model_input, dtype) if is_path else "<in-memory model>"
         return {
             "rqat_sdk": _version("rqat-sdk"),
             "status": "running",
             "started_at": _now(),
             "recipe": {"name": self.recipe.name, "fingerprint": self.recipe.fingerprint()},
             "scheme": self.recipe.scheme.label,
-            "model": str(model_name),
+            "model": model,
             "dataset": describe_source(self.dataset) if self.dataset is not None else None,
             "seed": self.recipe.seed,
             "resumed_at_stage": first_stage if first_stage else None,
