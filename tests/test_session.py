@@ -93,6 +93,8 @@ def test_a_failed_export_keeps_the_trained_model_and_resume_finishes_it(tiny_qwe
     assert not out.exists()
     assert (partial / "checkpoints" / "01-ptq" / "stage.json").is_file()
     assert not any(partial.glob(".export*")), "the failed export's files are removed, the checkpoints kept"
+    record = json.loads((partial / "run.json").read_text())
+    assert record["status"] == "export_failed" and record["error"].startswith("simulated refusal. The trained model")
 
     with monkeypatch.context() as patch, caplog.at_level("INFO", logger="rqat_sdk.session.engine"):
         patch.setattr(RotationModifier, "apply", crash)  # no stage runs again

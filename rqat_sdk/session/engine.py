@@ -155,7 +155,11 @@ class Session:
             record["status"] = "complete"
             return RunResult(state.model, state.tokenizer, self.recipe, None, record)
         if distributed.is_main():
-            record["export"] = self._export(state)
+            try:
+                record["export"] = self._export(state)
+            except ExportError as exc:  # the record says why the finished stages have no checkpoint yet
+                self._write_record({**record, "status": "export_failed", "error": str(exc)})
+                raise
             if self.recipe.export.evaluate is not None:
                 record["evaluation"] = self._evaluate(state)
             record["status"] = "complete"
