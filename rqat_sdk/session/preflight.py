@@ -72,14 +72,11 @@ def recipe_problems(recipe: Recipe) -> list[str]:
 
 
 def check_before_loading(recipe: Recipe, model: object) -> None:
-    """Raise :class:`PreflightError` with every problem of ``recipe`` and of ``model`` (when given as a path)."""
+    """Raise the model's own error when ``model`` is a path that cannot load, then :class:`PreflightError` with
+    every problem of ``recipe``."""
     from rqat_sdk.models import check_model_source
 
-    problems = recipe_problems(recipe)
     if isinstance(model, (str, os.PathLike)):
-        try:
-            check_model_source(model)
-        except RqatError as exc:
-            problems.insert(0, f"model: {exc}")
-    if problems:
+        check_model_source(model)
+    if problems := recipe_problems(recipe):
         raise PreflightError(problems)
