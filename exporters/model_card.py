@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rqat_sdk.exporters.vllm import layer_group_sizes, serve_command, vllm_support
+from rqat_sdk.exporters.vllm import SERVE_CONTEXT, layer_group_sizes, serve_command, vllm_support
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe import Recipe
@@ -24,7 +24,7 @@ def recorded_fallbacks(record: dict[str, Any]) -> dict[str, int | None]:
     return found
 
 
-def model_card(recipe: Recipe, record: dict[str, Any]) -> str:
+def model_card(recipe: Recipe, record: dict[str, Any], max_model_len: int = SERVE_CONTEXT) -> str:
     scheme = recipe.scheme
     export = record.get("export", {})
     base = base_model_name(record.get("model", ""))
@@ -84,7 +84,7 @@ def model_card(recipe: Recipe, record: dict[str, Any]) -> str:
         lines += [
             "",
             "```bash",
-            serve_command("<this directory>", scheme),
+            serve_command("<this directory>", scheme, max_model_len),
             "```",
             "",
             "```python",

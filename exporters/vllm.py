@@ -175,7 +175,18 @@ def marlin_group_size(group_size: int) -> dict[str, Any]:
     return {"group_size": fitting, **({} if fitting else {"group_size_fallback": "error"})}
 
 
-def serve_command(directory: str | Path, scheme: QuantScheme | None = None, max_model_len: int = 32768) -> str:
+SERVE_CONTEXT = 32768
+"""The context the serve command asks for: long enough for reasoning traces, unless the model's is shorter."""
+
+
+def serving_context(config: dict[str, Any]) -> int:
+    """:data:`SERVE_CONTEXT`, capped at the model's ``max_position_embeddings`` (vLLM refuses a longer one)."""
+    return min(SERVE_CONTEXT, config.get("max_position_embeddings") or SERVE_CONTEXT)
+
+
+def serve_command(
+    directory: str | Path, scheme: QuantScheme | None = None, max_model_len: int = SERVE_CONTEXT
+) -> str:
     command = f"vllm serve {directory} --max-model-len {max_model_len}"
     if scheme is not None and scheme.kv_cache is not None:
         command += f" --kv-cache-dtype {KV_CACHE_DTYPE}"

@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve-check", help="serve a checkpoint with vLLM and compare with transformers")
     serve.add_argument("checkpoint", nargs="?", type=Path, help="an exported checkpoint directory")
-    serve.add_argument("--setup", action="store_true", help="create the vLLM environment (a few GB) and exit")
+    serve.add_argument("--setup", action="store_true", help="create the vLLM environment (about 600 MB) and exit")
     serve.add_argument("--max-tokens", type=int, default=16, help="greedy tokens compared per prompt")
     serve.add_argument("--python", help="the vLLM interpreter (default: RQAT_VLLM_PYTHON or the created one)")
     serve.add_argument("--require-identical", action="store_true", help="exit 1 unless every prompt matches")
@@ -291,9 +291,10 @@ def _recipes(args: argparse.Namespace) -> int:
     from rqat_sdk.recipe import Recipe
     from rqat_sdk.recipes import bundled
 
-    for name, path in bundled().items():
-        recipe = Recipe.from_file(path)
-        print(f"{name:<22} {recipe.scheme.label:<8} {recipe.description or ''}")
+    recipes = {name: Recipe.from_file(path) for name, path in bundled().items()}
+    width = max(map(len, recipes), default=0)
+    for name, recipe in recipes.items():
+        print(f"{name:<{width}}  {recipe.scheme.label:<8} {recipe.description or ''}")
     return 0
 
 

@@ -89,7 +89,8 @@ def test_export_writes_a_model_card_with_accuracy_and_the_serve_command(tiny_qwe
     result = rqat_sdk.oneshot(tiny_qwen3, recipe, output_dir=tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "# card: W4G128" in card and "int4 weights (symmetric, group 128)" in card
-    assert "pass@1 on `testbed`: **0.0%**" in card and "vllm serve <this directory> --max-model-len 32768" in card
+    # the tiny model's context is 2,048 positions: the serve command asks for no more (vLLM would refuse it)
+    assert "pass@1 on `testbed`: **0.0%**" in card and "vllm serve <this directory> --max-model-len 2048" in card
     assert "| cpu | yes | WNA16, CPUWNA16LinearKernel (needs AVX512) |" in card
     assert result.record["evaluation"]["num_problems"] == 4
     assert json.loads((tmp_path / "out" / "evaluation.json").read_text())["items"]

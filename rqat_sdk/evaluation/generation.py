@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,6 +46,8 @@ def generate(
     completions: list[Completion] = []
     was_training = model.training
     model.eval()
+    # answers to long reasoning prompts take minutes: show answers and tokens per second beyond one batch
+    bar = tqdm(total=len(texts), desc="generating", unit="answer", leave=False, disable=len(texts) <= batch_size)
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(
             texts[start : start + batch_size],
@@ -66,6 +69,9 @@ def generate(
             kept = row[: end + 1] if ended else row
             text = tokenizer.decode(kept, skip_special_tokens=True)
             completions.append(Completion(text, len(kept), not ended))
+        bar.update(len(output))
+        bar.set_postfix(tok_s=f"{sum(c.tokens for c in completions) / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+    bar.close()
     model.train(was_training)
     return completions
 

@@ -464,9 +464,12 @@ class Session:
 
     def _write_card(self, record: dict[str, Any]) -> None:
         from rqat_sdk.exporters.model_card import model_card
+        from rqat_sdk.exporters.vllm import serving_context
         from rqat_sdk.session.files import write_text_atomic
 
-        write_text_atomic(self.work_dir / "README.md", model_card(self.recipe, record))
+        config = json.loads((self.work_dir / "config.json").read_text())
+        card = model_card(self.recipe, record, serving_context(config))
+        write_text_atomic(self.work_dir / "README.md", card)
 
 
 def run_record(directory: Path) -> dict[str, Any] | None:
