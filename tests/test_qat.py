@@ -224,6 +224,14 @@ def test_an_exploding_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(ti
     assert (tmp_path / "out.partial" / "checkpoints" / "01-qat.progress" / "step-0000004" / "trainer.pt").is_file()
 
 
+def test_the_loss_guard_multiplies_a_floor_when_the_first_loss_is_near_zero():
+    from rqat_sdk.modifiers.qat.trainer import loss_exploded
+
+    assert loss_exploded(100.0, 1e-4, 100) and loss_exploded(300.0, 2.0, 100)  # the lr 1.0 case; SFT
+    assert not loss_exploded(0.089, 5.5e-4, 100)  # KD after GPTQ at a high rate: 160x a near-zero start
+    assert not loss_exploded(150.0, 2.0, 100) and not loss_exploded(1e9, 1.0, None)
+
+
 def test_packing_gives_the_same_loss_as_padding(tiny_qwen3, tmp_path):
     padded = rqat_sdk.oneshot(tiny_qwen3, recipe(steps=1, logging_steps=1), DATA, tmp_path / "a")
     packed = rqat_sdk.oneshot(tiny_qwen3, recipe(steps=1, logging_steps=1, packing=True), DATA, tmp_path / "b")

@@ -87,8 +87,8 @@ class QATKDModifier(Modifier):
     logging_steps: IntRange(1, None) = 10
     """Log loss, learning rate, gradient norm and throughput every this many steps."""
     max_loss_ratio: FloatRange(1.0, None) | None = 100.0
-    """Stop the stage when a step's loss exceeds this multiple of its first step's loss (training has diverged
-    and would ruin the model); null to never stop."""
+    """Stop the stage when a step's loss exceeds this multiple of its first step's loss, or of 0.01 when that
+    is smaller (training has diverged and would ruin the model); null to never stop."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under a multi-process launcher: DDP, or FSDP2 sharding of the transformer blocks."""
 

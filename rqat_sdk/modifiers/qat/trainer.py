@@ -56,9 +56,15 @@ def format_loss(loss: float) -> str:
     return f"{loss:.4f}" if loss == 0 or 1e-2 <= abs(loss) < 1e4 or not math.isfinite(loss) else f"{loss:.2e}"
 
 
+LOSS_RATIO_FLOOR = 1e-2
+"""The smallest first loss ``max_loss_ratio`` multiplies: a KD stage after a good PTQ starts near zero (1e-4
+nats per token), where ordinary noise at a high learning rate is already a hundredfold."""
+
+
 def loss_exploded(loss: float, first: float, max_ratio: float | None) -> bool:
-    """Whether ``loss`` has grown past ``max_ratio`` times the stage's ``first`` loss (never, with no ratio)."""
-    return max_ratio is not None and first > 0 and loss > max_ratio * first
+    """Whether ``loss`` has grown past ``max_ratio`` times the stage's ``first`` loss, or times
+    :data:`LOSS_RATIO_FLOOR` when the first is smaller (never, with no ratio)."""
+    return max_ratio is not None and loss > max_ratio * max(first, LOSS_RATIO_FLOOR)
 
 
 @dataclass
