@@ -2,9 +2,9 @@
 
 PyTorch starts one intra-op thread per physical core. For a tiny model (the testbed's 0.46M parameters) each
 operation is smaller than the cost of synchronising those threads, and when another process holds one core
-the threads spin-wait on a descheduled partner: a training step on 2 loaded cores took
-25-40x longer with 2 threads than with 1 (docs/performance.md, "CPU threads"). So on CPU rqat runs models below
-``TINY_PARAMETERS`` on one thread, and leaves larger ones on torch's default.
+the threads spin-wait on a descheduled partner, and a step takes many times longer than on one thread
+(docs/performance.md, "CPU threads"). So on CPU rqat runs models below ``TINY_PARAMETERS`` on one thread, and
+leaves larger ones on torch's default.
 
 A count the user chose wins: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in the environment, or an earlier
 ``torch.set_num_threads`` (seen as a count that is neither torch's default nor the one rqat last set).
