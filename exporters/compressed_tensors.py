@@ -123,7 +123,11 @@ def snap_to_grid(model: PreTrainedModel) -> None:
         args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
         if args is None or not getattr(module, "quantization_enabled", True):
             continue
-        module.weight.data = forward_quantize(module, module.weight.data, "weight", args)
+        snapped = forward_quantize(module, module.weight.data, "weight", args)
+        # In bf16, 8-bit codes times their scale do not always divide back to the same codes (bf16 keeps 8
+        # significant bits, so w / s lands on half steps): keep the weight where snapping would change the model.
+        if torch.equal(forward_quantize(module, snapped, "weight", args), snapped):
+            module.weight.data = snapped
 
 
 def _refreeze(model: PreTrainedModel) -> None:

@@ -127,3 +127,15 @@ def test_a_trained_bf16_model_exports_exactly_whatever_arithmetic_compression_us
     compress_as_on_cuda()
     report = export_checkpoint(result.model, result.tokenizer, result.recipe.scheme, tmp_path)
     assert report.exact and report.max_abs_logit_diff == 0.0
+
+
+def test_8_bit_bf16_weights_export_exactly(tmp_path):
+    """Snapping onto the grid must not change the model: in bf16, 8-bit codes times their scale can divide
+    back to half steps and round to other codes, so such weights are kept as they are (the W8A8 export of the
+    bf16 testbed that vLLM's serving tests use)."""
+    from rqat_sdk.testbed.train import EMBEDDED
+
+    recipe = {"version": 1, "scheme": "W8A8", "stages": [{"name": "p", "modifiers": [{"type": "rtn"}]}]}
+    result = rqat_sdk.oneshot(EMBEDDED, recipe, output_dir=tmp_path / "w8a8")
+    assert result.model.dtype == torch.bfloat16
+    assert result.record["export"]["exact"] and result.record["export"]["max_abs_logit_diff"] == 0.0
