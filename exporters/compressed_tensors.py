@@ -5,7 +5,8 @@ codes dequantized): compression recomputes the codes from the weight it is given
 does that with other arithmetic than its forward on CUDA (a float32 kernel, against the weight's own dtype),
 so a latent weight that training left near a rounding boundary could get another code in the file than in
 the model. A weight on its grid lies a whole number of steps from the zero point, far from any boundary,
-and every arithmetic recovers its code.
+and every arithmetic recovers its code. Where the snapped weight would quantize differently in the weight's
+own dtype (8-bit codes in bf16), the weight is kept as it was.
 
 After writing, the checkpoint is reloaded with ``transformers.AutoModelForCausalLM.from_pretrained`` and its
 logits on a probe batch are compared with the in-memory quantized model's: they must be bit-identical for
