@@ -19,6 +19,11 @@ also gets the perplexity on N held-out Wikipedia paragraphs (``wikipedia:heldout
 A pretrained teacher (``python -m rqat_sdk.testbed.train --size smollm2 DIR``) is a testbed too; there Table 3
 compares math-only with mixed math + Wikipedia data (``--domains mixed``), and SmolLM2's 576-wide layers take
 W3G128 with ``--group-size-fallback largest_divisor``.
+
+A small model leaves most of a GPU idle, so ``--workers N`` runs each (method, training seed) pair as its own
+process, N at a time over the visible GPUs, writes each one's record to ``JSON.parts/`` and merges them into
+``--json`` (rerun to resume; ``--merge-only`` merges what is there). Rows then carry every training seed's
+own figures under ``runs``, as single-process rows do.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,6 +58,58 @@ INITS = {"rtn": [{"type": "rtn"}], "gptq": [{"type": "gptq"}], "awq": [{"type": 
 
 DOMAINS = {"testbed": "{benchmark}", "wikipedia": "wikipedia", "mixed": "{benchmark} + wikipedia"}
 """Table 3's data: the testbed's own task mix, general text, or equal shares of both."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of a table: a method (an initialisation and its training stages) on a scheme and data."""
+
+    table: str
+    scheme: str
+    method: str
+    init: str
+    stages: tuple[str, ...]
+    calibration: str | None = None
+    qat_data: str | None = None
+
+    @property
+    def data(self) -> dict:
+        """Table 3's data domains, the keys its rows carry."""
+        return {k: v for k, v in (("calibration", self.calibration), ("qat_data", self.qat_data)) if v}
+
+    @property
+    def key(self) -> str:
+        """The job's name on the command line (``--job``) and in its part file's name."""
+        return "_".join(filter(None, (f"T{self.table}", self.scheme, self.method, self.calibration, self.qat_data)))
+
+    @property
+    def deterministic(self) -> bool:
+        """Round-to-nearest alone reads no data and trains nothing: every recipe seed gives the same model."""
+        return self.init == "rtn" and not self.stages
+
+
+def planned_jobs(args: argparse.Namespace) -> list[Job]:
+    """The rows ``--tables``, ``--schemes`` and ``--domains`` ask for, in the seed's order."""
+    jobs = []
+    for scheme in args.schemes:
+        if "5" in args.tables:
+            for init in ("rtn", "gptq"):
+                name = init.upper()
+                jobs += [Job("5", scheme, name, init, ()), Job("5", scheme, f"{name}+SFT", init, ("sft",)),
+                         Job("5", scheme, f"{name}+KD", init, ("kd",)),
+                         Job("5", scheme, f"{name}+KD+GRPO", init, ("kd", "grpo"))]
+        if "4" in args.tables:
+            jobs.append(Job("4", scheme, "AWQ", "awq", ()))
+    if "W4A4KV4" in args.tables:
+        for init, name in (("rtn", "RTN"), ("rotation+gptq", "Rotation+GPTQ"), ("flatquant+gptq", "FlatQuant+GPTQ")):
+            jobs += [Job("W4A4KV4", "W4A4KV4", name, init, ()), Job("W4A4KV4", "W4A4KV4", f"{name}+KD", init, ("kd",)),
+                     Job("W4A4KV4", "W4A4KV4", f"{name}+KD+GRPO", init, ("kd", "grpo"))]
+    if "3" in args.tables:
+        for calibration in args.domains:
+            jobs.append(Job("3", args.table3_scheme, "GPTQ", "gptq", (), calibration=calibration))
+            jobs += [Job("3", args.table3_scheme, "GPTQ+KD", "gptq", ("kd",), calibration=calibration, qat_data=qat_data)
+                     for qat_data in args.domains]
+    return [job for job in jobs if not args.methods or job.method in args.methods]
 
 
 def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, qat_data: str = "testbed",
@@ -105,11 +163,12 @@ def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
 
 def over_training_seeds(runs: list[dict]) -> dict:
     """One row from the runs of a method with different recipe seeds: pass@1 averaged over every (training
-    seed, sampling seed) pair, ``std`` over those pairs, ``training_std`` over the training seeds' means."""
+    seed, sampling seed) pair, ``std`` over those pairs, ``training_std`` over the training seeds' means.
+    ``runs`` keeps each run's own figures, so that rows measured in separate processes merge."""
     import statistics
 
     if len(runs) == 1:
-        return {k: v for k, v in runs[0].items() if k != "per_sample"}
+        return {**{k: v for k, v in runs[0].items() if k not in ("per_sample", "seed")}, "runs": runs}
     ppl = {"wiki_ppl": round(statistics.fmean(run["wiki_ppl"] for run in runs), 3),
            "wiki_ppl_per_training_seed": [run["wiki_ppl"] for run in runs]} if "wiki_ppl" in runs[0] else {}
     pairs = [value for run in runs for value in run["per_sample"]]
@@ -122,6 +181,7 @@ def over_training_seeds(runs: list[dict]) -> dict:
         "per_training_seed": [run["pass_at_1"] for run in runs],
         "mean_response_tokens": round(statistics.fmean(run["mean_response_tokens"] for run in runs), 1),
         **ppl,
+        "runs": runs,
     }
 
 
@@ -260,9 +320,16 @@ def main() -> int:
     parser.add_argument("--plot-only", action="store_true", help="draw --plot from the rows in --json; run nothing")
     parser.add_argument("--plot-also", nargs="+", type=Path, default=[],
                         help="with --plot-only: more JSON files of the same testbed whose rows join the plot")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="run this many (method, training seed) jobs at once, each in its own process, spread "
+                        "over the visible GPUs; their part files go to JSON.parts/ and merge into --json")
+    parser.add_argument("--bf16-json", type=Path,
+                        help="with --workers: take the BF16 row from this record (another run's on the same testbed) "
+                        "instead of measuring it again")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="with --workers: merge the part files already in JSON.parts/ into --json; run nothing")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # one job of a --workers run: a Job.key or BF16
     args = parser.parse_args()
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     if args.plot_only:
@@ -271,6 +338,10 @@ def main() -> int:
         records = [json.loads(path.read_text()) for path in (args.json, *args.plot_also)]
         plot([row for record in records for row in rows_with_settings(record, parser)], records[0]["bf16"], args.plot)
         return 0
+    if args.merge_only:  # the testbed may be on another machine: the part files name it
+        if not (args.json and args.workers > 1):
+            parser.error("--merge-only merges the part files of a --workers run: give the same --workers and --json")
+        return run_parallel(args, planned_jobs(args), None, started)
     if not (args.testbed / "testbed.json").is_file():
         parser.error(f"--testbed {args.testbed}: no testbed.json there; pass a directory that "
                      "`python -m rqat_sdk.testbed.train` wrote (rqat_sdk/testbed/cpu or rqat_sdk/testbed/long)")
@@ -278,22 +349,32 @@ def main() -> int:
     args.benchmark = built["benchmark"]
     model_name = built.get("base_model") or f"testbed ({args.benchmark})"
     args.max_seq_length = built["spec"].get("max_seq_length", 256)
+    jobs = planned_jobs(args)
+    if args.workers > 1:
+        if not args.json:
+            parser.error("--workers needs --json: the jobs' part files go beside it")
+        return run_parallel(args, jobs, model_name, started)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(args.testbed)
     teacher = AutoModelForCausalLM.from_pretrained(args.testbed, dtype=getattr(torch, args.dtype))
     if torch.cuda.is_available():
         teacher = teacher.cuda()
     previous = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else {}
-    bf16 = previous.get("bf16") or over_training_seeds([measure(teacher, tokenizer, "BF16", args)])
-    print(f"BF16: {bf16}", flush=True)
+    bf16 = previous.get("bf16")
+    if bf16 is None and args.job in (None, "BF16"):
+        bf16 = over_training_seeds([measure(teacher, tokenizer, "BF16", args)])
+        print(f"BF16: {bf16}", flush=True)
     rows = previous.get("rows", [])
     commands = previous.get("commands", [])
     commands.append("python " + " ".join(shlex.quote(a) for a in sys.argv))
 
     def save() -> None:
-        record = {
+        write_record(args.json, {
             "command": " && ".join(commands),
             "commands": commands,
-            "device": "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "device": device_name(),
             "date": datetime.date.today().isoformat(),
             "commit": git_commit(),
             "model": model_name,
@@ -301,63 +382,161 @@ def main() -> int:
             "bf16": bf16,
             "seconds": round(previous.get("seconds", 0) + time.perf_counter() - started, 1),
             "rows": rows,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.json.with_suffix(".json.tmp")
-        partial.write_text(json.dumps(record, indent=2) + "\n")
-        partial.replace(args.json)
+        })
 
-    def done(table: str, scheme: str, method: str, data: dict) -> bool:
-        key = (table, scheme, method, data.get("calibration"), data.get("qat_data"))
+    def done(job: Job) -> bool:
+        key = (job.table, job.scheme, job.method, job.calibration, job.qat_data)
         return any((r["table"], r["scheme"], r["method"], r.get("calibration"), r.get("qat_data")) == key for r in rows)
 
-    def run(table: str, scheme: str, method: str, init: str, stages: list[str], **data) -> None:
-        if (args.methods and method not in args.methods) or done(table, scheme, method, data):
-            return
+    for job in jobs:
+        if done(job) or args.job not in (None, job.key):
+            continue
         began = time.perf_counter()
         runs = []
-        for seed in range(args.seed, args.seed + args.training_seeds):
-            planned = {**recipe(scheme, init, stages, args, **data), "seed": seed}
+        for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds)):
+            planned = {**recipe(job.scheme, job.init, list(job.stages), args, **job.data), "seed": seed}
             result = rqat_sdk.oneshot(args.testbed, planned, dtype=args.dtype)
-            runs.append(measure(result.model, result.tokenizer, method, args))
-        row = {"table": table, "model": model_name, "scheme": scheme, "method": method, **training_settings(stages, args),
-               **over_training_seeds(runs),
-               "bf16_pass_at_1": bf16["pass_at_1"], "seconds": round(time.perf_counter() - began, 1), **data}
+            runs.append({"seed": seed, **measure(result.model, result.tokenizer, job.method, args)})
+        row = {"table": job.table, "model": model_name, "scheme": job.scheme, "method": job.method,
+               **training_settings(list(job.stages), args), **over_training_seeds(runs),
+               "bf16_pass_at_1": bf16["pass_at_1"] if bf16 else None,
+               "seconds": round(time.perf_counter() - began, 1), **job.data}
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
         if args.json:
             save()
-
-    for scheme in args.schemes:
-        if "5" in args.tables:
-            for init in ("rtn", "gptq"):
-                name = init.upper()
-                run("5", scheme, name, init, [])
-                run("5", scheme, f"{name}+SFT", init, ["sft"])
-                run("5", scheme, f"{name}+KD", init, ["kd"])
-                run("5", scheme, f"{name}+KD+GRPO", init, ["kd", "grpo"])
-        if "4" in args.tables:
-            run("4", scheme, "AWQ", "awq", [])
-    if "W4A4KV4" in args.tables:
-        for init, name in (("rtn", "RTN"), ("rotation+gptq", "Rotation+GPTQ"), ("flatquant+gptq", "FlatQuant+GPTQ")):
-            run("W4A4KV4", "W4A4KV4", name, init, [])
-            run("W4A4KV4", "W4A4KV4", f"{name}+KD", init, ["kd"])
-            run("W4A4KV4", "W4A4KV4", f"{name}+KD+GRPO", init, ["kd", "grpo"])
-    if "3" in args.tables:
-        for calibration in args.domains:
-            run("3", args.table3_scheme, "GPTQ", "gptq", [], calibration=calibration)
-            for qat_data in args.domains:
-                run("3", args.table3_scheme, "GPTQ+KD", "gptq", ["kd"], calibration=calibration, qat_data=qat_data)
+    if args.json and args.job == "BF16":
+        save()
 
     if args.plot:
         plot(rows, bf16, args.plot)
+    print_table(rows, bf16)
+    return 0
+
+
+def print_table(rows: list[dict], bf16: dict) -> None:
     print("\n| table | scheme | method | data | pass@1 | ± | kept | wiki ppl |\n|---|---|---|---|---|---|---|---|")
     for row in rows:
-        kept = row["pass_at_1"] / bf16["pass_at_1"] if bf16["pass_at_1"] else 0
+        kept = row["pass_at_1"] / bf16["pass_at_1"] if bf16 and bf16["pass_at_1"] else 0
         data = "/".join(filter(None, (row.get("calibration"), row.get("qat_data"))))
         print(f"| {row['table']} | {row['scheme']} | {row['method']} | {data} | {100 * row['pass_at_1']:.1f} | "
               f"{100 * row['std']:.1f} | {kept:.0%} | {row.get('wiki_ppl', '')} |")
-    return 0
+
+
+def device_name() -> str:
+    return "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)
+
+
+_COST = {"grpo": 4, "kd": 3, "sft": 3}
+"""Rough relative run times, so that the longest jobs start first and the last to finish is short."""
+
+
+def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | None, started: float) -> int:
+    """Run every (job, training seed) pair and the BF16 row as separate processes, ``--workers`` at a time,
+    each on the least busy visible GPU, then merge their part files into ``--json``. A part file that exists
+    is kept (so a rerun resumes), and a failed job leaves its log and does not stop the others."""
+    import subprocess
+
+    parts = args.json.with_suffix(".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    tasks = ([] if args.bf16_json else [("BF16", args.seed)]) + [(job.key, seed) for job in sorted(
+        jobs, key=lambda j: -max([_COST.get(s, 0) for s in j.stages] + [1 + (j.init != "rtn")]))
+        for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds))]
+    todo = [] if args.merge_only else [task for task in tasks if not (parts / f"{task[0]}_s{task[1]}.json").exists()]
+    if not args.merge_only:
+        write_record(parts / "launch.json", {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+                                             "date": datetime.date.today().isoformat(), "commit": git_commit()})
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
+    gpus = [g for g in gpus if g] or [None]
+    running: dict[subprocess.Popen, tuple[str, int, str | None, float]] = {}
+    failed = []
+    print(f"{len(tasks)} jobs, {len(tasks) - len(todo)} already done; {args.workers} at a time on GPUs {gpus}",
+          flush=True)
+    while todo or running:
+        while todo and len(running) < args.workers:
+            key, seed = todo.pop(0)
+            busy = [info[2] for info in running.values()]
+            gpu = min(gpus, key=busy.count)
+            env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+            command = [sys.executable, __file__, *child_arguments(args), "--job", key, "--seed", str(seed),
+                       "--json", str(parts / f"{key}_s{seed}.json")]
+            log = open(parts / f"{key}_s{seed}.log", "w")  # noqa: SIM115 - closed with the process
+            running[subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)] = (
+                key, seed, gpu, time.perf_counter())
+            log.close()
+        time.sleep(2)
+        for process in [p for p in running if p.poll() is not None]:
+            key, seed, gpu, began = running.pop(process)
+            status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+            if process.returncode != 0:
+                failed.append({"job": key, "seed": seed, "log": str(parts / f"{key}_s{seed}.log")})
+            print(f"[{len(tasks) - len(todo) - len(running)}/{len(tasks)}] {key} seed {seed} on GPU {gpu}: "
+                  f"{status} in {time.perf_counter() - began:.0f} s", flush=True)
+    record = merge_parts(parts, tasks, [job.key for job in jobs], args, model_name, started)
+    record["failed"] = failed
+    write_record(args.json, record)
+    if args.plot and record["bf16"]:
+        plot(record["rows"], record["bf16"], args.plot)
+    print_table(record["rows"], record["bf16"])
+    return 1 if failed else 0
+
+
+def child_arguments(args: argparse.Namespace) -> list[str]:
+    """The options that decide what a job measures, for its own process."""
+    options = ["--testbed", str(args.testbed), "--schemes", *args.schemes, "--samples", str(args.samples),
+               "--problems", str(args.problems), "--qat-steps", str(args.qat_steps), "--qat-lr", str(args.qat_lr),
+               "--grpo-steps", str(args.grpo_steps), "--grpo-lr", str(args.grpo_lr),
+               "--grpo-prompts", str(args.grpo_prompts), "--tables", *args.tables, "--dtype", args.dtype,
+               "--group-size-fallback", args.group_size_fallback, "--ppl-paragraphs", str(args.ppl_paragraphs),
+               "--domains", *args.domains, "--table3-scheme", args.table3_scheme]
+    return options + (["--grpo-data", args.grpo_data] if args.grpo_data else [])
+
+
+def merge_parts(parts: Path, tasks: list[tuple[str, int]], order: list[str], args: argparse.Namespace,
+                model_name: str | None, started: float) -> dict:
+    """One record from a ``--workers`` run's part files: each job's runs over training seeds joined into
+    one row (as :func:`over_training_seeds` would have made it in one process), in the tables' order."""
+    records = {task: json.loads(path.read_text()) for task in tasks
+               if (path := parts / f"{task[0]}_s{task[1]}.json").exists()}
+    bf16 = next((r["bf16"] for (key, _), r in records.items() if key == "BF16"), None)
+    if args.bf16_json and args.bf16_json.exists():
+        bf16 = json.loads(args.bf16_json.read_text())["bf16"]
+    rows = []
+    for key in order:
+        found = [r["rows"][0] for (k, _), r in sorted(records.items()) if k == key and r["rows"]]
+        if not found:
+            continue
+        row = {k: v for k, v in found[0].items() if k not in ("runs", "seconds")}
+        row.update(over_training_seeds([run for part in found for run in part["runs"]]))
+        row["bf16_pass_at_1"] = bf16["pass_at_1"] if bf16 else None
+        row["seconds"] = round(sum(part["seconds"] for part in found), 1)
+        rows.append(row)
+    this = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    launch = json.loads((parts / "launch.json").read_text()) if (parts / "launch.json").exists() else {}
+    commands = [launch["command"]] + ([this] if args.merge_only else []) if launch else [this]
+    return {
+        "command": " && ".join(commands),
+        "commands": commands,
+        "device": next((r["device"] for r in records.values()), device_name()),
+        "date": launch.get("date", datetime.date.today().isoformat()),
+        "commit": launch.get("commit", git_commit()),
+        "model": model_name or next((r["model"] for r in records.values()), None),
+        "testbed": next((r["testbed"] for r in records.values()), os.path.relpath(args.testbed)),
+        "bf16": bf16,
+        "workers": args.workers,
+        "seconds": round(time.perf_counter() - started, 1) if not args.merge_only else None,
+        "missing": [f"{key} seed {seed}" for key, seed in tasks if (key, seed) not in records],
+        "seconds_note": "rows' seconds add up their jobs' own times, each measured while other jobs shared the GPU",
+        "rows": rows,
+    }
 
 
 if __name__ == "__main__":
