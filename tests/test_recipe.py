@@ -89,9 +89,13 @@ def test_literal_and_union_errors_list_allowed_values():
 
 
 def test_unknown_preset_and_version():
-    found = problems("version: 2\nscheme: W5A5\nstages: [{name: a, modifiers: [{type: rtn}]}]\n")
-    assert "version: 2 is not a recipe version this rqat_sdk reads (it reads version 1)" in found
+    found = problems("version: 0\nscheme: W5A5\nstages: [{name: a, modifiers: [{type: rtn}]}]\n")
+    assert "version: 0 is not a recipe version this rqat_sdk reads (it reads version 1)" in found
     assert any(p.startswith("scheme: unknown preset 'W5A5'") for p in found)
+    # a newer format is reported alone: its other fields may be valid there
+    assert problems("version: 2\nscheme: W5A5\nstages: []\n") == [
+        "version: 2 is a newer recipe format than this rqat_sdk reads (format version 1); install a release of "
+        "rqat_sdk that reads format version 2"]
 
 
 def test_duplicate_yaml_keys_and_syntax_errors_give_lines():

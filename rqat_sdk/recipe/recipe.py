@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from rqat_sdk.errors import RecipeError
 from rqat_sdk.modifiers import AnyModifier, Modifier
 from rqat_sdk.recipe.code import check_code_ref_syntax, is_code_ref
 from rqat_sdk.recipe.fields import FloatRange, IntRange, StrictModel
+from rqat_sdk.recipe.repo import RecipeOrigin, find_recipe, names_repository
 from rqat_sdk.recipe.scheme import QuantScheme
 
 RECIPE_VERSION = 1
@@ -108,7 +109,8 @@ class Recipe(StrictModel):
     description: str | None = None
     """Free text."""
     model: str | None = None
-    """The model this recipe was written for (a hub id or directory); `rqat run` uses it without --model."""
+    """The model this recipe was written for (a hub id, ``ORG/NAME@REVISION`` to pin a branch, tag or commit, or
+    a directory); runs use it when they are given no model."""
     seed: IntRange(0, 2**32 - 1) = 0
     """Seeds data sampling and every stage, so that a run can be repeated."""
     scheme: QuantScheme
@@ -117,6 +119,33 @@ class Recipe(StrictModel):
     """Applied in order."""
     export: ExportConfig = ExportConfig()
     """Checkpoint options: the vLLM serving target, and an optional final evaluation."""
+
+    _origin: RecipeOrigin | None = PrivateAttr(default=None)
+
+    @property
+    def origin(self) -> RecipeOrigin | None:
+        """The repository this recipe was read from (:mod:`rqat_sdk.recipe.repo`), for the run record."""
+        return self._origin
+
+    @model_validator(mode="before")
+    @classmethod
+    def _readable_format(cls, data: Any) -> Any:
+        """Refuse a newer format, or a YAML file of another tool, alone: their fields would otherwise each be
+        reported as unknown, burying the one problem that matters."""
+        if not isinstance(data, dict):
+            return data
+        version = data.get("version")
+        if type(version) is int and version > RECIPE_VERSION:
+            raise ValueError(
+                f"version: {version} is a newer recipe format than this rqat_sdk reads (format version "
+                f"{RECIPE_VERSION}); install a release of rqat_sdk that reads format version {version}"
+            )
+        if "version" not in data and "stages" not in data:
+            raise ValueError(
+                "version: missing, and the file has no stages: this is not an rqat recipe (llmcompressor, for one, "
+                "also writes recipe.yaml files, in a format of its own)"
+            )
+        return data
 
     @field_validator("version")
     @classmethod
@@ -244,21 +273,23 @@ class Recipe(StrictModel):
         return cls.from_dict(_safe_load(text, source), source)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> Recipe:
+    def from_file(cls, path: str | os.PathLike, source: str | None = None) -> Recipe:
+        """The recipe in ``path``; errors name ``source`` (default: the path)."""
         path = Path(path)
         if path.is_dir():
             raise RecipeError([f"recipe path {str(path)!r} is a directory; pass a recipe file (.yaml) or the name of "
                                f"a bundled recipe (rqat recipes lists them)"], str(path))
         if not path.is_file():
             raise RecipeError([f"recipe file {str(path)!r} does not exist{_close_bundled(path.name)}"], str(path))
-        _check_size(path.stat().st_size, str(path))
+        source = source or str(path)
+        _check_size(path.stat().st_size, source)
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
-            raise RecipeError([f"byte {exc.start} is not UTF-8: a recipe is a YAML text file"], str(path)) from None
+            raise RecipeError([f"byte {exc.start} is not UTF-8: a recipe is a YAML text file"], source) from None
         except OSError as exc:
-            raise RecipeError([f"cannot read the file: {exc.strerror}"], str(path)) from None
-        return cls.from_yaml(text, str(path))
+            raise RecipeError([f"cannot read the file: {exc.strerror}"], source) from None
+        return cls.from_yaml(text, source)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
@@ -273,23 +304,33 @@ RecipeInput = Recipe | dict | str | os.PathLike
 
 
 def load_recipe(recipe: RecipeInput) -> Recipe:
-    """A :class:`Recipe` from a Recipe, a dict, a YAML file path, a bundled recipe's name or a YAML string."""
+    """A :class:`Recipe` from a Recipe, a dict, a YAML file path, a bundled recipe's name, the recipe a
+    repository carries (a directory, ``hf:ORG/NAME[@REVISION]`` or ``ORG/NAME[@REVISION]``) or a YAML string."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
     if isinstance(recipe, os.PathLike):
-        return Recipe.from_file(recipe)
+        return _repository_recipe(recipe) if names_repository(recipe) else Recipe.from_file(recipe)
     if isinstance(recipe, str):
         from rqat_sdk.recipes import bundled
 
         one_line = "\n" not in recipe
         if one_line and not os.path.isfile(recipe) and recipe in bundled():
             return Recipe.from_file(bundled()[recipe])
+        if one_line and names_repository(recipe):
+            return _repository_recipe(recipe)
         # a whole recipe on one line is a flow mapping; any other line is a file or a bundled name
         looks_like_path = one_line and not recipe.lstrip().startswith("{")
         return Recipe.from_file(recipe) if looks_like_path else Recipe.from_yaml(recipe)
     raise RecipeError([f"expected a Recipe, dict, path or YAML string, got {type(recipe).__name__}"])
+
+
+def _repository_recipe(source: str | os.PathLike) -> Recipe:
+    path, origin = find_recipe(source)
+    recipe = Recipe.from_file(path, source=origin.label)
+    recipe._origin = origin
+    return recipe
 
 
 def _close_bundled(name: str) -> str:
