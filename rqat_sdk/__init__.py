@@ -33,8 +33,8 @@ __version__ = "0.1.0"
 
 
 def oneshot(
-    model: str | os.PathLike | PreTrainedModel,
-    recipe: RecipeInput,
+    model: str | os.PathLike | PreTrainedModel | None = None,
+    recipe: RecipeInput | None = None,
     dataset: DatasetInput | None = None,
     output_dir: str | os.PathLike | None = None,
     *,
@@ -49,8 +49,10 @@ def oneshot(
     """Apply ``recipe`` to ``model`` and, given ``output_dir``, write a compressed-tensors checkpoint there.
 
     Args:
-        model: a local directory, a Hub id, or a loaded ``PreTrainedModel``.
-        recipe: a :class:`Recipe`, a dict, a YAML file path or a YAML string.
+        model: a local directory, a Hub id (``ORG/NAME[@REVISION]``), or a loaded ``PreTrainedModel``; None: the
+            model the recipe names (its ``model`` field).
+        recipe: a :class:`Recipe`, a dict, a YAML file path, a bundled recipe's name, a YAML string, or the recipe
+            a repository carries: a directory or ``hf:ORG/NAME[@REVISION]`` (see docs/recipes.md).
         dataset: data for stages that name none: ``reasoning-gym:TASK``, a ``.jsonl`` path, a saved dataset
             directory, ``hf:ORG/NAME`` or a ``datasets.Dataset``.
         output_dir: where the checkpoint goes; the run works in ``<output_dir>.partial`` until it finishes.
@@ -62,6 +64,8 @@ def oneshot(
         dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
         keep_checkpoints: stage checkpoints to keep in the output: ``"all"``, ``"last"`` or ``"none"``.
     """
+    if recipe is None:
+        raise TypeError("oneshot() needs a recipe")
     session = Session(
         recipe,
         model,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rqat_sdk import hub
 from rqat_sdk.errors import DeviceError, ModelLoadError
 from rqat_sdk.gguf import build_tokenizer, describe_gguf, is_gguf_source, load_gguf_model, resolve_gguf
 from rqat_sdk.transforms import restore_online_transforms
@@ -96,6 +97,21 @@ def load_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase:
             f"could not load a tokenizer from {str(source)!r}: {exc}. If the model has no tokenizer files, pass "
             f"one explicitly (tokenizer=, or --tokenizer of rqat run)."
         ) from None
+
+
+def download_hub_model(source: str) -> hub.Snapshot | None:
+    """A hub model ``ORG/NAME[@REVISION]``'s config, weights and tokenizer, downloaded at the commit the revision
+    names now (:func:`rqat_sdk.hub.download_model`); None for local paths, GGUFs and ids without an org, which
+    load as they are."""
+    if is_gguf_source(source) or _check_location(source) is not None:
+        return None
+    ref = hub.parse_repo(source)
+    if ref is None:
+        return None
+    try:
+        return hub.download_model(ref)
+    except hub.HubError as exc:
+        raise ModelLoadError(f"could not load model {source!r}: {exc}") from None
 
 
 def describe_model_source(source: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, Any]:

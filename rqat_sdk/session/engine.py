@@ -35,7 +35,7 @@ import torch
 from rqat_sdk import distributed
 from rqat_sdk.data import check_trainable, describe_source
 from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError, RqatError
-from rqat_sdk.models import describe_model_source, load_model, load_tokenizer, resolve_device
+from rqat_sdk.models import describe_model_source, download_hub_model, load_model, load_tokenizer, resolve_device
 from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
 from rqat_sdk.session.files import (
     TMP_MARK,
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from rqat_sdk.data import DatasetInput
+    from rqat_sdk.hub import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Session:
     def __init__(
         self,
         recipe: RecipeInput,
-        model: str | os.PathLike | PreTrainedModel,
+        model: str | os.PathLike | PreTrainedModel | None = None,
         *,
         dataset: DatasetInput | None = None,
         output_dir: str | os.PathLike | None = None,
@@ -97,7 +98,11 @@ class Session:
         if keep_checkpoints not in ("all", "last", "none"):
             raise OutputDirError(f"keep_checkpoints {keep_checkpoints!r} is not one of all, last, none")
         self.recipe = load_recipe(recipe)
-        self.model_input = model
+        self.model_input = model if model is not None else self.recipe.model
+        if self.model_input is None:
+            raise ModelLoadError(f"recipe {self.recipe.name or '(unnamed)'} names no model (its `model` field); pass "
+                                 f"--model (model= in Python)")
+        self.model_snapshot: Snapshot | None = None
         self.tokenizer_input = tokenizer
         self.dataset = dataset
         self.output_dir = Path(output_dir).expanduser() if output_dir is not None else None
@@ -124,6 +129,7 @@ class Session:
         if self._output_is_complete_run():
             return self._load_finished()
         check_before_loading(self.recipe, self.model_input)
+        self._pin_model()
         first_stage, checkpoint = self._prepare_work_dir()
         try:
             return self._run_from(first_stage, checkpoint)
@@ -349,6 +355,13 @@ class Session:
         )
         return model, tokenizer
 
+    def _pin_model(self) -> None:
+        """Download a hub model once, at the commit its revision names now: every later load (the model, its
+        tokenizer, the original model as a teacher) reads those files, and the run record names that commit."""
+        if isinstance(self.model_input, str) and (snapshot := download_hub_model(self.model_input)) is not None:
+            self.model_snapshot = snapshot
+            self.model_input = snapshot.path
+
     def _original_model(self, model: PreTrainedModel, checkpoint: Path | None):
         """The full-precision model for teachers: its source, or a copy taken before any stage changes it."""
         if isinstance(self.model_input, (str, os.PathLike)):
@@ -392,11 +405,17 @@ class Session:
             previous = json.loads((self.work_dir / RUN_RECORD).read_text()).get("stages", [])[:first_stage]
         is_path = isinstance(self.model_input, (str, os.PathLike))
         model = describe_model_source(self.model_input, dtype) if is_path else "<in-memory model>"
+        if self.model_snapshot is not None:
+            snapshot = self.model_snapshot
+            model = {"source": snapshot.ref.repo_id, "format": "hub", "revision": snapshot.ref.revision,
+                     "commit": snapshot.commit}
+        origin = self.recipe.origin
         return {
             "rqat_sdk": _version("rqat-sdk"),
             "status": "running",
             "started_at": _now(),
-            "recipe": {"name": self.recipe.name, "fingerprint": self.recipe.fingerprint()},
+            "recipe": {"name": self.recipe.name, "fingerprint": self.recipe.fingerprint(),
+                       "origin": origin.to_dict() if origin is not None else None},
             "scheme": self.recipe.scheme.label,
             "model": model,
             "dataset": describe_source(self.dataset) if self.dataset is not None else None,
