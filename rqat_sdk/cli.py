@@ -1,4 +1,5 @@
-"""The ``rqat`` command line: run, validate, schema, recipes, demo.
+"""The ``rqat`` command line: run, validate, schema, recipes, demo, and the recipes of model repositories
+(upgrade-recipe, reproduce, push).
 
 Errors on bad input (any :class:`~rqat_sdk.errors.RqatError`) print as one message and exit with status 1;
 only bugs print a traceback.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from rqat_sdk import logs
 from rqat_sdk.errors import RqatError
+from rqat_sdk.recipe.repo import RECIPE_FILES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,15 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="apply a recipe to a model and write a compressed-tensors checkpoint")
-    run.add_argument("recipe", help="a recipe file, or the name of a bundled recipe (see `rqat recipes`)")
+    run.add_argument("recipe", help=f"a recipe file, a bundled recipe's name (see `rqat recipes`), or the recipe a "
+                     f"repository carries ({' or '.join(RECIPE_FILES)}): a directory or ORG/NAME[@REVISION]")
     run.add_argument("--model", help="a local model directory, a Hugging Face hub id, a .gguf file (dequantized) or "
                      "gguf:smollm2-135m-instruct / gguf:gemma3-270m (default: the recipe's model)")
     run.add_argument("--output-dir", required=True, type=Path, help="where the checkpoint goes")
     _add_run_options(run)
     run.set_defaults(handler=_run)
 
-    validate = commands.add_parser("validate", help="check a recipe's schema and semantics (loads no model)")
-    validate.add_argument("recipe")
+    validate = commands.add_parser("validate", help="check a recipe's schema and semantics and say what a run would "
+                                   "read (downloads the recipe only)")
+    validate.add_argument("recipe", help="as for run")
     validate.add_argument("--json", action="store_true", help="print the resolved recipe as JSON")
     validate.set_defaults(handler=_validate)
 
@@ -88,6 +92,31 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("-o", "--output", type=Path, help="write the report as JSON")
     serve.set_defaults(handler=_serve_check)
 
+    upgrade = commands.add_parser("upgrade-recipe", help="rewrite a recipe file in this rqat_sdk's format, fully "
+                                  "resolved, and print the diff")
+    upgrade.add_argument("recipe", type=Path)
+    written = upgrade.add_mutually_exclusive_group()
+    written.add_argument("-o", "--output", type=Path, help="write the upgraded recipe here (default: print the diff only)")
+    written.add_argument("--in-place", action="store_true", help="replace the recipe file")
+    upgrade.set_defaults(handler=_upgrade_recipe)
+
+    again = commands.add_parser("reproduce", help="re-run a checkpoint's recipe and compare with the published one")
+    again.add_argument("checkpoint", help="an exported checkpoint directory or a hub repository ORG/NAME[@REVISION]")
+    again.add_argument("--output-dir", type=Path, help="keep the re-run checkpoint here (default: a temporary one)")
+    again.add_argument("--model", help="the base model, when the recorded one cannot be found")
+    again.add_argument("--dataset", help="the dataset, when the recorded one was given in memory")
+    again.add_argument("--allow-code", action="store_true", help="let the recipe import the Python code it names")
+    again.add_argument("--device", default="auto")
+    again.add_argument("-o", "--output", type=Path, help="write the report as JSON")
+    again.set_defaults(handler=_reproduce)
+
+    push = commands.add_parser("push", help="publish an exported checkpoint, its model card and recipe to the hub")
+    push.add_argument("checkpoint", type=Path)
+    push.add_argument("repo", help="ORG/NAME (created if it does not exist)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
+    push.set_defaults(handler=_push)
+
     recipes = commands.add_parser("recipes", help="list the bundled recipes")
     recipes.set_defaults(handler=_recipes)
 
@@ -126,16 +155,10 @@ def _version() -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from rqat_sdk import distributed, oneshot
-    from rqat_sdk.recipe import load_recipe
 
     started = time.perf_counter()
-    model = args.model
-    if model is None:
-        model = load_recipe(args.recipe).model
-        if model is None:
-            raise RqatError(f"recipe {args.recipe} names no model (its `model` field); pass --model")
     result = oneshot(
-        model=model,
+        model=args.model,
         recipe=args.recipe,
         dataset=args.dataset,
         output_dir=args.output_dir,
@@ -190,6 +213,7 @@ def _training_lines(stages: list[dict]) -> list[str]:
 def _validate(args: argparse.Namespace) -> int:
     from rqat_sdk.errors import PreflightError
     from rqat_sdk.exporters import checkpoint_format
+    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
     from rqat_sdk.recipe import load_recipe
     from rqat_sdk.session.preflight import recipe_problems
 
@@ -200,16 +224,69 @@ def _validate(args: argparse.Namespace) -> int:
         print(json.dumps(recipe.model_dump(mode="json"), indent=2))
         return 0
     print(f"recipe {recipe.name or args.recipe}: valid")
+    if recipe.origin is not None:
+        print(f"  read from {recipe.origin.label} (nothing else was downloaded)")
+    print(f"  model: {recipe.model or 'none named; a run needs --model'}")
     print(f"  scheme {recipe.scheme.label}: {recipe.scheme.describe()}; exported as {checkpoint_format(recipe.scheme)}")
     for index, stage in enumerate(recipe.stages):
         source = stage.data.source or "the run's --dataset"
         needs_data = any(m.needs_data for m in stage.modifiers)
         data = f"; data: {source}, {stage.data.num_samples} samples" if needs_data else ""
-        print(f"  stages[{index}] {stage.name}: {', '.join(m.type for m in stage.modifiers)}{data}")
+        teachers = "".join(f"; teacher: {m.teacher}" for m in stage.modifiers if isinstance(m, QATKDModifier) and m.teacher)
+        print(f"  stages[{index}] {stage.name}: {', '.join(m.type for m in stage.modifiers)}{data}{teachers}")
+    if (evaluation := recipe.export.evaluate) is not None:
+        print(f"  evaluation: {evaluation.num_examples} problems of {evaluation.benchmark}")
     for path, ref in recipe.code_references():
         print(f"  note: {path} names Python code ({ref}); running it needs --allow-code")
     for warning in recipe.warnings():
         print(f"  warning: {warning}")
+    return 0
+
+
+def _upgrade_recipe(args: argparse.Namespace) -> int:
+    import difflib
+
+    from rqat_sdk.recipe import Recipe
+    from rqat_sdk.session.files import write_text_atomic
+
+    upgraded = Recipe.from_file(args.recipe).to_yaml()  # refuses a newer format, naming the version it needs
+    original = args.recipe.read_text(encoding="utf-8")
+    diff = difflib.unified_diff(original.splitlines(keepends=True), upgraded.splitlines(keepends=True),
+                                str(args.recipe), "upgraded")
+    sys.stdout.writelines(diff)
+    if target := args.output or (args.recipe if args.in_place else None):
+        write_text_atomic(target, upgraded)
+        print(f"wrote {target}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from rqat_sdk.reproduce import reproduce
+    from rqat_sdk.session.files import check_writable, write_json_atomic
+
+    if args.output:
+        check_writable(args.output)  # before the run, whose report would otherwise be lost
+    found = reproduce(args.checkpoint, output_dir=args.output_dir, model=args.model, dataset=args.dataset,
+                      allow_code=args.allow_code, device=args.device)
+    if args.output:
+        write_json_atomic(args.output, found.to_dict())
+    print(f"{found.published}: {found.verdict}")
+    for label, lines in (("", found.findings), ("not reproduced: ", found.not_reproduced), ("note: ", found.notes)):
+        for line in lines:
+            print(f"  {label}{line}")
+    return 0 if found.reproduced else 1
+
+
+def _push(args: argparse.Namespace) -> int:
+    from rqat_sdk.publish import plan_push, push
+
+    plan = plan_push(args.checkpoint, args.repo)
+    print(f"{'would upload' if args.dry_run else 'uploading'} {len(plan.files)} files "
+          f"({plan.bytes / 2**20:.2f} MiB) from {plan.directory} to {plan.repo_id}:")
+    for name in plan.files:
+        print(f"  {name}")
+    if not args.dry_run:
+        print(f"pushed: {push(plan, private=args.private)}")
     return 0
 
 
