@@ -260,3 +260,12 @@ def test_push_refuses_a_checkpoint_whose_reload_check_failed(fake_hub, checkpoin
     (failed / "run.json").write_text(json.dumps({**record, "status": "export_failed", "error": "logits differ"}))
     code, _, err = run(["push", str(failed), "org/tiny-w4", "--dry-run"], capsys)
     assert code == 1 and "its export failed the reload check (logits differ)" in err and fake_hub.uploads == []
+
+
+def test_only_the_hub_adapter_imports_huggingface_hub():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    importing = re.compile(r"^\s*(from|import) huggingface_hub\b", re.M)
+    files = [p for folder in ("rqat_sdk", "exporters", "recipes", "benchmarks") for p in (root / folder).rglob("*.py")]
+    assert [p.relative_to(root).as_posix() for p in files if importing.search(p.read_text())] == ["rqat_sdk/hub.py"]
