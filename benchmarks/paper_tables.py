@@ -107,8 +107,8 @@ def planned_jobs(args: argparse.Namespace) -> list[Job]:
     if "3" in args.tables:
         for calibration in args.domains:
             jobs.append(Job("3", args.table3_scheme, "GPTQ", "gptq", (), calibration=calibration))
-            jobs += [Job("3", args.table3_scheme, "GPTQ+KD", "gptq", ("kd",), calibration=calibration, qat_data=qat_data)
-                     for qat_data in args.domains]
+            jobs += [Job("3", args.table3_scheme, "GPTQ+KD", "gptq", ("kd",), calibration=calibration,
+                         qat_data=qat_data) for qat_data in args.domains]
     return [job for job in jobs if not args.methods or job.method in args.methods]
 
 
@@ -247,7 +247,7 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
     panels = len(schemes) + bool(domain)
     fig, axes = plt.subplots(1, panels, figsize=(6 * len(schemes) + 4 * bool(domain), 4.5), squeeze=False,
                              gridspec_kw={"width_ratios": [3] * len(schemes) + [2] * bool(domain)})
-    for ax, scheme in zip(axes[0], schemes):
+    for ax, scheme in zip(axes[0], schemes, strict=False):  # the Table 3 panel has no scheme
         picked = sorted((r for r in bars if r["scheme"] == scheme),
                         key=lambda r: (_method_order(r["method"]), r.get("qat_lr", 0)))
         repeated = {r["method"] for r in picked if sum(o["method"] == r["method"] for o in picked) > 1}
@@ -303,7 +303,8 @@ def main() -> int:
     parser.add_argument("--training-seeds", type=int, default=1,
                         help="run each method with this many recipe seeds from --seed; rows report the spread")
     parser.add_argument("--tables", nargs="+", default=["5", "4", "3"],
-                        help="5, 4, 3, and W4A4KV4 (RTN, rotation + GPTQ and FlatQuant + GPTQ; each alone, +KD and +KD+GRPO)")
+                        help="5, 4, 3, and W4A4KV4 (RTN, rotation + GPTQ and FlatQuant + GPTQ; each alone, +KD "
+                        "and +KD+GRPO)")
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the models' dtype in every run and evaluation")
