@@ -201,7 +201,7 @@ def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp"):
 
 
 def bench_rqat(ids, warmup, steps, *, fake_quant: bool, objective: str, kernels: dict | None = None):
-    from rqat_sdk.modifiers.qat.layers import attach_fake_quant, detach_fake_quant
+    from rqat_sdk.modifiers.layers import attach_fake_quant, detach_fake_quant
 
     model = fresh_model()
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if objective == "kd" else None

@@ -24,16 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from rqat_sdk.exporters.formats import DENSE, checkpoint_format
 
 from rqat_sdk.errors import ExportError
-from rqat_sdk.exporters.formats import DENSE, checkpoint_format
 from rqat_sdk.logs import quiet_upstream_logs
+from rqat_sdk.models import restore_kv_cache_quantization
 from rqat_sdk.transforms import restore_online_transforms, save_online_transforms
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from rqat_sdk.recipe.scheme import QuantScheme
+    from rqat_sdk.scheme import QuantScheme
 
 PROBE_PROMPTS = (
     "What is 17 * 23? Please reason step by step, and put your final answer within \\boxed{}.",
@@ -160,7 +161,6 @@ def reload_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.devi
     from compressed_tensors.offload.utils import as_single_threaded
     from transformers import AutoModelForCausalLM
 
-    from rqat_sdk.models import restore_kv_cache_quantization
 
     with as_single_threaded():
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)

@@ -10,10 +10,22 @@ import argparse
 import json
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
-from rqat_sdk import logs
-from rqat_sdk.errors import RqatError
+from rqat_sdk import __version__, distributed, logs, oneshot
+from rqat_sdk.errors import PreflightError, RqatError
+from rqat_sdk.evaluation import EvalReport, evaluate, markdown_table, plot
+from rqat_sdk.exporters import checkpoint_format
+from rqat_sdk.files import check_writable, write_json_atomic, write_text_atomic
+from rqat_sdk.modifiers.qat.trainer import format_loss
+from rqat_sdk.recipe import Recipe, load_recipe
+from rqat_sdk.recipe.schema import recipe_json_schema
+from rqat_sdk.recipes import bundled
+from rqat_sdk.serving import serve_check, vllm_env
+from rqat_sdk.session.engine import CHECKPOINTS, check_output_dir
+from rqat_sdk.session.preflight import recipe_problems
+from rqat_sdk.testbed.train import EMBEDDED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,20 +126,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def _version() -> str:
     """The installed rqat-sdk's version (the package's own when it runs from a source tree)."""
-    from importlib import metadata
 
     try:
         return metadata.version("rqat-sdk")
     except metadata.PackageNotFoundError:
-        from rqat_sdk import __version__
-
         return __version__
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rqat_sdk import distributed, oneshot
-    from rqat_sdk.recipe import load_recipe
-
     started = time.perf_counter()
     model = args.model
     if model is None:
@@ -175,7 +181,6 @@ def _print_summary(record: dict, output_dir: Path | None, seconds: float) -> Non
 
 def _training_lines(stages: list[dict]) -> list[str]:
     """What each training stage changed: its final loss and the share of weight codes that moved."""
-    from rqat_sdk.modifiers.qat.trainer import format_loss
 
     lines = []
     for stage in stages:
@@ -188,11 +193,6 @@ def _training_lines(stages: list[dict]) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from rqat_sdk.errors import PreflightError
-    from rqat_sdk.exporters import checkpoint_format
-    from rqat_sdk.recipe import load_recipe
-    from rqat_sdk.session.preflight import recipe_problems
-
     recipe = load_recipe(args.recipe)
     if problems := recipe_problems(recipe):
         raise PreflightError(problems)
@@ -214,12 +214,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from rqat_sdk.recipe.schema import recipe_json_schema
-
     text = json.dumps(recipe_json_schema(), indent=2) + "\n"
     if args.output:
-        from rqat_sdk.session.files import write_text_atomic
-
         write_text_atomic(args.output, text)
     else:
         sys.stdout.write(text)
@@ -227,9 +223,6 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rqat_sdk.evaluation import evaluate, markdown_table
-    from rqat_sdk.session.files import check_writable
-
     if args.output:
         check_writable(args.output)  # before the evaluation, whose results would otherwise be lost
     report = evaluate(
@@ -248,9 +241,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rqat_sdk.errors import RqatError
-    from rqat_sdk.evaluation import EvalReport, markdown_table, plot
-
     reports = []
     for path in args.reports:
         try:
@@ -265,10 +255,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _serve_check(args: argparse.Namespace) -> int:
-    from rqat_sdk.errors import RqatError
-    from rqat_sdk.serving import serve_check, vllm_env
-    from rqat_sdk.session.files import write_json_atomic
-
     if args.setup:
         print(f"vLLM environment: {vllm_env.create()}")
         return 0
@@ -288,9 +274,6 @@ def _serve_check(args: argparse.Namespace) -> int:
 
 
 def _recipes(args: argparse.Namespace) -> int:
-    from rqat_sdk.recipe import Recipe
-    from rqat_sdk.recipes import bundled
-
     recipes = {name: Recipe.from_file(path) for name, path in bundled().items()}
     width = max(map(len, recipes), default=0)
     for name, recipe in recipes.items():
@@ -299,11 +282,6 @@ def _recipes(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rqat_sdk import oneshot
-    from rqat_sdk.evaluation import evaluate, markdown_table, plot
-    from rqat_sdk.session.engine import CHECKPOINTS, check_output_dir
-    from rqat_sdk.testbed.train import EMBEDDED
-
     check_output_dir(args.output_dir, EMBEDDED, overwrite=True)  # before the evaluation, not after it
     started = time.perf_counter()
     common = dict(greedy=True, num_examples=args.problems, max_new_tokens=96, dtype="float32")

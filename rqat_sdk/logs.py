@@ -17,11 +17,10 @@ UPSTREAM_LOGGERS = ("llmcompressor", "compressed_tensors")
 
 @contextlib.contextmanager
 def quiet_upstream_logs() -> Iterator[None]:
-    from loguru import logger
-
     # Importing them configures (and enables) their loggers, so import first, then mute.
     import compressed_tensors  # noqa: F401
     import llmcompressor  # noqa: F401
+    from loguru import logger
 
     if logging.getLogger("rqat_sdk").isEnabledFor(logging.DEBUG):
         yield

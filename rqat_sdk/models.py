@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rqat_sdk.distributed import local_device
 from rqat_sdk.errors import DeviceError, ModelLoadError
 from rqat_sdk.gguf import build_tokenizer, describe_gguf, is_gguf_source, load_gguf_model, resolve_gguf
+from rqat_sdk.ops.kv_cache import fake_quantize_kv
+from rqat_sdk.scheme import KVCacheQuant
 from rqat_sdk.transforms import restore_online_transforms
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from rqat_sdk.recipe.scheme import KVCacheQuant
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ _HALF = (torch.bfloat16, torch.float16)
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto``: this process's GPU (``LOCAL_RANK`` under a launcher) when there is one, else the CPU."""
     if device in (None, "auto"):
-        from rqat_sdk.distributed import local_device
-
         return local_device()
     try:
         resolved = torch.device(device)
@@ -245,8 +244,6 @@ class _QuantizingCache:
         self._cache = cache
 
     def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        from rqat_sdk.ops.kv_cache import fake_quantize_kv
-
         return self._cache.update(fake_quantize_kv(key), fake_quantize_kv(value), *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -267,8 +264,6 @@ def restore_kv_cache_quantization(model: PreTrainedModel) -> None:
     """Re-attach the KV-cache quantization a loaded checkpoint's config records, if any."""
     recorded = getattr(model.config, KV_CACHE_CONFIG_KEY, None)
     if recorded:
-        from rqat_sdk.recipe.scheme import KVCacheQuant
-
         attach_kv_cache_quantization(model, KVCacheQuant.model_validate(recorded))
 
 
@@ -284,8 +279,6 @@ def _register_kv_attention(base: str) -> str:
         raise ModelLoadError(f"KV-cache quantization does not support attention implementation {base!r}; use sdpa or eager")
 
     def attention(module: torch.nn.Module, query, key, value, attention_mask, **kwargs: Any):
-        from rqat_sdk.ops.kv_cache import fake_quantize_kv
-
         if base == "eager":  # every transformers model file defines its own eager attention
             inner = sys.modules[type(module).__module__].eager_attention_forward
         else:

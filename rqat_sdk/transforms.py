@@ -3,7 +3,7 @@
 The ``flatquant`` modifier folds each transform's inverse into the weights it feeds; what remains is
 ``x -> x T`` (and the learned activation clipping) in front of those Linears. It runs as a forward
 pre-hook on each of them, so it survives every forward the Linear is given (compressed-tensors' fake
-quantization, QAT's :func:`~rqat_sdk.modifiers.qat.layers._qat_forward`) and comes before the
+quantization, QAT's :func:`~rqat_sdk.modifiers.layers._qat_forward`) and comes before the
 activation quantizer inside that forward.
 
 The transforms are :class:`KroneckerTransform` modules registered under their decoder layer (in
@@ -25,6 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rqat_sdk.errors import ModelLoadError
+from rqat_sdk.files import write_bytes_atomic
 from rqat_sdk.ops.affine_transform import (
     CLIP_LOGIT_INIT,
     clip_activation,
@@ -201,7 +202,6 @@ def save_online_transforms(model: PreTrainedModel, directory: Path) -> None:
         return
     from safetensors.torch import save
 
-    from rqat_sdk.session.files import write_bytes_atomic
 
     write_bytes_atomic(Path(directory) / record["file"], save(transform_tensors(model)))
 

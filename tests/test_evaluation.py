@@ -10,7 +10,7 @@ from rqat_sdk.data.reasoning_gym import HELD_OUT_SEED_OFFSET, parse_tasks
 from rqat_sdk.errors import DatasetError
 from rqat_sdk.evaluation import EvalReport, extract_boxed, load_benchmark, markdown_table, math_equal, plot
 from rqat_sdk.evaluation import harness
-from rqat_sdk.evaluation.generation import Completion
+from rqat_sdk.generation import Completion
 
 
 def test_extract_boxed_takes_the_last_and_balances_braces():

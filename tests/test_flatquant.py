@@ -19,7 +19,7 @@ from rqat_sdk.ops.affine_transform import (
     transform_activation,
 )
 from rqat_sdk.recipe import Recipe
-from rqat_sdk.recipe.scheme import QuantScheme
+from rqat_sdk.scheme import QuantScheme
 
 
 def random_factors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,7 +163,7 @@ def training_flatquant_model(path, orthogonal: bool):
     """A W4A4 model with random transforms, in QAT's training mode with learnable clipping, and a probe batch."""
     from rqat_sdk.models import load_model, load_tokenizer
     from rqat_sdk.modifiers.ptq.llmcompressor_adapter import quantize_rtn
-    from rqat_sdk.modifiers.qat.layers import attach_fake_quant
+    from rqat_sdk.modifiers.layers import attach_fake_quant
 
     model, tokenizer = load_model(path, dtype="float32", device="cpu"), load_tokenizer(path)
     attach_random_transforms(model, orthogonal=orthogonal)
@@ -174,7 +174,7 @@ def training_flatquant_model(path, orthogonal: bool):
 
 
 def test_ste_gradients_reach_transforms_clipping_and_weights(tiny_qwen3):
-    from rqat_sdk.modifiers.qat.layers import parameter_group
+    from rqat_sdk.modifiers.layers import parameter_group
 
     model, probe = training_flatquant_model(tiny_qwen3, orthogonal=True)
     model(probe).logits.float().pow(2).mean().backward()
@@ -255,7 +255,7 @@ def test_qat_gives_transforms_their_own_learning_rate(tiny_qwen3):
 
 def test_finished_training_keeps_transforms_in_float32(tiny_qwen3):
     from rqat_sdk.models import load_model
-    from rqat_sdk.modifiers.qat.layers import finish_training
+    from rqat_sdk.modifiers.layers import finish_training
 
     model = load_model(tiny_qwen3, dtype="float32", device="cpu")
     attach_random_transforms(model, orthogonal=True)

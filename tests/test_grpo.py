@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import rqat_sdk
 from rqat_sdk.errors import RecipeError
-from rqat_sdk.modifiers.qat.layers import QUANTIZATION_PARAMETERS, attach_fake_quant, detach_fake_quant
+from rqat_sdk.modifiers.layers import QUANTIZATION_PARAMETERS, attach_fake_quant, detach_fake_quant
 from rqat_sdk.modifiers.rl import ColdStartError, PolicyCollapseError
 from rqat_sdk.modifiers.rl.trl_adapter import (
     RewardCollapseGuard,

@@ -14,7 +14,7 @@ from rqat_sdk.exporters.vllm import closest_servable, engine_options, vllm_suppo
 from rqat_sdk.models import attach_kv_cache_quantization, load_model
 from rqat_sdk.ops.kv_cache import _signs, fake_quantize_kv, quantize_kv, random_hadamard
 from rqat_sdk.recipe import QuantScheme
-from rqat_sdk.recipe.scheme import KVCacheQuant
+from rqat_sdk.scheme import KVCacheQuant
 from rqat_sdk.serving import vllm_env
 
 
@@ -111,14 +111,14 @@ def test_attention_reads_quantized_keys_and_values_and_trains_through_them(tiny_
 def test_generation_quantizes_each_token_once_and_reads_what_requantizing_reads(tiny_qwen3, monkeypatch):
     from transformers import DynamicCache
 
-    from rqat_sdk.ops import kv_cache
+    from rqat_sdk import models
 
     model = load_model(tiny_qwen3, device="cpu", dtype="float32")
     attach_kv_cache_quantization(model, KVCacheQuant())
     layers = len(model.model.layers)
     quantized_tokens = []
-    quantize = kv_cache.fake_quantize_kv
-    monkeypatch.setattr(kv_cache, "fake_quantize_kv", lambda x: quantized_tokens.append(x.shape[-2]) or quantize(x))
+    quantize = models.fake_quantize_kv
+    monkeypatch.setattr(models, "fake_quantize_kv", lambda x: quantized_tokens.append(x.shape[-2]) or quantize(x))
     tokens = torch.randint(0, 300, (3, 12))
 
     def decode() -> torch.Tensor:  # the prompt (7 tokens), then one token at a time through the cache

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import rqat_sdk
 from rqat_sdk.errors import RecipeError
 from rqat_sdk.modifiers.qat import trainer as trainer_module
-from rqat_sdk.modifiers.qat.layers import (
+from rqat_sdk.modifiers.layers import (
     _qat_forward,
     attach_fake_quant,
     detach_fake_quant,

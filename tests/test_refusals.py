@@ -7,7 +7,7 @@ import pytest
 import rqat_sdk
 from rqat_sdk.cli import main
 from rqat_sdk.errors import DatasetError, OutputDirError, RecipeError, RqatError
-from rqat_sdk.modifiers import RotationModifier, RTNModifier
+from rqat_sdk.modifiers.ptq import RotationModifier, RTNModifier
 from rqat_sdk.recipe import Recipe
 from rqat_sdk.session import engine
 
@@ -63,7 +63,7 @@ def test_the_model_directory_is_never_an_output(tiny_qwen3, where):
 def test_demo_refuses_a_folder_it_did_not_write_before_evaluating(tmp_path, capsys, monkeypatch):
     import rqat_sdk.evaluation
 
-    monkeypatch.setattr(rqat_sdk.evaluation, "evaluate", failing)
+    monkeypatch.setattr(engine, "evaluate", failing)
     (tmp_path / "mine.txt").write_text("x")
     assert main(["demo", "--output-dir", str(tmp_path)]) == 1
     assert "was not written by rqat" in capsys.readouterr().err
@@ -249,7 +249,7 @@ def test_bad_inputs_get_a_message_not_a_traceback(tiny_qwen3, tmp_path, monkeypa
     assert f"cannot write {a_file}/o.partial/recipe.yaml: Not a directory" in error(
         ["run", "rtn_w3g128", "--model", str(tiny_qwen3), "--output-dir", str(a_file / "o")])
 
-    monkeypatch.setattr(rqat_sdk.evaluation, "evaluate", failing)
+    monkeypatch.setattr(engine, "evaluate", failing)
     assert f"cannot write {a_file}/report.json: {a_file} is a file, not a directory" in error(
         ["eval", str(tiny_qwen3), "-o", str(a_file / "report.json")])
     monkeypatch.undo()

@@ -17,9 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rqat_sdk.evaluation.answers import score_response
+from rqat_sdk.data.answers import score_response
 from rqat_sdk.evaluation.benchmarks import load_benchmark
-from rqat_sdk.evaluation.generation import Sampling, generate, generate_vllm
+from rqat_sdk.evaluation.vllm_backend import generate_vllm
+from rqat_sdk.files import write_json_atomic
+from rqat_sdk.generation import Sampling, generate
+from rqat_sdk.models import load_model, load_tokenizer
+from rqat_sdk.threads import configure_threads
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,8 +48,6 @@ class EvalReport:
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        from rqat_sdk.session.files import write_json_atomic
-
         write_json_atomic(Path(path), self.to_dict())
 
     def pass_at_1_by_task(self) -> dict[str, float]:
@@ -86,8 +88,6 @@ def evaluate(
     environment (``model`` must then be a directory). On CPU the process's thread count is set for the model
     (:func:`rqat_sdk.threads.configure_threads`: one thread below 20M parameters unless the user chose).
     """
-    from rqat_sdk.models import load_model, load_tokenizer
-    from rqat_sdk.threads import configure_threads
 
     started = time.perf_counter()
     if backend not in ("hf", "vllm"):

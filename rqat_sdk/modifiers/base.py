@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-from rqat_sdk.recipe.fields import StrictModel
+from rqat_sdk.fields import StrictModel
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe.recipe import Position, Recipe

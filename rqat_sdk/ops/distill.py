@@ -114,6 +114,7 @@ def _chunk_loss_and_grad(logits, teacher_logits, targets, token_weights, spec: L
     other divergences, and every divergence on CPU, use autograd through :func:`token_losses`.
     """
     if spec.divergence in ("forward_kl", "ce") and use_triton(logits):
+        # triton is optional (CUDA builds only) and imports at module level
         from rqat_sdk.ops.triton_distill import head_loss_and_grad_
 
         kl = spec.divergence == "forward_kl"

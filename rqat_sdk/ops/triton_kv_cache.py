@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from rqat_sdk.ops.kv_cache import LEVELS, _MIN_SCALE, rotation_constants
+from rqat_sdk.ops.kv_cache import _MIN_SCALE, LEVELS, rotation_constants
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _BLOCK_N = 64  # rows per program

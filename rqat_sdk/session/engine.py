@@ -35,16 +35,21 @@ import torch
 from rqat_sdk import distributed
 from rqat_sdk.data import check_trainable, describe_source
 from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError, RqatError
-from rqat_sdk.models import describe_model_source, load_model, load_tokenizer, resolve_device
-from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
-from rqat_sdk.session.files import (
+from rqat_sdk.evaluation import evaluate
+from rqat_sdk.exporters import export_checkpoint, reload_checkpoint, save_dense
+from rqat_sdk.exporters.model_card import model_card
+from rqat_sdk.exporters.vllm import serving_context
+from rqat_sdk.files import (
     TMP_MARK,
     atomic_directory,
     check_writable,
     remove_temporaries,
     replace_directory,
     write_json_atomic,
+    write_text_atomic,
 )
+from rqat_sdk.models import describe_model_source, load_model, load_tokenizer, resolve_device
+from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
 from rqat_sdk.session.preflight import check_before_loading
 from rqat_sdk.session.state import SessionState, load_stage_examples, stage_data_field
 from rqat_sdk.threads import configure_threads
@@ -236,8 +241,6 @@ class Session:
         return self.work_dir / CHECKPOINTS / f"{index:02d}-{self.recipe.stages[index].name}"
 
     def _save_stage_checkpoint(self, state: SessionState, entry: dict[str, Any]) -> None:
-        from rqat_sdk.exporters import save_dense
-
         if distributed.is_main():
             with atomic_directory(self._stage_dir(entry["index"])) as tmp:
                 save_dense(state.model, tmp)
@@ -331,8 +334,6 @@ class Session:
         from transformers import PreTrainedModel
 
         if checkpoint is not None:
-            from rqat_sdk.exporters import reload_checkpoint
-
             log.info("loading stage checkpoint %s", checkpoint)
             model = reload_checkpoint(checkpoint, dtype=_checkpoint_dtype(checkpoint), device=self.device)
             return model, load_tokenizer(checkpoint)
@@ -366,8 +367,6 @@ class Session:
         return record.get("status") == "complete" and record.get("recipe", {}).get("fingerprint") == self.recipe.fingerprint()
 
     def _load_finished(self) -> RunResult:
-        from rqat_sdk.exporters import reload_checkpoint
-
         log.info("%s already holds the finished run of this recipe; loading it", self.output_dir)
         model = reload_checkpoint(self.output_dir, dtype=_checkpoint_dtype(self.output_dir), device=self.device)
         record = json.loads((self.output_dir / RUN_RECORD).read_text())
@@ -421,8 +420,6 @@ class Session:
             write_json_atomic(self.work_dir / RUN_RECORD, record)
 
     def _export(self, state: SessionState) -> dict[str, Any]:
-        from rqat_sdk.exporters import export_checkpoint
-
         log.info("exporting %s checkpoint", self.recipe.scheme.label)
         tmp = Path(tempfile.mkdtemp(prefix=f".export{TMP_MARK}", dir=self.work_dir))
         try:
@@ -447,7 +444,6 @@ class Session:
 
     def _evaluate(self, state: SessionState) -> dict[str, Any]:
         """pass@1 of the exported model (the in-memory one: the reload check proved them identical)."""
-        from rqat_sdk.evaluation import evaluate
 
         config = self.recipe.export.evaluate
         log.info("evaluating on %s", config.benchmark)
@@ -463,10 +459,6 @@ class Session:
         return summary
 
     def _write_card(self, record: dict[str, Any]) -> None:
-        from rqat_sdk.exporters.model_card import model_card
-        from rqat_sdk.exporters.vllm import serving_context
-        from rqat_sdk.session.files import write_text_atomic
-
         config = json.loads((self.work_dir / "config.json").read_text())
         card = model_card(self.recipe, record, serving_context(config))
         write_text_atomic(self.work_dir / "README.md", card)

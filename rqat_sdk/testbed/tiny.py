@@ -11,6 +11,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
+from rqat_sdk.data.sources import REASONING_INSTRUCTION
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
@@ -39,7 +43,6 @@ def build_tokenizer(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from rqat_sdk.data.sources import REASONING_INSTRUCTION
 
     texts = [REASONING_INSTRUCTION, "Let me think step by step. So the answer is \\boxed{42}."]
     if corpus is not None:
@@ -80,7 +83,6 @@ def build_model(
     seed: int = 0,
 ) -> PreTrainedModel:
     """A randomly initialised causal LM of the given architecture, sized for CPU tests."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     common = dict(

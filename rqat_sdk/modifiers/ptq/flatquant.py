@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel
 
-    from rqat_sdk.recipe.scheme import QuantScheme
+    from rqat_sdk.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
 

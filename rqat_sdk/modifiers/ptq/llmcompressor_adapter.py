@@ -34,16 +34,16 @@ from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 import torch
+from torch.utils.data import SequentialSampler
 
 from rqat_sdk.logs import quiet_upstream_logs
 
 if TYPE_CHECKING:
     from datasets import Dataset
+    from torch.utils.data import Sampler
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from torch.utils.data import Sampler
-
-    from rqat_sdk.recipe.scheme import QuantScheme
+    from rqat_sdk.scheme import QuantScheme
 
 
 def quantize_rtn(
@@ -166,7 +166,6 @@ def _oneshot(
 
 def _drawn_order(args: Any, dataset: Dataset) -> Sampler:
     """The samples in the order our data layer drew them (seeded by the recipe), every one of them."""
-    from torch.utils.data import SequentialSampler
 
     return SequentialSampler(dataset)
 

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import field_validator
 
 from rqat_sdk.errors import SchemeError
+from rqat_sdk.fields import FloatRange, IntRange
 from rqat_sdk.models import attach_kv_cache_quantization
 from rqat_sdk.modifiers.base import Modifier
 from rqat_sdk.modifiers.ptq import llmcompressor_adapter as adapter
-from rqat_sdk.recipe.fields import FloatRange, IntRange
+from rqat_sdk.modifiers.ptq.flatquant import CalibrationOptions, calibrate, check_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -351,8 +352,6 @@ class FlatQuantModifier(Modifier):
         ]
 
     def initialize(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.ptq.flatquant import check_layers
-
         try:
             check_layers(state.model, state.scheme, tuple(self.transforms))
         except ValueError as exc:
@@ -364,8 +363,6 @@ class FlatQuantModifier(Modifier):
             )
 
     def apply(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.ptq.flatquant import CalibrationOptions, calibrate
-
         options = CalibrationOptions(
             transforms=tuple(self.transforms),
             epochs=self.epochs,

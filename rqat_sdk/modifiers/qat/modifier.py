@@ -9,8 +9,12 @@ import torch
 from pydantic import PrivateAttr, model_validator
 
 from rqat_sdk import distributed
+from rqat_sdk.data import check_trainable_tokens
+from rqat_sdk.fields import FloatRange, IntRange
 from rqat_sdk.modifiers.base import Modifier
-from rqat_sdk.recipe.fields import FloatRange, IntRange
+from rqat_sdk.modifiers.layers import attach_fake_quant, finish_training, tracking_codes
+from rqat_sdk.modifiers.qat.batches import StepBatches
+from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe.recipe import Position, Recipe
@@ -114,8 +118,6 @@ class QATKDModifier(Modifier):
     # --- lifecycle -------------------------------------------------------------------------------
 
     def initialize(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.qat.layers import attach_fake_quant
-
         model = state.model
         self._export_dtype = model.dtype
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -126,18 +128,12 @@ class QATKDModifier(Modifier):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def apply(self, state: SessionState) -> None:
-        from rqat_sdk.data import check_trainable_tokens
-        from rqat_sdk.modifiers.qat.batches import StepBatches
-        from rqat_sdk.modifiers.qat.layers import tracking_codes
-        from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
-        from rqat_sdk.session.state import stage_data_field
-
         teacher = None
         if self.objective == "kd":
             teacher = state.teacher(self.teacher, dtype=self._export_dtype)
         data = state.stage_data()
         check_trainable_tokens(
-            data, stage_data_field(state.recipe, state.stage_index, state.run_dataset), state.stage.data.max_seq_length
+            data, state.data_field(), state.stage.data.max_seq_length
         )
         batches = StepBatches(
             data,
@@ -164,8 +160,6 @@ class QATKDModifier(Modifier):
         state.stage_metrics[self.type] = {**summary, **codes}
 
     def finalize(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.qat.layers import finish_training
-
         model = state.model
         if self.gradient_checkpointing:
             model.gradient_checkpointing_disable()

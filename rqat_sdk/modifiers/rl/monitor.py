@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rqat_sdk.generation import Sampling, generate
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -49,7 +51,6 @@ def mean_reward(
     temperature: float,
 ) -> float:
     """The mean weighted reward of one sampled completion per prompt: the cold-start probe."""
-    from rqat_sdk.evaluation.generation import Sampling, generate
 
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
     completions = [c.text for c in generate(model, tokenizer, list(prompts["prompt"]), sampling, batch_size=16, seed=0)]

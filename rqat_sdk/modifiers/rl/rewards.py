@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rqat_sdk.evaluation.answers import extract_boxed, score_response
-from rqat_sdk.recipe.code import import_code_ref, is_code_ref
+from rqat_sdk.code import import_code_ref, is_code_ref
+from rqat_sdk.data.answers import extract_boxed, score_response
 
 RewardFunction = Callable[..., list[float]]
 

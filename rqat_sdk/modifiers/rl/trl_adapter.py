@@ -4,7 +4,7 @@ trl's ``GRPOTrainer`` does the RL; this adapter gives it the recipe's settings, 
 from its checkpoints, and fixes one thing for quantized policies: when rollouts come from vLLM, trl pushes
 the model's raw ``named_parameters()`` (latent full-precision weights, plus scales and zero points vLLM does
 not know), so vLLM would sample from the wrong policy. Here vLLM receives the fake-quantized weights and no
-quantization parameters (:func:`~rqat_sdk.modifiers.qat.layers.fake_quantized_weights`); trl's importance
+quantization parameters (:func:`~rqat_sdk.modifiers.layers.fake_quantized_weights`); trl's importance
 sampling correction stays on.
 """
 
@@ -20,6 +20,7 @@ import torch
 
 from rqat_sdk import distributed
 from rqat_sdk.errors import RqatError
+from rqat_sdk.modifiers.layers import fake_quantized_weights, parameter_group
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -207,7 +208,6 @@ class FiniteStepAdamW(torch.optim.AdamW):
 def adamw(model: PreTrainedModel, config: GRPOModifier, *, fused: bool) -> FiniteStepAdamW:
     """AdamW over the trained parameters in two groups: scales and zero points at ``scale_learning_rate``
     without weight decay, everything else at ``learning_rate`` (trl's scheduler then scales both)."""
-    from rqat_sdk.modifiers.qat.layers import parameter_group
 
     groups: dict[str, list[torch.nn.Parameter]] = {"weights": [], "scales": []}
     for name, parameter in model.named_parameters():
@@ -222,7 +222,6 @@ def adamw(model: PreTrainedModel, config: GRPOModifier, *, fused: bool) -> Finit
 
 def sync_quantized_weights(vllm_generation: Any, model: PreTrainedModel) -> None:
     """Make trl's weight sync push the fake-quantized weights (no scales or zero points) to vLLM."""
-    from rqat_sdk.modifiers.qat.layers import fake_quantized_weights
 
     vllm_generation._iter_named_params = lambda: fake_quantized_weights(model)
 

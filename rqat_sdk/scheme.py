@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import field_validator, model_validator
 
 from rqat_sdk.errors import SchemeError
-from rqat_sdk.recipe.fields import Bits, PositiveInt, StrictModel
+from rqat_sdk.fields import Bits, PositiveInt, StrictModel
 
 if TYPE_CHECKING:
     import torch
