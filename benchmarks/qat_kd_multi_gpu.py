@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from qat_kd_perf import QWEN3_0_6B, fresh_model, measure, quantize_w3g128, rqat_trainer, synthetic_batch
 
 TESTBED = "rqat_sdk/testbed/long"

@@ -65,7 +65,8 @@ def calibrate_flatquant(model, scheme: str, sequences: int, length: int) -> None
     options = CalibrationOptions(transforms=("qkv", "o", "gate_up", "down"), epochs=1, learning_rate=5e-3,
                                  orthogonal_init=True, smoothing=True, weight_clipping=True, activation_clipping=True,
                                  seed=0)
-    calibrate(model, Dataset.from_list([{"input_ids": row} for row in ids]), QuantScheme.model_validate(scheme), options)
+    calibration = Dataset.from_list([{"input_ids": row} for row in ids])
+    calibrate(model, calibration, QuantScheme.model_validate(scheme), options)
 
 
 def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps: int) -> dict:

@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="Reasoning-QAT end to end on the embedded testbed model (CPU, minutes)")
     demo.add_argument("--recipe", default="testbed_w2g64", help="recipe file or bundled name (default: testbed_w2g64)")
-    demo.add_argument("--output-dir", type=Path, default=Path("rqat-demo"), help="default: ./rqat-demo (a previous demo's output is replaced)")
+    demo.add_argument("--output-dir", type=Path, default=Path("rqat-demo"),
+                      help="default: ./rqat-demo (a previous demo's output is replaced)")
     demo.add_argument("--problems", type=int, default=150, help="held-out testbed problems per evaluation")
     demo.set_defaults(handler=_demo)
     return parser
@@ -266,8 +267,9 @@ def _serve_check(args: argparse.Namespace) -> int:
     if report.skipped:
         print(f"skipped: {report.skipped}")
         return 0
-    print(f"{report.checkpoint} ({report.scheme}) on {report.target}: {report.identical:.0%} of {report.prompts} prompts "
-          f"identical for {report.max_tokens} greedy tokens (mean common prefix {report.mean_common_prefix:.1f})")
+    print(f"{report.checkpoint} ({report.scheme}) on {report.target}: {report.identical:.0%} of {report.prompts} "
+          f"prompts identical for {report.max_tokens} greedy tokens "
+          f"(mean common prefix {report.mean_common_prefix:.1f})")
     print(f"tokens/s: transformers {report.transformers_tokens_per_s:.1f}, vLLM {report.vllm_tokens_per_s:.1f} "
           f"(vLLM load {report.vllm_load_seconds:.0f} s)")
     return 1 if args.require_identical and report.identical < 1.0 else 0
@@ -301,7 +303,8 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(markdown_table([teacher, ptq, final], baseline="full precision"))
     plot([teacher, ptq, final], args.output_dir / "demo.png", title="testbed: greedy pass@1")
-    print(f"\ncheckpoint: {args.output_dir} (plot: {args.output_dir / 'demo.png'}); {time.perf_counter() - started:.0f} s")
+    elapsed = time.perf_counter() - started
+    print(f"\ncheckpoint: {args.output_dir} (plot: {args.output_dir / 'demo.png'}); {elapsed:.0f} s")
     return 0
 
 

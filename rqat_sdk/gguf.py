@@ -265,7 +265,7 @@ def _sentencepiece_bpe(meta: GgufMetadata) -> PreTrainedTokenizerBase:
     if meta.scores is None:
         raise ModelLoadError("the GGUF's SentencePiece vocabulary has no tokenizer.ggml.scores to rank merges by")
     vocab = {token: index for index, token in enumerate(meta.tokens)}
-    normal = {t: s for t, s, kind in zip(meta.tokens, meta.scores, meta.token_types) if kind == NORMAL}
+    normal = {t: s for t, s, kind in zip(meta.tokens, meta.scores, meta.token_types, strict=True) if kind == NORMAL}
     merges = generate_merges({t: vocab[t] for t in normal}, normal)
     tokenizer = GemmaTokenizer(
         vocab=vocab,
@@ -277,7 +277,7 @@ def _sentencepiece_bpe(meta: GgufMetadata) -> PreTrainedTokenizerBase:
     )
     whole = [
         AddedToken(token, special=kind == CONTROL, normalized=False)
-        for token, kind in zip(meta.tokens, meta.token_types)
+        for token, kind in zip(meta.tokens, meta.token_types, strict=True)
         if kind in (CONTROL, USER_DEFINED)
     ]
     tokenizer.add_tokens(whole)

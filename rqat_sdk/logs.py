@@ -37,5 +37,7 @@ def quiet_upstream_logs() -> Iterator[None]:
 def configure(verbosity: int = 0) -> None:
     """Console logging for the command line: INFO by default, DEBUG (and upstream logs) with -v."""
     level = logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     logging.getLogger("rqat_sdk").setLevel(level)

@@ -276,7 +276,9 @@ def _register_kv_attention(base: str) -> str:
     if name in AttentionInterface._global_mapping:
         return name
     if base not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        raise ModelLoadError(f"KV-cache quantization does not support attention implementation {base!r}; use sdpa or eager")
+        raise ModelLoadError(
+            f"KV-cache quantization does not support attention implementation {base!r}; use sdpa or eager"
+        )
 
     def attention(module: torch.nn.Module, query, key, value, attention_mask, **kwargs: Any):
         if base == "eager":  # every transformers model file defines its own eager attention

@@ -165,7 +165,8 @@ def attach_online_transform(
         linear = model.get_submodule(linear_name)
         if linear.in_features != transform.width:
             raise ValueError(
-                f"{linear_name} reads {linear.in_features} features; the transform {parent}.{key} has width {transform.width}"
+                f"{linear_name} reads {linear.in_features} features; the transform {parent}.{key} has width "
+                f"{transform.width}"
             )
         if input_transform(linear) is not None:
             raise ValueError(f"{linear_name} already has an online transform")
@@ -173,7 +174,8 @@ def attach_online_transform(
         linear.register_forward_pre_hook(_transform_inputs)
         transform.__dict__[_READERS] = transform.__dict__.get(_READERS, 0) + 1
     name = f"{parent}.{CONTAINER}.{key}"
-    record = getattr(model.config, TRANSFORMS_CONFIG_KEY, None) or {"method": "flatquant", "file": SIDECAR, "transforms": {}}
+    empty = {"method": "flatquant", "file": SIDECAR, "transforms": {}}
+    record = getattr(model.config, TRANSFORMS_CONFIG_KEY, None) or empty
     record["transforms"][name] = {**transform.spec(), "inputs_of": list(linears)}
     setattr(model.config, TRANSFORMS_CONFIG_KEY, record)
     # The factors go to the sidecar, not into model.safetensors (see the module docstring).
@@ -202,7 +204,6 @@ def save_online_transforms(model: PreTrainedModel, directory: Path) -> None:
         return
     from safetensors.torch import save
 
-
     write_bytes_atomic(Path(directory) / record["file"], save(transform_tensors(model)))
 
 
@@ -224,10 +225,14 @@ def restore_online_transforms(model: PreTrainedModel, directory: Path | None) ->
     setattr(model.config, TRANSFORMS_CONFIG_KEY, None)  # attach_online_transform records them again
     for name, spec in record["transforms"].items():
         parent, _, key = name.rpartition(f".{CONTAINER}.")
-        transform = KroneckerTransform(spec["width"], smoothing=spec["smoothing"], activation_clipping=spec["activation_clipping"])
+        transform = KroneckerTransform(
+            spec["width"], smoothing=spec["smoothing"], activation_clipping=spec["activation_clipping"]
+        )
         state = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
         try:
             transform.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ModelLoadError(f"{sidecar} does not hold the transform {name} that config.json lists: {exc}") from None
+            raise ModelLoadError(
+                f"{sidecar} does not hold the transform {name} that config.json lists: {exc}"
+            ) from None
         attach_online_transform(model, parent, key, transform, spec["inputs_of"])

@@ -62,7 +62,7 @@ def test_fake_quantization_matches_a_scalar_reference(dim):
     torch.manual_seed(dim)
     x = torch.randn(6, dim) * torch.linspace(0.1, 3, 6)[:, None]
     out = fake_quantize_kv(x)
-    for row, got in zip(x.tolist(), out):
+    for row, got in zip(x.tolist(), out, strict=True):
         assert torch.allclose(got.double(), torch.tensor(reference_kv(row), dtype=torch.float64), atol=1e-5)
     for row in random_hadamard(out):  # at most 16 levels per (token, head) in the rotated space
         gaps = row.sort().values.diff()
@@ -146,7 +146,8 @@ def test_w4a4kv4_reasoning_qat_exports_with_the_kv_cache_and_vllm_flag(tiny_qwen
     assert result.recipe.scheme.label == "W4A4KV4"
     assert result.record["export"]["format"] == "pack-quantized"  # the exporter checked the reload itself
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert "kv_cache_scheme" not in config["quantization_config"] or not config["quantization_config"]["kv_cache_scheme"]
+    quantization = config["quantization_config"]
+    assert "kv_cache_scheme" not in quantization or not quantization["kv_cache_scheme"]
     assert config["rqat_kv_cache"]["num_bits"] == 4
     assert engine_options(tmp_path / "out") == {"kv_cache_dtype": "int4_per_token_head"}
     card = (tmp_path / "out" / "README.md").read_text()

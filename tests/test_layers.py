@@ -11,7 +11,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIRS = {"rqat_sdk": ROOT / "rqat_sdk", "rqat_sdk.exporters": ROOT / "exporters", "rqat_sdk.recipes": ROOT / "recipes"}
+PACKAGE_DIRS = {
+    "rqat_sdk": ROOT / "rqat_sdk", "rqat_sdk.exporters": ROOT / "exporters", "rqat_sdk.recipes": ROOT / "recipes"
+}
 """Where each package's files are (exporters/ and recipes/ install as rqat_sdk subpackages; pyproject.toml)."""
 
 LAYERS: list[set[str]] = [
@@ -109,7 +111,8 @@ def import_edges() -> list[tuple[str, str, str]]:
         for node in _runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
             for target in _targets(module, node):
                 if target not in MODULES:
-                    raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} imports {target}, which does not exist")
+                    where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                    raise AssertionError(f"{where} imports {target}, which does not exist")
                 if _unit(module) != _unit(target):
                     edges.append((_unit(module), _unit(target), f"{path.relative_to(ROOT)}:{node.lineno}"))
     return edges

@@ -1,7 +1,7 @@
 """Dataset sources: every way a user can name data, normalised to one form.
 
-A source is a registered name (``reasoning-gym:chain_sum``, ``testbed``, ``wikipedia``), a JSONL file, a directory written by
-``datasets.save_to_disk``, a Hub dataset (``hf:ORG/NAME``), a ``datasets.Dataset`` in memory, or code
+A source is a registered name (``reasoning-gym:chain_sum``, ``testbed``, ``wikipedia``), a JSONL file, a directory
+written by ``datasets.save_to_disk``, a Hub dataset (``hf:ORG/NAME``), a ``datasets.Dataset`` in memory, or code
 (``python:module:function``, only with ``allow_code``). Whatever the source, :func:`load_examples` returns a
 ``datasets.Dataset`` with columns ``messages`` (a chat: list of ``{"role", "content"}``) or ``text``
 (plain text), one of them null in each row, ``answer`` where the source knows the gold answer, and
@@ -65,7 +65,9 @@ def load_examples(
     elif isinstance(source, (str, os.PathLike)):
         rows, origin = _load_named(str(source), num_samples=num_samples, seed=seed, allow_code=allow_code, field=field)
     else:
-        raise DatasetError(f"{field}: expected a dataset name, a path or a datasets.Dataset, got {type(source).__name__}")
+        raise DatasetError(
+            f"{field}: expected a dataset name, a path or a datasets.Dataset, got {type(source).__name__}"
+        )
     if len(rows) == 0:
         raise DatasetError(f"{field}: {origin} has no rows")
     if len(rows) > num_samples:

@@ -111,7 +111,8 @@ def evaluate(
             raise ValueError("evaluating a model object needs its tokenizer: pass tokenizer=")
         label = label or type(model).__name__
         configure_threads(model)
-        runs = [generate(model, tokenizer, prompts, sampling, batch_size=batch_size, seed=seed + k) for k in range(samples)]
+        runs = [generate(model, tokenizer, prompts, sampling, batch_size=batch_size, seed=seed + k)
+                for k in range(samples)]
     items, per_sample = [], [0.0] * samples
     for index, problem in enumerate(problems):
         responses = []
@@ -165,7 +166,7 @@ def plot(reports: list[EvalReport], path: str | os.PathLike, title: str | None =
     values = [100 * r.pass_at_1 for r in reports]
     errors = [100 * r.std for r in reports]
     bars = axis.bar(range(len(reports)), values, yerr=errors, capsize=4, color="#4C72B0")
-    for bar, value in zip(bars, values):
+    for bar, value in zip(bars, values, strict=True):
         axis.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
                       fontsize=8, xytext=(0, 2), textcoords="offset points")
     axis.set_xticks(range(len(reports)), [r.label for r in reports], rotation=20, ha="right", fontsize=8)

@@ -25,7 +25,9 @@ def generate_vllm(
     """``samples`` completions per prompt from vLLM (in its own environment), as ``runs[k][prompt]``."""
     interpreter = vllm_env.python()
     if interpreter is None:
-        raise RqatError("the vllm backend needs a vLLM environment: run `rqat serve-check --setup` or set RQAT_VLLM_PYTHON")
+        raise RqatError(
+            "the vllm backend needs a vLLM environment: run `rqat serve-check --setup` or set RQAT_VLLM_PYTHON"
+        )
     ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     request = {
         "model": checkpoint, "prompt_token_ids": ids, "n": samples, "max_tokens": sampling.max_new_tokens,

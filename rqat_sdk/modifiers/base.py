@@ -41,7 +41,8 @@ class Modifier(StrictModel):
         """Problems with this modifier's place in ``recipe`` (it stands ``at`` there), found without a model."""
         quantizer = recipe.quantizer_position()
         if self.trains_quantized and quantizer is not None and at < quantizer:
-            return [f"{at.path}: {self.type} trains the quantized model; put it after the quantizing modifier at {quantizer.path}"]
+            return [f"{at.path}: {self.type} trains the quantized model; put it after the quantizing modifier at "
+                    f"{quantizer.path}"]
         return []
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:

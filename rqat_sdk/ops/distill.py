@@ -150,7 +150,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 if teacher_hidden is not None:
                     teacher_logits = teacher_hidden[part].to(compute) @ w_t.T
                 chunk_targets = targets[part] if targets is not None else None
-                loss, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, chunk_targets, token_weights[part], spec)
+                loss, grad_logits = _chunk_loss_and_grad(
+                    logits, teacher_logits, chunk_targets, token_weights[part], spec
+                )
                 total += loss
                 torch.mm(grad_logits, w, out=grad_h[part])
                 if grad_w is not None:

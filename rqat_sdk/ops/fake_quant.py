@@ -82,7 +82,8 @@ def fake_quantize_weights(
         return unflatten(flat, [w.shape for w in weights])
     zero_points = zero_points or [None] * len(weights)
     return [
-        _WeightFakeQuant.apply(w, s, z, qmin, qmax, group, dtype) for w, s, z in zip(weights, scales, zero_points)
+        _WeightFakeQuant.apply(w, s, z, qmin, qmax, group, dtype)
+        for w, s, z in zip(weights, scales, zero_points, strict=True)
     ]
 
 

@@ -91,7 +91,7 @@ def _kv_fake_quant_kernel(
 def _rows_view(t: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Sizes and strides of ``t``'s leading dimensions as three (padding with size 1), so the kernel reads
     keys and values in whatever layout attention hands them (transformers' are transposed views)."""
-    lead = list(zip(t.shape[:-1], t.stride()[:-1]))  # at most three (:func:`supports`)
+    lead = list(zip(t.shape[:-1], t.stride()[:-1], strict=True))  # at most three (:func:`supports`)
     lead = [(1, 0)] * (3 - len(lead)) + lead
     return tuple(s for s, _ in lead), tuple(st for _, st in lead)
 

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -36,7 +36,7 @@ from rqat_sdk.scheme import QuantScheme
 RECIPE_VERSION = 1
 
 AnyModifier = Annotated[
-    Union[RTNModifier, GPTQModifier, AWQModifier, RotationModifier, FlatQuantModifier, QATKDModifier, GRPOModifier],
+    RTNModifier | GPTQModifier | AWQModifier | RotationModifier | FlatQuantModifier | QATKDModifier | GRPOModifier,
     Field(discriminator="type"),
 ]
 """A stage's modifier: its ``type`` key picks the class. Adding a modifier means adding its class here."""
@@ -303,8 +303,6 @@ def load_recipe(recipe: RecipeInput) -> Recipe:
 
 def _close_bundled(name: str) -> str:
     """The bundled recipes named like ``name``, for a recipe that does not exist (a typo of a bundled name)."""
-
-
     close = difflib.get_close_matches(Path(name).stem, bundled(), n=3)
     return f"; bundled recipes with close names: {', '.join(close)}" if close else ""
 
@@ -384,7 +382,9 @@ def _safe_load(text: str, source: str | None) -> Any:
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError([f"{where}YAML error: {problem}"], source) from None
     if not isinstance(data, dict):
-        raise RecipeError([f"a recipe is a YAML mapping with version, scheme and stages; got {type(data).__name__}"], source)
+        raise RecipeError(
+            [f"a recipe is a YAML mapping with version, scheme and stages; got {type(data).__name__}"], source
+        )
     return data
 
 
@@ -396,7 +396,8 @@ _ABSENT = object()
 def _flatten(node: Any, path: str = "") -> dict[str, Any]:
     """Leaf values by the path users write (``stages[1].modifiers[0].learning_rate``)."""
     if isinstance(node, dict) and node:
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{path}.{key}" if path else key).items()}
+        return {k: v for key, value in node.items()
+                for k, v in _flatten(value, f"{path}.{key}" if path else key).items()}
     if isinstance(node, list) and node:
         return {k: v for i, value in enumerate(node) for k, v in _flatten(value, f"{path}[{i}]").items()}
     return {path: node}

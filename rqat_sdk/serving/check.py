@@ -92,16 +92,16 @@ def serve_check(
                "max_model_len": 2048, **engine_options(checkpoint)}
     response = vllm_env.run_worker(interpreter, request, timeout)
     served = [row[0]["token_ids"] for row in response["outputs"]]
-    prefixes = [_common_prefix(a, b) for a, b in zip(reference, served)]
+    prefixes = [_common_prefix(a, b) for a, b in zip(reference, served, strict=True)]
     report.prompts = len(ids)
-    report.identical = sum(a == b for a, b in zip(reference, served)) / len(ids)
+    report.identical = sum(a == b for a, b in zip(reference, served, strict=True)) / len(ids)
     report.mean_common_prefix = sum(prefixes) / len(ids)
     report.transformers_tokens_per_s = sum(map(len, reference)) / max(hf_seconds, 1e-9)
     report.vllm_tokens_per_s = response["generated_tokens"] / max(response["generate_seconds"], 1e-9)
     report.vllm_load_seconds = response["load_seconds"]
     report.samples = [
         {"prompt": t[-80:], "transformers": tokenizer.decode(a), "vllm": tokenizer.decode(b)}
-        for t, a, b in zip(texts, reference, served)
+        for t, a, b in zip(texts, reference, served, strict=True)
     ]
     return report
 
@@ -118,7 +118,7 @@ def _greedy(model, ids: list[int], max_tokens: int, eos: int | None) -> list[int
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     count = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # the common prefix of sequences of any lengths
         if x != y:
             break
         count += 1

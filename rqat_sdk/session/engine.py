@@ -270,7 +270,8 @@ class Session:
 
     def _what_changed(self, index: int) -> str:
         """The settings of stages ``0..index`` that differ from the saved recipe's, for a refused resume."""
-        generic = f"stage {index} {self.recipe.stages[index].name!r} or an earlier stage, the scheme or the seed changed"
+        name = self.recipe.stages[index].name
+        generic = f"stage {index} {name!r} or an earlier stage, the scheme or the seed changed"
         try:
             saved = Recipe.from_file(self.work_dir / RECIPE_FILE)
         except RqatError:
@@ -364,7 +365,8 @@ class Session:
         if not (self.resume and self.output_dir is not None and (self.output_dir / RUN_RECORD).is_file()):
             return False
         record = json.loads((self.output_dir / RUN_RECORD).read_text())
-        return record.get("status") == "complete" and record.get("recipe", {}).get("fingerprint") == self.recipe.fingerprint()
+        fingerprint = record.get("recipe", {}).get("fingerprint")
+        return record.get("status") == "complete" and fingerprint == self.recipe.fingerprint()
 
     def _load_finished(self) -> RunResult:
         log.info("%s already holds the finished run of this recipe; loading it", self.output_dir)
@@ -380,7 +382,8 @@ class Session:
             listed = "; ".join(f"{path}: {ref}" for path, ref in references)
             raise CodeExecutionNotAllowed(
                 f"the recipe names Python code ({listed}). Recipes are untrusted input, so rqat does not import "
-                f"code they name unless you opt in: rerun with --allow-code (allow_code=True in Python) if you trust it."
+                f"code they name unless you opt in: rerun with --allow-code (allow_code=True in Python) if you trust "
+                f"it."
             )
 
     def _start_record(self, first_stage: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -545,4 +548,4 @@ def _version(name: str) -> str | None:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -91,7 +91,6 @@ class SessionState:
         """A frozen teacher on the student's device: ``source``, or the model the run started from."""
         from transformers import PreTrainedModel
 
-
         origin = source if source is not None else self.original_model
         if origin is None:
             raise ModelLoadError(

@@ -85,7 +85,7 @@ def numbered_solution(task: str, entry: dict[str, Any]) -> str:
 
 def _chain(values: list[int], operators: list[str]) -> tuple[list[str], int]:
     lines, total = [], values[0]
-    for operator, value in zip(operators, values[1:]):
+    for operator, value in zip(operators, values[1:], strict=True):
         result = total + value if operator == "+" else total - value
         lines.append(f"{total} {operator} {value} = {result}")
         total = result

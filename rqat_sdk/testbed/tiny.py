@@ -43,7 +43,6 @@ def build_tokenizer(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-
     texts = [REASONING_INSTRUCTION, "Let me think step by step. So the answer is \\boxed{42}."]
     if corpus is not None:
         texts += corpus
@@ -56,7 +55,9 @@ def build_tokenizer(
     bpe = Tokenizer(models.BPE(unk_token=None))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
     )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -91,7 +91,6 @@ def train_testbed(
     from datasets import Dataset
     from transformers import set_seed
 
-
     spec = SIZES[size] if isinstance(size, str) else size
     name = size if isinstance(size, str) else "custom"
     steps = steps or spec.steps

@@ -245,7 +245,8 @@ def silenced_norm_channels(model: PreTrainedModel) -> list[tuple[str, int, float
     was never trained has gains of one."""
     found = []
     for name, module in model.named_modules():
-        if not name.endswith(("input_layernorm", "post_attention_layernorm")) or getattr(module, "weight", None) is None:
+        is_norm = name.endswith(("input_layernorm", "post_attention_layernorm"))
+        if not is_norm or getattr(module, "weight", None) is None:
             continue
         gains = module.weight.detach().float().abs()
         median = float(gains.median())

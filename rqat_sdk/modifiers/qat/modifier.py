@@ -102,7 +102,9 @@ class QATKDModifier(Modifier):
     @model_validator(mode="after")
     def _batch_fits(self) -> QATKDModifier:
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+            )
         return self
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:

@@ -145,7 +145,8 @@ class GRPOModifier(Modifier):
                 f"finds cold-start GRPO after plain PTQ collapses; add a qat_kd stage first"
             )
         quantized_in_flight = [
-            part for part, args in (("activations", recipe.scheme.input_activations), ("KV cache", recipe.scheme.kv_cache))
+            part
+            for part, args in (("activations", recipe.scheme.input_activations), ("KV cache", recipe.scheme.kv_cache))
             if args is not None
         ]
         if self.generation != "transformers" and quantized_in_flight:
@@ -189,11 +190,11 @@ class GRPOModifier(Modifier):
         log.info("stage %r: cold-start probe mean reward %.3f", state.stage.name, probe)
         if probe < self.cold_start_threshold and not self.allow_cold_start:
             raise ColdStartError(
-                f"stage {state.stage.name!r}: the quantized model's mean reward on {min(self.probe_size, len(prompts))} "
-                f"probe prompts is {probe:.3f}, below cold_start_threshold {self.cold_start_threshold}. GRPO learns "
-                f"from reward differences within a group and has nothing to learn from here (the seed paper finds "
-                f"GRPO straight after RTN collapses). Add a qat_kd stage before this one, or set allow_cold_start: "
-                f"true to train anyway."
+                f"stage {state.stage.name!r}: the quantized model's mean reward on "
+                f"{min(self.probe_size, len(prompts))} probe prompts is {probe:.3f}, below cold_start_threshold "
+                f"{self.cold_start_threshold}. GRPO learns from reward differences within a group and has nothing to "
+                f"learn from here (the seed paper finds GRPO straight after RTN collapses). Add a qat_kd stage before "
+                f"this one, or set allow_cold_start: true to train anyway."
             )
         progress = state.progress_dir()
         if progress is None:

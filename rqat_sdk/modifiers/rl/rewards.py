@@ -26,7 +26,7 @@ def completion_text(completion: Any) -> str:
 
 
 def correctness(prompts: list, completions: list, answer: list[str], meta: list[str | None], **_: Any) -> list[float]:
-    return [score_response(completion_text(c), gold, m) for c, gold, m in zip(completions, answer, meta)]
+    return [score_response(completion_text(c), gold, m) for c, gold, m in zip(completions, answer, meta, strict=True)]
 
 
 def boxed_format(prompts: list, completions: list, **_: Any) -> list[float]:

@@ -213,9 +213,10 @@ def adamw(model: PreTrainedModel, config: GRPOModifier, *, fused: bool) -> Finit
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             groups["scales" if parameter_group(name) == "scales" else "weights"].append(parameter)
+    scales = [{"params": groups["scales"], "lr": config.scale_learning_rate, "weight_decay": 0.0}]
     return FiniteStepAdamW(
         [{"params": groups["weights"], "lr": config.learning_rate, "weight_decay": config.weight_decay},
-         *([{"params": groups["scales"], "lr": config.scale_learning_rate, "weight_decay": 0.0}] if groups["scales"] else [])],
+         *(scales if groups["scales"] else [])],
         betas=tuple(config.betas), fused=fused or None,
     )
 
