@@ -41,10 +41,6 @@ class LossSpec:
     top_k: int = 64
     chunk_size: int = 1024
 
-    @property
-    def needs_teacher(self) -> bool:
-        return self.divergence != "ce"
-
 
 def token_losses(
     student_logits: torch.Tensor,
