@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tokenizers import AddedToken
 
 from rqat_sdk.errors import ModelLoadError
 
@@ -258,7 +259,6 @@ def _transformers_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 def _sentencepiece_bpe(meta: GgufMetadata) -> PreTrainedTokenizerBase:
     """A SentencePiece BPE vocabulary (tokens and scores, no merges: Gemma 3) as transformers' Gemma tokenizer:
     merges rebuilt from the scores, byte fallback, control and user-defined tokens kept whole."""
-    from tokenizers import AddedToken
     from transformers import GemmaTokenizer
     from transformers.convert_slow_tokenizer import generate_merges
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file, save
 from torch.utils.checkpoint import checkpoint
 
 from rqat_sdk.errors import ModelLoadError
@@ -202,7 +203,6 @@ def save_online_transforms(model: PreTrainedModel, directory: Path) -> None:
     record = getattr(model.config, TRANSFORMS_CONFIG_KEY, None)
     if not record:
         return
-    from safetensors.torch import save
 
     write_bytes_atomic(Path(directory) / record["file"], save(transform_tensors(model)))
 
@@ -219,7 +219,6 @@ def restore_online_transforms(model: PreTrainedModel, directory: Path | None) ->
             f"{sidecar or record['file']} is missing; the model cannot run without them. Load the checkpoint "
             f"from a local directory that holds {record['file']}."
         )
-    from safetensors.torch import load_file
 
     tensors = load_file(sidecar)
     setattr(model.config, TRANSFORMS_CONFIG_KEY, None)  # attach_online_transform records them again

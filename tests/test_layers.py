@@ -8,6 +8,8 @@ state it is handed, which sit above it.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,7 +20,7 @@ PACKAGE_DIRS = {
 
 LAYERS: list[set[str]] = [
     {"errors", "logs", "recipes"},
-    {"code", "fields", "files", "threads", "distributed"},
+    {"code", "fields", "files", "threads", "distributed", "upstream"},
     {"scheme", "ops"},
     {"data", "gguf", "transforms"},
     {"models"},
@@ -140,3 +142,51 @@ def test_the_check_sees_function_local_and_from_imports(tmp_path: Path) -> None:
     )
     found = [target for node in _runtime_imports(tree) for target in _targets("rqat_sdk.models", node)]
     assert found == ["rqat_sdk.distributed", "rqat_sdk.ops.distill"]
+
+
+LAZY = {
+    "transformers": "takes about a second to import",
+    "datasets": "takes seconds to import",
+    "compressed_tensors": "takes seconds to import",
+    "llmcompressor": "takes seconds to import; PTQ only",
+    "trl": "takes seconds to import; GRPO only",
+    "accelerate": "GRPO only",
+    "reasoning_gym": "takes seconds to import; generated tasks only",
+    "math_verify": "takes a second to import; answer checking only",
+    "matplotlib": "plots only",
+    "gguf": ".gguf model sources only",
+    "torch.distributed.checkpoint": "multi-process training only",
+    "torch.distributed.fsdp": "multi-process training only",
+    "torch.distributed.tensor": "multi-process training only",
+    "torch.utils.tensorboard": "needs the optional tensorboard package",
+    "triton": "optional: CUDA builds only",
+    "vllm": "only in vLLM's own environment (serving/vllm_worker.py)",
+}
+"""Packages imported inside functions, and why: ``import rqat_sdk`` loads torch alone (a test checks it)."""
+
+
+def _function_local_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    return [node for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in _runtime_imports(function)]
+
+
+def test_function_local_imports_have_a_reason() -> None:
+    """A function-local import is of a package named in :data:`LAZY`, or a comment right above it says why."""
+    unexplained = []
+    for path in MODULES.values():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in _function_local_imports(ast.parse("\n".join(lines))):
+            name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+            lazy = any(name == package or name.startswith(package + ".") for package in LAZY)
+            above = node.lineno - 2
+            while above >= 0 and lines[above].strip().startswith(("import ", "from ")):
+                above -= 1
+            if not lazy and not lines[above].strip().startswith("#"):
+                unexplained.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not unexplained, "import these at module level, or say why not:\n" + "\n".join(sorted(set(unexplained)))
+
+
+def test_importing_rqat_sdk_loads_none_of_the_lazy_packages() -> None:
+    code = f"import sys, rqat_sdk; print([p for p in {sorted(LAZY)!r} if p in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from rqat_sdk.data.sources import REASONING_INSTRUCTION
 
@@ -40,7 +41,6 @@ def build_tokenizer(
     ``split_digits`` keeps every digit a token of its own (as Qwen's tokenizer does), which small models
     need to learn arithmetic.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = [REASONING_INSTRUCTION, "Let me think step by step. So the answer is \\boxed{42}."]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import field_validator
+from safetensors import safe_open
 
 from rqat_sdk.errors import SchemeError
 from rqat_sdk.fields import FloatRange, IntRange
@@ -260,7 +261,6 @@ def hadamard_exists(size: int, transform_type: str) -> bool:
     """Whether compressed-tensors can build a ``transform_type`` Hadamard matrix of ``size``: 'hadamard'
     needs a power of two; 'random-hadamard' a size k * 2**m for a k whose matrix it ships (12, 20, 36, ...)."""
     from compressed_tensors.transform.utils.hadamard import REPO_PATH, is_pow2
-    from safetensors import safe_open
 
     if transform_type == "hadamard":
         return is_pow2(size)
