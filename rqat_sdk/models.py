@@ -268,14 +268,16 @@ def restore_kv_cache_quantization(model: PreTrainedModel) -> None:
 
 
 def _register_kv_attention(base: str) -> str:
-    """Register (once) an attention function that quantizes K and V, then runs ``base`` attention."""
+    """Register an attention function that quantizes K and V, then runs ``base`` attention: once per process, as
+    transformers' registry is process-wide and the function (vLLM's fixed int4 quantizer) serves every model."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = _KV_ATTENTION_PREFIX + base
-    if name in AttentionInterface._global_mapping:
+    if name in ALL_ATTENTION_FUNCTIONS:
         return name
-    if base not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+    if base not in ALL_MASK_ATTENTION_FUNCTIONS:
         raise ModelLoadError(
             f"KV-cache quantization does not support attention implementation {base!r}; use sdpa or eager"
         )
@@ -284,11 +286,11 @@ def _register_kv_attention(base: str) -> str:
         if base == "eager":  # every transformers model file defines its own eager attention
             inner = sys.modules[type(module).__module__].eager_attention_forward
         else:
-            inner = AttentionInterface._global_mapping[base]
+            inner = ALL_ATTENTION_FUNCTIONS[base]
         if not getattr(module, "_rqat_kv_quantized_in_cache", False):
             key, value = fake_quantize_kv(key), fake_quantize_kv(value)
         return inner(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name

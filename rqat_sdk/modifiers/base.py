@@ -8,7 +8,7 @@ The session calls, for each modifier of a stage in order::
     modifier.finalize(state)     # release what apply held on to
 
 Everything a modifier needs comes from the :class:`~rqat_sdk.session.state.SessionState` it is given;
-nothing is global, so two sessions in one process never interfere.
+what little state is process-wide is listed in docs/architecture.md (Sessions and state).
 """
 
 from __future__ import annotations

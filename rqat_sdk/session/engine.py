@@ -82,7 +82,8 @@ class RunResult:
 
 
 class Session:
-    """One run of one recipe on one model. Sessions share nothing, so several can live in one process."""
+    """One run of one recipe on one model. Several can live in one process, run one after another (the
+    process-wide state they share is listed in docs/architecture.md)."""
 
     def __init__(
         self,
