@@ -44,7 +44,8 @@ def main() -> int:
     for name, modifiers in methods.items():
         started = time.perf_counter()
         recipe = {"version": 1, "seed": 0, "scheme": "W4A4KV4", "stages": [
-            {"name": "ptq", "data": {"source": "testbed", "num_samples": args.calibration_samples, "max_seq_length": 256},
+            {"name": "ptq",
+             "data": {"source": "testbed", "num_samples": args.calibration_samples, "max_seq_length": 256},
              "modifiers": modifiers}]}
         result = rqat_sdk.oneshot(args.testbed, recipe, dtype="float32", device="cpu")
         seconds = round(time.perf_counter() - started, 1)

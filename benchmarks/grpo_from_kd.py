@@ -91,8 +91,8 @@ def policy_change(before: Path, after: Path) -> dict:
             total += codes[0].numel()
         elif tensor.is_floating_point() and not key.endswith(("_scale", "_zero_point")):
             other = max(other, ((second[key] - tensor).norm() / tensor.norm()).item())
-    scales = max((((second[k] - t).abs() / t.abs()).max().item() for k, t in first.items() if k.endswith("weight_scale")),
-                 default=0.0)
+    scales = max((((second[k] - t).abs() / t.abs()).max().item()
+                  for k, t in first.items() if k.endswith("weight_scale")), default=0.0)
     return {"codes_changed": round(changed / max(total, 1), 5), "max_relative_scale_change": round(scales, 5),
             "max_relative_change_unquantized": round(other, 5)}
 
@@ -127,7 +127,8 @@ def run_kd(args: argparse.Namespace) -> None:
     kd = json.loads((kd_dir / "run.json").read_text())["stages"][1]["metrics"]["qat_kd"]
     emit(args.out, {"name": label, **evaluate(str(kd_dir), tokenizer, label, args),
                     "seconds": round(time.perf_counter() - started), "kd_codes_changed": kd["codes_changed"],
-                    "latent_weights": {**quantization_steps(kd_dir / "checkpoints" / "01-kd"), **kd["grid_margin_at_end"]}})
+                    "latent_weights": {**quantization_steps(kd_dir / "checkpoints" / "01-kd"),
+                                       **kd["grid_margin_at_end"]}})
 
 
 def run_variant(args: argparse.Namespace) -> None:
@@ -136,7 +137,8 @@ def run_variant(args: argparse.Namespace) -> None:
     grpo = {**GRPO_DEFAULTS, **overrides}
     recipe = {"version": 1, "seed": args.seed, "scheme": SCHEMES[args.scheme], "stages": [
         *ptq_and_kd(args),
-        {"name": "grpo", "data": {"source": data, "num_samples": 4000, "max_seq_length": SEQUENCE}, "modifiers": [grpo]},
+        {"name": "grpo", "data": {"source": data, "num_samples": 4000, "max_seq_length": SEQUENCE},
+         "modifiers": [grpo]},
     ]}
     # A run directory whose PTQ and KD stages are done: the KD checkpoint, and the PTQ stage's record.
     work, final = args.out / (args.name + ".partial"), args.out / args.name
@@ -170,7 +172,7 @@ def plot(results: Path, png: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:
         if row.get("training_curve"):
-            steps, reward = zip(*row["training_curve"]["reward"])
+            steps, reward = zip(*row["training_curve"]["reward"], strict=True)
             left.plot(steps, reward, label=f"seed {row['seed']} {row['variant']}")
     left.set(xlabel="GRPO step", ylabel="mean reward (temperature 1.0, 10-step means)", title="training reward")
     left.legend(fontsize=7)
@@ -196,7 +198,8 @@ def plot(results: Path, png: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["kd", "variant", "plot"])
-    parser.add_argument("out", type=Path, help="the shared work directory (the KD run lives in OUT/kd); plot: a results JSON")
+    parser.add_argument("out", type=Path,
+                        help="the shared work directory (the KD run lives in OUT/kd); plot: a results JSON")
     parser.add_argument("name", nargs="?", help="variant: its name; plot: the PNG to write")
     parser.add_argument("grpo", nargs="?", default="{}", help="variant: JSON overrides of the GRPO modifier")
     parser.add_argument("--testbed", type=Path, default=LONG)

@@ -55,8 +55,8 @@ def requantize_every_step(model: torch.nn.Module) -> None:
 def timed_generation(result, label: str, problems: int) -> dict:
     def generate():
         return rqat_sdk.evaluate(result.model, "testbed-long", tokenizer=result.tokenizer, samples=1, greedy=True,
-                                 num_examples=problems, batch_size=problems, max_new_tokens=RESPONSE_TOKENS["testbed-long"],
-                                 dtype="float32", label=label)
+                                 num_examples=problems, batch_size=problems,
+                                 max_new_tokens=RESPONSE_TOKENS["testbed-long"], dtype="float32", label=label)
 
     generate()  # warm-up: kernels, caches
     if torch.cuda.is_available():
@@ -68,7 +68,8 @@ def timed_generation(result, label: str, problems: int) -> dict:
     seconds = time.perf_counter() - started
     tokens = evaluation.mean_response_tokens * problems
     return {"variant": label, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
-            "pass_at_1": round(evaluation.pass_at_1, 4), "mean_response_tokens": round(evaluation.mean_response_tokens, 1)}
+            "pass_at_1": round(evaluation.pass_at_1, 4),
+            "mean_response_tokens": round(evaluation.mean_response_tokens, 1)}
 
 
 def main() -> int:

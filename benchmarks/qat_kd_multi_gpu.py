@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from qat_kd_perf import QWEN3_0_6B, fresh_model, measure, quantize_w3g128, rqat_trainer, synthetic_batch
 
 TESTBED = "rqat_sdk/testbed/long"
@@ -39,7 +38,7 @@ LAYOUTS = (("1 GPU", 1, "ddp"), ("2 GPUs, DDP", 2, "ddp"), ("2 GPUs, FSDP2", 2, 
 def step_worker(args: argparse.Namespace) -> int:
     """One rank of the step benchmark (started by :func:`time_steps`)."""
     from rqat_sdk import distributed
-    from rqat_sdk.modifiers.qat.layers import attach_fake_quant
+    from rqat_sdk.modifiers.layers import attach_fake_quant
 
     distributed.initialize()
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -201,7 +201,7 @@ def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp"):
 
 
 def bench_rqat(ids, warmup, steps, *, fake_quant: bool, objective: str, kernels: dict | None = None):
-    from rqat_sdk.modifiers.qat.layers import attach_fake_quant, detach_fake_quant
+    from rqat_sdk.modifiers.layers import attach_fake_quant, detach_fake_quant
 
     model = fresh_model()
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if objective == "kd" else None
@@ -250,7 +250,8 @@ def kernel_time(step, steps: int = 3) -> dict[str, float]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    names = {"_forward_kernel": "fake_quant_fwd", "_backward_kernel": "fake_quant_bwd", "_head_loss_kernel": "head_loss"}
+    names = {"_forward_kernel": "fake_quant_fwd", "_backward_kernel": "fake_quant_bwd",
+             "_head_loss_kernel": "head_loss"}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -295,7 +296,7 @@ def breakdown(ids, warmup: int, steps: int) -> dict[str, float]:
         for chunk in (1024, 4096):
             spec = LossSpec(divergence, chunk_size=chunk)
 
-            def head_loss():
+            def head_loss(spec: LossSpec = spec) -> None:
                 lm_head_loss(hidden, weight, weights, spec, teacher_hidden=teacher_hidden, teacher_weight=weight,
                              targets=targets).backward()
                 hidden.grad = None
@@ -321,7 +322,7 @@ def breakdown(ids, warmup: int, steps: int) -> dict[str, float]:
     def master_step():
         grads = [p.grad for p in model.parameters()]
         master.step()
-        for p, g in zip(model.parameters(), grads):
+        for p, g in zip(model.parameters(), grads, strict=True):
             p.grad = g
 
     parts["optimizer_master_adamw"] = measure(master_step, warmup, steps)[0]

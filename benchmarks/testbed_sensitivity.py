@@ -50,7 +50,10 @@ def measure_candidate(name: str, out: Path, problems: int, samples: int) -> dict
     result_file = directory / "sensitivity.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    record = json.loads((directory / "testbed.json").read_text()) if directory.is_dir() else train_testbed(directory, spec)
+    if directory.is_dir():
+        record = json.loads((directory / "testbed.json").read_text())
+    else:
+        record = train_testbed(directory, spec)
     evaluation = dict(samples=samples, num_examples=problems, max_new_tokens=spec.max_seq_length - 64,
                       batch_size=problems, dtype="float32")
     rows = {"BF16": rqat_sdk.evaluate(directory, spec.mix, label="BF16", **evaluation)}

@@ -59,18 +59,19 @@ def calibrate_flatquant(model, scheme: str, sequences: int, length: int) -> None
     from datasets import Dataset
 
     from rqat_sdk.modifiers.ptq.flatquant import CalibrationOptions, calibrate
-    from rqat_sdk.recipe.scheme import QuantScheme
+    from rqat_sdk.scheme import QuantScheme
 
     ids = synthetic_batch(sequences, length, QWEN3_0_6B["vocab_size"]).tolist()
     options = CalibrationOptions(transforms=("qkv", "o", "gate_up", "down"), epochs=1, learning_rate=5e-3,
                                  orthogonal_init=True, smoothing=True, weight_clipping=True, activation_clipping=True,
                                  seed=0)
-    calibrate(model, Dataset.from_list([{"input_ids": row} for row in ids]), QuantScheme.model_validate(scheme), options)
+    calibration = Dataset.from_list([{"input_ids": row} for row in ids])
+    calibrate(model, calibration, QuantScheme.model_validate(scheme), options)
 
 
 def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps: int) -> dict:
     import rqat_sdk
-    from rqat_sdk.modifiers.qat.layers import attach_fake_quant, detach_fake_quant, parameter_group
+    from rqat_sdk.modifiers.layers import attach_fake_quant, detach_fake_quant, parameter_group
 
     model = fresh_model()
     teacher = copy.deepcopy(model).eval().requires_grad_(False)

@@ -28,12 +28,13 @@ import torch
 from rqat_sdk.errors import ExportError
 from rqat_sdk.exporters.formats import DENSE, checkpoint_format
 from rqat_sdk.logs import quiet_upstream_logs
+from rqat_sdk.models import restore_kv_cache_quantization
 from rqat_sdk.transforms import restore_online_transforms, save_online_transforms
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from rqat_sdk.recipe.scheme import QuantScheme
+    from rqat_sdk.scheme import QuantScheme
 
 PROBE_PROMPTS = (
     "What is 17 * 23? Please reason step by step, and put your final answer within \\boxed{}.",
@@ -146,7 +147,8 @@ def save_dense(model: PreTrainedModel, directory: Path) -> None:
     from compressed_tensors import ModelCompressor
     from compressed_tensors.offload.utils import as_single_threaded
 
-    with quiet_upstream_logs(), as_single_threaded():  # it warns that "dense" is not the format it would infer: that is the point
+    # compressed-tensors warns that "dense" is not the format it would infer: that is the point
+    with quiet_upstream_logs(), as_single_threaded():
         compressor = ModelCompressor.from_pretrained_model(model, quantization_format=DENSE)
         model.save_pretrained(directory)
         save_online_transforms(model, directory)
@@ -159,8 +161,6 @@ def reload_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.devi
     with the KV-cache quantization and the online transforms its config records."""
     from compressed_tensors.offload.utils import as_single_threaded
     from transformers import AutoModelForCausalLM
-
-    from rqat_sdk.models import restore_kv_cache_quantization
 
     with as_single_threaded():
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rqat_sdk.errors import ExportError
+
 if TYPE_CHECKING:
-    from rqat_sdk.recipe.scheme import QuantScheme
+    from rqat_sdk.scheme import QuantScheme
 
 PACKED = "pack-quantized"
 INT = "int-quantized"
@@ -42,8 +44,6 @@ def checkpoint_format(scheme: QuantScheme) -> str:
     """The compressed-tensors format the final checkpoint is written in."""
     reason = unsupported_reason(scheme)
     if reason:
-        from rqat_sdk.errors import ExportError
-
         raise ExportError(reason)
     acts = scheme.input_activations
     if acts is not None and acts.num_bits == 8:

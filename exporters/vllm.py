@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from rqat_sdk.errors import RqatError
-from rqat_sdk.recipe.scheme import VLLM_GROUP_SIZES
+from rqat_sdk.models import KV_CACHE_CONFIG_KEY
+from rqat_sdk.scheme import VLLM_GROUP_SIZES
+from rqat_sdk.transforms import TRANSFORMS_CONFIG_KEY
 
 if TYPE_CHECKING:
-    from rqat_sdk.recipe.scheme import QuantScheme
+    from rqat_sdk.scheme import QuantScheme
 
 Target = Literal["gpu", "cpu"]
 
@@ -195,7 +197,6 @@ def serve_command(
 
 def engine_options(checkpoint: str | Path) -> dict[str, str]:
     """The vLLM engine options a checkpoint needs beyond its quantization config: its int4 KV cache."""
-    from rqat_sdk.models import KV_CACHE_CONFIG_KEY
 
     if has_online_transforms(checkpoint):
         raise RqatError(f"{checkpoint}: {ONLINE_TRANSFORMS}; evaluate it with backend hf")
@@ -204,6 +205,4 @@ def engine_options(checkpoint: str | Path) -> dict[str, str]:
 
 
 def has_online_transforms(checkpoint: str | Path) -> bool:
-    from rqat_sdk.transforms import TRANSFORMS_CONFIG_KEY
-
     return bool(json.loads((Path(checkpoint) / "config.json").read_text()).get(TRANSFORMS_CONFIG_KEY))

@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-# The recipe package is imported first: modifiers build on its field types and it builds on the modifiers.
-from rqat_sdk.recipe import QuantScheme, Recipe, load_recipe
 from rqat_sdk.errors import RqatError
 from rqat_sdk.evaluation import EvalReport, evaluate
+from rqat_sdk.recipe import QuantScheme, Recipe, load_recipe
 from rqat_sdk.session import RunResult, Session
 from rqat_sdk.session.engine import KeepCheckpoints
+from rqat_sdk.testbed.tasks import register_sources
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from rqat_sdk.recipe import RecipeInput
 
 __version__ = "0.1.0"
+
+# Every import of an rqat_sdk module runs this file first, so the testbed's mixes are dataset sources
+# wherever data is loaded (the data layer below cannot import the testbed).
+register_sources()
 
 
 def oneshot(

@@ -8,14 +8,30 @@ only bugs print a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
-from rqat_sdk import logs
-from rqat_sdk.errors import RqatError
+from rqat_sdk import __version__, distributed, logs, oneshot
+from rqat_sdk.errors import PreflightError, RqatError
+from rqat_sdk.evaluation import EvalReport, evaluate, markdown_table, plot
+from rqat_sdk.exporters import checkpoint_format
+from rqat_sdk.files import check_writable, write_json_atomic, write_text_atomic
+from rqat_sdk.modifiers.qat.modifier import QATKDModifier
+from rqat_sdk.modifiers.qat.trainer import format_loss
+from rqat_sdk.publish import plan_push, push
+from rqat_sdk.recipe import Recipe, load_recipe
 from rqat_sdk.recipe.repo import RECIPE_FILES
+from rqat_sdk.recipe.schema import recipe_json_schema
+from rqat_sdk.recipes import bundled
+from rqat_sdk.reproduce import reproduce
+from rqat_sdk.serving import serve_check, vllm_env
+from rqat_sdk.session.engine import CHECKPOINTS, check_output_dir
+from rqat_sdk.session.preflight import recipe_problems
+from rqat_sdk.testbed.train import EMBEDDED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "resolved, and print the diff")
     upgrade.add_argument("recipe", type=Path)
     written = upgrade.add_mutually_exclusive_group()
-    written.add_argument("-o", "--output", type=Path, help="write the upgraded recipe here (default: print the diff only)")
+    written.add_argument("-o", "--output", type=Path,
+                         help="write the upgraded recipe here (default: print the diff only)")
     written.add_argument("--in-place", action="store_true", help="replace the recipe file")
     upgrade.set_defaults(handler=_upgrade_recipe)
 
@@ -122,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="Reasoning-QAT end to end on the embedded testbed model (CPU, minutes)")
     demo.add_argument("--recipe", default="testbed_w2g64", help="recipe file or bundled name (default: testbed_w2g64)")
-    demo.add_argument("--output-dir", type=Path, default=Path("rqat-demo"), help="default: ./rqat-demo (a previous demo's output is replaced)")
+    demo.add_argument("--output-dir", type=Path, default=Path("rqat-demo"),
+                      help="default: ./rqat-demo (a previous demo's output is replaced)")
     demo.add_argument("--problems", type=int, default=150, help="held-out testbed problems per evaluation")
     demo.set_defaults(handler=_demo)
     return parser
@@ -143,19 +161,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def _version() -> str:
     """The installed rqat-sdk's version (the package's own when it runs from a source tree)."""
-    from importlib import metadata
 
     try:
         return metadata.version("rqat-sdk")
     except metadata.PackageNotFoundError:
-        from rqat_sdk import __version__
-
         return __version__
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rqat_sdk import distributed, oneshot
-
     started = time.perf_counter()
     result = oneshot(
         model=args.model,
@@ -198,7 +211,6 @@ def _print_summary(record: dict, output_dir: Path | None, seconds: float) -> Non
 
 def _training_lines(stages: list[dict]) -> list[str]:
     """What each training stage changed: its final loss and the share of weight codes that moved."""
-    from rqat_sdk.modifiers.qat.trainer import format_loss
 
     lines = []
     for stage in stages:
@@ -211,12 +223,6 @@ def _training_lines(stages: list[dict]) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from rqat_sdk.errors import PreflightError
-    from rqat_sdk.exporters import checkpoint_format
-    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
-    from rqat_sdk.recipe import load_recipe
-    from rqat_sdk.session.preflight import recipe_problems
-
     recipe = load_recipe(args.recipe)
     if problems := recipe_problems(recipe):
         raise PreflightError(problems)
@@ -232,7 +238,8 @@ def _validate(args: argparse.Namespace) -> int:
         source = stage.data.source or "the run's --dataset"
         needs_data = any(m.needs_data for m in stage.modifiers)
         data = f"; data: {source}, {stage.data.num_samples} samples" if needs_data else ""
-        teachers = "".join(f"; teacher: {m.teacher}" for m in stage.modifiers if isinstance(m, QATKDModifier) and m.teacher)
+        teachers = "".join(f"; teacher: {m.teacher}" for m in stage.modifiers
+                           if isinstance(m, QATKDModifier) and m.teacher)
         print(f"  stages[{index}] {stage.name}: {', '.join(m.type for m in stage.modifiers)}{data}{teachers}")
     if (evaluation := recipe.export.evaluate) is not None:
         print(f"  evaluation: {evaluation.num_examples} problems of {evaluation.benchmark}")
@@ -244,11 +251,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _upgrade_recipe(args: argparse.Namespace) -> int:
-    import difflib
-
-    from rqat_sdk.recipe import Recipe
-    from rqat_sdk.session.files import write_text_atomic
-
     upgraded = Recipe.from_file(args.recipe).to_yaml()  # refuses a newer format, naming the version it needs
     original = args.recipe.read_text(encoding="utf-8")
     diff = difflib.unified_diff(original.splitlines(keepends=True), upgraded.splitlines(keepends=True),
@@ -261,9 +263,6 @@ def _upgrade_recipe(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from rqat_sdk.reproduce import reproduce
-    from rqat_sdk.session.files import check_writable, write_json_atomic
-
     if args.output:
         check_writable(args.output)  # before the run, whose report would otherwise be lost
     found = reproduce(args.checkpoint, output_dir=args.output_dir, model=args.model, dataset=args.dataset,
@@ -278,8 +277,6 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from rqat_sdk.publish import plan_push, push
-
     plan = plan_push(args.checkpoint, args.repo)
     print(f"{'would upload' if args.dry_run else 'uploading'} {len(plan.files)} files "
           f"({plan.bytes / 2**20:.2f} MiB) from {plan.directory} to {plan.repo_id}:")
@@ -291,12 +288,8 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from rqat_sdk.recipe.schema import recipe_json_schema
-
     text = json.dumps(recipe_json_schema(), indent=2) + "\n"
     if args.output:
-        from rqat_sdk.session.files import write_text_atomic
-
         write_text_atomic(args.output, text)
     else:
         sys.stdout.write(text)
@@ -304,9 +297,6 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from rqat_sdk.evaluation import evaluate, markdown_table
-    from rqat_sdk.session.files import check_writable
-
     if args.output:
         check_writable(args.output)  # before the evaluation, whose results would otherwise be lost
     report = evaluate(
@@ -325,9 +315,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rqat_sdk.errors import RqatError
-    from rqat_sdk.evaluation import EvalReport, markdown_table, plot
-
     reports = []
     for path in args.reports:
         try:
@@ -342,10 +329,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _serve_check(args: argparse.Namespace) -> int:
-    from rqat_sdk.errors import RqatError
-    from rqat_sdk.serving import serve_check, vllm_env
-    from rqat_sdk.session.files import write_json_atomic
-
     if args.setup:
         print(f"vLLM environment: {vllm_env.create()}")
         return 0
@@ -357,17 +340,15 @@ def _serve_check(args: argparse.Namespace) -> int:
     if report.skipped:
         print(f"skipped: {report.skipped}")
         return 0
-    print(f"{report.checkpoint} ({report.scheme}) on {report.target}: {report.identical:.0%} of {report.prompts} prompts "
-          f"identical for {report.max_tokens} greedy tokens (mean common prefix {report.mean_common_prefix:.1f})")
+    print(f"{report.checkpoint} ({report.scheme}) on {report.target}: {report.identical:.0%} of {report.prompts} "
+          f"prompts identical for {report.max_tokens} greedy tokens "
+          f"(mean common prefix {report.mean_common_prefix:.1f})")
     print(f"tokens/s: transformers {report.transformers_tokens_per_s:.1f}, vLLM {report.vllm_tokens_per_s:.1f} "
           f"(vLLM load {report.vllm_load_seconds:.0f} s)")
     return 1 if args.require_identical and report.identical < 1.0 else 0
 
 
 def _recipes(args: argparse.Namespace) -> int:
-    from rqat_sdk.recipe import Recipe
-    from rqat_sdk.recipes import bundled
-
     recipes = {name: Recipe.from_file(path) for name, path in bundled().items()}
     width = max(map(len, recipes), default=0)
     for name, recipe in recipes.items():
@@ -376,11 +357,6 @@ def _recipes(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from rqat_sdk import oneshot
-    from rqat_sdk.evaluation import evaluate, markdown_table, plot
-    from rqat_sdk.session.engine import CHECKPOINTS, check_output_dir
-    from rqat_sdk.testbed.train import EMBEDDED
-
     check_output_dir(args.output_dir, EMBEDDED, overwrite=True)  # before the evaluation, not after it
     started = time.perf_counter()
     common = dict(greedy=True, num_examples=args.problems, max_new_tokens=96, dtype="float32")
@@ -400,7 +376,8 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(markdown_table([teacher, ptq, final], baseline="full precision"))
     plot([teacher, ptq, final], args.output_dir / "demo.png", title="testbed: greedy pass@1")
-    print(f"\ncheckpoint: {args.output_dir} (plot: {args.output_dir / 'demo.png'}); {time.perf_counter() - started:.0f} s")
+    elapsed = time.perf_counter() - started
+    print(f"\ncheckpoint: {args.output_dir} (plot: {args.output_dir / 'demo.png'}); {elapsed:.0f} s")
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 Strategy = Literal["ddp", "fsdp"]
 
@@ -87,7 +88,6 @@ def wrap(
             fully_shard(layer, mp_policy=policy, ignored_params=integer)
         fully_shard(module, mp_policy=policy, ignored_params=integer)
         return module
-    from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
     return DistributedDataParallel(module, device_ids=device_ids)

@@ -64,3 +64,7 @@ class PreflightError(RqatError):
 
 class DeviceError(RqatError):
     """The requested device does not exist on this machine."""
+
+
+class UpstreamVersionError(RqatError):
+    """An installed dependency differs from the version whose private internals an adapter was verified against."""

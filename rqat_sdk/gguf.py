@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tokenizers import AddedToken
 
 from rqat_sdk.errors import ModelLoadError
 
@@ -258,14 +259,13 @@ def _transformers_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 def _sentencepiece_bpe(meta: GgufMetadata) -> PreTrainedTokenizerBase:
     """A SentencePiece BPE vocabulary (tokens and scores, no merges: Gemma 3) as transformers' Gemma tokenizer:
     merges rebuilt from the scores, byte fallback, control and user-defined tokens kept whole."""
-    from tokenizers import AddedToken
     from transformers import GemmaTokenizer
     from transformers.convert_slow_tokenizer import generate_merges
 
     if meta.scores is None:
         raise ModelLoadError("the GGUF's SentencePiece vocabulary has no tokenizer.ggml.scores to rank merges by")
     vocab = {token: index for index, token in enumerate(meta.tokens)}
-    normal = {t: s for t, s, kind in zip(meta.tokens, meta.scores, meta.token_types) if kind == NORMAL}
+    normal = {t: s for t, s, kind in zip(meta.tokens, meta.scores, meta.token_types, strict=True) if kind == NORMAL}
     merges = generate_merges({t: vocab[t] for t in normal}, normal)
     tokenizer = GemmaTokenizer(
         vocab=vocab,
@@ -277,7 +277,7 @@ def _sentencepiece_bpe(meta: GgufMetadata) -> PreTrainedTokenizerBase:
     )
     whole = [
         AddedToken(token, special=kind == CONTROL, normalized=False)
-        for token, kind in zip(meta.tokens, meta.token_types)
+        for token, kind in zip(meta.tokens, meta.token_types, strict=True)
         if kind in (CONTROL, USER_DEFINED)
     ]
     tokenizer.add_tokens(whole)

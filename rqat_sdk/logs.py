@@ -17,11 +17,10 @@ UPSTREAM_LOGGERS = ("llmcompressor", "compressed_tensors")
 
 @contextlib.contextmanager
 def quiet_upstream_logs() -> Iterator[None]:
-    from loguru import logger
-
     # Importing them configures (and enables) their loggers, so import first, then mute.
     import compressed_tensors  # noqa: F401
     import llmcompressor  # noqa: F401
+    from loguru import logger
 
     if logging.getLogger("rqat_sdk").isEnabledFor(logging.DEBUG):
         yield
@@ -38,5 +37,7 @@ def quiet_upstream_logs() -> Iterator[None]:
 def configure(verbosity: int = 0) -> None:
     """Console logging for the command line: INFO by default, DEBUG (and upstream logs) with -v."""
     level = logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     logging.getLogger("rqat_sdk").setLevel(level)

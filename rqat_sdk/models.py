@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rqat_sdk import hub
+from rqat_sdk.distributed import local_device
 from rqat_sdk.errors import DeviceError, ModelLoadError
 from rqat_sdk.gguf import build_tokenizer, describe_gguf, is_gguf_source, load_gguf_model, resolve_gguf
+from rqat_sdk.ops.kv_cache import fake_quantize_kv
+from rqat_sdk.scheme import KVCacheQuant
 from rqat_sdk.transforms import restore_online_transforms
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from rqat_sdk.recipe.scheme import KVCacheQuant
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ _HALF = (torch.bfloat16, torch.float16)
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto``: this process's GPU (``LOCAL_RANK`` under a launcher) when there is one, else the CPU."""
     if device in (None, "auto"):
-        from rqat_sdk.distributed import local_device
-
         return local_device()
     try:
         resolved = torch.device(device)
@@ -261,8 +260,6 @@ class _QuantizingCache:
         self._cache = cache
 
     def update(self, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        from rqat_sdk.ops.kv_cache import fake_quantize_kv
-
         return self._cache.update(fake_quantize_kv(key), fake_quantize_kv(value), *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -283,33 +280,33 @@ def restore_kv_cache_quantization(model: PreTrainedModel) -> None:
     """Re-attach the KV-cache quantization a loaded checkpoint's config records, if any."""
     recorded = getattr(model.config, KV_CACHE_CONFIG_KEY, None)
     if recorded:
-        from rqat_sdk.recipe.scheme import KVCacheQuant
-
         attach_kv_cache_quantization(model, KVCacheQuant.model_validate(recorded))
 
 
 def _register_kv_attention(base: str) -> str:
-    """Register (once) an attention function that quantizes K and V, then runs ``base`` attention."""
+    """Register an attention function that quantizes K and V, then runs ``base`` attention: once per process, as
+    transformers' registry is process-wide and the function (vLLM's fixed int4 quantizer) serves every model."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = _KV_ATTENTION_PREFIX + base
-    if name in AttentionInterface._global_mapping:
+    if name in ALL_ATTENTION_FUNCTIONS:
         return name
-    if base not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        raise ModelLoadError(f"KV-cache quantization does not support attention implementation {base!r}; use sdpa or eager")
+    if base not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ModelLoadError(
+            f"KV-cache quantization does not support attention implementation {base!r}; use sdpa or eager"
+        )
 
     def attention(module: torch.nn.Module, query, key, value, attention_mask, **kwargs: Any):
-        from rqat_sdk.ops.kv_cache import fake_quantize_kv
-
         if base == "eager":  # every transformers model file defines its own eager attention
             inner = sys.modules[type(module).__module__].eager_attention_forward
         else:
-            inner = AttentionInterface._global_mapping[base]
+            inner = ALL_ATTENTION_FUNCTIONS[base]
         if not getattr(module, "_rqat_kv_quantized_in_cache", False):
             key, value = fake_quantize_kv(key), fake_quantize_kv(value)
         return inner(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 
 from rqat_sdk import hub
 from rqat_sdk.errors import RqatError
@@ -153,10 +154,9 @@ def _compare(
     label: str, published: Path, rerun: Path, record: dict[str, Any], new_record: dict[str, Any], notes: list[str]
 ) -> Reproduction:
     """Bit-identical weights, else pass@1 within the published ± (when the recipe evaluates), else a mismatch."""
-    from safetensors.torch import load_file
-
     def tensors(directory: Path) -> dict[str, torch.Tensor]:
-        return {name: tensor for path in sorted(directory.glob("*.safetensors")) for name, tensor in load_file(path).items()}
+        return {name: tensor for path in sorted(directory.glob("*.safetensors"))
+                for name, tensor in load_file(path).items()}
 
     old, new = tensors(published), tensors(rerun)
     differing = sorted(name for name in old.keys() & new.keys() if not _same(old[name], new[name]))

@@ -3,7 +3,7 @@
 The ``flatquant`` modifier folds each transform's inverse into the weights it feeds; what remains is
 ``x -> x T`` (and the learned activation clipping) in front of those Linears. It runs as a forward
 pre-hook on each of them, so it survives every forward the Linear is given (compressed-tensors' fake
-quantization, QAT's :func:`~rqat_sdk.modifiers.qat.layers._qat_forward`) and comes before the
+quantization, QAT's :func:`~rqat_sdk.modifiers.layers._qat_forward`) and comes before the
 activation quantizer inside that forward.
 
 The transforms are :class:`KroneckerTransform` modules registered under their decoder layer (in
@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file, save
 from torch.utils.checkpoint import checkpoint
 
 from rqat_sdk.errors import ModelLoadError
+from rqat_sdk.files import write_bytes_atomic
 from rqat_sdk.ops.affine_transform import (
     CLIP_LOGIT_INIT,
     clip_activation,
@@ -164,7 +166,8 @@ def attach_online_transform(
         linear = model.get_submodule(linear_name)
         if linear.in_features != transform.width:
             raise ValueError(
-                f"{linear_name} reads {linear.in_features} features; the transform {parent}.{key} has width {transform.width}"
+                f"{linear_name} reads {linear.in_features} features; the transform {parent}.{key} has width "
+                f"{transform.width}"
             )
         if input_transform(linear) is not None:
             raise ValueError(f"{linear_name} already has an online transform")
@@ -172,7 +175,8 @@ def attach_online_transform(
         linear.register_forward_pre_hook(_transform_inputs)
         transform.__dict__[_READERS] = transform.__dict__.get(_READERS, 0) + 1
     name = f"{parent}.{CONTAINER}.{key}"
-    record = getattr(model.config, TRANSFORMS_CONFIG_KEY, None) or {"method": "flatquant", "file": SIDECAR, "transforms": {}}
+    empty = {"method": "flatquant", "file": SIDECAR, "transforms": {}}
+    record = getattr(model.config, TRANSFORMS_CONFIG_KEY, None) or empty
     record["transforms"][name] = {**transform.spec(), "inputs_of": list(linears)}
     setattr(model.config, TRANSFORMS_CONFIG_KEY, record)
     # The factors go to the sidecar, not into model.safetensors (see the module docstring).
@@ -199,9 +203,6 @@ def save_online_transforms(model: PreTrainedModel, directory: Path) -> None:
     record = getattr(model.config, TRANSFORMS_CONFIG_KEY, None)
     if not record:
         return
-    from safetensors.torch import save
-
-    from rqat_sdk.session.files import write_bytes_atomic
 
     write_bytes_atomic(Path(directory) / record["file"], save(transform_tensors(model)))
 
@@ -218,16 +219,19 @@ def restore_online_transforms(model: PreTrainedModel, directory: Path | None) ->
             f"{sidecar or record['file']} is missing; the model cannot run without them. Load the checkpoint "
             f"from a local directory that holds {record['file']}."
         )
-    from safetensors.torch import load_file
 
     tensors = load_file(sidecar)
     setattr(model.config, TRANSFORMS_CONFIG_KEY, None)  # attach_online_transform records them again
     for name, spec in record["transforms"].items():
         parent, _, key = name.rpartition(f".{CONTAINER}.")
-        transform = KroneckerTransform(spec["width"], smoothing=spec["smoothing"], activation_clipping=spec["activation_clipping"])
+        transform = KroneckerTransform(
+            spec["width"], smoothing=spec["smoothing"], activation_clipping=spec["activation_clipping"]
+        )
         state = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
         try:
             transform.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ModelLoadError(f"{sidecar} does not hold the transform {name} that config.json lists: {exc}") from None
+            raise ModelLoadError(
+                f"{sidecar} does not hold the transform {name} that config.json lists: {exc}"
+            ) from None
         attach_online_transform(model, parent, key, transform, spec["inputs_of"])

@@ -34,9 +34,11 @@ def test_validate_reports_every_problem_and_fails(tmp_path, capsys):
 
 def test_validate_notes_code_references(tmp_path, capsys):
     path = tmp_path / "code.yaml"
-    path.write_text("version: 1\nscheme: W4A16\nstages: [{name: a, data: {source: 'python:my.mod:load'}, modifiers: [{type: gptq}]}]\n")
+    path.write_text("version: 1\nscheme: W4A16\n"
+                    "stages: [{name: a, data: {source: 'python:my.mod:load'}, modifiers: [{type: gptq}]}]\n")
     assert main(["validate", str(path)]) == 0
-    assert "stages[0].data.source names Python code (python:my.mod:load); running it needs --allow-code" in capsys.readouterr().out
+    expected = "stages[0].data.source names Python code (python:my.mod:load); running it needs --allow-code"
+    assert expected in capsys.readouterr().out
 
 
 def test_schema_command_writes_json_schema(tmp_path):
@@ -72,7 +74,8 @@ def test_run_with_a_missing_model_is_one_clear_line(tmp_path, capsys):
 
 def test_run_takes_the_model_from_the_recipe(tiny_qwen3, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"version: 1\nmodel: {tiny_qwen3}\nscheme: W4G128\nstages: [{{name: ptq, modifiers: [{{type: rtn}}]}}]\n")
+    recipe.write_text(f"version: 1\nmodel: {tiny_qwen3}\nscheme: W4G128\n"
+                      f"stages: [{{name: ptq, modifiers: [{{type: rtn}}]}}]\n")
     assert main(["run", str(recipe), "--output-dir", str(tmp_path / "o")]) == 0
     model = json.loads((tmp_path / "o" / "run.json").read_text())["model"]
     assert model == {"source": str(tiny_qwen3), "format": "transformers", "path": str(tiny_qwen3.resolve())}

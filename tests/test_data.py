@@ -103,7 +103,8 @@ def test_code_sources_need_allow_code(tmp_path, monkeypatch):
         "def load(num_samples, seed):\n    return [{'text': f'sample {i} seed {seed}'} for i in range(num_samples)]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(CodeExecutionNotAllowed, match="stages\\[0\\].data.source: 'python:my_loader:load' names Python code"):
+    match = "stages\\[0\\].data.source: 'python:my_loader:load' names Python code"
+    with pytest.raises(CodeExecutionNotAllowed, match=match):
         load_examples("python:my_loader:load", num_samples=3, seed=5, field="stages[0].data.source")
     assert "my_loader" not in sys.modules
     rows = list(load_examples("python:my_loader:load", num_samples=3, seed=5, allow_code=True))

@@ -77,7 +77,8 @@ def test_chunked_head_loss_equals_full_logits(spec, chunk):
     ours = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
     hidden.grad = weight.grad = None
 
-    reference = (token_losses(hidden @ weight.T, teacher_hidden @ teacher_weight.T, targets, spec) * token_weights).sum()
+    losses = token_losses(hidden @ weight.T, teacher_hidden @ teacher_weight.T, targets, spec)
+    reference = (losses * token_weights).sum()
     (reference * 2.5).backward()
     assert torch.allclose(ours[0], reference.detach(), atol=1e-5)
     assert torch.allclose(ours[1], hidden.grad, atol=1e-5)

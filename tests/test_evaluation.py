@@ -8,9 +8,8 @@ import rqat_sdk
 from rqat_sdk.cli import main
 from rqat_sdk.data.reasoning_gym import HELD_OUT_SEED_OFFSET, parse_tasks
 from rqat_sdk.errors import DatasetError
-from rqat_sdk.evaluation import EvalReport, extract_boxed, load_benchmark, markdown_table, math_equal, plot
-from rqat_sdk.evaluation import harness
-from rqat_sdk.evaluation.generation import Completion
+from rqat_sdk.evaluation import EvalReport, extract_boxed, harness, load_benchmark, markdown_table, math_equal, plot
+from rqat_sdk.generation import Completion
 
 
 def test_extract_boxed_takes_the_last_and_balances_braces():
@@ -63,7 +62,8 @@ def test_testbed_solutions_are_correct_and_scored_by_reasoning_gym(mix, tasks):
     for row in rows[:60]:
         reply = row["messages"][1]["content"]
         assert score_response(reply, row["answer"], row["meta"]) == 1.0
-        assert score_response(reply.replace(f"\\boxed{{{row['answer']}}}", "\\boxed{123456}"), row["answer"], row["meta"]) == 0.0
+        wrong = reply.replace(f"\\boxed{{{row['answer']}}}", "\\boxed{123456}")
+        assert score_response(wrong, row["answer"], row["meta"]) == 0.0
 
 
 def test_long_testbed_solutions_work_step_by_step():
@@ -104,7 +104,7 @@ def test_perplexity_is_exp_of_the_mean_token_loss(tiny_qwen3):
     with torch.no_grad():
         losses = [model(input_ids=i, labels=i).loss.item() for i in ids]
     counts = [i.shape[1] - 1 for i in ids]
-    expected = math.exp(sum(loss * n for loss, n in zip(losses, counts)) / sum(counts))
+    expected = math.exp(sum(loss * n for loss, n in zip(losses, counts, strict=True)) / sum(counts))
     assert perplexity(model, tokenizer, texts, batch_size=2) == pytest.approx(expected, rel=1e-4)
     assert perplexity(model, tokenizer, texts, batch_size=1) == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="at least one text"):

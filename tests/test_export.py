@@ -108,7 +108,8 @@ def compress_as_on_cuda(monkeypatch):
     """Call it to make compressed-tensors compress with its CUDA arithmetic on this CPU."""
     from compressed_tensors.utils.impl_backend import ImplBackend
 
-    return lambda: monkeypatch.setitem(ImplBackend._backends, "_quantize", [(quantize_in_float32, lambda *a, **k: True, 0)])
+    backend = [(quantize_in_float32, lambda *a, **k: True, 0)]
+    return lambda: monkeypatch.setitem(ImplBackend._backends, "_quantize", backend)
 
 
 def test_a_trained_bf16_model_exports_exactly_whatever_arithmetic_compression_uses(

@@ -47,7 +47,8 @@ def test_forward_is_bit_identical_to_compressed_tensors(dtype, bits, group, symm
     w = torch.randn(64, 256, dtype=dtype) * 0.05
     scale, zero = minmax_qparams(w, bits, group, symmetric)
     scale = scale * 0.8  # clip some weights, so the clamp matters
-    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group" if group else "channel", group_size=group)
+    strategy = "group" if group else "channel"
+    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy=strategy, group_size=group)
     expected = fake_quantize(w, scale, zero, args)
     assert torch.equal(fake_quantize_weight(w, scale, zero, bits, group), expected)
     # fp32 master weights quantized "in" the checkpoint dtype give the same numbers
@@ -62,7 +63,7 @@ def test_several_weights_at_once_give_each_weight_alone():
     zeros = [z.float() for _, z in pairs]
     together = fake_quantize_weights(weights, scales, zeros, 3, 64)
     sum(out.square().sum() for out in together).backward()
-    for w, s, z, out in zip(weights, scales, zeros, together):
+    for w, s, z, out in zip(weights, scales, zeros, together, strict=True):
         alone_w, alone_s = w.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
         alone = fake_quantize_weight(alone_w, alone_s, z, 3, 64)
         alone.square().sum().backward()
@@ -142,7 +143,8 @@ def test_symmetric_per_token_fast_path_is_bit_identical_to_compressed_tensors(dt
     assert torch.equal(symmetric_per_token_fake_quant(x, num_bits), reference)
     assert torch.equal(fake_quantize_activation(x, args), reference)
     flat = x.reshape(27, 64)  # 2-D: compressed-tensors' 'token' strategy is one scale for the tensor
-    flat_reference = fake_quantize(flat, *compute_dynamic_scales_and_zp(value=flat, args=args, module=torch.nn.Module()), args)
+    scale, zero_point = compute_dynamic_scales_and_zp(value=flat, args=args, module=torch.nn.Module())
+    flat_reference = fake_quantize(flat, scale, zero_point, args)
     assert torch.equal(fake_quantize_activation(flat, args), flat_reference)
 
 

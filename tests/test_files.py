@@ -1,6 +1,6 @@
 import pytest
 
-from rqat_sdk.session.files import atomic_directory, remove_temporaries, replace_directory, write_text_atomic
+from rqat_sdk.files import atomic_directory, remove_temporaries, replace_directory, write_text_atomic
 
 
 def test_atomic_directory_appears_only_when_complete(tmp_path):

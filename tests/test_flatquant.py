@@ -19,7 +19,7 @@ from rqat_sdk.ops.affine_transform import (
     transform_activation,
 )
 from rqat_sdk.recipe import Recipe
-from rqat_sdk.recipe.scheme import QuantScheme
+from rqat_sdk.scheme import QuantScheme
 
 
 def random_factors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,7 +32,9 @@ def random_factors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return left, right, smooth
 
 
-@pytest.mark.parametrize(("width", "sizes"), [(256, (16, 16)), (512, (16, 32)), (96, (8, 12)), (7, (1, 7)), (1, (1, 1))])
+@pytest.mark.parametrize(
+    ("width", "sizes"), [(256, (16, 16)), (512, (16, 32)), (96, (8, 12)), (7, (1, 7)), (1, (1, 1))]
+)
 def test_kronecker_sizes_are_as_square_as_the_width_allows(width, sizes):
     assert kronecker_sizes(width) == sizes
 
@@ -104,12 +106,15 @@ def attach_random_transforms(model, orthogonal: bool, seed: int = 0) -> None:
         for key, members in TRANSFORM_INPUTS.items():
             linears = [layer.get_submodule(m) for m in members]
             transform = KroneckerTransform(
-                linears[0].in_features, smoothing=True, activation_clipping=True, orthogonal=orthogonal, generator=generator
+                linears[0].in_features, smoothing=True, activation_clipping=True, orthogonal=orthogonal,
+                generator=generator
             )
             if not orthogonal:  # far from orthogonal: the inverse matters
                 left, right, smooth = random_factors(linears[0].in_features, seed=seed + index)
-                transform.load_state_dict({"rqat_kron_left": left, "rqat_kron_right": right, "rqat_smooth": smooth}, strict=False)
-            attach_online_transform(model, f"model.layers.{index}", key, transform, [f"model.layers.{index}.{m}" for m in members])
+                factors = {"rqat_kron_left": left, "rqat_kron_right": right, "rqat_smooth": smooth}
+                transform.load_state_dict(factors, strict=False)
+            inputs_of = [f"model.layers.{index}.{m}" for m in members]
+            attach_online_transform(model, f"model.layers.{index}", key, transform, inputs_of)
             with torch.no_grad():
                 for linear in linears:
                     linear.weight.data = transform.fold(linear.weight)
@@ -162,8 +167,8 @@ def test_calibration_lowers_the_layer_error_and_keeps_the_float_model(tiny_qwen3
 def training_flatquant_model(path, orthogonal: bool):
     """A W4A4 model with random transforms, in QAT's training mode with learnable clipping, and a probe batch."""
     from rqat_sdk.models import load_model, load_tokenizer
+    from rqat_sdk.modifiers.layers import attach_fake_quant
     from rqat_sdk.modifiers.ptq.llmcompressor_adapter import quantize_rtn
-    from rqat_sdk.modifiers.qat.layers import attach_fake_quant
 
     model, tokenizer = load_model(path, dtype="float32", device="cpu"), load_tokenizer(path)
     attach_random_transforms(model, orthogonal=orthogonal)
@@ -174,7 +179,7 @@ def training_flatquant_model(path, orthogonal: bool):
 
 
 def test_ste_gradients_reach_transforms_clipping_and_weights(tiny_qwen3):
-    from rqat_sdk.modifiers.qat.layers import parameter_group
+    from rqat_sdk.modifiers.layers import parameter_group
 
     model, probe = training_flatquant_model(tiny_qwen3, orthogonal=True)
     model(probe).logits.float().pow(2).mean().backward()
@@ -255,7 +260,7 @@ def test_qat_gives_transforms_their_own_learning_rate(tiny_qwen3):
 
 def test_finished_training_keeps_transforms_in_float32(tiny_qwen3):
     from rqat_sdk.models import load_model
-    from rqat_sdk.modifiers.qat.layers import finish_training
+    from rqat_sdk.modifiers.layers import finish_training
 
     model = load_model(tiny_qwen3, dtype="float32", device="cpu")
     attach_random_transforms(model, orthogonal=True)
@@ -349,7 +354,8 @@ def test_a_flatquant_recipe_validates_with_its_defaults():
         ([{"type": "rtn"}, {"type": "flatquant"}], "W4A4KV4", {}, r"must come before the quantizing modifier"),
         ([{"type": "flatquant"}, {"type": "rotation"}, {"type": "rtn"}], "W4A4KV4", {},
          r"stages\[0\]\.modifiers\[1\]: rotation must come before flatquant"),
-        ([{"type": "flatquant"}, {"type": "rtn"}], "W4G128", {}, r"needs dynamic activation scales; scheme W4G128 has none"),
+        ([{"type": "flatquant"}, {"type": "rtn"}], "W4G128", {},
+         r"needs dynamic activation scales; scheme W4G128 has none"),
         ([{"type": "flatquant"}, {"type": "rtn"}], "W4A4KV4", {"export": {"unservable": "refuse"}},
          r"no path for flatquant's online transforms"),
     ],

@@ -72,8 +72,8 @@ def test_many_weights_in_one_launch_match_the_pytorch_path(group, symmetric):
         grads.append(torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16))
     leaves = [[t.clone().requires_grad_(True) for t in ts] for ts in (weights, scales, zeros)]
     outs = fake_quantize_weights(*(leaves[:2]), None if symmetric else leaves[2], 3, group, torch.bfloat16)
-    sum((o.float() * g.float()).sum() for o, g in zip(outs, grads)).backward()
-    for k, (rows, cols) in enumerate(shapes):
+    sum((o.float() * g.float()).sum() for o, g in zip(outs, grads, strict=True)).backward()
+    for k, (_, cols) in enumerate(shapes):
         w, s, z = (t[k].clone().requires_grad_(True) for t in (weights, scales, zeros))
         ref = _WeightFakeQuant.apply(w, s, None if symmetric else z, qmin, qmax, group or cols, torch.bfloat16)
         (ref.float() * grads[k].float()).sum().backward()
@@ -120,7 +120,8 @@ def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     data = Dataset.from_list(
-        [{"messages": [{"role": "user", "content": f"What is {a} + 3?"}, {"role": "assistant", "content": f"\\boxed{{{a + 3}}}"}]}
+        [{"messages": [{"role": "user", "content": f"What is {a} + 3?"},
+                       {"role": "assistant", "content": f"\\boxed{{{a + 3}}}"}]}
          for a in range(40)]
     )
     recipe = {

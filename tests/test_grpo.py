@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import rqat_sdk
 from rqat_sdk.errors import RecipeError
-from rqat_sdk.modifiers.qat.layers import QUANTIZATION_PARAMETERS, attach_fake_quant, detach_fake_quant
+from rqat_sdk.modifiers.layers import QUANTIZATION_PARAMETERS, attach_fake_quant, detach_fake_quant
 from rqat_sdk.modifiers.rl import ColdStartError, PolicyCollapseError
 from rqat_sdk.modifiers.rl.trl_adapter import (
     RewardCollapseGuard,
@@ -56,10 +56,9 @@ def test_grpo_steps_change_the_weights_and_export_exactly(tiny_qwen3, tmp_path, 
     assert metrics["grpo"]["steps"] == 2 and metrics["cold_start_probe_reward"] > 0
     assert 0 <= metrics["grpo"]["codes_changed"] < 1 and "grid_margin_at_end" in metrics["grpo"]
     assert result.record["export"]["exact"] is True
-    changed = [
-        name for (name, a), (_, b) in zip(before.model.state_dict().items(), result.model.state_dict().items())
-        if a.is_floating_point() and not torch.equal(a, b)
-    ]
+    after = result.model.state_dict()
+    changed = [name for name, a in before.model.state_dict().items()
+               if a.is_floating_point() and not torch.equal(a, after[name])]
     assert any("q_proj.weight" in name for name in changed)
     log = [json.loads(line) for line in (tmp_path / "out" / "logs" / "01-rl.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2]
@@ -250,7 +249,8 @@ def test_grpo_recipe_checks_and_warnings():
     assert Recipe.from_dict(with_kd).warnings() == []
     w4a4 = {**with_kd, "scheme": "W4A4KV4"}
     assert Recipe.from_dict(w4a4).warnings() == []
-    w4a4["stages"] = [*with_kd["stages"][:2], {**with_kd["stages"][2], "modifiers": [{"type": "grpo", "generation": "vllm-colocate"}]}]
+    grpo = {"type": "grpo", "generation": "vllm-colocate"}
+    w4a4["stages"] = [*with_kd["stages"][:2], {**with_kd["stages"][2], "modifiers": [grpo]}]
     assert Recipe.from_dict(w4a4).warnings() == [
         "stages[2].modifiers[0].generation: vllm-colocate rollouts get the fake-quantized weights but run the "
         "activations and KV cache in full precision, so they sample from a neighbour of the W4A4KV4 policy (trl's "

@@ -14,7 +14,7 @@ from rqat_sdk.exporters.vllm import closest_servable, engine_options, vllm_suppo
 from rqat_sdk.models import attach_kv_cache_quantization, load_model
 from rqat_sdk.ops.kv_cache import _signs, fake_quantize_kv, quantize_kv, random_hadamard
 from rqat_sdk.recipe import QuantScheme
-from rqat_sdk.recipe.scheme import KVCacheQuant
+from rqat_sdk.scheme import KVCacheQuant
 from rqat_sdk.serving import vllm_env
 
 
@@ -62,7 +62,7 @@ def test_fake_quantization_matches_a_scalar_reference(dim):
     torch.manual_seed(dim)
     x = torch.randn(6, dim) * torch.linspace(0.1, 3, 6)[:, None]
     out = fake_quantize_kv(x)
-    for row, got in zip(x.tolist(), out):
+    for row, got in zip(x.tolist(), out, strict=True):
         assert torch.allclose(got.double(), torch.tensor(reference_kv(row), dtype=torch.float64), atol=1e-5)
     for row in random_hadamard(out):  # at most 16 levels per (token, head) in the rotated space
         gaps = row.sort().values.diff()
@@ -111,14 +111,14 @@ def test_attention_reads_quantized_keys_and_values_and_trains_through_them(tiny_
 def test_generation_quantizes_each_token_once_and_reads_what_requantizing_reads(tiny_qwen3, monkeypatch):
     from transformers import DynamicCache
 
-    from rqat_sdk.ops import kv_cache
+    from rqat_sdk import models
 
     model = load_model(tiny_qwen3, device="cpu", dtype="float32")
     attach_kv_cache_quantization(model, KVCacheQuant())
     layers = len(model.model.layers)
     quantized_tokens = []
-    quantize = kv_cache.fake_quantize_kv
-    monkeypatch.setattr(kv_cache, "fake_quantize_kv", lambda x: quantized_tokens.append(x.shape[-2]) or quantize(x))
+    quantize = models.fake_quantize_kv
+    monkeypatch.setattr(models, "fake_quantize_kv", lambda x: quantized_tokens.append(x.shape[-2]) or quantize(x))
     tokens = torch.randint(0, 300, (3, 12))
 
     def decode() -> torch.Tensor:  # the prompt (7 tokens), then one token at a time through the cache
@@ -146,7 +146,8 @@ def test_w4a4kv4_reasoning_qat_exports_with_the_kv_cache_and_vllm_flag(tiny_qwen
     assert result.recipe.scheme.label == "W4A4KV4"
     assert result.record["export"]["format"] == "pack-quantized"  # the exporter checked the reload itself
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert "kv_cache_scheme" not in config["quantization_config"] or not config["quantization_config"]["kv_cache_scheme"]
+    quantization = config["quantization_config"]
+    assert "kv_cache_scheme" not in quantization or not quantization["kv_cache_scheme"]
     assert config["rqat_kv_cache"]["num_bits"] == 4
     assert engine_options(tmp_path / "out") == {"kv_cache_dtype": "int4_per_token_head"}
     card = (tmp_path / "out" / "README.md").read_text()

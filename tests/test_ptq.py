@@ -61,7 +61,8 @@ def test_untied_llama(tiny_llama, tmp_path, ptq_recipe, modifiers):
 
 @pytest.mark.parametrize(("scheme", "fmt"), [("W8A8", "int-quantized"), ("W4A4", "pack-quantized")])
 def test_activation_schemes_export_in_their_format(tiny_qwen3, tmp_path, ptq_recipe, scheme, fmt):
-    result = rqat_sdk.oneshot(tiny_qwen3, ptq_recipe([{"type": "gptq"}], scheme), "reasoning-gym:chain_sum", tmp_path / "o")
+    recipe = ptq_recipe([{"type": "gptq"}], scheme)
+    result = rqat_sdk.oneshot(tiny_qwen3, recipe, "reasoning-gym:chain_sum", tmp_path / "o")
     config = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
     assert config["format"] == fmt
     assert config["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
@@ -80,7 +81,8 @@ def test_w4a4_weights_are_packed_not_stored_as_int8(tiny_qwen3, tmp_path, ptq_re
 def test_rtn_needs_no_dataset_and_gptq_names_the_missing_one(tiny_qwen3, tmp_path, ptq_recipe):
     result = rqat_sdk.oneshot(tiny_qwen3, ptq_recipe([{"type": "rtn"}], "W3G128"), output_dir=tmp_path / "rtn")
     assert result.record["export"]["exact"] is True
-    with pytest.raises(rqat_sdk.RqatError, match=r"stage 'ptq' needs data: pass dataset= .* set stages\[0\].data.source"):
+    match = r"stage 'ptq' needs data: pass dataset= .* set stages\[0\].data.source"
+    with pytest.raises(rqat_sdk.RqatError, match=match):
         rqat_sdk.oneshot(tiny_qwen3, ptq_recipe([{"type": "gptq"}], "W3G128"), output_dir=tmp_path / "gptq")
     assert not (tmp_path / "gptq").exists()
 

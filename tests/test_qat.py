@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
-from rqat_sdk.exporters import probe_batch
 from transformers import AutoModelForCausalLM
 
 import rqat_sdk
 from rqat_sdk.errors import RecipeError
-from rqat_sdk.modifiers.qat import trainer as trainer_module
-from rqat_sdk.modifiers.qat.layers import (
+from rqat_sdk.exporters import probe_batch
+from rqat_sdk.modifiers.layers import (
     _qat_forward,
     attach_fake_quant,
     detach_fake_quant,
@@ -20,6 +19,7 @@ from rqat_sdk.modifiers.qat.layers import (
     quantized_linears,
     tracking_codes,
 )
+from rqat_sdk.modifiers.qat import trainer as trainer_module
 from rqat_sdk.modifiers.qat.trainer import TrainingDiverged
 from rqat_sdk.ops.fake_quant import fake_quantize_weight_reference
 from rqat_sdk.recipe import Recipe
@@ -76,7 +76,8 @@ def test_qat_forward_equals_compressed_tensors_forward_and_folds_exactly(quantiz
 
 
 def test_gradients_reach_weights_and_scales_with_a_clipping_mask(tiny_qwen3):
-    model = rqat_sdk.oneshot(tiny_qwen3, {"version": 1, "scheme": "W3G128", "stages": [{"name": "p", "modifiers": [{"type": "rtn"}]}]}).model
+    rtn = {"version": 1, "scheme": "W3G128", "stages": [{"name": "p", "modifiers": [{"type": "rtn"}]}]}
+    model = rqat_sdk.oneshot(tiny_qwen3, rtn).model
     layer = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         layer.weight[0, 0] = 10.0  # far outside its group's range: clipped
@@ -184,7 +185,7 @@ def test_resume_mid_stage_is_bit_identical(tiny_qwen3, tmp_path, monkeypatch, op
 
     resumed = rqat_sdk.oneshot(tiny_qwen3, recipe(**options), DATA, tmp_path / "out", resume=True)
     assert resumed.record["stages"][1]["metrics"]["qat_kd"]["resumed_at_step"] == 8
-    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     log = [json.loads(line)["step"] for line in (tmp_path / "out" / "logs" / "01-qat.jsonl").read_text().splitlines()]
     assert log == [2, 4, 6, 8, 10, 12]
@@ -238,7 +239,10 @@ def test_packing_gives_the_same_loss_as_padding(tiny_qwen3, tmp_path):
     a = padded.record["stages"][1]["metrics"]["qat_kd"]["final_loss"]
     b = packed.record["stages"][1]["metrics"]["qat_kd"]["final_loss"]
     assert a == pytest.approx(b, rel=1e-4)
-    assert packed.record["stages"][1]["metrics"]["qat_kd"]["tokens"] < padded.record["stages"][1]["metrics"]["qat_kd"]["tokens"] * 1.01
+    def tokens(result: rqat_sdk.RunResult) -> int:
+        return result.record["stages"][1]["metrics"]["qat_kd"]["tokens"]
+
+    assert tokens(packed) < tokens(padded) * 1.01
 
 
 def test_quantized_only_training_leaves_other_weights_alone(tiny_qwen3, tmp_path):
@@ -263,9 +267,11 @@ def test_in_memory_model_is_its_own_teacher(tiny_qwen3):
 
 def test_qat_recipe_checks():
     with pytest.raises(RecipeError, match=r"stages\[0\].modifiers\[0\]: qat_kd trains the quantized model"):
-        Recipe.from_dict({"version": 1, "scheme": "W3G128", "stages": [{"name": "a", "modifiers": [{"type": "qat_kd"}, {"type": "rtn"}]}]})
+        Recipe.from_dict({"version": 1, "scheme": "W3G128",
+                          "stages": [{"name": "a", "modifiers": [{"type": "qat_kd"}, {"type": "rtn"}]}]})
     with pytest.raises(RecipeError, match=r"stages\[0\].modifiers\[0\]: grpo trains the quantized model"):
-        Recipe.from_dict({"version": 1, "scheme": "W3G128", "stages": [{"name": "a", "modifiers": [{"type": "grpo"}, {"type": "rtn"}]}]})
+        Recipe.from_dict({"version": 1, "scheme": "W3G128",
+                          "stages": [{"name": "a", "modifiers": [{"type": "grpo"}, {"type": "rtn"}]}]})
     with pytest.raises(RecipeError, match="batch_size 30 is not a multiple of micro_batch_size 4"):
         Recipe.from_dict(recipe(batch_size=30, micro_batch_size=4))
     defaults = Recipe.from_dict(recipe()).stages[1].modifiers[0]

@@ -232,11 +232,11 @@ def test_gptq_kd_grpo_export_reload_and_eval(real, tmp_path, reward_module):
 def test_a_gguf_run_is_recorded_and_a_gguf_teacher_loads(tmp_path, monkeypatch):
     """The full SmolLM2 from its GGUF as the run's model and as the qat_kd teacher (one layer quantized, to stay
     fast): run.json describes the file, and the teacher goes through the GGUF loader."""
-    from rqat_sdk import models
+    from rqat_sdk.session import state
 
     source = packaged(SMOLLM2)
     loaded = []
-    monkeypatch.setattr(models, "load_model", lambda s, **kw: loaded.append((s, kw["dtype"])) or load_model(s, **kw))
+    monkeypatch.setattr(state, "load_model", lambda s, **kw: loaded.append((s, kw["dtype"])) or load_model(s, **kw))
     scheme = {**SCHEMES[SMOLLM2], "targets": [r"re:.*layers\.0\.mlp\.down_proj$"]}
     recipe = {"version": 1, "scheme": scheme, "stages": [
         {"name": "ptq", "modifiers": [{"type": "rtn"}]},

@@ -62,7 +62,9 @@ def test_preset_is_saved_expanded():
 
 
 def test_out_of_range_values_name_path_and_range():
-    found = problems(with_stage("[{type: gptq, dampening_frac: 1.5, block_size: 0}]", scheme="{weights: {num_bits: 9}}"))
+    found = problems(
+        with_stage("[{type: gptq, dampening_frac: 1.5, block_size: 0}]", scheme="{weights: {num_bits: 9}}")
+    )
     assert "scheme.weights.num_bits: 9 is not in 2..8" in found
     assert "stages[0].modifiers[0].dampening_frac: 1.5 is not in 0.0..1.0" in found
     assert "stages[0].modifiers[0].block_size: 0 is below the minimum 1" in found
@@ -77,7 +79,10 @@ def test_unknown_keys_are_errors_with_suggestions():
 
 def test_unknown_modifier_type_lists_the_allowed_ones():
     (message,) = problems(with_stage("[{type: gptqq}]"))
-    assert message == "stages[0].modifiers[0].type: 'gptqq' is not one of: rtn, gptq, awq, rotation, flatquant, qat_kd, grpo (did you mean 'gptq'?)"
+    assert message == (
+        "stages[0].modifiers[0].type: 'gptqq' is not one of: rtn, gptq, awq, rotation, flatquant, qat_kd, grpo "
+        "(did you mean 'gptq'?)"
+    )
     (message,) = problems(with_stage("[{block_size: 4}]"))
     assert message == "stages[0].modifiers[0].type: missing; one of: rtn, gptq, awq, rotation, flatquant, qat_kd, grpo"
 
@@ -127,7 +132,9 @@ def test_a_yaml_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path):
     assert len(str(info.value)) < 1000
     # A few aliases are fine, and a value echoed by an error message is cut short.
     assert Recipe.from_yaml("version: 1\nscheme: &s W4A16\nname: n\nstages: [{name: a, modifiers: [{type: rtn}]}]\n")
-    (message,) = problems(f"version: 1\nscheme: W4A16\nname: {['x' * 10_000] * 50}\nstages: [{{name: a, modifiers: [{{type: rtn}}]}}]\n")
+    (message,) = problems(
+        f"version: 1\nscheme: W4A16\nname: {['x' * 10_000] * 50}\nstages: [{{name: a, modifiers: [{{type: rtn}}]}}]\n"
+    )
     assert message.startswith("name: ") and len(message) < 600
 
 
@@ -142,20 +149,28 @@ def test_an_oversized_recipe_is_refused_before_it_is_parsed(tmp_path):
 
 def test_semantic_checks():
     twice = problems(with_stage("[{type: rtn}, {type: gptq}]"))
-    assert twice == ["stages[0].modifiers[1]: the model is already quantized by stages[0].modifiers[0]; a recipe quantizes once"]
+    assert twice == [
+        "stages[0].modifiers[1]: the model is already quantized by stages[0].modifiers[0]; a recipe quantizes once"
+    ]
     late = problems(with_stage("[{type: gptq}, {type: rotation}]"))
-    assert late == ["stages[0].modifiers[1]: rotation must come before the quantizing modifier at stages[0].modifiers[0]"]
-    assert problems(with_stage("[{type: rotation}]")) == ["stages: no modifier quantizes the model; add one of rtn, gptq or awq"]
+    assert late == [
+        "stages[0].modifiers[1]: rotation must come before the quantizing modifier at stages[0].modifiers[0]"
+    ]
+    no_quantizer = problems(with_stage("[{type: rotation}]"))
+    assert no_quantizer == ["stages: no modifier quantizes the model; add one of rtn, gptq or awq"]
     awq = problems(with_stage("[{type: awq}]", scheme="W8A8"))
     assert awq == ["stages[0].modifiers[0]: awq is weight-only; scheme W8A8 quantizes activations or the KV cache"]
-    names = "version: 1\nscheme: W4A16\nstages: [{name: a, modifiers: [{type: rtn}]}, {name: a, modifiers: [{type: rotation}]}]"
+    names = ("version: 1\nscheme: W4A16\n"
+             "stages: [{name: a, modifiers: [{type: rtn}]}, {name: a, modifiers: [{type: rotation}]}]")
     found = problems(names)
     assert "stages[1].name: 'a' is already the name of stages[0]" in found
-    assert "stages[1].modifiers[0]: rotation must come before the quantizing modifier at stages[0].modifiers[0]" in found
+    assert "stages[1].modifiers[0]: rotation must come before the quantizing modifier at stages[0].modifiers[0]" \
+        in found
 
 
 def test_schemes_the_exporter_cannot_write_are_refused_at_load():
-    (message,) = problems(with_stage("[{type: rtn}]", scheme="{weights: {num_bits: 4}, input_activations: {num_bits: 8}}"))
+    w4a8 = "{weights: {num_bits: 4}, input_activations: {num_bits: 8}}"
+    (message,) = problems(with_stage("[{type: rtn}]", scheme=w4a8))
     assert message.startswith("scheme: W4A8 is not exportable")
 
 

@@ -7,14 +7,15 @@ import pytest
 import rqat_sdk
 from rqat_sdk.cli import main
 from rqat_sdk.errors import DatasetError, OutputDirError, RecipeError, RqatError
-from rqat_sdk.modifiers import RotationModifier, RTNModifier
+from rqat_sdk.modifiers.ptq import RotationModifier, RTNModifier
 from rqat_sdk.recipe import Recipe
 from rqat_sdk.session import engine
 
 RTN = {"version": 1, "scheme": "W4G128", "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
 TWO = {
     "version": 1, "scheme": "W4G128",
-    "stages": [{"name": "rotate", "modifiers": [{"type": "rotation"}]}, {"name": "ptq", "modifiers": [{"type": "rtn"}]}],
+    "stages": [{"name": "rotate", "modifiers": [{"type": "rotation"}]},
+               {"name": "ptq", "modifiers": [{"type": "rtn"}]}],
 }
 QAT_KD = {"type": "qat_kd", "steps": 2, "batch_size": 2, "micro_batch_size": 2, "logging_steps": 1}
 QAT = {**RTN, "stages": [*RTN["stages"], {"name": "qat", "data": {"num_samples": 4, "max_seq_length": 64},
@@ -61,9 +62,8 @@ def test_the_model_directory_is_never_an_output(tiny_qwen3, where):
 
 
 def test_demo_refuses_a_folder_it_did_not_write_before_evaluating(tmp_path, capsys, monkeypatch):
-    import rqat_sdk.evaluation
 
-    monkeypatch.setattr(rqat_sdk.evaluation, "evaluate", failing)
+    monkeypatch.setattr(engine, "evaluate", failing)
     (tmp_path / "mine.txt").write_text("x")
     assert main(["demo", "--output-dir", str(tmp_path)]) == 1
     assert "was not written by rqat" in capsys.readouterr().err
@@ -163,7 +163,8 @@ def test_what_would_fail_after_training_is_refused_before_any_model_loads(tiny_q
     from rqat_sdk.errors import PreflightError
 
     late = {**QAT, "export": {"evaluate": {"benchmark": "gsm8kk"}},
-            "stages": [QAT["stages"][0], {**QAT["stages"][1], "modifiers": [{**QAT_KD, "teacher": str(tmp_path / "t")}]}]}
+            "stages": [QAT["stages"][0],
+                       {**QAT["stages"][1], "modifiers": [{**QAT_KD, "teacher": str(tmp_path / "t")}]}]}
     monkeypatch.setattr(engine, "load_model", failing)
     with pytest.raises(PreflightError) as refused:
         rqat_sdk.oneshot(tiny_qwen3, late, "reasoning-gym:chain_sum", tmp_path / "out")
@@ -205,9 +206,11 @@ def test_vllm_rollouts_without_vllm_are_refused_before_any_model_loads(tiny_qwen
 
     monkeypatch.setattr(preflight, "vllm_importable", lambda: False)
     monkeypatch.setattr(engine, "load_model", failing)
-    vllm = {**QAT, "stages": [*QAT["stages"], {"name": "rl", "modifiers": [{"type": "grpo", "generation": "vllm-colocate"}]}]}
+    grpo = {"name": "rl", "modifiers": [{"type": "grpo", "generation": "vllm-colocate"}]}
+    vllm = {**QAT, "stages": [*QAT["stages"], grpo]}
     with pytest.raises(PreflightError, match=r"stages\[2\].modifiers\[0\].generation: vllm-colocate runs trl's vLLM "
-                       r"rollouts inside rqat's environment, where vLLM is not importable .* Set generation: transformers"):
+                       r"rollouts inside rqat's environment, where vLLM is not importable .* "
+                       r"Set generation: transformers"):
         rqat_sdk.oneshot(tiny_qwen3, vllm, "reasoning-gym:chain_sum", tmp_path / "out")
     recipe = tmp_path / "vllm.yaml"
     recipe.write_text(json.dumps(vllm))
@@ -219,8 +222,6 @@ def test_vllm_rollouts_without_vllm_are_refused_before_any_model_loads(tiny_qwen
 
 def test_bad_inputs_get_a_message_not_a_traceback(tiny_qwen3, tmp_path, monkeypatch, capsys):
     import shutil
-
-    import rqat_sdk.evaluation
 
     def error(argv):
         assert main(argv) == 1
@@ -235,7 +236,8 @@ def test_bad_inputs_get_a_message_not_a_traceback(tiny_qwen3, tmp_path, monkeypa
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     assert f"error: dataset: {empty} holds no examples" in error(
-        ["run", "gptq_w3g128", "--model", str(tiny_qwen3), "--dataset", str(empty), "--output-dir", str(tmp_path / "o")])
+        ["run", "gptq_w3g128", "--model", str(tiny_qwen3), "--dataset", str(empty),
+         "--output-dir", str(tmp_path / "o")])
 
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfeversion: 1")
@@ -249,7 +251,7 @@ def test_bad_inputs_get_a_message_not_a_traceback(tiny_qwen3, tmp_path, monkeypa
     assert f"cannot write {a_file}/o.partial/recipe.yaml: Not a directory" in error(
         ["run", "rtn_w3g128", "--model", str(tiny_qwen3), "--output-dir", str(a_file / "o")])
 
-    monkeypatch.setattr(rqat_sdk.evaluation, "evaluate", failing)
+    monkeypatch.setattr(engine, "evaluate", failing)
     assert f"cannot write {a_file}/report.json: {a_file} is a file, not a directory" in error(
         ["eval", str(tiny_qwen3), "-o", str(a_file / "report.json")])
     monkeypatch.undo()

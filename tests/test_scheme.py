@@ -38,7 +38,9 @@ def test_every_preset_is_valid_and_described(name):
 
 def test_activation_group_size_needs_group_strategy():
     with pytest.raises(ValueError, match="strategy 'group' needs a group_size"):
-        QuantScheme.model_validate({"weights": {"num_bits": 4}, "input_activations": {"num_bits": 4, "strategy": "group"}})
+        QuantScheme.model_validate(
+            {"weights": {"num_bits": 4}, "input_activations": {"num_bits": 4, "strategy": "group"}}
+        )
     with pytest.raises(ValueError, match="only used with strategy 'group'"):
         QuantScheme.model_validate({"weights": {"num_bits": 4}, "input_activations": {"num_bits": 4, "group_size": 32}})
 

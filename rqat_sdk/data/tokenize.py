@@ -67,7 +67,7 @@ def _tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_l
     else:
         prompt_len = len(tokenizer(text[:response_start], add_special_tokens=special)["input_ids"])
         in_response = [i >= prompt_len for i in range(len(ids))]
-    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, in_response)]
+    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(ids, in_response, strict=True)]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 

@@ -12,6 +12,7 @@ import difflib
 import json
 from dataclasses import dataclass
 
+from rqat_sdk.data import load_examples
 from rqat_sdk.data.reasoning_gym import HELD_OUT_SEED_OFFSET
 from rqat_sdk.errors import DatasetError
 
@@ -52,8 +53,6 @@ def check_benchmark(spec: str, field: str) -> None:
 
 
 def load_benchmark(spec: str, *, num_examples: int, seed: int = 0, field: str = "benchmark") -> list[Problem]:
-    from rqat_sdk.data import load_examples
-
     source = HUB_BENCHMARKS.get(spec, spec)
     if source in GENERATED_BENCHMARKS:
         source += ":heldout"

@@ -17,9 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rqat_sdk.evaluation.answers import score_response
+from rqat_sdk.data.answers import score_response
 from rqat_sdk.evaluation.benchmarks import load_benchmark
-from rqat_sdk.evaluation.generation import Sampling, generate, generate_vllm
+from rqat_sdk.evaluation.vllm_backend import generate_vllm
+from rqat_sdk.files import write_json_atomic
+from rqat_sdk.generation import Sampling, generate
+from rqat_sdk.models import load_model, load_tokenizer
+from rqat_sdk.threads import configure_threads
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,8 +48,6 @@ class EvalReport:
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        from rqat_sdk.session.files import write_json_atomic
-
         write_json_atomic(Path(path), self.to_dict())
 
     def pass_at_1_by_task(self) -> dict[str, float]:
@@ -86,8 +88,6 @@ def evaluate(
     environment (``model`` must then be a directory). On CPU the process's thread count is set for the model
     (:func:`rqat_sdk.threads.configure_threads`: one thread below 20M parameters unless the user chose).
     """
-    from rqat_sdk.models import load_model, load_tokenizer
-    from rqat_sdk.threads import configure_threads
 
     started = time.perf_counter()
     if backend not in ("hf", "vllm"):
@@ -111,7 +111,8 @@ def evaluate(
             raise ValueError("evaluating a model object needs its tokenizer: pass tokenizer=")
         label = label or type(model).__name__
         configure_threads(model)
-        runs = [generate(model, tokenizer, prompts, sampling, batch_size=batch_size, seed=seed + k) for k in range(samples)]
+        runs = [generate(model, tokenizer, prompts, sampling, batch_size=batch_size, seed=seed + k)
+                for k in range(samples)]
     items, per_sample = [], [0.0] * samples
     for index, problem in enumerate(problems):
         responses = []
@@ -165,7 +166,7 @@ def plot(reports: list[EvalReport], path: str | os.PathLike, title: str | None =
     values = [100 * r.pass_at_1 for r in reports]
     errors = [100 * r.std for r in reports]
     bars = axis.bar(range(len(reports)), values, yerr=errors, capsize=4, color="#4C72B0")
-    for bar, value in zip(bars, values):
+    for bar, value in zip(bars, values, strict=True):
         axis.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
                       fontsize=8, xytext=(0, 2), textcoords="offset points")
     axis.set_xticks(range(len(reports)), [r.label for r in reports], rotation=20, ha="right", fontsize=8)

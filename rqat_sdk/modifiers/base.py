@@ -8,7 +8,7 @@ The session calls, for each modifier of a stage in order::
     modifier.finalize(state)     # release what apply held on to
 
 Everything a modifier needs comes from the :class:`~rqat_sdk.session.state.SessionState` it is given;
-nothing is global, so two sessions in one process never interfere.
+what little state is process-wide is listed in docs/architecture.md (Sessions and state).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-from rqat_sdk.recipe.fields import StrictModel
+from rqat_sdk.fields import StrictModel
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe.recipe import Position, Recipe
@@ -41,7 +41,8 @@ class Modifier(StrictModel):
         """Problems with this modifier's place in ``recipe`` (it stands ``at`` there), found without a model."""
         quantizer = recipe.quantizer_position()
         if self.trains_quantized and quantizer is not None and at < quantizer:
-            return [f"{at.path}: {self.type} trains the quantized model; put it after the quantizing modifier at {quantizer.path}"]
+            return [f"{at.path}: {self.type} trains the quantized model; put it after the quantizing modifier at "
+                    f"{quantizer.path}"]
         return []
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:

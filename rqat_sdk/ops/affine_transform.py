@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from rqat_sdk.ops.fake_quant import clamp_ste, int_range, round_ste
+
 CLIP_LOGIT_INIT = 4.0
 """The initial clipping logit: sigmoid(4) = 0.982, FlatQuant's start (nearly no clipping)."""
 
@@ -118,7 +120,6 @@ def clipped_weight_qparams(
     the integer grid (rounded with a straight-through gradient), so both stay differentiable in ``factor``:
     learnable weight clipping (LWC).
     """
-    from rqat_sdk.ops.fake_quant import clamp_ste, int_range, round_ste
 
     qmin, qmax = int_range(args.num_bits)
     group = args.group_size or weight.shape[-1]

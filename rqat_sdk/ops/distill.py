@@ -41,10 +41,6 @@ class LossSpec:
     top_k: int = 64
     chunk_size: int = 1024
 
-    @property
-    def needs_teacher(self) -> bool:
-        return self.divergence != "ce"
-
 
 def token_losses(
     student_logits: torch.Tensor,
@@ -114,6 +110,7 @@ def _chunk_loss_and_grad(logits, teacher_logits, targets, token_weights, spec: L
     other divergences, and every divergence on CPU, use autograd through :func:`token_losses`.
     """
     if spec.divergence in ("forward_kl", "ce") and use_triton(logits):
+        # triton is optional (CUDA builds only) and imports at module level
         from rqat_sdk.ops.triton_distill import head_loss_and_grad_
 
         kl = spec.divergence == "forward_kl"
@@ -149,7 +146,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 if teacher_hidden is not None:
                     teacher_logits = teacher_hidden[part].to(compute) @ w_t.T
                 chunk_targets = targets[part] if targets is not None else None
-                loss, grad_logits = _chunk_loss_and_grad(logits, teacher_logits, chunk_targets, token_weights[part], spec)
+                loss, grad_logits = _chunk_loss_and_grad(
+                    logits, teacher_logits, chunk_targets, token_weights[part], spec
+                )
                 total += loss
                 torch.mm(grad_logits, w, out=grad_h[part])
                 if grad_w is not None:

@@ -70,6 +70,7 @@ def fake_quantize_weights(
             raise ValueError(f"group size {group} does not divide the weight's {weight.shape[-1]} columns")
     qmin, qmax = int_range(num_bits)
     if use_triton(weights[0]):
+        # triton is optional (CUDA builds only) and imports at module level
         from rqat_sdk.ops.triton_fake_quant import (
             TritonWeightsFakeQuant,
             WeightsSpec,
@@ -81,7 +82,8 @@ def fake_quantize_weights(
         return unflatten(flat, [w.shape for w in weights])
     zero_points = zero_points or [None] * len(weights)
     return [
-        _WeightFakeQuant.apply(w, s, z, qmin, qmax, group, dtype) for w, s, z in zip(weights, scales, zero_points)
+        _WeightFakeQuant.apply(w, s, z, qmin, qmax, group, dtype)
+        for w, s, z in zip(weights, scales, zero_points, strict=True)
     ]
 
 

@@ -93,6 +93,7 @@ def fake_quantize_kv(x: torch.Tensor) -> torch.Tensor:
     supports; elsewhere this PyTorch path does.
     """
     if use_triton(x):
+        # triton is optional (CUDA builds only) and imports at module level
         from rqat_sdk.ops.triton_kv_cache import TritonKVFakeQuant, supports
 
         if supports(x):

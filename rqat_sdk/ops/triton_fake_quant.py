@@ -248,4 +248,5 @@ class TritonWeightsFakeQuant(torch.autograd.Function):
 
 def unflatten(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
     """Per-layer views of a flat buffer laid out layer after layer."""
-    return [part.view(shape) for part, shape in zip(flat.split([shape.numel() for shape in shapes]), shapes)]
+    parts = flat.split([shape.numel() for shape in shapes])
+    return [part.view(shape) for part, shape in zip(parts, shapes, strict=True)]

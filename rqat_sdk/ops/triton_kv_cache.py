@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from rqat_sdk.ops.kv_cache import LEVELS, _MIN_SCALE, rotation_constants
+from rqat_sdk.ops.kv_cache import _MIN_SCALE, LEVELS, rotation_constants
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _BLOCK_N = 64  # rows per program
@@ -91,7 +91,7 @@ def _kv_fake_quant_kernel(
 def _rows_view(t: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Sizes and strides of ``t``'s leading dimensions as three (padding with size 1), so the kernel reads
     keys and values in whatever layout attention hands them (transformers' are transposed views)."""
-    lead = list(zip(t.shape[:-1], t.stride()[:-1]))  # at most three (:func:`supports`)
+    lead = list(zip(t.shape[:-1], t.stride()[:-1], strict=True))  # at most three (:func:`supports`)
     lead = [(1, 0)] * (3 - len(lead)) + lead
     return tuple(s for s, _ in lead), tuple(st for _, st in lead)
 

@@ -10,7 +10,7 @@ from rqat_sdk.recipe.recipe import (
     Stage,
     load_recipe,
 )
-from rqat_sdk.recipe.scheme import PRESETS, ActivationQuant, KVCacheQuant, QuantScheme, WeightQuant
+from rqat_sdk.scheme import PRESETS, ActivationQuant, KVCacheQuant, QuantScheme, WeightQuant
 
 __all__ = [
     "PRESETS",

@@ -7,23 +7,40 @@ written back in a fully resolved form: ``Recipe.from_yaml(recipe.to_yaml()) == r
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from rqat_sdk.code import check_code_ref_syntax, is_code_ref
 from rqat_sdk.errors import RecipeError
-from rqat_sdk.modifiers import AnyModifier, Modifier
-from rqat_sdk.recipe.code import check_code_ref_syntax, is_code_ref
-from rqat_sdk.recipe.fields import FloatRange, IntRange, StrictModel
+from rqat_sdk.exporters.formats import unsupported_reason
+from rqat_sdk.exporters.vllm import closest_servable, vllm_support
+from rqat_sdk.fields import FloatRange, IntRange, StrictModel
+from rqat_sdk.files import write_text_atomic
+from rqat_sdk.modifiers import Modifier
+from rqat_sdk.modifiers.ptq import AWQModifier, FlatQuantModifier, GPTQModifier, RotationModifier, RTNModifier
+from rqat_sdk.modifiers.qat import QATKDModifier
+from rqat_sdk.modifiers.rl import GRPOModifier
+from rqat_sdk.recipe.errors import describe
 from rqat_sdk.recipe.repo import RecipeOrigin, find_recipe, names_repository
-from rqat_sdk.recipe.scheme import QuantScheme
+from rqat_sdk.recipes import bundled
+from rqat_sdk.scheme import QuantScheme
 
 RECIPE_VERSION = 1
+
+AnyModifier = Annotated[
+    RTNModifier | GPTQModifier | AWQModifier | RotationModifier | FlatQuantModifier | QATKDModifier | GRPOModifier,
+    Field(discriminator="type"),
+]
+"""A stage's modifier: its ``type`` key picks the class. Adding a modifier means adding its class here."""
 
 
 @dataclass(frozen=True, order=True)
@@ -170,7 +187,6 @@ class Recipe(StrictModel):
             )
         for at, modifier in self.positions():
             problems.extend(modifier.check(self, at))
-        from rqat_sdk.exporters.formats import unsupported_reason
 
         reason = unsupported_reason(self.scheme)
         if reason:
@@ -196,8 +212,6 @@ class Recipe(StrictModel):
         return found
 
     def _unservable(self) -> str | None:
-        from rqat_sdk.exporters.vllm import closest_servable, vllm_support
-
         target = self.export.vllm_target
         verdict = vllm_support(self.scheme, target)
         if verdict.servable:
@@ -234,7 +248,6 @@ class Recipe(StrictModel):
         A stage's fingerprint leaves ``export`` out (it does not change what a stage computes, so a fixed export
         section resumes); the whole recipe's (``upto_stage=None``, in run.json) keeps it.
         """
-        import hashlib
 
         data = self.model_dump(mode="json", exclude={"name", "description"})
         if upto_stage is not None:
@@ -295,8 +308,6 @@ class Recipe(StrictModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
 
     def save(self, path: str | os.PathLike) -> None:
-        from rqat_sdk.session.files import write_text_atomic
-
         write_text_atomic(Path(path), self.to_yaml())
 
 
@@ -313,8 +324,6 @@ def load_recipe(recipe: RecipeInput) -> Recipe:
     if isinstance(recipe, os.PathLike):
         return _repository_recipe(recipe) if names_repository(recipe) else Recipe.from_file(recipe)
     if isinstance(recipe, str):
-        from rqat_sdk.recipes import bundled
-
         one_line = "\n" not in recipe
         if one_line and not os.path.isfile(recipe) and recipe in bundled():
             return Recipe.from_file(bundled()[recipe])
@@ -335,10 +344,6 @@ def _repository_recipe(source: str | os.PathLike) -> Recipe:
 
 def _close_bundled(name: str) -> str:
     """The bundled recipes named like ``name``, for a recipe that does not exist (a typo of a bundled name)."""
-    import difflib
-
-    from rqat_sdk.recipes import bundled
-
     close = difflib.get_close_matches(Path(name).stem, bundled(), n=3)
     return f"; bundled recipes with close names: {', '.join(close)}" if close else ""
 
@@ -418,7 +423,9 @@ def _safe_load(text: str, source: str | None) -> Any:
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError([f"{where}YAML error: {problem}"], source) from None
     if not isinstance(data, dict):
-        raise RecipeError([f"a recipe is a YAML mapping with version, scheme and stages; got {type(data).__name__}"], source)
+        raise RecipeError(
+            [f"a recipe is a YAML mapping with version, scheme and stages; got {type(data).__name__}"], source
+        )
     return data
 
 
@@ -430,7 +437,8 @@ _ABSENT = object()
 def _flatten(node: Any, path: str = "") -> dict[str, Any]:
     """Leaf values by the path users write (``stages[1].modifiers[0].learning_rate``)."""
     if isinstance(node, dict) and node:
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{path}.{key}" if path else key).items()}
+        return {k: v for key, value in node.items()
+                for k, v in _flatten(value, f"{path}.{key}" if path else key).items()}
     if isinstance(node, list) and node:
         return {k: v for i, value in enumerate(node) for k, v in _flatten(value, f"{path}[{i}]").items()}
     return {path: node}
@@ -438,7 +446,6 @@ def _flatten(node: Any, path: str = "") -> dict[str, Any]:
 
 def _path_order(path: str) -> list[Any]:
     """Sort key that puts ``stages[2]`` before ``stages[10]``."""
-    import re
 
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
@@ -454,7 +461,6 @@ def _short(fields: dict[str, Any], path: str) -> str:
 
 def format_validation_error(exc: ValidationError) -> list[str]:
     """One ``path: message`` line per problem, with paths as users write them (``stages[0].modifiers[1]``)."""
-    from rqat_sdk.recipe.errors import describe
 
     problems: list[str] = []
     for error in exc.errors(include_url=False):

@@ -13,8 +13,16 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from rqat_sdk.recipe.recipe import RECIPE_VERSION, DataConfig, EvaluationConfig, ExportConfig, Recipe, Stage
-from rqat_sdk.recipe.scheme import PRESETS, ActivationQuant, KVCacheQuant, QuantScheme, WeightQuant
+from rqat_sdk.recipe.recipe import (
+    RECIPE_VERSION,
+    AnyModifier,
+    DataConfig,
+    EvaluationConfig,
+    ExportConfig,
+    Recipe,
+    Stage,
+)
+from rqat_sdk.scheme import PRESETS, ActivationQuant, KVCacheQuant, QuantScheme, WeightQuant
 
 SCHEMA_ID = "https://github.com/rqat-sdk/rqat_sdk/blob/main/docs/recipe.schema.json"
 
@@ -32,8 +40,6 @@ def recipe_json_schema() -> dict[str, Any]:
 
 def reference_markdown() -> str:
     """Every recipe field: its type, default and meaning, one table per node, modifiers last."""
-    from rqat_sdk.modifiers import AnyModifier
-
     modifiers = typing.get_args(typing.get_args(AnyModifier)[0])
     lines = [
         "# Recipe reference",

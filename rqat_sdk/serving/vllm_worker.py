@@ -6,8 +6,8 @@ environment; this script imports nothing from rqat_sdk. Usage::
     python vllm_worker.py REQUEST.json RESPONSE.json
 
 REQUEST: ``{"model", "prompt_token_ids": [[...]], "n", "temperature", "top_p", "max_tokens", "seed",
-"max_model_len", "kv_cache_dtype"}``. RESPONSE: ``{"outputs": [[{"token_ids", "text", "finish_reason"}, ...]], "load_seconds",
-"generate_seconds", "generated_tokens"}``, or ``{"error"}``.
+"max_model_len", "kv_cache_dtype"}``. RESPONSE: ``{"outputs": [[{"token_ids", "text", "finish_reason"}, ...]],
+"load_seconds", "generate_seconds", "generated_tokens"}``, or ``{"error"}``.
 """
 
 import json

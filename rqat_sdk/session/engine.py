@@ -35,16 +35,21 @@ import torch
 from rqat_sdk import distributed
 from rqat_sdk.data import check_trainable, describe_source
 from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError, RqatError
-from rqat_sdk.models import describe_model_source, download_hub_model, load_model, load_tokenizer, resolve_device
-from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
-from rqat_sdk.session.files import (
+from rqat_sdk.evaluation import evaluate
+from rqat_sdk.exporters import export_checkpoint, reload_checkpoint, save_dense
+from rqat_sdk.exporters.model_card import model_card
+from rqat_sdk.exporters.vllm import serving_context
+from rqat_sdk.files import (
     TMP_MARK,
     atomic_directory,
     check_writable,
     remove_temporaries,
     replace_directory,
     write_json_atomic,
+    write_text_atomic,
 )
+from rqat_sdk.models import describe_model_source, download_hub_model, load_model, load_tokenizer, resolve_device
+from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
 from rqat_sdk.session.preflight import check_before_loading
 from rqat_sdk.session.state import SessionState, load_stage_examples, stage_data_field
 from rqat_sdk.threads import configure_threads
@@ -78,7 +83,8 @@ class RunResult:
 
 
 class Session:
-    """One run of one recipe on one model. Sessions share nothing, so several can live in one process."""
+    """One run of one recipe on one model. Several can live in one process, run one after another (the
+    process-wide state they share is listed in docs/architecture.md)."""
 
     def __init__(
         self,
@@ -242,8 +248,6 @@ class Session:
         return self.work_dir / CHECKPOINTS / f"{index:02d}-{self.recipe.stages[index].name}"
 
     def _save_stage_checkpoint(self, state: SessionState, entry: dict[str, Any]) -> None:
-        from rqat_sdk.exporters import save_dense
-
         if distributed.is_main():
             with atomic_directory(self._stage_dir(entry["index"])) as tmp:
                 save_dense(state.model, tmp)
@@ -273,7 +277,8 @@ class Session:
 
     def _what_changed(self, index: int) -> str:
         """The settings of stages ``0..index`` that differ from the saved recipe's, for a refused resume."""
-        generic = f"stage {index} {self.recipe.stages[index].name!r} or an earlier stage, the scheme or the seed changed"
+        name = self.recipe.stages[index].name
+        generic = f"stage {index} {name!r} or an earlier stage, the scheme or the seed changed"
         try:
             saved = Recipe.from_file(self.work_dir / RECIPE_FILE)
         except RqatError:
@@ -337,8 +342,6 @@ class Session:
         from transformers import PreTrainedModel
 
         if checkpoint is not None:
-            from rqat_sdk.exporters import reload_checkpoint
-
             log.info("loading stage checkpoint %s", checkpoint)
             model = reload_checkpoint(checkpoint, dtype=_checkpoint_dtype(checkpoint), device=self.device)
             return model, load_tokenizer(checkpoint)
@@ -376,11 +379,10 @@ class Session:
         if not (self.resume and self.output_dir is not None and (self.output_dir / RUN_RECORD).is_file()):
             return False
         record = json.loads((self.output_dir / RUN_RECORD).read_text())
-        return record.get("status") == "complete" and record.get("recipe", {}).get("fingerprint") == self.recipe.fingerprint()
+        fingerprint = record.get("recipe", {}).get("fingerprint")
+        return record.get("status") == "complete" and fingerprint == self.recipe.fingerprint()
 
     def _load_finished(self) -> RunResult:
-        from rqat_sdk.exporters import reload_checkpoint
-
         log.info("%s already holds the finished run of this recipe; loading it", self.output_dir)
         model = reload_checkpoint(self.output_dir, dtype=_checkpoint_dtype(self.output_dir), device=self.device)
         record = json.loads((self.output_dir / RUN_RECORD).read_text())
@@ -394,7 +396,8 @@ class Session:
             listed = "; ".join(f"{path}: {ref}" for path, ref in references)
             raise CodeExecutionNotAllowed(
                 f"the recipe names Python code ({listed}). Recipes are untrusted input, so rqat does not import "
-                f"code they name unless you opt in: rerun with --allow-code (allow_code=True in Python) if you trust it."
+                f"code they name unless you opt in: rerun with --allow-code (allow_code=True in Python) if you trust "
+                f"it."
             )
 
     def _start_record(self, first_stage: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -440,8 +443,6 @@ class Session:
             write_json_atomic(self.work_dir / RUN_RECORD, record)
 
     def _export(self, state: SessionState) -> dict[str, Any]:
-        from rqat_sdk.exporters import export_checkpoint
-
         log.info("exporting %s checkpoint", self.recipe.scheme.label)
         tmp = Path(tempfile.mkdtemp(prefix=f".export{TMP_MARK}", dir=self.work_dir))
         try:
@@ -466,7 +467,6 @@ class Session:
 
     def _evaluate(self, state: SessionState) -> dict[str, Any]:
         """pass@1 of the exported model (the in-memory one: the reload check proved them identical)."""
-        from rqat_sdk.evaluation import evaluate
 
         config = self.recipe.export.evaluate
         log.info("evaluating on %s", config.benchmark)
@@ -482,10 +482,6 @@ class Session:
         return summary
 
     def _write_card(self, record: dict[str, Any]) -> None:
-        from rqat_sdk.exporters.model_card import model_card
-        from rqat_sdk.exporters.vllm import serving_context
-        from rqat_sdk.session.files import write_text_atomic
-
         config = json.loads((self.work_dir / "config.json").read_text())
         card = model_card(self.recipe, record, serving_context(config))
         write_text_atomic(self.work_dir / "README.md", card)
@@ -572,4 +568,4 @@ def _version(name: str) -> str | None:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -11,6 +11,10 @@ from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
 from rqat_sdk.errors import PreflightError, RqatError
+from rqat_sdk.evaluation.benchmarks import check_benchmark
+from rqat_sdk.models import check_model_source
+from rqat_sdk.modifiers.qat.modifier import QATKDModifier
+from rqat_sdk.modifiers.rl.modifier import GRPOModifier
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe import Recipe
@@ -24,7 +28,6 @@ def vllm_importable() -> bool:
 def generation_problems(recipe: Recipe) -> list[str]:
     """GRPO stages that ask for vLLM rollouts where vLLM cannot be imported: they would fail after every earlier
     stage had run."""
-    from rqat_sdk.modifiers.rl.modifier import GRPOModifier
 
     if vllm_importable():
         return []
@@ -40,8 +43,6 @@ def generation_problems(recipe: Recipe) -> list[str]:
 
 def teacher_problems(recipe: Recipe) -> list[str]:
     """Distillation teachers that name a missing path or GGUF (hub ids are not checked: that needs the network)."""
-    from rqat_sdk.models import check_model_source
-    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
 
     problems = []
     for at, modifier in recipe.positions():
@@ -55,7 +56,6 @@ def teacher_problems(recipe: Recipe) -> list[str]:
 
 def benchmark_problems(recipe: Recipe) -> list[str]:
     """An ``export.evaluate.benchmark`` that does not load: it would fail after training and export."""
-    from rqat_sdk.evaluation.benchmarks import check_benchmark
 
     if recipe.export.evaluate is None:
         return []
@@ -74,7 +74,6 @@ def recipe_problems(recipe: Recipe) -> list[str]:
 def check_before_loading(recipe: Recipe, model: object) -> None:
     """Raise the model's own error when ``model`` is a path that cannot load, then :class:`PreflightError` with
     every problem of ``recipe``."""
-    from rqat_sdk.models import check_model_source
 
     if isinstance(model, (str, os.PathLike)):
         check_model_source(model)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from rqat_sdk.data import describe_source, load_examples, tokenize_examples
 from rqat_sdk.errors import DatasetError, ModelLoadError
+from rqat_sdk.models import load_model
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +68,10 @@ class SessionState:
     def stage_source(self) -> DatasetInput | None:
         return self.stage.data.source if self.stage.data.source is not None else self.run_dataset
 
+    def data_field(self) -> str:
+        """Where the current stage's data comes from, as error messages name it (:func:`stage_data_field`)."""
+        return stage_data_field(self.recipe, self.stage_index, self.run_dataset)
+
     def stage_examples(self) -> Dataset:
         """The current stage's examples (chats or text, with gold answers), loaded once per stage."""
         if self.stage_index not in self.examples:
@@ -85,8 +90,6 @@ class SessionState:
     def teacher(self, source: str | None, dtype: torch.dtype) -> PreTrainedModel:
         """A frozen teacher on the student's device: ``source``, or the model the run started from."""
         from transformers import PreTrainedModel
-
-        from rqat_sdk.models import load_model
 
         origin = source if source is not None else self.original_model
         if origin is None:

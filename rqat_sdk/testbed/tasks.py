@@ -7,11 +7,15 @@ generators, with held-out seeds, are its benchmark (``testbed`` in ``rqat eval``
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rqat_sdk.data.reasoning_gym import HELD_OUT_SEED_OFFSET, generate_rows, parse_tasks
-from rqat_sdk.data.sources import REASONING_INSTRUCTION
+from rqat_sdk.data.sources import REASONING_INSTRUCTION, examples_dataset, register_source
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 MIXES = {
     "testbed": (
@@ -54,6 +58,16 @@ def testbed_rows(
     return generate_rows(tasks, num_samples=num_samples, seed=seed, instruction=REASONING_INSTRUCTION, trace=trace)
 
 
+def register_sources() -> None:
+    """Make each mix a dataset source: ``MIX`` (worked solutions) and ``MIX:heldout`` (held-out problems)."""
+    for mix in MIXES:
+        register_source(mix, functools.partial(_load_mix, mix), standalone=True)
+
+
+def _load_mix(mix: str, spec: str, *, num_samples: int, seed: int, field: str) -> Dataset:
+    return examples_dataset(testbed_rows(num_samples=num_samples, seed=seed, field=field, variant=spec, mix=mix))
+
+
 def solution(task: str, entry: dict[str, Any]) -> str:
     """A worked solution for ``entry``, one arithmetic step per line, ending in ``\\boxed{answer}``."""
     steps = _SOLVERS[task](entry)
@@ -71,7 +85,7 @@ def numbered_solution(task: str, entry: dict[str, Any]) -> str:
 
 def _chain(values: list[int], operators: list[str]) -> tuple[list[str], int]:
     lines, total = [], values[0]
-    for operator, value in zip(operators, values[1:]):
+    for operator, value in zip(operators, values[1:], strict=True):
         result = total + value if operator == "+" else total - value
         lines.append(f"{total} {operator} {value} = {result}")
         total = result

@@ -11,6 +11,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from rqat_sdk.data.sources import REASONING_INSTRUCTION
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
@@ -36,10 +41,7 @@ def build_tokenizer(
     ``split_digits`` keeps every digit a token of its own (as Qwen's tokenizer does), which small models
     need to learn arithmetic.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from rqat_sdk.data.sources import REASONING_INSTRUCTION
 
     texts = [REASONING_INSTRUCTION, "Let me think step by step. So the answer is \\boxed{42}."]
     if corpus is not None:
@@ -53,7 +55,9 @@ def build_tokenizer(
     bpe = Tokenizer(models.BPE(unk_token=None))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
     )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -80,7 +84,6 @@ def build_model(
     seed: int = 0,
 ) -> PreTrainedModel:
     """A randomly initialised causal LM of the given architecture, sized for CPU tests."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     common = dict(

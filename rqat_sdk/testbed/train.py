@@ -15,11 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from rqat_sdk.data import tokenize_examples
+from rqat_sdk.files import atomic_directory
+from rqat_sdk.models import load_model, load_tokenizer, resolve_device
+from rqat_sdk.modifiers.qat.batches import StepBatches
+from rqat_sdk.modifiers.qat.modifier import QATKDModifier
+from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
+from rqat_sdk.testbed.tasks import MIXES, testbed_rows
+from rqat_sdk.testbed.tiny import build_model, build_tokenizer
+from rqat_sdk.threads import configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +91,6 @@ def train_testbed(
     from datasets import Dataset
     from transformers import set_seed
 
-    from rqat_sdk.data import tokenize_examples
-    from rqat_sdk.models import load_model, load_tokenizer, resolve_device
-    from rqat_sdk.modifiers.qat.batches import StepBatches
-    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
-    from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
-    from rqat_sdk.session.files import atomic_directory
-    from rqat_sdk.testbed.tasks import MIXES, testbed_rows
-    from rqat_sdk.testbed.tiny import build_model, build_tokenizer
-    from rqat_sdk.threads import configure_threads
-
     spec = SIZES[size] if isinstance(size, str) else size
     name = size if isinstance(size, str) else "custom"
     steps = steps or spec.steps
@@ -138,7 +139,6 @@ def train_testbed(
         (tmp / "testbed.json").write_text(json.dumps(record, indent=2) + "\n")
         if (work / "train.jsonl").is_file():
             (tmp / "train.jsonl").write_text((work / "train.jsonl").read_text())
-    import shutil
 
     shutil.rmtree(work, ignore_errors=True)
     return record

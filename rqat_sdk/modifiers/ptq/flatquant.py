@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel
 
-    from rqat_sdk.recipe.scheme import QuantScheme
+    from rqat_sdk.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,11 @@ def calibrate(
     metrics = []
     for index, layer in enumerate(layers):
         name = f"{prefix}.{index}"
-        quantized = {n: m for n, m in layer.named_modules() if f"{name}.{n}" in targeted and isinstance(m, torch.nn.Linear)}
+        quantized = {n: m for n, m in layer.named_modules()
+                     if f"{name}.{n}" in targeted and isinstance(m, torch.nn.Linear)}
         with _in_float32(layer):
             with torch.no_grad():
-                targets = [_layer(layer, x, kw) for x, kw in zip(inputs, kwargs)]
+                targets = [_layer(layer, x, kw) for x, kw in zip(inputs, kwargs, strict=True)]
             with _quantized_forward(quantized, weight_args, activation_args):
                 before = _mse(layer, inputs, kwargs, targets)
                 trained = _add_trainables(model, name, layer, quantized, options, generator, weight_args)
@@ -293,9 +294,12 @@ def _train(
 
 
 @torch.no_grad()
-def _mse(layer: torch.nn.Module, inputs: list[torch.Tensor], kwargs: list[dict[str, Any]], targets: list[torch.Tensor]) -> float:
+def _mse(
+    layer: torch.nn.Module, inputs: list[torch.Tensor], kwargs: list[dict[str, Any]], targets: list[torch.Tensor]
+) -> float:
     """The mean squared error of the quantized layer's outputs, over every token of the calibration set."""
-    total = sum(F.mse_loss(_layer(layer, x, kw), t, reduction="sum").item() for x, kw, t in zip(inputs, kwargs, targets))
+    total = sum(F.mse_loss(_layer(layer, x, kw), t, reduction="sum").item()
+                for x, kw, t in zip(inputs, kwargs, targets, strict=True))
     return total / sum(t.numel() for t in targets)
 
 

@@ -14,14 +14,20 @@ side effects contained. Each call here:
   ``OffloadCache`` in place of ``_parameters``, onloading weights at each forward): training would pay for
   it at every step, and FSDP2 cannot shard parameters held that way;
 - on hosts without an accelerator, skips ``IntermediatesCache.pin_memory``, which AWQ calls
-  unconditionally and which raises "Cannot access accelerator device when none is available" on CPU;
+  unconditionally and which raises "Cannot access accelerator device when none is available" on CPU
+  (replaced for the call and restored after it);
 - under a multi-process launcher, runs single-threaded: every rank quantizes its own copy of the model
   (deterministically, from the same seeded data) instead of coordinating through compressed-tensors'
   distributed offloading, whose per-tensor broadcasts deadlocked here when ranks reached them out of step;
 - mutes llmcompressor's logging (see :mod:`rqat_sdk.logs`), modifier construction included;
-- feeds calibration samples in the order our data layer drew them with the recipe's seed (llmcompressor
-  would shuffle them with an unseeded ``RandomSampler``, or sort them by length with an unstable sort that
-  may reorder ties), and seeds torch, so that the same recipe, seed and data give the same checkpoint.
+- feeds calibration samples in the order our data layer drew them with the recipe's seed, as a ``DataLoader``
+  (which ``oneshot`` takes as it is; from a dataset it would shuffle the samples with an unseeded
+  ``RandomSampler``, or sort them by length with an unstable sort that may reorder ties), and seeds torch, so
+  that the same recipe, seed and data give the same checkpoint.
+
+Two of these touch llmcompressor's private internals: ``IntermediatesCache.pin_memory``, and
+``SpinQuantModifier._center_embeddings``, which :func:`rotate_spinquant` overrides. Every call therefore first
+checks that llmcompressor is the version they were verified against (:data:`VERIFIED_VERSION`).
 """
 
 from __future__ import annotations
@@ -31,19 +37,21 @@ import hashlib
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
-from unittest import mock
 
 import torch
+from torch.utils.data import DataLoader, SequentialSampler
 
 from rqat_sdk.logs import quiet_upstream_logs
+from rqat_sdk.upstream import require_verified
 
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from torch.utils.data import Sampler
+    from rqat_sdk.scheme import QuantScheme
 
-    from rqat_sdk.recipe.scheme import QuantScheme
+VERIFIED_VERSION = "0.14.0.1"
+"""The llmcompressor whose private internals this adapter touches (pyproject.toml pins it)."""
 
 
 def quantize_rtn(
@@ -148,27 +156,19 @@ def _oneshot(
     seed: int,
 ) -> dict[str, Any]:
     """Run llmcompressor; what made the run repeatable: the torch seed, the sample order and the threads."""
+    require_verified("llmcompressor", VERIFIED_VERSION, "rqat_sdk/modifiers/ptq/llmcompressor_adapter.py")
     kwargs: dict[str, Any] = {}
     if calibration is not None:
-        kwargs = {
-            "dataset": calibration.select_columns(["input_ids", "attention_mask"]),
-            "num_calibration_samples": len(calibration),
-            "shuffle_calibration_samples": False,
-            "max_seq_length": max(len(ids) for ids in calibration["input_ids"]),
-        }
+        from transformers import default_data_collator
+
+        samples = calibration.select_columns(["input_ids", "attention_mask"])
+        kwargs = {"dataset": DataLoader(samples, sampler=SequentialSampler(samples), collate_fn=default_data_collator)}
     torch.manual_seed(seed)
-    with _isolated(model), mock.patch("llmcompressor.datasets.utils._make_sampler", _drawn_order):
+    with _isolated(model):
         from llmcompressor import oneshot
 
         oneshot(model=model, processor=tokenizer, recipe=make_modifiers(), output_dir=None, **kwargs)
     return calibration_record(calibration, seed)
-
-
-def _drawn_order(args: Any, dataset: Dataset) -> Sampler:
-    """The samples in the order our data layer drew them (seeded by the recipe), every one of them."""
-    from torch.utils.data import SequentialSampler
-
-    return SequentialSampler(dataset)
 
 
 def calibration_record(calibration: Dataset | None, seed: int) -> dict[str, Any]:
@@ -203,6 +203,17 @@ def _isolated(model: PreTrainedModel) -> Iterator[None]:
         stack.callback(setattr, model.config, "_name_or_path", original_name)
         stack.callback(model.__dict__.pop, "save_pretrained", None)
         if not torch.accelerator.is_available():
-            stack.enter_context(mock.patch.object(IntermediatesCache, "pin_memory", lambda *args, **kwargs: None))
+            stack.enter_context(_replaced(IntermediatesCache, "pin_memory", lambda *args, **kwargs: None))
         stack.enter_context(create_session())
         yield
+
+
+@contextlib.contextmanager
+def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block and what it was after it."""
+    original = owner.__dict__[name]
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)

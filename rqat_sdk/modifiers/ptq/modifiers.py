@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import field_validator
+from safetensors import safe_open
 
 from rqat_sdk.errors import SchemeError
+from rqat_sdk.fields import FloatRange, IntRange
 from rqat_sdk.models import attach_kv_cache_quantization
 from rqat_sdk.modifiers.base import Modifier
 from rqat_sdk.modifiers.ptq import llmcompressor_adapter as adapter
-from rqat_sdk.recipe.fields import FloatRange, IntRange
+from rqat_sdk.modifiers.ptq.flatquant import CalibrationOptions, calibrate, check_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -244,7 +246,8 @@ def silenced_norm_channels(model: PreTrainedModel) -> list[tuple[str, int, float
     was never trained has gains of one."""
     found = []
     for name, module in model.named_modules():
-        if not name.endswith(("input_layernorm", "post_attention_layernorm")) or getattr(module, "weight", None) is None:
+        is_norm = name.endswith(("input_layernorm", "post_attention_layernorm"))
+        if not is_norm or getattr(module, "weight", None) is None:
             continue
         gains = module.weight.detach().float().abs()
         median = float(gains.median())
@@ -258,7 +261,6 @@ def hadamard_exists(size: int, transform_type: str) -> bool:
     """Whether compressed-tensors can build a ``transform_type`` Hadamard matrix of ``size``: 'hadamard'
     needs a power of two; 'random-hadamard' a size k * 2**m for a k whose matrix it ships (12, 20, 36, ...)."""
     from compressed_tensors.transform.utils.hadamard import REPO_PATH, is_pow2
-    from safetensors import safe_open
 
     if transform_type == "hadamard":
         return is_pow2(size)
@@ -351,8 +353,6 @@ class FlatQuantModifier(Modifier):
         ]
 
     def initialize(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.ptq.flatquant import check_layers
-
         try:
             check_layers(state.model, state.scheme, tuple(self.transforms))
         except ValueError as exc:
@@ -364,8 +364,6 @@ class FlatQuantModifier(Modifier):
             )
 
     def apply(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.ptq.flatquant import CalibrationOptions, calibrate
-
         options = CalibrationOptions(
             transforms=tuple(self.transforms),
             epochs=self.epochs,

@@ -50,10 +50,6 @@ class StepBatches:
         self.world_size = world_size
         self._orders: dict[int, list[int]] = {}
 
-    @property
-    def accumulation_steps(self) -> int:
-        return self.batch_size // self.world_size // self.micro_batch_size
-
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             generator = torch.Generator().manual_seed(self.seed + epoch)

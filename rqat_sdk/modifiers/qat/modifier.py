@@ -9,8 +9,12 @@ import torch
 from pydantic import PrivateAttr, model_validator
 
 from rqat_sdk import distributed
+from rqat_sdk.data import check_trainable_tokens
+from rqat_sdk.fields import FloatRange, IntRange
 from rqat_sdk.modifiers.base import Modifier
-from rqat_sdk.recipe.fields import FloatRange, IntRange
+from rqat_sdk.modifiers.layers import attach_fake_quant, finish_training, tracking_codes
+from rqat_sdk.modifiers.qat.batches import StepBatches
+from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe.recipe import Position, Recipe
@@ -98,7 +102,9 @@ class QATKDModifier(Modifier):
     @model_validator(mode="after")
     def _batch_fits(self) -> QATKDModifier:
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
+            )
         return self
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:
@@ -114,8 +120,6 @@ class QATKDModifier(Modifier):
     # --- lifecycle -------------------------------------------------------------------------------
 
     def initialize(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.qat.layers import attach_fake_quant
-
         model = state.model
         self._export_dtype = model.dtype
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -126,18 +130,12 @@ class QATKDModifier(Modifier):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def apply(self, state: SessionState) -> None:
-        from rqat_sdk.data import check_trainable_tokens
-        from rqat_sdk.modifiers.qat.batches import StepBatches
-        from rqat_sdk.modifiers.qat.layers import tracking_codes
-        from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
-        from rqat_sdk.session.state import stage_data_field
-
         teacher = None
         if self.objective == "kd":
             teacher = state.teacher(self.teacher, dtype=self._export_dtype)
         data = state.stage_data()
         check_trainable_tokens(
-            data, stage_data_field(state.recipe, state.stage_index, state.run_dataset), state.stage.data.max_seq_length
+            data, state.data_field(), state.stage.data.max_seq_length
         )
         batches = StepBatches(
             data,
@@ -164,8 +162,6 @@ class QATKDModifier(Modifier):
         state.stage_metrics[self.type] = {**summary, **codes}
 
     def finalize(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.qat.layers import finish_training
-
         model = state.model
         if self.gradient_checkpointing:
             model.gradient_checkpointing_disable()

@@ -38,7 +38,7 @@ class MasterWeightOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         low = [(p, m) for p, m in self.pairs if m is not p and p.grad is not None]
-        for parameter, master in low:
+        for _, master in low:
             master.grad = torch.empty_like(master)
         if low:
             torch._foreach_copy_([m.grad for _, m in low], [p.grad for p, _ in low])  # upcast, few launches
@@ -61,6 +61,6 @@ class MasterWeightOptimizer:
         masters = [master for parameter, master in self.pairs if master is not parameter]
         if len(masters) != len(state["masters"]):
             raise ValueError(f"checkpoint holds {len(state['masters'])} master weights, the model {len(masters)}")
-        for master, saved in zip(masters, state["masters"]):
+        for master, saved in zip(masters, state["masters"], strict=True):
             master.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])

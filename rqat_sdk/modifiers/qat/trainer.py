@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 from rqat_sdk import distributed
 from rqat_sdk.data import IGNORE_INDEX
 from rqat_sdk.errors import RqatError
-from rqat_sdk.modifiers.qat.layers import (
+from rqat_sdk.files import atomic_directory
+from rqat_sdk.modifiers.layers import (
     fake_quantized_together,
     parameter_group,
     quantized_linears,
 )
+from rqat_sdk.modifiers.qat.optim import MasterWeightOptimizer
 from rqat_sdk.ops.distill import LossSpec, lm_head_loss
-from rqat_sdk.session.files import atomic_directory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -395,7 +396,6 @@ def _optimizer(config: QATKDModifier, student: PreTrainedModel, device: torch.de
         for name, params in by_group.items()
         if params
     ]
-    from rqat_sdk.modifiers.qat.optim import MasterWeightOptimizer
 
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     fused = device.type == "cuda" or None

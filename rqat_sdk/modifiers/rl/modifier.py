@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -11,10 +12,14 @@ import torch
 from pydantic import PrivateAttr, field_validator, model_validator
 
 from rqat_sdk import distributed
+from rqat_sdk.code import check_code_ref_syntax, is_code_ref
 from rqat_sdk.errors import RqatError
+from rqat_sdk.fields import FloatRange, IntRange
 from rqat_sdk.modifiers.base import Modifier
-from rqat_sdk.recipe.code import check_code_ref_syntax, is_code_ref
-from rqat_sdk.recipe.fields import FloatRange, IntRange
+from rqat_sdk.modifiers.layers import attach_fake_quant, finish_training, tracking_codes
+from rqat_sdk.modifiers.rl.monitor import mean_reward, plot_training
+from rqat_sdk.modifiers.rl.rewards import BUILTIN_REWARDS, resolve_rewards
+from rqat_sdk.modifiers.rl.trl_adapter import run_grpo
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe.recipe import Position, Recipe
@@ -114,8 +119,6 @@ class GRPOModifier(Modifier):
     @field_validator("rewards")
     @classmethod
     def _known_rewards(cls, value: list[str]) -> list[str]:
-        from rqat_sdk.modifiers.rl.rewards import BUILTIN_REWARDS
-
         if not value:
             raise ValueError("needs at least one reward")
         for name in value:
@@ -142,7 +145,8 @@ class GRPOModifier(Modifier):
                 f"finds cold-start GRPO after plain PTQ collapses; add a qat_kd stage first"
             )
         quantized_in_flight = [
-            part for part, args in (("activations", recipe.scheme.input_activations), ("KV cache", recipe.scheme.kv_cache))
+            part
+            for part, args in (("activations", recipe.scheme.input_activations), ("KV cache", recipe.scheme.kv_cache))
             if args is not None
         ]
         if self.generation != "transformers" and quantized_in_flight:
@@ -157,8 +161,6 @@ class GRPOModifier(Modifier):
     # --- lifecycle -------------------------------------------------------------------------------
 
     def initialize(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.qat.layers import attach_fake_quant
-
         model = state.model
         self._export_dtype = model.dtype
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -167,11 +169,6 @@ class GRPOModifier(Modifier):
 
     def apply(self, state: SessionState) -> None:
         from datasets import Dataset
-
-        from rqat_sdk.modifiers.qat.layers import tracking_codes
-        from rqat_sdk.modifiers.rl.monitor import mean_reward, plot_training
-        from rqat_sdk.modifiers.rl.rewards import resolve_rewards
-        from rqat_sdk.modifiers.rl.trl_adapter import run_grpo
 
         at = f"stages[{state.stage_index}].modifiers"
         rewards = resolve_rewards(self.rewards, allow_code=state.allow_code, field=f"{at}.rewards")
@@ -193,16 +190,14 @@ class GRPOModifier(Modifier):
         log.info("stage %r: cold-start probe mean reward %.3f", state.stage.name, probe)
         if probe < self.cold_start_threshold and not self.allow_cold_start:
             raise ColdStartError(
-                f"stage {state.stage.name!r}: the quantized model's mean reward on {min(self.probe_size, len(prompts))} "
-                f"probe prompts is {probe:.3f}, below cold_start_threshold {self.cold_start_threshold}. GRPO learns "
-                f"from reward differences within a group and has nothing to learn from here (the seed paper finds "
-                f"GRPO straight after RTN collapses). Add a qat_kd stage before this one, or set allow_cold_start: "
-                f"true to train anyway."
+                f"stage {state.stage.name!r}: the quantized model's mean reward on "
+                f"{min(self.probe_size, len(prompts))} probe prompts is {probe:.3f}, below cold_start_threshold "
+                f"{self.cold_start_threshold}. GRPO learns from reward differences within a group and has nothing to "
+                f"learn from here (the seed paper finds GRPO straight after RTN collapses). Add a qat_kd stage before "
+                f"this one, or set allow_cold_start: true to train anyway."
             )
         progress = state.progress_dir()
         if progress is None:
-            import tempfile
-
             progress = Path(tempfile.mkdtemp(prefix="rqat-grpo-"))
         log_file = state.log_file()
         with tracking_codes(state.model) as codes:
@@ -237,7 +232,5 @@ class GRPOModifier(Modifier):
             )
 
     def finalize(self, state: SessionState) -> None:
-        from rqat_sdk.modifiers.qat.layers import finish_training
-
         model = state.model
         finish_training(model, dtype=self._export_dtype, requires_grad=self._requires_grad)

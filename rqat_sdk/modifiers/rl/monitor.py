@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rqat_sdk.generation import Sampling, generate
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,10 +27,10 @@ def plot_training(log_file: Path, path: Path) -> None:
     entries = [json.loads(line) for line in log_file.read_text().splitlines()]
     panels = [("reward", "mean reward"), ("response_length", "response length (tokens)"), ("entropy", "entropy")]
     figure, axes = plt.subplots(1, len(panels), figsize=(10, 2.8), dpi=150)
-    for axis, (key, title) in zip(axes, panels):
+    for axis, (key, title) in zip(axes, panels, strict=True):
         points = [(e["step"], e[key]) for e in entries if key in e]
         if points:
-            axis.plot(*zip(*points), marker="o", markersize=2, linewidth=1.2, color="#4C72B0")
+            axis.plot(*zip(*points, strict=True), marker="o", markersize=2, linewidth=1.2, color="#4C72B0")
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("step", fontsize=8)
         axis.tick_params(labelsize=7)
@@ -49,13 +51,12 @@ def mean_reward(
     temperature: float,
 ) -> float:
     """The mean weighted reward of one sampled completion per prompt: the cold-start probe."""
-    from rqat_sdk.evaluation.generation import Sampling, generate
 
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
     completions = [c.text for c in generate(model, tokenizer, list(prompts["prompt"]), sampling, batch_size=16, seed=0)]
     weights = weights or [1.0] * len(rewards)
     columns = {k: list(prompts[k]) for k in prompts.column_names if k != "prompt"}
     total = torch.zeros(len(completions))
-    for weight, reward in zip(weights, rewards):
+    for weight, reward in zip(weights, rewards, strict=True):
         total += weight * torch.tensor(reward(list(prompts["prompt"]), completions, **columns), dtype=torch.float32)
     return float(total.mean())

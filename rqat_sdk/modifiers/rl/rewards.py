@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rqat_sdk.evaluation.answers import extract_boxed, score_response
-from rqat_sdk.recipe.code import import_code_ref, is_code_ref
+from rqat_sdk.code import import_code_ref, is_code_ref
+from rqat_sdk.data.answers import extract_boxed, score_response
 
 RewardFunction = Callable[..., list[float]]
 
@@ -26,7 +26,7 @@ def completion_text(completion: Any) -> str:
 
 
 def correctness(prompts: list, completions: list, answer: list[str], meta: list[str | None], **_: Any) -> list[float]:
-    return [score_response(completion_text(c), gold, m) for c, gold, m in zip(completions, answer, meta)]
+    return [score_response(completion_text(c), gold, m) for c, gold, m in zip(completions, answer, meta, strict=True)]
 
 
 def boxed_format(prompts: list, completions: list, **_: Any) -> list[float]:

@@ -4,8 +4,10 @@ trl's ``GRPOTrainer`` does the RL; this adapter gives it the recipe's settings, 
 from its checkpoints, and fixes one thing for quantized policies: when rollouts come from vLLM, trl pushes
 the model's raw ``named_parameters()`` (latent full-precision weights, plus scales and zero points vLLM does
 not know), so vLLM would sample from the wrong policy. Here vLLM receives the fake-quantized weights and no
-quantization parameters (:func:`~rqat_sdk.modifiers.qat.layers.fake_quantized_weights`); trl's importance
-sampling correction stays on.
+quantization parameters (:func:`~rqat_sdk.modifiers.layers.fake_quantized_weights`); trl's importance
+sampling correction stays on. That replaces trl's private ``VLLMGeneration._iter_named_params``, and undoing
+accelerate's mixed-precision wrapper reads its private ``_original_forward``, so each first checks that the
+package is the version it was verified against (:data:`VERIFIED_VERSION`, :data:`VERIFIED_ACCELERATE`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 
 from rqat_sdk import distributed
 from rqat_sdk.errors import RqatError
+from rqat_sdk.modifiers.layers import fake_quantized_weights, parameter_group
+from rqat_sdk.upstream import require_verified
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -29,6 +33,11 @@ if TYPE_CHECKING:
     from rqat_sdk.modifiers.rl.rewards import RewardFunction
 
 log = logging.getLogger(__name__)
+
+VERIFIED_VERSION = "1.16.0"
+"""The trl whose private ``VLLMGeneration._iter_named_params`` this adapter replaces (pyproject.toml pins it)."""
+VERIFIED_ACCELERATE = "1.15.0"
+"""The accelerate whose private ``_original_forward`` this adapter reads (pyproject.toml pins it)."""
 
 LOGGED = {
     "reward": "reward",
@@ -207,23 +216,25 @@ class FiniteStepAdamW(torch.optim.AdamW):
 def adamw(model: PreTrainedModel, config: GRPOModifier, *, fused: bool) -> FiniteStepAdamW:
     """AdamW over the trained parameters in two groups: scales and zero points at ``scale_learning_rate``
     without weight decay, everything else at ``learning_rate`` (trl's scheduler then scales both)."""
-    from rqat_sdk.modifiers.qat.layers import parameter_group
 
     groups: dict[str, list[torch.nn.Parameter]] = {"weights": [], "scales": []}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             groups["scales" if parameter_group(name) == "scales" else "weights"].append(parameter)
+    scales = [{"params": groups["scales"], "lr": config.scale_learning_rate, "weight_decay": 0.0}]
     return FiniteStepAdamW(
         [{"params": groups["weights"], "lr": config.learning_rate, "weight_decay": config.weight_decay},
-         *([{"params": groups["scales"], "lr": config.scale_learning_rate, "weight_decay": 0.0}] if groups["scales"] else [])],
+         *(scales if groups["scales"] else [])],
         betas=tuple(config.betas), fused=fused or None,
     )
 
 
 def sync_quantized_weights(vllm_generation: Any, model: PreTrainedModel) -> None:
-    """Make trl's weight sync push the fake-quantized weights (no scales or zero points) to vLLM."""
-    from rqat_sdk.modifiers.qat.layers import fake_quantized_weights
+    """Make trl's weight sync push the fake-quantized weights (no scales or zero points) to vLLM.
 
+    trl offers no public hook for what it sends: its ``sync_weights`` iterates ``_iter_named_params``.
+    """
+    require_verified("trl", VERIFIED_VERSION, "rqat_sdk/modifiers/rl/trl_adapter.py (sync_quantized_weights)")
     vllm_generation._iter_named_params = lambda: fake_quantized_weights(model)
 
 
@@ -233,7 +244,13 @@ def remove_mixed_precision_wrapper(model: PreTrainedModel) -> None:
     With ``bf16`` (on GPUs) accelerate replaces ``model.forward`` with one that runs under bf16 autocast,
     and the trainer leaves it there: the trained model would keep computing in bf16 while its export and
     every later stage expect the checkpoint's dtype (the export check then fails on the logits).
+
+    accelerate keeps the forward it replaced in its private ``_original_forward``. Its public
+    ``extract_model_from_parallel(keep_fp32_wrapper=False)`` is no substitute: it unwraps every ``__wrapped__``
+    layer, transformers' own decorators on the class's forward included.
     """
+    require_verified("accelerate", VERIFIED_ACCELERATE, "rqat_sdk/modifiers/rl/trl_adapter.py "
+                     "(remove_mixed_precision_wrapper)")
     original = model.__dict__.pop("_original_forward", None)
     if original is None:
         return

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import field_validator, model_validator
 
 from rqat_sdk.errors import SchemeError
-from rqat_sdk.recipe.fields import Bits, PositiveInt, StrictModel
+from rqat_sdk.fields import Bits, PositiveInt, StrictModel
 
 if TYPE_CHECKING:
     import torch
@@ -255,7 +255,7 @@ class QuantScheme(StrictModel):
         if not fallbacks:
             return {CONFIG_GROUP: group(list(self.targets), self.weights.to_args())}
         by_size: dict[int | None, list[str]] = {}
-        for name, module in self.targeted_modules(model):
+        for name, _ in self.targeted_modules(model):
             by_size.setdefault(fallbacks.get(name, self.weights.group_size), []).append(name)
         return {
             f"group_{i}": group(names, self.weights.to_args(size)) for i, (size, names) in enumerate(by_size.items())

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rqat_sdk.errors import OutputDirError
+
 TMP_MARK = ".tmp-"
 
 
@@ -42,7 +44,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def check_writable(path: Path) -> None:
     """Fail before the work that produces ``path`` (an evaluation, a run), not after it: create its folder and a
     temporary file there."""
-    from rqat_sdk.errors import OutputDirError
 
     if path.parent.exists() and not path.parent.is_dir():
         raise OutputDirError(f"cannot write {path}: {path.parent} is a file, not a directory")

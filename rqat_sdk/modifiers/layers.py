@@ -187,10 +187,10 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
         families[key].append((module, (weight, scale, zero_point)))
     try:
         for (num_bits, group, dtype, *_), members in families.items():
-            weights, scales, zero_points = zip(*(inputs for _, inputs in members))
+            weights, scales, zero_points = zip(*(inputs for _, inputs in members), strict=True)
             zero_points = None if zero_points[0] is None else list(zero_points)
             quantized = fake_quantize_weights(list(weights), list(scales), zero_points, num_bits, group, dtype)
-            for (module, _), tensor in zip(members, quantized):
+            for (module, _), tensor in zip(members, quantized, strict=True):
                 setattr(module, _PRECOMPUTED, tensor)
         yield
     finally:

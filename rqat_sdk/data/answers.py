@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from rqat_sdk.data.reasoning_gym import score
+
 
 def extract_boxed(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` in ``text`` (nested braces allowed), or None."""
@@ -39,8 +41,6 @@ def score_response(response: str, gold: str, meta: str | None) -> float:
     scorers give partial credit to near misses, which is a reward, not accuracy).
     """
     if meta:
-        from rqat_sdk.data.reasoning_gym import score
-
         return 1.0 if score(json.loads(meta), extract_boxed(response)) >= 1.0 else 0.0
     return 1.0 if math_equal(gold, response) else 0.0
 

@@ -1,4 +1,4 @@
-"""Batched sampling with transformers: the ``hf`` evaluation backend."""
+"""Batched sampling with transformers: the ``hf`` evaluation backend, and GRPO's cold-start probe."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def generate(
     seed: int,
 ) -> list[Completion]:
     """One completion per prompt, in order. Sampling is seeded per batch, so a run can be repeated."""
-    texts = [_render(tokenizer, prompt) for prompt in prompts]
+    texts = [render_prompt(tokenizer, prompt) for prompt in prompts]
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     completions: list[Completion] = []
@@ -87,40 +87,8 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return list(dict.fromkeys(ids))
 
 
-def generate_vllm(
-    checkpoint: str,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[dict[str, str]]],
-    sampling: Sampling,
-    *,
-    samples: int,
-    seed: int,
-) -> list[list[Completion]]:
-    """``samples`` completions per prompt from vLLM (in its own environment), as ``runs[k][prompt]``."""
-    from rqat_sdk.errors import RqatError
-    from rqat_sdk.exporters.vllm import engine_options
-    from rqat_sdk.serving import vllm_env
-    from rqat_sdk.serving.check import _run_worker
-
-    interpreter = vllm_env.python()
-    if interpreter is None:
-        raise RqatError("the vllm backend needs a vLLM environment: run `rqat serve-check --setup` or set RQAT_VLLM_PYTHON")
-    ids = [tokenizer(_render(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    request = {
-        "model": checkpoint, "prompt_token_ids": ids, "n": samples, "max_tokens": sampling.max_new_tokens,
-        "temperature": 0.0 if sampling.greedy else sampling.temperature,
-        "top_p": 1.0 if sampling.greedy else sampling.top_p, "seed": seed,
-        "max_model_len": max(map(len, ids)) + sampling.max_new_tokens, **engine_options(checkpoint),
-    }
-    response = _run_worker(interpreter, request, timeout=24 * 3600)
-    return [
-        [Completion(row[k]["text"], len(row[k]["token_ids"]), row[k]["finish_reason"] == "length")
-         for row in response["outputs"]]
-        for k in range(samples)
-    ]
-
-
-def _render(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]]) -> str:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]]) -> str:
+    """The prompt as the model reads it: its chat template with the generation prompt, or the plain text."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return "\n".join(message["content"] for message in prompt)
