@@ -90,7 +90,8 @@ def download_model(ref: RepoRef) -> Snapshot:
     commit = _commit_of(path)
     if not any(path.glob("*.safetensors")):  # an older repository with PyTorch pickles only
         pinned = ref.at(commit)
-        path = Path(_call(ref, lambda: snapshot_download(ref.repo_id, revision=pinned.revision, allow_patterns=["*.bin"])))
+        path = Path(_call(ref, lambda: snapshot_download(ref.repo_id, revision=pinned.revision,
+                                                         allow_patterns=["*.bin"])))
     return Snapshot(ref, path, commit)
 
 

@@ -135,8 +135,8 @@ def test_a_repository_without_a_recipe_says_which_names_it_looked_for(fake_hub, 
 
 
 def test_a_repository_recipe_naming_code_runs_nothing_and_downloads_only_the_recipe(fake_hub, tmp_path, capsys):
-    recipe = ("version: 1\nmodel: org/base\nscheme: W4G128\nstages: [{name: ptq, data: {source: 'python:evil.mod:load'}, "
-              "modifiers: [{type: gptq}]}]\n")
+    recipe = ("version: 1\nmodel: org/base\nscheme: W4G128\n"
+              "stages: [{name: ptq, data: {source: 'python:evil.mod:load'}, modifiers: [{type: gptq}]}]\n")
     commit = fake_hub.add("org/code", {"recipe.yaml": recipe, "model.safetensors": "weights"})
     code, out, _ = run(["validate", "org/code"], capsys)
     assert code == 0

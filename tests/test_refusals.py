@@ -242,7 +242,8 @@ def test_bad_inputs_get_a_message_not_a_traceback(tiny_qwen3, tmp_path, monkeypa
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfeversion: 1")
     assert "byte 0 is not UTF-8: a recipe is a YAML text file" in error(["validate", str(binary)])
-    assert f"directory '{tmp_path}' holds no recipe: looked for recipe.yaml, recipe.yml" in error(["validate", str(tmp_path)])
+    assert f"directory '{tmp_path}' holds no recipe: looked for recipe.yaml, recipe.yml" in error(
+        ["validate", str(tmp_path)])
     assert "recipe file 'gptq_w3g12' does not exist; bundled recipes with close names: gptq_w3g128" in error(
         ["validate", "gptq_w3g12"])
 
