@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from rqat_sdk.data import DatasetInput
+    from rqat_sdk.modifiers.base import Modifier
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +148,18 @@ class Session:
             examples=examples,
         )
         record = self._start_record(first_stage, model.dtype)
+        in_place = self._changes_caller_model(checkpoint)
+        if in_place:
+            log.info("the model given in memory is changed in place (the result's model is that object); pass "
+                     "a copy (copy.deepcopy) to keep the original")
+        try:
+            return self._stages_and_export(state, record, first_stage)
+        except BaseException:
+            if in_place:
+                log.warning("%s", caller_model_after_failure(state.applied))
+            raise
 
+    def _stages_and_export(self, state: SessionState, record: dict[str, Any], first_stage: int) -> RunResult:
         for index in range(first_stage, len(self.recipe.stages)):
             record["stages"].append(self._run_stage(state, index))
             self._write_record(record)
@@ -173,6 +186,12 @@ class Session:
             log.info("wrote %s (%s, %s)", self.output_dir, self.recipe.scheme.label, record["export"]["format"])
         distributed.barrier()
         return RunResult(state.model, state.tokenizer, self.recipe, self.output_dir, record)
+
+    def _changes_caller_model(self, checkpoint: Path | None) -> bool:
+        """Whether the run works on the caller's in-memory model itself (a resumed run loads its checkpoint)."""
+        from transformers import PreTrainedModel
+
+        return checkpoint is None and isinstance(self.model_input, PreTrainedModel)
 
     def _after_failure(self, exc: BaseException) -> None:
         """Remove the work directory of a run that kept nothing; otherwise say how to continue it."""
@@ -208,13 +227,7 @@ class Session:
         log.info("stage %d/%d %r: %s", index + 1, total, stage.name, ", ".join(m.type for m in stage.modifiers))
         started = time.perf_counter()
         state.stage_metrics = {}
-        timings = []
-        for modifier in stage.modifiers:
-            begin = time.perf_counter()
-            modifier.initialize(state)
-            modifier.apply(state)
-            modifier.finalize(state)
-            timings.append({"type": modifier.type, "seconds": round(time.perf_counter() - begin, 3)})
+        timings = run_stage(stage.modifiers, state)
         source = state.stage_source() if any(m.needs_data or m.quantizes for m in stage.modifiers) else None
         entry = {
             "index": index,
@@ -470,6 +483,42 @@ class Session:
         config = json.loads((self.work_dir / "config.json").read_text())
         card = model_card(self.recipe, record, serving_context(config))
         write_text_atomic(self.work_dir / "README.md", card)
+
+
+def run_stage(modifiers: Sequence[Modifier], state: SessionState) -> list[dict[str, Any]]:
+    """Run one stage's modifiers under the contract of :mod:`rqat_sdk.modifiers.base`: every ``initialize``,
+    then ``apply`` and ``finalize`` of each in turn. Returns each modifier's type and seconds (its ``apply`` and ``finalize``).
+
+    ``state.applied`` receives each modifier whose ``apply`` started, before it starts: what has changed
+    ``state.model`` when a stage fails. An error of ``finalize`` after a failed ``apply`` is added to the
+    ``apply`` error as a note, which stays the one raised.
+    """
+    for modifier in modifiers:
+        modifier.initialize(state)
+    timings = []
+    for index, modifier in enumerate(modifiers):
+        begin = time.perf_counter()
+        state.applied.append(f"stages[{state.stage_index}].modifiers[{index}] ({modifier.type})")
+        try:
+            modifier.apply(state)
+        except BaseException as exc:
+            try:
+                modifier.finalize(state)
+            except Exception as cleanup:
+                log.exception("%s: finalize failed after apply failed", modifier.type)
+                exc.add_note(f"{modifier.type}.finalize also failed while cleaning up after it: {cleanup!r}")
+            raise
+        modifier.finalize(state)
+        timings.append({"type": modifier.type, "seconds": round(time.perf_counter() - begin, 3)})
+    return timings
+
+
+def caller_model_after_failure(applied: list[str]) -> str:
+    """What a failed run left in the model given in memory, for the log: which modifiers changed it."""
+    if not applied:
+        return "the run failed before any modifier's apply: the model given in memory is unchanged"
+    return (f"the run failed; the model given in memory was changed in place by {', '.join(applied)} (the last "
+            f"may have stopped part-way); each was finalized, so the model runs with its own forward")
 
 
 def run_record(directory: Path) -> dict[str, Any] | None:
