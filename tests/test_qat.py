@@ -168,7 +168,7 @@ def test_bf16_model_keeps_fp32_buffers_and_exports_exactly(tiny_qwen3, tmp_path)
 def test_resume_mid_stage_is_bit_identical(tiny_qwen3, tmp_path, monkeypatch, options):
     full = rqat_sdk.oneshot(tiny_qwen3, recipe(**options), DATA, tmp_path / "full")
 
-    original_step = trainer_module.DistillationTrainer._step
+    original_step = trainer_module.DistillationTrainer.step
 
     def crash_at_step_ten(self, step):
         if step == 9:
@@ -176,7 +176,7 @@ def test_resume_mid_stage_is_bit_identical(tiny_qwen3, tmp_path, monkeypatch, op
         return original_step(self, step)
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer_module.DistillationTrainer, "_step", crash_at_step_ten)
+        patch.setattr(trainer_module.DistillationTrainer, "step", crash_at_step_ten)
         with pytest.raises(RuntimeError, match="simulated crash"):
             rqat_sdk.oneshot(tiny_qwen3, recipe(**options), DATA, tmp_path / "out")
     progress = tmp_path / "out.partial" / "checkpoints" / "01-qat.progress"
@@ -270,3 +270,15 @@ def test_qat_recipe_checks():
         Recipe.from_dict(recipe(batch_size=30, micro_batch_size=4))
     defaults = Recipe.from_dict(recipe()).stages[1].modifiers[0]
     assert defaults.betas == (0.9, 0.95) and defaults.divergence == "forward_kl"
+
+
+def test_the_trainer_config_and_the_teacher_must_agree(quantized):
+    from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerConfig, TrainerPaths
+    from rqat_sdk.ops.distill import LossSpec
+
+    model, _ = quantized
+    common = dict(device=torch.device("cpu"), paths=TrainerPaths(None, None), fingerprint="f", stage="s")
+    with pytest.raises(ValueError, match="config.loss.divergence 'forward_kl' needs a teacher"):
+        DistillationTrainer(TrainerConfig(), model, None, None, **common)
+    with pytest.raises(ValueError, match="config.loss.divergence 'ce' takes no teacher"):
+        DistillationTrainer(TrainerConfig(loss=LossSpec(divergence="ce")), model, model, None, **common)

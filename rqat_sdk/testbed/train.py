@@ -83,8 +83,8 @@ def train_testbed(
     from rqat_sdk.data import tokenize_examples
     from rqat_sdk.models import load_model, load_tokenizer, resolve_device
     from rqat_sdk.modifiers.qat.batches import StepBatches
-    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
-    from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
+    from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerConfig, TrainerPaths
+    from rqat_sdk.ops.distill import LossSpec
     from rqat_sdk.session.files import atomic_directory
     from rqat_sdk.testbed.tasks import MIXES, testbed_rows
     from rqat_sdk.testbed.tiny import build_model, build_tokenizer
@@ -109,10 +109,9 @@ def train_testbed(
         ).to(resolve_device("auto"))
     configure_threads(model)
     examples = tokenize_examples(Dataset.from_list(rows), tokenizer, max_seq_length=spec.max_seq_length)
-    config = QATKDModifier(
-        objective="sft", steps=steps, batch_size=spec.batch_size, micro_batch_size=spec.micro_batch_size,
-        learning_rate=spec.learning_rate, warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay,
-        logging_steps=50, save_steps=500,
+    config = TrainerConfig(
+        loss=LossSpec(divergence="ce"), steps=steps, learning_rate=spec.learning_rate,
+        warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay, logging_steps=50, save_steps=500,
     )
     batches = StepBatches(
         examples, batch_size=spec.batch_size, micro_batch_size=spec.micro_batch_size, seed=seed,

@@ -12,6 +12,7 @@ from rqat_sdk.modifiers.training import TrainingModifier
 from rqat_sdk.recipe.fields import FloatRange, IntRange
 
 if TYPE_CHECKING:
+    from rqat_sdk.modifiers.qat.trainer import TrainerConfig
     from rqat_sdk.recipe.recipe import Position, Recipe
     from rqat_sdk.session.state import SessionState
 
@@ -92,6 +93,24 @@ class QATKDModifier(TrainingModifier):
     def wants_original_model(self) -> bool:
         return self.objective == "kd" and self.teacher is None
 
+    def trainer_config(self) -> TrainerConfig:
+        """The training loop's settings: this node's, less what only the recipe needs."""
+        from rqat_sdk.modifiers.qat.trainer import TrainerConfig
+        from rqat_sdk.ops.distill import LossSpec
+
+        loss = LossSpec(
+            divergence=self.divergence if self.objective == "kd" else "ce", temperature=self.temperature,
+            beta=self.jsd_beta, top_k=self.top_k, chunk_size=self.loss_chunk_size,
+        )
+        return TrainerConfig(
+            loss=loss, steps=self.steps, learning_rate=self.learning_rate,
+            scale_learning_rate=self.scale_learning_rate, clipping_learning_rate=self.clipping_learning_rate,
+            transform_learning_rate=self.transform_learning_rate, optimizer=self.optimizer, betas=self.betas,
+            weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler, warmup_steps=self.warmup_steps,
+            max_grad_norm=self.max_grad_norm, train=self.train, save_steps=self.save_steps,
+            logging_steps=self.logging_steps, max_loss_ratio=self.max_loss_ratio, distributed=self.distributed,
+        )
+
     # --- lifecycle -------------------------------------------------------------------------------
 
     def apply(self, state: SessionState) -> None:
@@ -118,7 +137,7 @@ class QATKDModifier(TrainingModifier):
             world_size=distributed.world_size(),
         )
         trainer = DistillationTrainer(
-            self,
+            self.trainer_config(),
             state.model,
             teacher,
             batches,
