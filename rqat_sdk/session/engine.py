@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +46,7 @@ from rqat_sdk.session.files import (
     replace_directory,
     write_json_atomic,
 )
+from rqat_sdk.session.options import RunOptions
 from rqat_sdk.session.preflight import check_before_loading
 from rqat_sdk.session.state import SessionState, load_stage_examples, stage_data_field
 from rqat_sdk.threads import configure_threads
@@ -53,8 +54,6 @@ from rqat_sdk.threads import configure_threads
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from rqat_sdk.data import DatasetInput
     from rqat_sdk.modifiers.base import Modifier
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,6 @@ STAGE_RECORD = "stage.json"
 RUN_RECORD = "run.json"
 RECIPE_FILE = "recipe.yaml"
 PARTIAL_SUFFIX = ".partial"
-KeepCheckpoints = Literal["all", "last", "none"]
 
 
 @dataclass
@@ -81,40 +79,18 @@ class RunResult:
 class Session:
     """One run of one recipe on one model. Sessions share nothing, so several can live in one process."""
 
-    def __init__(
-        self,
-        recipe: RecipeInput,
-        model: str | os.PathLike | PreTrainedModel,
-        *,
-        dataset: DatasetInput | None = None,
-        output_dir: str | os.PathLike | None = None,
-        tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None,
-        overwrite: bool = False,
-        resume: bool = False,
-        allow_code: bool = False,
-        device: str | torch.device | None = "auto",
-        dtype: str = "auto",
-        keep_checkpoints: KeepCheckpoints = "last",
-    ):
-        if keep_checkpoints not in ("all", "last", "none"):
-            raise OutputDirError(f"keep_checkpoints {keep_checkpoints!r} is not one of all, last, none")
+    def __init__(self, recipe: RecipeInput, model: str | os.PathLike | PreTrainedModel, **options: Any):
+        """``options``: the fields of :class:`RunOptions` (``dataset``, ``output_dir``, ``resume``, ...)."""
         self.recipe = load_recipe(recipe)
         self.model_input = model
-        self.tokenizer_input = tokenizer
-        self.dataset = dataset
-        self.output_dir = Path(output_dir).expanduser() if output_dir is not None else None
-        self.overwrite = overwrite
-        self.resume = resume
-        self.allow_code = allow_code
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self.keep_checkpoints = keep_checkpoints
+        self.options = RunOptions(**options)
+        self.device = resolve_device(self.options.device)
 
     @property
     def work_dir(self) -> Path | None:
-        if self.output_dir is None:
+        if self.options.output_dir is None:
             return None
-        return self.output_dir.with_name(self.output_dir.name + PARTIAL_SUFFIX)
+        return self.options.output_dir.with_name(self.options.output_dir.name + PARTIAL_SUFFIX)
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -141,8 +117,8 @@ class Session:
             model,
             tokenizer,
             self.recipe,
-            run_dataset=self.dataset,
-            allow_code=self.allow_code,
+            run_dataset=self.options.dataset,
+            allow_code=self.options.allow_code,
             original_model=self._original_model(model, checkpoint),
             work_dir=self.work_dir,
             examples=examples,
@@ -180,12 +156,13 @@ class Session:
             self._write_record(record)
             self._write_card(record)
             self._prune_checkpoints()
-            if (replaced := run_record(self.output_dir)) is not None:
-                log.warning("--overwrite: replacing %s, %s", self.output_dir, describe_run(replaced))
-            replace_directory(self.work_dir, self.output_dir)
-            log.info("wrote %s (%s, %s)", self.output_dir, self.recipe.scheme.label, record["export"]["format"])
+            output_dir = self.options.output_dir
+            if (replaced := run_record(output_dir)) is not None:
+                log.warning("--overwrite: replacing %s, %s", output_dir, describe_run(replaced))
+            replace_directory(self.work_dir, output_dir)
+            log.info("wrote %s (%s, %s)", output_dir, self.recipe.scheme.label, record["export"]["format"])
         distributed.barrier()
-        return RunResult(state.model, state.tokenizer, self.recipe, self.output_dir, record)
+        return RunResult(state.model, state.tokenizer, self.recipe, self.options.output_dir, record)
 
     def _changes_caller_model(self, checkpoint: Path | None) -> bool:
         """Whether the run works on the caller's in-memory model itself (a resumed run loads its checkpoint)."""
@@ -212,9 +189,11 @@ class Session:
         for index in range(first_stage, len(self.recipe.stages)):
             stage = self.recipe.stages[index]
             if any(modifier.needs_data for modifier in stage.modifiers):
-                examples[index] = load_stage_examples(self.recipe, index, self.dataset, allow_code=self.allow_code)
+                examples[index] = load_stage_examples(
+                    self.recipe, index, self.options.dataset, allow_code=self.options.allow_code
+                )
             if any(modifier.trains_on_responses for modifier in stage.modifiers):
-                check_trainable(examples[index], stage_data_field(self.recipe, index, self.dataset))
+                check_trainable(examples[index], stage_data_field(self.recipe, index, self.options.dataset))
         return examples
 
     def _run_stage(self, state: SessionState, index: int) -> dict[str, Any]:
@@ -295,9 +274,9 @@ class Session:
         """
         if self.work_dir is None:
             return 0, None
-        check_output_dir(self.output_dir, self.model_input, overwrite=self.overwrite)
-        resuming = self.work_dir.exists() and self.resume
-        if self.work_dir.exists() and not self.resume and not self.overwrite:
+        check_output_dir(self.options.output_dir, self.model_input, overwrite=self.options.overwrite)
+        resuming = self.work_dir.exists() and self.options.resume
+        if self.work_dir.exists() and not self.options.resume and not self.options.overwrite:
             raise OutputDirError(
                 f"{self.work_dir} holds an unfinished run; rerun with --resume to continue it, or with --overwrite "
                 f"to start over"
@@ -324,18 +303,18 @@ class Session:
         distributed.barrier()
         if resuming:
             log.info("resuming %s: %s", self.work_dir, _resume_point_text(first, len(self.recipe.stages)))
-        elif self.resume:
+        elif self.options.resume:
             log.info("nothing to resume in %s; starting from the first stage", self.work_dir)
         return first, checkpoint
 
     def _prune_checkpoints(self) -> None:
         root = self.work_dir / CHECKPOINTS
-        if self.keep_checkpoints == "all" or not root.is_dir():
+        if self.options.keep_checkpoints == "all" or not root.is_dir():
             return
         stages = sorted(p for p in root.iterdir() if p.is_dir())
-        for directory in stages if self.keep_checkpoints == "none" else stages[:-1]:
+        for directory in stages if self.options.keep_checkpoints == "none" else stages[:-1]:
             shutil.rmtree(directory)
-        if self.keep_checkpoints == "none":
+        if self.options.keep_checkpoints == "none":
             root.rmdir()
 
     # --- loading ---------------------------------------------------------------------------------
@@ -351,10 +330,10 @@ class Session:
             return model, load_tokenizer(checkpoint)
         if isinstance(self.model_input, PreTrainedModel):
             model = self.model_input.to(self.device)
-            tokenizer_source = self.tokenizer_input or model.config._name_or_path
+            tokenizer_source = self.options.tokenizer or model.config._name_or_path
         else:
-            model = load_model(self.model_input, dtype=self.dtype, device=self.device)
-            tokenizer_source = self.tokenizer_input or self.model_input
+            model = load_model(self.model_input, dtype=self.options.dtype, device=self.device)
+            tokenizer_source = self.options.tokenizer or self.model_input
         if not tokenizer_source:
             raise ModelLoadError("the model was given in memory without a tokenizer; pass tokenizer=")
         tokenizer = tokenizer_source if not isinstance(tokenizer_source, (str, os.PathLike)) else load_tokenizer(
@@ -373,24 +352,26 @@ class Session:
         return None
 
     def _output_is_complete_run(self) -> bool:
-        if not (self.resume and self.output_dir is not None and (self.output_dir / RUN_RECORD).is_file()):
+        output_dir = self.options.output_dir
+        if not (self.options.resume and output_dir is not None and (output_dir / RUN_RECORD).is_file()):
             return False
-        record = json.loads((self.output_dir / RUN_RECORD).read_text())
+        record = json.loads((output_dir / RUN_RECORD).read_text())
         return record.get("status") == "complete" and record.get("recipe", {}).get("fingerprint") == self.recipe.fingerprint()
 
     def _load_finished(self) -> RunResult:
         from rqat_sdk.exporters import reload_checkpoint
 
-        log.info("%s already holds the finished run of this recipe; loading it", self.output_dir)
-        model = reload_checkpoint(self.output_dir, dtype=_checkpoint_dtype(self.output_dir), device=self.device)
-        record = json.loads((self.output_dir / RUN_RECORD).read_text())
-        return RunResult(model, load_tokenizer(self.output_dir), self.recipe, self.output_dir, record)
+        output_dir = self.options.output_dir
+        log.info("%s already holds the finished run of this recipe; loading it", output_dir)
+        model = reload_checkpoint(output_dir, dtype=_checkpoint_dtype(output_dir), device=self.device)
+        record = json.loads((output_dir / RUN_RECORD).read_text())
+        return RunResult(model, load_tokenizer(output_dir), self.recipe, output_dir, record)
 
     # --- records and checks ----------------------------------------------------------------------
 
     def _check_code_allowed(self) -> None:
         references = self.recipe.code_references()
-        if references and not self.allow_code:
+        if references and not self.options.allow_code:
             listed = "; ".join(f"{path}: {ref}" for path, ref in references)
             raise CodeExecutionNotAllowed(
                 f"the recipe names Python code ({listed}). Recipes are untrusted input, so rqat does not import "
@@ -412,7 +393,7 @@ class Session:
             "recipe": {"name": self.recipe.name, "fingerprint": self.recipe.fingerprint()},
             "scheme": self.recipe.scheme.label,
             "model": model,
-            "dataset": describe_source(self.dataset) if self.dataset is not None else None,
+            "dataset": describe_source(self.options.dataset) if self.options.dataset is not None else None,
             "seed": self.recipe.seed,
             "resumed_at_stage": first_stage if first_stage else None,
             "versions": {
