@@ -193,3 +193,11 @@ def test_the_committed_long_testbed_is_one_that_w3g128_rtn_hurts():
     ptq = rqat_sdk.oneshot(LONG, recipe, dtype="float32")
     quantized = rqat_sdk.evaluate(ptq.model, "testbed-long", tokenizer=ptq.tokenizer, **common)
     assert full.pass_at_1 >= 0.85 and full.pass_at_1 - quantized.pass_at_1 >= 0.15
+
+
+def test_the_spread_is_the_sample_standard_deviation():
+    from rqat_sdk.evaluation import sample_std
+
+    assert sample_std([0.5, 0.7, 0.9]) == pytest.approx(0.2)  # n - 1 in the denominator; the population's is 0.163
+    assert sample_std(iter([0.25, 0.75])) == pytest.approx(0.5 ** 0.5 / 2)
+    assert sample_std([0.4]) == 0.0 and sample_std([]) == 0.0
