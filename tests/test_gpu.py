@@ -212,7 +212,7 @@ def test_grpo_in_float32_on_the_gpu_exports_exactly(tmp_path):
 
     import rqat_sdk
 
-    testbed = Path(rqat_sdk.__file__).parent / "testbed" / "cpu"
+    testbed = Path(rqat_sdk.__file__).parent / "testbed" / "short"
     recipe = {
         "version": 1,
         "scheme": "W3G128",

@@ -115,7 +115,7 @@ def testbed_exports(tmp_path_factory):
     from rqat_sdk.testbed.train import EMBEDDED
 
     if not (EMBEDDED / "config.json").is_file():
-        pytest.skip("the CPU testbed is not built")
+        pytest.skip("the short testbed is not built")
     root = tmp_path_factory.mktemp("exports")
     exports = {"bf16": EMBEDDED}
     for scheme in ("W8A8", "W4A16"):
