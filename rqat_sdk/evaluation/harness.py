@@ -3,8 +3,9 @@
 Each problem is answered ``samples`` times (temperature 0.6, top-p 0.95 by default, as the seed paper's
 reference harness does with three seeds); a response scores 1 when its final ``\\boxed{}`` answer is right
 (math-verify equivalence, or the task's own reasoning-gym scorer). pass@1 is the mean score; its spread is
-the sample standard deviation (:func:`sample_std`) of the per-sample pass@1 values. Mean response length and the share of responses cut
-off at ``max_new_tokens`` are reported beside it: a quantized reasoning model that rambles shows up there.
+the sample standard deviation (:func:`sample_std`) of the per-sample pass@1 values. Mean response length and
+the share of responses cut off at ``max_new_tokens`` are reported beside it: a quantized reasoning model that
+rambles shows up there.
 """
 
 from __future__ import annotations

@@ -57,7 +57,9 @@ class TrainingModifier(Modifier):
         self._attached = True  # from here on finalize restores the model, whatever part of this then fails
         if float32:
             model.float()
-        attach_fake_quant(model, dtype=self._export_dtype, learn_scales=self.learn_scales, learn_clipping=learn_clipping)
+        attach_fake_quant(
+            model, dtype=self._export_dtype, learn_scales=self.learn_scales, learn_clipping=learn_clipping
+        )
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

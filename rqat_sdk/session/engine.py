@@ -468,7 +468,8 @@ class Session:
 
 def run_stage(modifiers: Sequence[Modifier], state: SessionState) -> list[dict[str, Any]]:
     """Run one stage's modifiers under the contract of :mod:`rqat_sdk.modifiers.base`: every ``initialize``,
-    then ``apply`` and ``finalize`` of each in turn. Returns each modifier's type and seconds (its ``apply`` and ``finalize``).
+    then ``apply`` and ``finalize`` of each in turn. Returns each modifier's type and seconds (its ``apply``
+    and ``finalize``).
 
     ``state.applied`` receives each modifier whose ``apply`` started, before it starts: what has changed
     ``state.model`` when a stage fails. An error of ``finalize`` after a failed ``apply`` is added to the
