@@ -19,7 +19,7 @@ from rqat_sdk.models import load_model, load_tokenizer
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--testbed", type=Path, default=Path(__file__).resolve().parents[1] / "rqat_sdk/testbed/cpu")
+    parser.add_argument("--testbed", type=Path, default=Path(__file__).resolve().parents[1] / "rqat_sdk/testbed/short")
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=8)

@@ -42,7 +42,7 @@ import torch
 
 import rqat_sdk
 from rqat_sdk.data import load_examples
-from rqat_sdk.evaluation import perplexity
+from rqat_sdk.evaluation import perplexity, sample_std
 from rqat_sdk.testbed.tasks import RESPONSE_TOKENS
 
 SCHEMES = {
@@ -174,10 +174,10 @@ def over_training_seeds(runs: list[dict]) -> dict:
     pairs = [value for run in runs for value in run["per_sample"]]
     return {
         "pass_at_1": round(statistics.fmean(pairs), 4),
-        "std": round(statistics.pstdev(pairs), 4),
+        "std": round(sample_std(pairs), 4),
         "seeds": runs[0]["seeds"],
         "training_seeds": len(runs),
-        "training_std": round(statistics.pstdev(run["pass_at_1"] for run in runs), 4),
+        "training_std": round(sample_std(run["pass_at_1"] for run in runs), 4),
         "per_training_seed": [run["pass_at_1"] for run in runs],
         "mean_response_tokens": round(statistics.fmean(run["mean_response_tokens"] for run in runs), 1),
         **ppl,

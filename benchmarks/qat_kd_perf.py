@@ -182,12 +182,12 @@ def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp"):
 
     from rqat_sdk import distributed
     from rqat_sdk.modifiers.qat.batches import StepBatches
-    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
-    from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
+    from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerConfig, TrainerPaths
+    from rqat_sdk.ops.distill import LossSpec
 
     rows = [{"input_ids": r, "labels": r} for r in ids.tolist()]
     per_rank = len(rows) // distributed.world_size()
-    config = QATKDModifier(objective=objective, steps=10_000, batch_size=len(rows), micro_batch_size=per_rank,
+    config = TrainerConfig(loss=LossSpec(divergence="forward_kl" if objective == "kd" else "ce"), steps=10_000,
                            learning_rate=1e-6, logging_steps=10_000, save_steps=10_000, distributed=strategy)
     batches = StepBatches(Dataset.from_list(rows), batch_size=len(rows), micro_batch_size=per_rank, seed=0,
                           pad_token_id=0, packing=False, rank=distributed.rank(), world_size=distributed.world_size())
@@ -197,7 +197,7 @@ def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp"):
     )
     student.train()
     counter = iter(range(10**9))
-    return trainer, lambda: trainer._step(next(counter))
+    return trainer, lambda: trainer.step(next(counter))
 
 
 def bench_rqat(ids, warmup, steps, *, fake_quant: bool, objective: str, kernels: dict | None = None):

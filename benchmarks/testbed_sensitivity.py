@@ -26,7 +26,7 @@ import torch
 from rqat_sdk.testbed.train import SIZES, TestbedSize
 
 CANDIDATES: dict[str, TestbedSize] = {
-    "short-h128-l2": SIZES["cpu"],
+    "short-h128-l2": SIZES["short"],
     "long-h128-l2": SIZES["long"],
     "long-h256-l2": replace(SIZES["long"], hidden_size=256, intermediate_size=768, learning_rate=2e-3),
     # Depth and training length, the two ways the seed's models differ most from the committed testbed

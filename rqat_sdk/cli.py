@@ -12,8 +12,10 @@ import difflib
 import json
 import sys
 import time
+from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
+from typing import Any, get_args
 
 from rqat_sdk import __version__, distributed, logs, oneshot
 from rqat_sdk.errors import PreflightError, RqatError
@@ -30,6 +32,7 @@ from rqat_sdk.recipes import bundled
 from rqat_sdk.reproduce import reproduce
 from rqat_sdk.serving import serve_check, vllm_env
 from rqat_sdk.session.engine import CHECKPOINTS, check_output_dir
+from rqat_sdk.session.options import DtypeName, KeepCheckpoints, RunOptions
 from rqat_sdk.session.preflight import recipe_problems
 from rqat_sdk.testbed.train import EMBEDDED
 
@@ -123,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     again.add_argument("--model", help="the base model, when the recorded one cannot be found")
     again.add_argument("--dataset", help="the dataset, when the recorded one was given in memory")
     again.add_argument("--allow-code", action="store_true", help="let the recipe import the Python code it names")
-    again.add_argument("--device", default="auto")
+    again.add_argument("--device", default=RunOptions.device, help="as for run")
     again.add_argument("-o", "--output", type=Path, help="write the report as JSON")
     again.set_defaults(handler=_reproduce)
 
@@ -147,16 +150,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of :class:`RunOptions` (but --output-dir, which each command declares), with its defaults."""
+    defaults = RunOptions()
     parser.add_argument("--dataset", help="reasoning-gym:TASK[,TASK], a .jsonl file, a saved dataset dir, hf:ORG/NAME")
     parser.add_argument("--tokenizer", help="default: the model's own")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory when done")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last stage")
     parser.add_argument("--allow-code", action="store_true", help="let the recipe import the Python code it names")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    parser.add_argument("--device", default=defaults.device, help="auto (CUDA when available), cpu, cuda:N")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=get_args(DtypeName),
                         help="auto: the checkpoint's dtype (float32 for bf16/fp16 on a CPU without native bf16); "
                         "a GGUF: bf16 where the device computes it natively, else float32")
-    parser.add_argument("--keep-checkpoints", default="last", choices=["all", "last", "none"])
+    parser.add_argument("--keep-checkpoints", default=defaults.keep_checkpoints, choices=get_args(KeepCheckpoints))
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`RunOptions` fields of parsed ``rqat run`` arguments, as keywords for ``oneshot``."""
+    return {option.name: getattr(args, option.name) for option in fields(RunOptions)}
 
 
 def _version() -> str:
@@ -170,19 +180,7 @@ def _version() -> str:
 
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    result = oneshot(
-        model=args.model,
-        recipe=args.recipe,
-        dataset=args.dataset,
-        output_dir=args.output_dir,
-        tokenizer=args.tokenizer,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        allow_code=args.allow_code,
-        device=args.device,
-        dtype=args.dtype,
-        keep_checkpoints=args.keep_checkpoints,
-    )
+    result = oneshot(model=args.model, recipe=args.recipe, **_run_options(args))
     if distributed.is_main():  # under a launcher the other ranks export nothing and have nothing to report
         _print_summary(result.record, result.output_dir, time.perf_counter() - started)
     return 0

@@ -96,3 +96,16 @@ def test_demo_runs_reasoning_qat_on_the_embedded_testbed(tmp_path, capsys):
     assert rows["full precision"] > 80
     assert rows["Reasoning-QAT (W2G64)"] > rows["PTQ (W2G64)"] + 15
     assert (tmp_path / "demo" / "demo.png").is_file() and (tmp_path / "demo" / "README.md").is_file()
+
+
+def test_rqat_run_takes_every_run_option_with_its_default():
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from rqat_sdk.cli import _parser, _run_options
+    from rqat_sdk.session import RunOptions
+
+    args = _parser().parse_args(["run", "recipe.yaml", "--output-dir", "out"])
+    assert _run_options(args) == {**asdict(RunOptions()), "output_dir": Path("out")}
+    args = _parser().parse_args(["run", "r.yaml", "--output-dir", "o", "--resume", "--keep-checkpoints", "all"])
+    assert RunOptions(**_run_options(args)).resume and _run_options(args)["keep_checkpoints"] == "all"

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import rqat_sdk
 from rqat_sdk.cli import main
@@ -193,3 +194,35 @@ def test_the_committed_long_testbed_is_one_that_w3g128_rtn_hurts():
     ptq = rqat_sdk.oneshot(LONG, recipe, dtype="float32")
     quantized = rqat_sdk.evaluate(ptq.model, "testbed-long", tokenizer=ptq.tokenizer, **common)
     assert full.pass_at_1 >= 0.85 and full.pass_at_1 - quantized.pass_at_1 >= 0.15
+
+
+def test_the_spread_is_the_sample_standard_deviation():
+    from rqat_sdk.evaluation import sample_std
+
+    assert sample_std([0.5, 0.7, 0.9]) == pytest.approx(0.2)  # n - 1 in the denominator; the population's is 0.163
+    assert sample_std(iter([0.25, 0.75])) == pytest.approx(0.5 ** 0.5 / 2)
+    assert sample_std([0.4]) == 0.0 and sample_std([]) == 0.0
+
+
+def test_the_short_testbed_is_packaged_and_keeps_its_former_names():
+    import tomllib
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    from rqat_sdk.models import load_model
+    from rqat_sdk.testbed.train import EMBEDDED, LONG, SIZES, testbed_size
+
+    assert EMBEDDED.name == "short" and testbed_size("cpu") == ("short", SIZES["short"])
+    with pytest.raises(ValueError, match="testbed size 'tiny' is not one of cpu, gemma3, long, short, smollm2"):
+        testbed_size("tiny")
+    # the wheel carries every committed file of both testbeds
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["rqat_sdk.testbed"]
+    for testbed in (EMBEDDED, LONG):
+        files = [f"{testbed.name}/{f.name}" for f in testbed.iterdir()]
+        assert "model.safetensors" in {Path(f).name for f in files}
+        assert all(any(fnmatch(f, glob) for glob in globs) for f in files), (files, globs)
+    # a recipe or command naming the former path loads the same model (in a source tree, through a link)
+    old = load_model(EMBEDDED.parent / "cpu", dtype="float32", device="cpu")
+    new = load_model(EMBEDDED, dtype="float32", device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))

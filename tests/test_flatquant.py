@@ -249,7 +249,8 @@ def test_qat_gives_transforms_their_own_learning_rate(tiny_qwen3):
     model = load_model(tiny_qwen3, dtype="float32", device="cpu")
     attach_random_transforms(model, orthogonal=True)
     config = QATKDModifier(transform_learning_rate=3e-5, clipping_learning_rate=4e-4, learning_rate=1e-6)
-    groups = {group["name"]: group for group in _optimizer(config, model, torch.device("cpu")).param_groups}
+    optimizer = _optimizer(config.trainer_config(), model, torch.device("cpu"))
+    groups = {group["name"]: group for group in optimizer.param_groups}
     assert groups["transforms"]["lr"] == 3e-5 and groups["clipping"]["lr"] == 4e-4 and groups["weights"]["lr"] == 1e-6
     assert len(groups["transforms"]["params"]) == 2 * 4 * 3  # two layers, four transforms, three tensors each
     assert len(groups["clipping"]["params"]) == 2 * 4  # one activation-clipping logit per transform

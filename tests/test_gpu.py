@@ -1,6 +1,8 @@
 """CUDA-only checks: the Triton kernels (fake quantization, fused LM-head loss) against their PyTorch
 paths, and a QAT-KD run in bf16 on the GPU."""
 
+import math
+
 import pytest
 import torch
 
@@ -137,7 +139,8 @@ def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path):
     result = rqat_sdk.oneshot(tmp_path / "model", recipe, data, tmp_path / "out")
     assert result.model.dtype == torch.bfloat16 and result.model.device.type == "cuda"
     assert result.record["export"]["exact"] is True
-    assert result.record["stages"][1]["metrics"]["qat_kd"]["final_loss"] >= 0
+    # the student (GPTQ) and the teacher (the bf16 model) differ: a loss of 0 or NaN means the KD did not run
+    assert 0 < result.record["stages"][1]["metrics"]["qat_kd"]["final_loss"] < math.inf
 
 
 def test_kv_cache_fake_quant_on_cuda_matches_the_cpu_in_bf16():
@@ -210,7 +213,7 @@ def test_grpo_in_float32_on_the_gpu_exports_exactly(tmp_path):
 
     import rqat_sdk
 
-    testbed = Path(rqat_sdk.__file__).parent / "testbed" / "cpu"
+    testbed = Path(rqat_sdk.__file__).parent / "testbed" / "short"
     recipe = {
         "version": 1,
         "scheme": "W3G128",

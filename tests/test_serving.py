@@ -5,12 +5,12 @@ it. Without it they skip, saying so.
 """
 
 import json
-import os
 
 import pytest
 
 import rqat_sdk
 from rqat_sdk.errors import RecipeError
+from rqat_sdk.exporters.model_card import model_card
 from rqat_sdk.exporters.vllm import checkpoint_group_sizes, closest_servable, vllm_support
 from rqat_sdk.recipe import QuantScheme, Recipe
 from rqat_sdk.serving import serve_check, vllm_env
@@ -91,9 +91,14 @@ def test_export_writes_a_model_card_with_accuracy_and_the_serve_command(tiny_qwe
     card = (tmp_path / "out" / "README.md").read_text()
     assert "# card: W4G128" in card and "int4 weights (symmetric, group 128)" in card
     # the tiny model's context is 2,048 positions: the serve command asks for no more (vLLM would refuse it)
-    assert "pass@1 on `testbed`: **0.0%**" in card and "vllm serve <this directory> --max-model-len 2048" in card
+    evaluation = result.record["evaluation"]
+    assert evaluation["num_problems"] == 4
+    assert f"pass@1 on `testbed`: **{100 * evaluation['pass_at_1']:.1f}%**" in card
+    assert "vllm serve <this directory> --max-model-len 2048" in card
     assert "| cpu | yes | WNA16, CPUWNA16LinearKernel (needs AVX512) |" in card
-    assert result.record["evaluation"]["num_problems"] == 4
+    # the untrained tiny model scores 0: the card must also carry a measured score that is not
+    scored = {**result.record, "evaluation": {**evaluation, "pass_at_1": 0.625, "std": 0.05, "num_problems": 8}}
+    assert "pass@1 on `testbed`: **62.5%** (± 5.0 over 1 sample(s), 8 problems" in model_card(result.recipe, scored)
     assert json.loads((tmp_path / "out" / "evaluation.json").read_text())["items"]
 
 
@@ -112,7 +117,7 @@ def testbed_exports(tmp_path_factory):
     from rqat_sdk.testbed.train import EMBEDDED
 
     if not (EMBEDDED / "config.json").is_file():
-        pytest.skip("the CPU testbed is not built")
+        pytest.skip("the short testbed is not built")
     root = tmp_path_factory.mktemp("exports")
     exports = {"bf16": EMBEDDED}
     for scheme in ("W8A8", "W4A16"):
@@ -151,4 +156,3 @@ def test_setup_location_follows_rqat_home(tmp_path, monkeypatch):
     monkeypatch.setenv("RQAT_VLLM_PYTHON", str(tmp_path / "missing"))
     with pytest.raises(rqat_sdk.RqatError, match="RQAT_VLLM_PYTHON=.*does not exist"):
         vllm_env.python()
-    assert os.environ["RQAT_HOME"] == str(tmp_path)

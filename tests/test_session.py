@@ -165,7 +165,7 @@ def test_two_sessions_in_one_process_do_not_interfere(tiny_qwen3, tiny_llama, tm
         with pytest.raises(RuntimeError):
             session_a.run()
     b = session_b.run()
-    session_a.resume = True
+    session_a.options.resume = True
     a = session_a.run()
 
     assert torch.equal(logits(a.model, a.tokenizer), logits(alone_a.model, alone_a.tokenizer))

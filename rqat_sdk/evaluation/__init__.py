@@ -2,7 +2,7 @@
 
 from rqat_sdk.data.answers import extract_boxed, math_equal, score_response
 from rqat_sdk.evaluation.benchmarks import HUB_BENCHMARKS, Problem, load_benchmark
-from rqat_sdk.evaluation.harness import EvalReport, evaluate, markdown_table, plot
+from rqat_sdk.evaluation.harness import EvalReport, evaluate, markdown_table, plot, sample_std
 from rqat_sdk.evaluation.perplexity import perplexity
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "math_equal",
     "perplexity",
     "plot",
+    "sample_std",
     "score_response",
 ]

@@ -3,8 +3,9 @@
 Each problem is answered ``samples`` times (temperature 0.6, top-p 0.95 by default, as the seed paper's
 reference harness does with three seeds); a response scores 1 when its final ``\\boxed{}`` answer is right
 (math-verify equivalence, or the task's own reasoning-gym scorer). pass@1 is the mean score; its spread is
-the standard deviation of the per-sample pass@1 values. Mean response length and the share of responses cut
-off at ``max_new_tokens`` are reported beside it: a quantized reasoning model that rambles shows up there.
+the sample standard deviation (:func:`sample_std`) of the per-sample pass@1 values. Mean response length and
+the share of responses cut off at ``max_new_tokens`` are reported beside it: a quantized reasoning model that
+rambles shows up there.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from rqat_sdk.data.answers import score_response
@@ -27,6 +29,14 @@ from rqat_sdk.threads import configure_threads
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def sample_std(values: Iterable[float]) -> float:
+    """The spread every rqat report and results table gives as ``±``: the sample standard deviation (ddof=1,
+    dividing by n - 1), which estimates the spread of the population that the values (one per sampling or
+    training seed) were drawn from; 0.0 for fewer than two values."""
+    values = list(values)
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 @dataclass
@@ -129,7 +139,7 @@ def evaluate(
         label=label,
         benchmark=benchmark,
         pass_at_1=statistics.fmean(per_sample),
-        std=statistics.stdev(per_sample) if samples > 1 else 0.0,
+        std=sample_std(per_sample),
         per_sample=per_sample,
         mean_response_tokens=statistics.fmean(c.tokens for c in completions),
         truncation_rate=sum(c.truncated for c in completions) / len(completions),

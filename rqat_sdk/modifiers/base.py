@@ -1,12 +1,26 @@
 """The modifier contract: a small Pydantic config with a three-step lifecycle.
 
 A modifier is both the YAML node that configures it and the code that applies it, as in llm-compressor.
-The session calls, for each modifier of a stage in order::
+:func:`rqat_sdk.session.engine.run_stage` drives one stage's modifiers and is the only caller of these
+methods::
 
-    modifier.initialize(state)   # check preconditions against the loaded model; no heavy work
-    modifier.apply(state)        # change state.model (quantize, train, ...)
-    modifier.finalize(state)     # release what apply held on to
+    for m in stage.modifiers: m.initialize(state)   # every check first: a stage that cannot run fails
+                                                     # before it changes the model
+    for m in stage.modifiers:
+        m.apply(state)                               # change state.model (quantize, train, ...)
+        m.finalize(state)                            # always, also when apply raised
 
+- ``initialize`` checks preconditions against ``state.model`` as the stage found it (shapes, architecture),
+  and must not change the model: a later modifier of the stage runs its checks before an earlier one's
+  ``apply``, and a failed check leaves the model exactly as it was.
+- ``apply`` does the work. What it attaches for the duration (a trainable forward, float32 weights,
+  gradient checkpointing) it records on the modifier so that ``finalize`` can undo it.
+- ``finalize`` releases and restores what ``apply`` attached, and runs whether ``apply`` returned or raised,
+  so it must cope with an ``apply`` that stopped part-way (or before attaching anything). After it the
+  model is usable with its own forward, even when the stage failed: a model given to ``oneshot`` in memory
+  keeps the work of the modifiers that ran, never a half-attached training state.
+
+A stage stops at the first modifier that fails; the modifiers after it are neither applied nor finalized.
 Everything a modifier needs comes from the :class:`~rqat_sdk.session.state.SessionState` it is given;
 what little state is process-wide is listed in docs/architecture.md (Sessions and state).
 """
@@ -54,11 +68,12 @@ class Modifier(StrictModel):
         return False
 
     def initialize(self, state: SessionState) -> None:
-        """Check preconditions against ``state.model`` before any work starts."""
+        """Check preconditions against ``state.model`` as the stage found it, without changing it."""
 
     @abstractmethod
     def apply(self, state: SessionState) -> None:
         """Do the modifier's work on ``state.model``."""
 
     def finalize(self, state: SessionState) -> None:
-        """Release resources held by :meth:`apply`."""
+        """Undo what :meth:`apply` attached for its duration; also runs after an ``apply`` that raised."""
+

@@ -25,10 +25,11 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +51,7 @@ from rqat_sdk.files import (
 )
 from rqat_sdk.models import describe_model_source, download_hub_model, load_model, load_tokenizer, resolve_device
 from rqat_sdk.recipe import Recipe, RecipeInput, load_recipe
+from rqat_sdk.session.options import RunOptions
 from rqat_sdk.session.preflight import check_before_loading
 from rqat_sdk.session.state import SessionState, load_stage_examples, stage_data_field
 from rqat_sdk.threads import configure_threads
@@ -58,8 +60,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from rqat_sdk.data import DatasetInput
     from rqat_sdk.hub import Snapshot
+    from rqat_sdk.modifiers.base import Modifier
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,6 @@ STAGE_RECORD = "stage.json"
 RUN_RECORD = "run.json"
 RECIPE_FILE = "recipe.yaml"
 PARTIAL_SUFFIX = ".partial"
-KeepCheckpoints = Literal["all", "last", "none"]
 
 
 @dataclass
@@ -87,43 +88,25 @@ class Session:
     process-wide state they share is listed in docs/architecture.md)."""
 
     def __init__(
-        self,
-        recipe: RecipeInput,
-        model: str | os.PathLike | PreTrainedModel | None = None,
-        *,
-        dataset: DatasetInput | None = None,
-        output_dir: str | os.PathLike | None = None,
-        tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None,
-        overwrite: bool = False,
-        resume: bool = False,
-        allow_code: bool = False,
-        device: str | torch.device | None = "auto",
-        dtype: str = "auto",
-        keep_checkpoints: KeepCheckpoints = "last",
+        self, recipe: RecipeInput, model: str | os.PathLike | PreTrainedModel | None = None, **options: Any
     ):
-        if keep_checkpoints not in ("all", "last", "none"):
-            raise OutputDirError(f"keep_checkpoints {keep_checkpoints!r} is not one of all, last, none")
+        """``model``: None runs on the model the recipe names (its ``model`` field). ``options``: the fields of
+        :class:`RunOptions` (``dataset``, ``output_dir``, ``resume``, ...)."""
         self.recipe = load_recipe(recipe)
+        self.options = RunOptions(**options)
         self.model_input = model if model is not None else self.recipe.model
         if self.model_input is None:
             raise ModelLoadError(f"recipe {self.recipe.name or '(unnamed)'} names no model (its `model` field); pass "
                                  f"--model (model= in Python)")
         self.model_snapshot: Snapshot | None = None
-        self.tokenizer_input = tokenizer
-        self.dataset = dataset
-        self.output_dir = Path(output_dir).expanduser() if output_dir is not None else None
-        self.overwrite = overwrite
-        self.resume = resume
-        self.allow_code = allow_code
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self.keep_checkpoints = keep_checkpoints
+        """The hub snapshot a hub model was pinned to (:meth:`_pin_model`); None for other models."""
+        self.device = resolve_device(self.options.device)
 
     @property
     def work_dir(self) -> Path | None:
-        if self.output_dir is None:
+        if self.options.output_dir is None:
             return None
-        return self.output_dir.with_name(self.output_dir.name + PARTIAL_SUFFIX)
+        return self.options.output_dir.with_name(self.options.output_dir.name + PARTIAL_SUFFIX)
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -151,14 +134,25 @@ class Session:
             model,
             tokenizer,
             self.recipe,
-            run_dataset=self.dataset,
-            allow_code=self.allow_code,
+            run_dataset=self.options.dataset,
+            allow_code=self.options.allow_code,
             original_model=self._original_model(model, checkpoint),
             work_dir=self.work_dir,
             examples=examples,
         )
         record = self._start_record(first_stage, model.dtype)
+        in_place = self._changes_caller_model(checkpoint)
+        if in_place:
+            log.info("the model given in memory is changed in place (the result's model is that object); pass "
+                     "a copy (copy.deepcopy) to keep the original")
+        try:
+            return self._stages_and_export(state, record, first_stage)
+        except BaseException:
+            if in_place:
+                log.warning("%s", caller_model_after_failure(state.applied))
+            raise
 
+    def _stages_and_export(self, state: SessionState, record: dict[str, Any], first_stage: int) -> RunResult:
         for index in range(first_stage, len(self.recipe.stages)):
             record["stages"].append(self._run_stage(state, index))
             self._write_record(record)
@@ -179,12 +173,19 @@ class Session:
             self._write_record(record)
             self._write_card(record)
             self._prune_checkpoints()
-            if (replaced := run_record(self.output_dir)) is not None:
-                log.warning("--overwrite: replacing %s, %s", self.output_dir, describe_run(replaced))
-            replace_directory(self.work_dir, self.output_dir)
-            log.info("wrote %s (%s, %s)", self.output_dir, self.recipe.scheme.label, record["export"]["format"])
+            output_dir = self.options.output_dir
+            if (replaced := run_record(output_dir)) is not None:
+                log.warning("--overwrite: replacing %s, %s", output_dir, describe_run(replaced))
+            replace_directory(self.work_dir, output_dir)
+            log.info("wrote %s (%s, %s)", output_dir, self.recipe.scheme.label, record["export"]["format"])
         distributed.barrier()
-        return RunResult(state.model, state.tokenizer, self.recipe, self.output_dir, record)
+        return RunResult(state.model, state.tokenizer, self.recipe, self.options.output_dir, record)
+
+    def _changes_caller_model(self, checkpoint: Path | None) -> bool:
+        """Whether the run works on the caller's in-memory model itself (a resumed run loads its checkpoint)."""
+        from transformers import PreTrainedModel
+
+        return checkpoint is None and isinstance(self.model_input, PreTrainedModel)
 
     def _after_failure(self, exc: BaseException) -> None:
         """Remove the work directory of a run that kept nothing; otherwise say how to continue it."""
@@ -205,9 +206,11 @@ class Session:
         for index in range(first_stage, len(self.recipe.stages)):
             stage = self.recipe.stages[index]
             if any(modifier.needs_data for modifier in stage.modifiers):
-                examples[index] = load_stage_examples(self.recipe, index, self.dataset, allow_code=self.allow_code)
+                examples[index] = load_stage_examples(
+                    self.recipe, index, self.options.dataset, allow_code=self.options.allow_code
+                )
             if any(modifier.trains_on_responses for modifier in stage.modifiers):
-                check_trainable(examples[index], stage_data_field(self.recipe, index, self.dataset))
+                check_trainable(examples[index], stage_data_field(self.recipe, index, self.options.dataset))
         return examples
 
     def _run_stage(self, state: SessionState, index: int) -> dict[str, Any]:
@@ -220,13 +223,7 @@ class Session:
         log.info("stage %d/%d %r: %s", index + 1, total, stage.name, ", ".join(m.type for m in stage.modifiers))
         started = time.perf_counter()
         state.stage_metrics = {}
-        timings = []
-        for modifier in stage.modifiers:
-            begin = time.perf_counter()
-            modifier.initialize(state)
-            modifier.apply(state)
-            modifier.finalize(state)
-            timings.append({"type": modifier.type, "seconds": round(time.perf_counter() - begin, 3)})
+        timings = run_stage(stage.modifiers, state)
         source = state.stage_source() if any(m.needs_data or m.quantizes for m in stage.modifiers) else None
         entry = {
             "index": index,
@@ -293,9 +290,9 @@ class Session:
         """
         if self.work_dir is None:
             return 0, None
-        check_output_dir(self.output_dir, self.model_input, overwrite=self.overwrite)
-        resuming = self.work_dir.exists() and self.resume
-        if self.work_dir.exists() and not self.resume and not self.overwrite:
+        check_output_dir(self.options.output_dir, self.model_input, overwrite=self.options.overwrite)
+        resuming = self.work_dir.exists() and self.options.resume
+        if self.work_dir.exists() and not self.options.resume and not self.options.overwrite:
             raise OutputDirError(
                 f"{self.work_dir} holds an unfinished run; rerun with --resume to continue it, or with --overwrite "
                 f"to start over"
@@ -322,18 +319,18 @@ class Session:
         distributed.barrier()
         if resuming:
             log.info("resuming %s: %s", self.work_dir, _resume_point_text(first, len(self.recipe.stages)))
-        elif self.resume:
+        elif self.options.resume:
             log.info("nothing to resume in %s; starting from the first stage", self.work_dir)
         return first, checkpoint
 
     def _prune_checkpoints(self) -> None:
         root = self.work_dir / CHECKPOINTS
-        if self.keep_checkpoints == "all" or not root.is_dir():
+        if self.options.keep_checkpoints == "all" or not root.is_dir():
             return
         stages = sorted(p for p in root.iterdir() if p.is_dir())
-        for directory in stages if self.keep_checkpoints == "none" else stages[:-1]:
+        for directory in stages if self.options.keep_checkpoints == "none" else stages[:-1]:
             shutil.rmtree(directory)
-        if self.keep_checkpoints == "none":
+        if self.options.keep_checkpoints == "none":
             root.rmdir()
 
     # --- loading ---------------------------------------------------------------------------------
@@ -347,10 +344,10 @@ class Session:
             return model, load_tokenizer(checkpoint)
         if isinstance(self.model_input, PreTrainedModel):
             model = self.model_input.to(self.device)
-            tokenizer_source = self.tokenizer_input or model.config._name_or_path
+            tokenizer_source = self.options.tokenizer or model.config._name_or_path
         else:
-            model = load_model(self.model_input, dtype=self.dtype, device=self.device)
-            tokenizer_source = self.tokenizer_input or self.model_input
+            model = load_model(self.model_input, dtype=self.options.dtype, device=self.device)
+            tokenizer_source = self.options.tokenizer or self.model_input
         if not tokenizer_source:
             raise ModelLoadError("the model was given in memory without a tokenizer; pass tokenizer=")
         tokenizer = tokenizer_source if not isinstance(tokenizer_source, (str, os.PathLike)) else load_tokenizer(
@@ -376,23 +373,25 @@ class Session:
         return None
 
     def _output_is_complete_run(self) -> bool:
-        if not (self.resume and self.output_dir is not None and (self.output_dir / RUN_RECORD).is_file()):
+        output_dir = self.options.output_dir
+        if not (self.options.resume and output_dir is not None and (output_dir / RUN_RECORD).is_file()):
             return False
-        record = json.loads((self.output_dir / RUN_RECORD).read_text())
+        record = json.loads((output_dir / RUN_RECORD).read_text())
         fingerprint = record.get("recipe", {}).get("fingerprint")
         return record.get("status") == "complete" and fingerprint == self.recipe.fingerprint()
 
     def _load_finished(self) -> RunResult:
-        log.info("%s already holds the finished run of this recipe; loading it", self.output_dir)
-        model = reload_checkpoint(self.output_dir, dtype=_checkpoint_dtype(self.output_dir), device=self.device)
-        record = json.loads((self.output_dir / RUN_RECORD).read_text())
-        return RunResult(model, load_tokenizer(self.output_dir), self.recipe, self.output_dir, record)
+        output_dir = self.options.output_dir
+        log.info("%s already holds the finished run of this recipe; loading it", output_dir)
+        model = reload_checkpoint(output_dir, dtype=_checkpoint_dtype(output_dir), device=self.device)
+        record = json.loads((output_dir / RUN_RECORD).read_text())
+        return RunResult(model, load_tokenizer(output_dir), self.recipe, output_dir, record)
 
     # --- records and checks ----------------------------------------------------------------------
 
     def _check_code_allowed(self) -> None:
         references = self.recipe.code_references()
-        if references and not self.allow_code:
+        if references and not self.options.allow_code:
             listed = "; ".join(f"{path}: {ref}" for path, ref in references)
             raise CodeExecutionNotAllowed(
                 f"the recipe names Python code ({listed}). Recipes are untrusted input, so rqat does not import "
@@ -421,7 +420,7 @@ class Session:
                        "origin": origin.to_dict() if origin is not None else None},
             "scheme": self.recipe.scheme.label,
             "model": model,
-            "dataset": describe_source(self.dataset) if self.dataset is not None else None,
+            "dataset": describe_source(self.options.dataset) if self.options.dataset is not None else None,
             "seed": self.recipe.seed,
             "resumed_at_stage": first_stage if first_stage else None,
             "versions": {
@@ -485,6 +484,43 @@ class Session:
         config = json.loads((self.work_dir / "config.json").read_text())
         card = model_card(self.recipe, record, serving_context(config))
         write_text_atomic(self.work_dir / "README.md", card)
+
+
+def run_stage(modifiers: Sequence[Modifier], state: SessionState) -> list[dict[str, Any]]:
+    """Run one stage's modifiers under the contract of :mod:`rqat_sdk.modifiers.base`: every ``initialize``,
+    then ``apply`` and ``finalize`` of each in turn. Returns each modifier's type and seconds (its ``apply``
+    and ``finalize``).
+
+    ``state.applied`` receives each modifier whose ``apply`` started, before it starts: what has changed
+    ``state.model`` when a stage fails. An error of ``finalize`` after a failed ``apply`` is added to the
+    ``apply`` error as a note, which stays the one raised.
+    """
+    for modifier in modifiers:
+        modifier.initialize(state)
+    timings = []
+    for index, modifier in enumerate(modifiers):
+        begin = time.perf_counter()
+        state.applied.append(f"stages[{state.stage_index}].modifiers[{index}] ({modifier.type})")
+        try:
+            modifier.apply(state)
+        except BaseException as exc:
+            try:
+                modifier.finalize(state)
+            except Exception as cleanup:
+                log.exception("%s: finalize failed after apply failed", modifier.type)
+                exc.add_note(f"{modifier.type}.finalize also failed while cleaning up after it: {cleanup!r}")
+            raise
+        modifier.finalize(state)
+        timings.append({"type": modifier.type, "seconds": round(time.perf_counter() - begin, 3)})
+    return timings
+
+
+def caller_model_after_failure(applied: list[str]) -> str:
+    """What a failed run left in the model given in memory, for the log: which modifiers changed it."""
+    if not applied:
+        return "the run failed before any modifier's apply: the model given in memory is unchanged"
+    return (f"the run failed; the model given in memory was changed in place by {', '.join(applied)} (the last "
+            f"may have stopped part-way); each was finalized, so the model runs with its own forward")
 
 
 def run_record(directory: Path) -> dict[str, Any] | None:

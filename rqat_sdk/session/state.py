@@ -40,6 +40,9 @@ class SessionState:
     stage_index: int = 0
     stage_metrics: dict[str, Any] = field(default_factory=dict)
     """What the current stage's modifiers report (losses, throughput); copied into the run record."""
+    applied: list[str] = field(default_factory=list)
+    """Every modifier whose ``apply`` has started in this run, in order (``stages[i].modifiers[j] (type)``):
+    what has changed ``model``, also when a stage then failed."""
     examples: dict[int, Dataset] = field(default_factory=dict, repr=False)
     """Each stage's examples by index, loaded once; the session loads training stages' before the model."""
     _data: dict[int, Dataset] = field(default_factory=dict, repr=False)

@@ -36,7 +36,7 @@ MIXES = {
     ),
 }
 """The testbed mixes, as reasoning-gym specs. ``testbed`` is small enough for a model of a few hundred
-thousand parameters (the CPU testbed). ``testbed-long`` needs chains of 5 to 12 worked steps: as in a
+thousand parameters (the short testbed). ``testbed-long`` needs chains of 5 to 12 worked steps: as in a
 reasoning model's long chain of thought, one wrong digit anywhere makes the answer wrong, so small
 per-token errors from quantization compound (the GPU testbed). ``worked-math`` is for pretrained models
 fine-tuned into reasoning teachers (:mod:`rqat_sdk.testbed.teacher`): longer chains, 3-digit long

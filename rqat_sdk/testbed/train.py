@@ -3,9 +3,11 @@
 The testbed exists so that this project has a reasoning model on which low-bit PTQ visibly hurts and QAT
 visibly recovers, without any Hub access. It is trained with the SDK's own training loop (cross-entropy on
 the worked solutions, response tokens only), seeded, so that ``python -m rqat_sdk.testbed.train`` rebuilds
-it. Two sizes are Qwen3-architecture models trained from scratch: the CPU size is committed with the package
-(``rqat_sdk/testbed/cpu``) and is the embedded default of ``rqat demo``; the ``long`` size (committed as
-``rqat_sdk/testbed/long``) is the one that W3G128 hurts, for the result tables. The pretrained sizes
+it. Two sizes are Qwen3-architecture models trained from scratch: the ``short`` size, on short worked solutions,
+is committed with the package (``rqat_sdk/testbed/short``) and is the embedded default of ``rqat demo``; the
+``long`` size (committed as ``rqat_sdk/testbed/long``) is the one that W3G128 hurts, for the result tables.
+The short testbed's former names still work: the size ``cpu`` and, in a source tree, the path
+``rqat_sdk/testbed/cpu`` (a symbolic link). The pretrained sizes
 (``smollm2``, ``gemma3``) fine-tune a real pretrained LLM, read from its offline package, into a reasoning
 teacher; they are rebuilt on a GPU from a seed rather than committed.
 """
@@ -26,16 +28,16 @@ from rqat_sdk.data import tokenize_examples
 from rqat_sdk.files import atomic_directory
 from rqat_sdk.models import load_model, load_tokenizer, resolve_device
 from rqat_sdk.modifiers.qat.batches import StepBatches
-from rqat_sdk.modifiers.qat.modifier import QATKDModifier
-from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
+from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerConfig, TrainerPaths
+from rqat_sdk.ops.distill import LossSpec
 from rqat_sdk.testbed.tasks import MIXES, testbed_rows
 from rqat_sdk.testbed.tiny import build_model, build_tokenizer
 from rqat_sdk.threads import configure_threads
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = Path(__file__).parent / "cpu"
-"""The committed CPU testbed (bf16 safetensors, tokenizer, training record)."""
+EMBEDDED = Path(__file__).parent / "short"
+"""The committed short-solution testbed (bf16 safetensors, tokenizer, training record)."""
 LONG = Path(__file__).parent / "long"
 """The committed long-chain testbed, on which W3G128 PTQ loses ~20 points."""
 
@@ -61,10 +63,10 @@ class TestbedSize:
 
 
 SIZES = {
-    # Every Linear's input width is a multiple of 128, so W3G128 and W2G64 apply. The CPU size is small on
+    # Every Linear's input width is a multiple of 128, so W3G128 and W2G64 apply. The short size is small on
     # purpose: wider models (hidden 256, 4 layers, 3.3M parameters) solve these tasks with so much margin that
     # even 2-bit RTN barely hurts them; at 0.46M parameters 2-bit RTN costs ~40 points.
-    "cpu": TestbedSize("testbed", 128, 384, 2, 512, examples=60_000, steps=3000, batch_size=64, micro_batch_size=64,
+    "short": TestbedSize("testbed", 128, 384, 2, 512, examples=60_000, steps=3000, batch_size=64, micro_batch_size=64,
                        learning_rate=3e-3, warmup_steps=100, weight_decay=0.0),
     # The same model on worked solutions of 5 to 12 steps: W3G128 symmetric RTN costs it ~20 points.
     "long": TestbedSize("testbed-long", 128, 384, 2, 512, examples=60_000, steps=3000, batch_size=64,
@@ -79,9 +81,20 @@ SIZES = {
                           max_seq_length=512, base_model="gguf:gemma3-270m"),
 }
 
+SIZE_ALIASES = {"cpu": "short"}
+"""Former size names, kept for the commands and scripts that use them."""
+
+
+def testbed_size(name: str) -> tuple[str, TestbedSize]:
+    """The size called ``name`` (or a former name of it) and its current name."""
+    name = SIZE_ALIASES.get(name, name)
+    if name not in SIZES:
+        raise ValueError(f"testbed size {name!r} is not one of {', '.join(sorted([*SIZES, *SIZE_ALIASES]))}")
+    return name, SIZES[name]
+
 
 def train_testbed(
-    output_dir: str | Path, size: str | TestbedSize = "cpu", *, seed: int = 0, steps: int | None = None
+    output_dir: str | Path, size: str | TestbedSize = "short", *, seed: int = 0, steps: int | None = None
 ) -> dict:
     """Build the tokenizer and model, train them, and save a ``from_pretrained`` directory (bf16).
 
@@ -91,8 +104,7 @@ def train_testbed(
     from datasets import Dataset
     from transformers import set_seed
 
-    spec = SIZES[size] if isinstance(size, str) else size
-    name = size if isinstance(size, str) else "custom"
+    name, spec = testbed_size(size) if isinstance(size, str) else ("custom", size)
     steps = steps or spec.steps
     output_dir = Path(output_dir)
     started = time.perf_counter()
@@ -110,10 +122,9 @@ def train_testbed(
         ).to(resolve_device("auto"))
     configure_threads(model)
     examples = tokenize_examples(Dataset.from_list(rows), tokenizer, max_seq_length=spec.max_seq_length)
-    config = QATKDModifier(
-        objective="sft", steps=steps, batch_size=spec.batch_size, micro_batch_size=spec.micro_batch_size,
-        learning_rate=spec.learning_rate, warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay,
-        logging_steps=50, save_steps=500,
+    config = TrainerConfig(
+        loss=LossSpec(divergence="ce"), steps=steps, learning_rate=spec.learning_rate,
+        warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay, logging_steps=50, save_steps=500,
     )
     batches = StepBatches(
         examples, batch_size=spec.batch_size, micro_batch_size=spec.micro_batch_size, seed=seed,
@@ -147,7 +158,7 @@ def train_testbed(
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the reasoning testbed from scratch.")
     parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--size", choices=sorted([*SIZES, *SIZE_ALIASES]), default="short")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int)
     args = parser.parse_args()

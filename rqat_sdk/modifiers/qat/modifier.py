@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Literal
 
-import torch
-from pydantic import PrivateAttr, model_validator
+from pydantic import model_validator
 
 from rqat_sdk import distributed
 from rqat_sdk.data import check_trainable_tokens
 from rqat_sdk.fields import FloatRange, IntRange
-from rqat_sdk.modifiers.base import Modifier
-from rqat_sdk.modifiers.layers import attach_fake_quant, finish_training, tracking_codes
+from rqat_sdk.modifiers.layers import tracking_codes
 from rqat_sdk.modifiers.qat.batches import StepBatches
-from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerPaths
+from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerConfig, TrainerPaths
+from rqat_sdk.modifiers.training import TrainingModifier
+from rqat_sdk.ops.distill import LossSpec
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe.recipe import Position, Recipe
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class QATKDModifier(Modifier):
+class QATKDModifier(TrainingModifier):
     """Train the fake-quantized student to match the full-precision teacher (or the data, with ``sft``).
 
     The defaults are the seed paper's (Adam, betas 0.9/0.95, cosine decay, batch 32, 6,000 steps,
@@ -32,7 +32,6 @@ class QATKDModifier(Modifier):
 
     type: Literal["qat_kd"] = "qat_kd"
     needs_data = True
-    trains_quantized = True
     trains_on_responses = True
 
     objective: Literal["kd", "sft"] = "kd"
@@ -56,32 +55,18 @@ class QATKDModifier(Modifier):
     """Examples per forward pass and rank; gradients accumulate over batch_size / (micro_batch_size x ranks)."""
     learning_rate: FloatRange(0.0, 1.0) = 1e-6
     """Peak learning rate of the weights."""
-    scale_learning_rate: FloatRange(0.0, 1.0) = 5e-5
-    """Peak learning rate of scales and zero points (with learn_scales)."""
     clipping_learning_rate: FloatRange(0.0, 1.0) = 5e-4
     """Peak learning rate of clipping factors (with learn_clipping, and flatquant's activation clipping)."""
     transform_learning_rate: FloatRange(0.0, 1.0) = 5e-5
     """Peak learning rate of flatquant's online transforms (their Kronecker factors and smoothing scales)."""
     optimizer: Literal["adamw", "adam"] = "adamw"
     """AdamW (decoupled weight decay) or Adam."""
-    betas: tuple[FloatRange(0.0, 0.9999), FloatRange(0.0, 0.9999)] = (0.9, 0.95)
-    """Adam's moment decay rates."""
-    weight_decay: FloatRange(0.0, None) = 0.0
-    """Applied to the weights only."""
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warmup: cosine or linear to zero, or constant."""
-    warmup_steps: IntRange(0, None) = 0
-    """Steps of linear warmup."""
     max_grad_norm: FloatRange(0.0, None) | None = 1.0
     """Clip the global gradient norm; null to only measure it."""
-    learn_scales: bool = False
-    """Train weight scales and zero points (LSQ-style) as their own parameter group."""
     learn_clipping: bool = False
     """Train a clipping factor per scale in [0.5, 1] as its own parameter group."""
     train: Literal["all", "quantized"] = "all"
     """Train every parameter, or only the quantized layers' weights."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
     packing: bool = False
     """Pack each micro-batch into one row (no padding) instead of padding it."""
     loss_chunk_size: IntRange(16, None) = 1024
@@ -95,9 +80,6 @@ class QATKDModifier(Modifier):
     is smaller (training has diverged and would ruin the model); null to never stop."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under a multi-process launcher: DDP, or FSDP2 sharding of the transformer blocks."""
-
-    _export_dtype: torch.dtype = PrivateAttr(torch.float32)
-    _requires_grad: dict[str, bool] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _batch_fits(self) -> QATKDModifier:
@@ -117,26 +99,28 @@ class QATKDModifier(Modifier):
     def wants_original_model(self) -> bool:
         return self.objective == "kd" and self.teacher is None
 
+    def trainer_config(self) -> TrainerConfig:
+        """The training loop's settings: this node's, less what only the recipe needs."""
+        loss = LossSpec(
+            divergence=self.divergence if self.objective == "kd" else "ce", temperature=self.temperature,
+            beta=self.jsd_beta, top_k=self.top_k, chunk_size=self.loss_chunk_size,
+        )
+        return TrainerConfig(
+            loss=loss, steps=self.steps, learning_rate=self.learning_rate,
+            scale_learning_rate=self.scale_learning_rate, clipping_learning_rate=self.clipping_learning_rate,
+            transform_learning_rate=self.transform_learning_rate, optimizer=self.optimizer, betas=self.betas,
+            weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler, warmup_steps=self.warmup_steps,
+            max_grad_norm=self.max_grad_norm, train=self.train, save_steps=self.save_steps,
+            logging_steps=self.logging_steps, max_loss_ratio=self.max_loss_ratio, distributed=self.distributed,
+        )
+
     # --- lifecycle -------------------------------------------------------------------------------
 
-    def initialize(self, state: SessionState) -> None:
-        model = state.model
-        self._export_dtype = model.dtype
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        attach_fake_quant(
-            model, dtype=self._export_dtype, learn_scales=self.learn_scales, learn_clipping=self.learn_clipping
-        )
-        if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
     def apply(self, state: SessionState) -> None:
-        teacher = None
-        if self.objective == "kd":
-            teacher = state.teacher(self.teacher, dtype=self._export_dtype)
         data = state.stage_data()
-        check_trainable_tokens(
-            data, state.data_field(), state.stage.data.max_seq_length
-        )
+        check_trainable_tokens(data, state.data_field(), state.stage.data.max_seq_length)
+        self.attach_training(state, learn_clipping=self.learn_clipping, float32=False)
+        teacher = state.teacher(self.teacher, dtype=self._export_dtype) if self.objective == "kd" else None
         batches = StepBatches(
             data,
             batch_size=self.batch_size,
@@ -148,7 +132,7 @@ class QATKDModifier(Modifier):
             world_size=distributed.world_size(),
         )
         trainer = DistillationTrainer(
-            self,
+            self.trainer_config(),
             state.model,
             teacher,
             batches,
@@ -160,9 +144,3 @@ class QATKDModifier(Modifier):
         with tracking_codes(state.model) as codes:
             summary = trainer.train()
         state.stage_metrics[self.type] = {**summary, **codes}
-
-    def finalize(self, state: SessionState) -> None:
-        model = state.model
-        if self.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
-        finish_training(model, dtype=self._export_dtype, requires_grad=self._requires_grad)

@@ -18,9 +18,9 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from rqat_sdk.modifiers.qat.batches import StepBatches
-    from rqat_sdk.modifiers.qat.modifier import QATKDModifier
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +65,48 @@ def loss_exploded(loss: float, first: float, max_ratio: float | None) -> bool:
     """Whether ``loss`` has grown past ``max_ratio`` times the stage's ``first`` loss, or times
     :data:`LOSS_RATIO_FLOOR` when the first is smaller (never, with no ratio)."""
     return max_ratio is not None and loss > max_ratio * max(first, LOSS_RATIO_FLOOR)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The settings of :class:`DistillationTrainer`, trl-style: plain values whose defaults suit a short
+    fine-tuning run. The ``qat_kd`` modifier builds one from its recipe node (:meth:`QATKDModifier.trainer_config`),
+    the testbed builder one for plain SFT."""
+
+    loss: LossSpec = field(default_factory=LossSpec)
+    """What the loss compares: a divergence from the teacher, or ``ce`` (cross-entropy on the data, no teacher)."""
+    steps: int = 1000
+    """Optimizer steps."""
+    learning_rate: float = 2e-5
+    """Peak learning rate of the weights."""
+    scale_learning_rate: float = 5e-5
+    """Peak learning rate of trainable scales and zero points."""
+    clipping_learning_rate: float = 5e-4
+    """Peak learning rate of clipping factors."""
+    transform_learning_rate: float = 5e-5
+    """Peak learning rate of online transforms."""
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    """Applied to the weights only."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to zero, or constant."""
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm; None to only measure it."""
+    train: Literal["all", "quantized"] = "all"
+    """Train every parameter that requires a gradient, or of the weights only the quantized layers'."""
+    save_steps: int = 500
+    """Write a resumable checkpoint every this many steps (with a progress directory)."""
+    logging_steps: int = 10
+    max_loss_ratio: float | None = 100.0
+    """Stop when a step's loss exceeds this multiple of the first step's (see :func:`loss_exploded`)."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under a multi-process launcher: DDP, or FSDP2 sharding of the transformer blocks."""
+
+    @property
+    def objective(self) -> str:
+        return "sft" if self.loss.divergence == "ce" else "kd"
 
 
 @dataclass
@@ -104,9 +145,12 @@ def hidden_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tor
 
 
 class DistillationTrainer:
+    """Trains ``student`` for ``config.steps`` optimizer steps (:meth:`train`), one step at a time
+    (:meth:`step`), distilling from ``teacher`` or, with a ``ce`` loss and no teacher, on the labels."""
+
     def __init__(
         self,
-        config: QATKDModifier,
+        config: TrainerConfig,
         student: PreTrainedModel,
         teacher: PreTrainedModel | None,
         batches: StepBatches,
@@ -124,17 +168,13 @@ class DistillationTrainer:
         self.paths = paths
         self.fingerprint = fingerprint
         self.stage = stage
-        spec = LossSpec(
-            divergence=config.divergence if config.objective == "kd" else "ce",
-            temperature=config.temperature,
-            beta=config.jsd_beta,
-            top_k=config.top_k,
-            chunk_size=config.loss_chunk_size,
-        )
+        if (teacher is None) != (config.loss.divergence == "ce"):
+            needs = "takes no teacher" if config.loss.divergence == "ce" else "needs a teacher"
+            raise ValueError(f"config.loss.divergence {config.loss.divergence!r} {needs}")
         self.sharded = distributed.sharded(config.distributed)
         # FSDP2 shards a copy; the trained weights are gathered back into ``student`` after training.
         trained = copy.deepcopy(student) if self.sharded else student
-        self.objective = _StudentObjective(trained, spec)
+        self.objective = _StudentObjective(trained, config.loss)
         self.model = distributed.wrap(self.objective, config.distributed, _blocks(trained), student.dtype)
         self.optimizer = _optimizer(config, trained, device)
         self.scheduler = _scheduler(config, self.optimizer.optimizer)
@@ -152,7 +192,7 @@ class DistillationTrainer:
         began, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
         window_start, window_tokens = time.perf_counter(), 0
         for step in range(start, config.steps):
-            loss, tokens = self._step(step)
+            loss, tokens = self.step(step)
             last_loss = loss
             tokens_seen += tokens
             window_tokens += tokens
@@ -180,7 +220,10 @@ class DistillationTrainer:
             "tokens_per_s": round(tokens_seen / max(seconds, 1e-9), 1),
         }
 
-    def _step(self, step: int) -> tuple[float, int]:
+    def step(self, step: int) -> tuple[float, int]:
+        """Optimizer step ``step`` (0-based; its data depends only on the index): forward and backward over
+        its micro-batches, clip, update. Returns the step's loss and the tokens it read; raises
+        :class:`TrainingDiverged`, before updating, on a non-finite or exploded loss."""
         micro = self.batches.micro_batches(step, torch.device("cpu"))
         counted = torch.tensor(
             [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
@@ -375,7 +418,7 @@ def _blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
     return list(layers) if layers is not None else []
 
 
-def _optimizer(config: QATKDModifier, student: PreTrainedModel, device: torch.device):
+def _optimizer(config: TrainerConfig, student: PreTrainedModel, device: torch.device):
     if config.train == "quantized":
         trained = {f"{name}.weight" for name, _ in quantized_linears(student)}
         for name, parameter in student.named_parameters():
@@ -402,7 +445,7 @@ def _optimizer(config: QATKDModifier, student: PreTrainedModel, device: torch.de
     return MasterWeightOptimizer(groups, cls, betas=tuple(config.betas), weight_decay=config.weight_decay, fused=fused)
 
 
-def _scheduler(config: QATKDModifier, optimizer: torch.optim.Optimizer):
+def _scheduler(config: TrainerConfig, optimizer: torch.optim.Optimizer):
     from transformers import get_scheduler
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.lr_scheduler]

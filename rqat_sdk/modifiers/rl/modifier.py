@@ -8,18 +8,17 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import torch
-from pydantic import PrivateAttr, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
 from rqat_sdk import distributed
 from rqat_sdk.code import check_code_ref_syntax, is_code_ref
 from rqat_sdk.errors import RqatError
 from rqat_sdk.fields import FloatRange, IntRange
-from rqat_sdk.modifiers.base import Modifier
-from rqat_sdk.modifiers.layers import attach_fake_quant, finish_training, tracking_codes
+from rqat_sdk.modifiers.layers import tracking_codes
 from rqat_sdk.modifiers.rl.monitor import mean_reward, plot_training
 from rqat_sdk.modifiers.rl.rewards import BUILTIN_REWARDS, resolve_rewards
 from rqat_sdk.modifiers.rl.trl_adapter import run_grpo
+from rqat_sdk.modifiers.training import TrainingModifier
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe.recipe import Position, Recipe
@@ -36,18 +35,20 @@ class PolicyCollapseError(RqatError):
     """GRPO's training reward fell far below the starting policy's: it was destroying the model."""
 
 
-class GRPOModifier(Modifier):
+class GRPOModifier(TrainingModifier):
     """Reinforcement learning (GRPO, through trl) with a verifiable reward, on the fake-quantized model.
 
     Defaults are the seed paper's: learning rate 5e-7, 64 prompts x 8 completions per step, 250 steps,
     32k-token completions. GRPO straight after RTN collapses (the reward has no variance to learn from); after
     a ``qat_kd`` stage it adds 1-2 points. Before training, a probe measures the mean reward and stops the
     run when it is below ``cold_start_threshold`` (unless ``allow_cold_start``).
+
+    A quantized weight changes only when its latent value crosses half a quantization step, which small rates
+    rarely reach in a GRPO stage; with ``learn_scales`` a scale moves its whole group's values at once.
     """
 
     type: Literal["grpo"] = "grpo"
     needs_data = True
-    trains_quantized = True
 
     steps: IntRange(1, None) = 250
     """Optimizer steps."""
@@ -65,20 +66,6 @@ class GRPOModifier(Modifier):
     """Nucleus sampling of the rollouts."""
     learning_rate: FloatRange(0.0, 1.0) = 5e-7
     """Peak learning rate of the weights (latent weights of quantized layers, and the unquantized ones)."""
-    learn_scales: bool = False
-    """Train weight scales and zero points too, as in ``qat_kd``. A quantized weight changes only when its
-    latent value crosses half a quantization step, which small rates rarely reach in a GRPO stage; a scale
-    moves its whole group's values at once."""
-    scale_learning_rate: FloatRange(0.0, 1.0) = 5e-5
-    """Peak learning rate of scales and zero points (with learn_scales)."""
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warmup."""
-    warmup_steps: IntRange(0, None) = 0
-    """Steps of linear warmup."""
-    betas: tuple[FloatRange(0.0, 0.9999), FloatRange(0.0, 0.9999)] = (0.9, 0.95)
-    """Adam's moment decay rates."""
-    weight_decay: FloatRange(0.0, None) = 0.0
-    """AdamW weight decay."""
     max_grad_norm: FloatRange(0.0, None) = 1.0
     """Gradient norm clipping."""
     beta: FloatRange(0.0, None) = 0.0
@@ -95,8 +82,6 @@ class GRPOModifier(Modifier):
     """Rollout engine; vLLM receives the fake-quantized weights at every step."""
     vllm_server_url: str | None = None
     """The vLLM server, with ``generation: vllm-server``."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
     allow_cold_start: bool = False
     """Train even when the probe's mean reward is below ``cold_start_threshold``."""
     cold_start_threshold: FloatRange(0.0, None) = 0.05
@@ -112,9 +97,6 @@ class GRPOModifier(Modifier):
     """Write a resumable checkpoint every this many steps."""
     logging_steps: IntRange(1, None) = 1
     """Log reward, length, entropy, KL and clip ratio every this many steps."""
-
-    _export_dtype: torch.dtype = PrivateAttr(torch.float32)
-    _requires_grad: dict[str, bool] = PrivateAttr(default_factory=dict)
 
     @field_validator("rewards")
     @classmethod
@@ -160,13 +142,6 @@ class GRPOModifier(Modifier):
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    def initialize(self, state: SessionState) -> None:
-        model = state.model
-        self._export_dtype = model.dtype
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        model.float()  # fp32 masters: updates of 5e-7 vanish in bf16 (trl autocasts to bf16 on GPUs)
-        attach_fake_quant(model, dtype=self._export_dtype, learn_scales=self.learn_scales, learn_clipping=False)
-
     def apply(self, state: SessionState) -> None:
         from datasets import Dataset
 
@@ -182,6 +157,8 @@ class GRPOModifier(Modifier):
         if not rows:
             raise RqatError(f"stage {state.stage.name!r}: grpo needs chat examples with gold answers")
         prompts = Dataset.from_list(rows)
+        # fp32 masters: updates of 5e-7 vanish in bf16 (trl autocasts to bf16 on GPUs)
+        self.attach_training(state, learn_clipping=False, float32=True)
         probe = mean_reward(
             state.model, state.tokenizer, prompts.select(range(min(self.probe_size, len(prompts)))), rewards,
             self.reward_weights, max_new_tokens=self.max_completion_length, temperature=self.temperature,
@@ -230,7 +207,3 @@ class GRPOModifier(Modifier):
                 f"stages before this one are kept and this one starts afresh (its mid-stage checkpoints were "
                 f"removed). collapse_fraction: null turns this check off."
             )
-
-    def finalize(self, state: SessionState) -> None:
-        model = state.model
-        finish_training(model, dtype=self._export_dtype, requires_grad=self._requires_grad)
