@@ -225,4 +225,4 @@ def test_the_short_testbed_is_packaged_and_keeps_its_former_names():
     # a recipe or command naming the former path loads the same model (in a source tree, through a link)
     old = load_model(EMBEDDED.parent / "cpu", dtype="float32", device="cpu")
     new = load_model(EMBEDDED, dtype="float32", device="cpu")
-    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values(), strict=True))

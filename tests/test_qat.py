@@ -278,7 +278,8 @@ def test_in_memory_model_is_its_own_teacher(tiny_qwen3, monkeypatch):
     [teacher] = teachers
     assert teacher is not model and not any(p.requires_grad for p in teacher.parameters())
     assert teacher.state_dict().keys() == reference.state_dict().keys()  # no quantization parameters
-    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), reference.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(teacher.state_dict().values(), reference.state_dict().values(), strict=True))
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight)
 
 

@@ -14,9 +14,9 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from rqat_sdk.data.answers import score_response

@@ -2,9 +2,10 @@
 
 One optimizer step reads ``batch_size`` examples (split over ranks and micro-batches), normalises the loss
 by the number of response tokens in the whole step, clips the gradient norm, and steps AdamW with
-separate learning rates for weights, quantization scales, clipping factors and online transforms. Every ``save_steps`` the
-model, optimizer, scheduler and RNG states are written atomically to the stage's progress directory;
-a resumed run loads the newest one and continues bit-identically (data order depends only on the step).
+separate learning rates for weights, quantization scales, clipping factors and online transforms. Every
+``save_steps`` the model, optimizer, scheduler and RNG states are written atomically to the stage's progress
+directory; a resumed run loads the newest one and continues bit-identically (data order depends only on the
+step).
 A non-finite loss or gradient, or a loss above ``max_loss_ratio`` times the first step's, stops the stage
 before the optimizer touches the weights.
 """
@@ -199,7 +200,9 @@ class DistillationTrainer:
             if (step + 1) % config.logging_steps == 0 or step + 1 == config.steps:
                 elapsed = time.perf_counter() - window_start
                 metrics = self._metrics(step + 1, loss, window_tokens / max(elapsed, 1e-9))
-                bar.set_postfix(loss=format_loss(loss), lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=format_loss(loss), lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+                )
                 self._log(metrics)
                 window_start, window_tokens = time.perf_counter(), 0
             bar.update(1)
@@ -227,7 +230,8 @@ class DistillationTrainer:
         micro = self.batches.micro_batches(step, torch.device("cpu"))
         counted = torch.tensor(
             [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-             sum(int(b["input_ids"].numel() if "attention_mask" not in b else b["attention_mask"].sum()) for b in micro)],
+             sum(int(b["input_ids"].numel() if "attention_mask" not in b else b["attention_mask"].sum())
+                 for b in micro)],
             dtype=torch.float64,
         )
         if distributed.world_size() > 1:
