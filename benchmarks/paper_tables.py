@@ -161,6 +161,15 @@ def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
     return row
 
 
+def codes_changed(record: dict) -> dict:
+    """The share of weight codes each training stage moved off its initialisation (QAT and GRPO record it): a
+    gain with no code changed came from the parameters left in full precision (norms, embeddings)."""
+    changed = {stage["name"]: metrics["codes_changed"] for stage in record.get("stages", [])
+               for metrics in stage.get("metrics", {}).values()
+               if isinstance(metrics, dict) and "codes_changed" in metrics}
+    return {"codes_changed": changed} if changed else {}
+
+
 def over_training_seeds(runs: list[dict]) -> dict:
     """One row from the runs of a method with different recipe seeds: pass@1 averaged over every (training
     seed, sampling seed) pair, ``std`` over those pairs, ``training_std`` over the training seeds' means.
@@ -261,11 +270,12 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
         ppl = f", ppl {bf16['wiki_ppl']:.0f}" if "wiki_ppl" in bf16 else ""
         ax.axhline(100 * bf16["pass_at_1"], color="k", linestyle="--", label=f"BF16 {100 * bf16['pass_at_1']:.1f}{ppl}")
         ax.set_xticks(range(len(picked)), names, rotation=35, ha="right", fontsize=8)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 115)  # room above the bars for the legend
+        ax.set_yticks(range(0, 101, 20))
         ax.set_ylabel("pass@1 (%)")
         model = picked[0].get("model", "testbed")
         ax.set_title(f"{scheme}: PTQ, then QAT" + (f" ({model})" if model.startswith("gguf:") else ""))
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
     if domain:
         ax = axes[0][-1]
         sources = sorted({c for c, _ in domain}, key=list(DOMAINS).index)
@@ -397,7 +407,8 @@ def main() -> int:
         for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds)):
             planned = {**recipe(job.scheme, job.init, list(job.stages), args, **job.data), "seed": seed}
             result = rqat_sdk.oneshot(args.testbed, planned, dtype=args.dtype)
-            runs.append({"seed": seed, **measure(result.model, result.tokenizer, job.method, args)})
+            runs.append({"seed": seed, **measure(result.model, result.tokenizer, job.method, args),
+                         **codes_changed(result.record)})
         row = {"table": job.table, "model": model_name, "scheme": job.scheme, "method": job.method,
                **training_settings(list(job.stages), args), **over_training_seeds(runs),
                "bf16_pass_at_1": bf16["pass_at_1"] if bf16 else None,
