@@ -152,7 +152,7 @@ def scheme_for(scheme: str, init: str, group_size_fallback: str = "error") -> di
 def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
     report = rqat_sdk.evaluate(model, args.benchmark, tokenizer=tokenizer, samples=args.samples,
                                num_examples=args.problems, max_new_tokens=RESPONSE_TOKENS[args.benchmark],
-                               batch_size=args.problems, label=label, dtype=args.dtype)
+                               batch_size=args.eval_batch_size or args.problems, label=label, dtype=args.dtype)
     row = {"pass_at_1": round(report.pass_at_1, 4), "std": round(report.std, 4), "seeds": args.samples,
            "mean_response_tokens": round(report.mean_response_tokens, 1), "per_sample": report.per_sample}
     if args.ppl_paragraphs:
@@ -309,6 +309,9 @@ def main() -> int:
     parser.add_argument("--grpo-prompts", type=int, default=8, help="GRPO prompts per step (8 completions each)")
     parser.add_argument("--grpo-data", help="GRPO's prompts, a data source (default: the testbed's own mix), e.g. "
                         "the hardest task of the mix alone")
+    parser.add_argument("--eval-batch-size", type=int,
+                        help="problems generated at once (default: all); its KV cache is most of a job's GPU memory, "
+                        "so lower it to fit more --workers on a GPU")
     parser.add_argument("--seed", type=int, default=0, help="the recipe seed (calibration and QAT data order, GRPO)")
     parser.add_argument("--training-seeds", type=int, default=1,
                         help="run each method with this many recipe seeds from --seed; rows report the spread")
@@ -509,6 +512,7 @@ def child_arguments(args: argparse.Namespace) -> list[str]:
                "--grpo-prompts", str(args.grpo_prompts), "--tables", *args.tables, "--dtype", args.dtype,
                "--group-size-fallback", args.group_size_fallback, "--ppl-paragraphs", str(args.ppl_paragraphs),
                "--domains", *args.domains, "--table3-scheme", args.table3_scheme]
+    options += ["--eval-batch-size", str(args.eval_batch_size)] if args.eval_batch_size else []
     return options + (["--grpo-data", args.grpo_data] if args.grpo_data else [])
 
 
