@@ -152,13 +152,22 @@ def scheme_for(scheme: str, init: str, group_size_fallback: str = "error") -> di
 def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
     report = rqat_sdk.evaluate(model, args.benchmark, tokenizer=tokenizer, samples=args.samples,
                                num_examples=args.problems, max_new_tokens=RESPONSE_TOKENS[args.benchmark],
-                               batch_size=args.problems, label=label, dtype=args.dtype)
+                               batch_size=args.eval_batch_size or args.problems, label=label, dtype=args.dtype)
     row = {"pass_at_1": round(report.pass_at_1, 4), "std": round(report.std, 4), "seeds": args.samples,
            "mean_response_tokens": round(report.mean_response_tokens, 1), "per_sample": report.per_sample}
     if args.ppl_paragraphs:
         texts = [r["text"] for r in load_examples("wikipedia:heldout", num_samples=args.ppl_paragraphs, seed=0)]
         row["wiki_ppl"] = round(perplexity(model, tokenizer, texts), 3)
     return row
+
+
+def codes_changed(record: dict) -> dict:
+    """The share of weight codes each training stage moved off its initialisation (QAT and GRPO record it): a
+    gain with no code changed came from the parameters left in full precision (norms, embeddings)."""
+    changed = {stage["name"]: metrics["codes_changed"] for stage in record.get("stages", [])
+               for metrics in stage.get("metrics", {}).values()
+               if isinstance(metrics, dict) and "codes_changed" in metrics}
+    return {"codes_changed": changed} if changed else {}
 
 
 def over_training_seeds(runs: list[dict]) -> dict:
@@ -261,11 +270,12 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
         ppl = f", ppl {bf16['wiki_ppl']:.0f}" if "wiki_ppl" in bf16 else ""
         ax.axhline(100 * bf16["pass_at_1"], color="k", linestyle="--", label=f"BF16 {100 * bf16['pass_at_1']:.1f}{ppl}")
         ax.set_xticks(range(len(picked)), names, rotation=35, ha="right", fontsize=8)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 115)  # room above the bars for the legend
+        ax.set_yticks(range(0, 101, 20))
         ax.set_ylabel("pass@1 (%)")
         model = picked[0].get("model", "testbed")
         ax.set_title(f"{scheme}: PTQ, then QAT" + (f" ({model})" if model.startswith("gguf:") else ""))
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
     if domain:
         ax = axes[0][-1]
         sources = sorted({c for c, _ in domain}, key=list(DOMAINS).index)
@@ -299,6 +309,9 @@ def main() -> int:
     parser.add_argument("--grpo-prompts", type=int, default=8, help="GRPO prompts per step (8 completions each)")
     parser.add_argument("--grpo-data", help="GRPO's prompts, a data source (default: the testbed's own mix), e.g. "
                         "the hardest task of the mix alone")
+    parser.add_argument("--eval-batch-size", type=int,
+                        help="problems generated at once (default: all); its KV cache is most of a job's GPU memory, "
+                        "so lower it to fit more --workers on a GPU")
     parser.add_argument("--seed", type=int, default=0, help="the recipe seed (calibration and QAT data order, GRPO)")
     parser.add_argument("--training-seeds", type=int, default=1,
                         help="run each method with this many recipe seeds from --seed; rows report the spread")
@@ -397,7 +410,8 @@ def main() -> int:
         for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds)):
             planned = {**recipe(job.scheme, job.init, list(job.stages), args, **job.data), "seed": seed}
             result = rqat_sdk.oneshot(args.testbed, planned, dtype=args.dtype)
-            runs.append({"seed": seed, **measure(result.model, result.tokenizer, job.method, args)})
+            runs.append({"seed": seed, **measure(result.model, result.tokenizer, job.method, args),
+                         **codes_changed(result.record)})
         row = {"table": job.table, "model": model_name, "scheme": job.scheme, "method": job.method,
                **training_settings(list(job.stages), args), **over_training_seeds(runs),
                "bf16_pass_at_1": bf16["pass_at_1"] if bf16 else None,
@@ -498,6 +512,7 @@ def child_arguments(args: argparse.Namespace) -> list[str]:
                "--grpo-prompts", str(args.grpo_prompts), "--tables", *args.tables, "--dtype", args.dtype,
                "--group-size-fallback", args.group_size_fallback, "--ppl-paragraphs", str(args.ppl_paragraphs),
                "--domains", *args.domains, "--table3-scheme", args.table3_scheme]
+    options += ["--eval-batch-size", str(args.eval_batch_size)] if args.eval_batch_size else []
     return options + (["--grpo-data", args.grpo_data] if args.grpo_data else [])
 
 
