@@ -6,9 +6,13 @@ the whole allowed range (``9 is not in 2..8``) and the JSON Schema still carries
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, GetCoreSchemaHandler, GetJsonSchemaHandler, WithJsonSchema
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 
 class StrictModel(BaseModel):
@@ -17,7 +21,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-def _range_checker(lo: float | None, hi: float | None):
+def _range_checker(lo: float | None, hi: float | None) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         too_low = lo is not None and value < lo
         too_high = hi is not None and value > hi
@@ -41,15 +45,37 @@ def _bounds_schema(json_type: str, lo: float | None, hi: float | None) -> dict[s
     return schema
 
 
-def IntRange(lo: int | None = None, hi: int | None = None) -> Any:
-    """An ``int`` in ``lo..hi`` (either bound may be open)."""
-    return Annotated[int, AfterValidator(_range_checker(lo, hi)), WithJsonSchema(_bounds_schema("integer", lo, hi))]
+@dataclass(frozen=True)
+class Bounds:
+    """``Annotated`` metadata for a number in ``lo..hi`` (either bound may be open): the range check with its
+    own message, and a JSON Schema of ``json_type`` with ``minimum``/``maximum``. Written through
+    :func:`IntRange` and :func:`FloatRange`: ``steps: Annotated[int, IntRange(1, None)] = 100``."""
+
+    json_type: str
+    lo: float | None
+    hi: float | None
+
+    @property
+    def json_schema(self) -> dict[str, Any]:
+        """The field's JSON Schema (as pydantic's ``WithJsonSchema`` names it; the recipe reference reads it)."""
+        return _bounds_schema(self.json_type, self.lo, self.hi)
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return AfterValidator(_range_checker(self.lo, self.hi)).__get_pydantic_core_schema__(source, handler)
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return WithJsonSchema(self.json_schema).__get_pydantic_json_schema__(schema, handler)
 
 
-def FloatRange(lo: float | None = None, hi: float | None = None) -> Any:
-    """A ``float`` in ``lo..hi`` (either bound may be open)."""
-    return Annotated[float, AfterValidator(_range_checker(lo, hi)), WithJsonSchema(_bounds_schema("number", lo, hi))]
+def IntRange(lo: int | None = None, hi: int | None = None) -> Bounds:
+    """The bounds of an ``int`` field: ``Annotated[int, IntRange(lo, hi)]``."""
+    return Bounds("integer", lo, hi)
 
 
-Bits = IntRange(2, 8)
-PositiveInt = IntRange(1, None)
+def FloatRange(lo: float | None = None, hi: float | None = None) -> Bounds:
+    """The bounds of a ``float`` field: ``Annotated[float, FloatRange(lo, hi)]``."""
+    return Bounds("number", lo, hi)
+
+
+Bits = Annotated[int, IntRange(2, 8)]
+PositiveInt = Annotated[int, IntRange(1, None)]

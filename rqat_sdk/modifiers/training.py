@@ -9,7 +9,7 @@ parameters and restores the forward, dtype, eval mode and flags, also after an `
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from pydantic import PrivateAttr
@@ -29,15 +29,15 @@ class TrainingModifier(Modifier):
 
     learn_scales: bool = False
     """Train weight scales and zero points (LSQ-style) as their own parameter group, at scale_learning_rate."""
-    scale_learning_rate: FloatRange(0.0, 1.0) = 5e-5
+    scale_learning_rate: Annotated[float, FloatRange(0.0, 1.0)] = 5e-5
     """Peak learning rate of scales and zero points (with learn_scales)."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warmup: cosine or linear to zero, or constant."""
-    warmup_steps: IntRange(0, None) = 0
+    warmup_steps: Annotated[int, IntRange(0, None)] = 0
     """Steps of linear warmup."""
-    betas: tuple[FloatRange(0.0, 0.9999), FloatRange(0.0, 0.9999)] = (0.9, 0.95)
+    betas: tuple[Annotated[float, FloatRange(0.0, 0.9999)], Annotated[float, FloatRange(0.0, 0.9999)]] = (0.9, 0.95)
     """Adam's moment decay rates."""
-    weight_decay: FloatRange(0.0, None) = 0.0
+    weight_decay: Annotated[float, FloatRange(0.0, None)] = 0.0
     """Decoupled weight decay, applied to the weights only."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""

@@ -62,9 +62,9 @@ class DataConfig(StrictModel):
     """A dataset: ``reasoning-gym:TASK[,TASK...]``, a ``.jsonl`` file, a directory saved with
     ``datasets.save_to_disk``, ``hf:ORG/NAME[:CONFIG][@SPLIT]``, or ``python:module:function`` (needs
     allow_code). Null means the dataset given to the run (``dataset=`` / ``--dataset``)."""
-    num_samples: IntRange(1, None) = 128
+    num_samples: Annotated[int, IntRange(1, None)] = 128
     """How many examples to draw (seeded by the recipe's seed)."""
-    max_seq_length: IntRange(8, None) = 512
+    max_seq_length: Annotated[int, IntRange(8, None)] = 512
     """Examples are truncated to this many tokens after the chat template is applied."""
 
     @field_validator("source")
@@ -80,17 +80,17 @@ class EvaluationConfig(StrictModel):
 
     benchmark: str = "testbed"
     """A benchmark name as ``rqat eval`` takes it (testbed, reasoning-gym:..., a .jsonl file, gsm8k, ...)."""
-    num_examples: IntRange(1, None) = 200
+    num_examples: Annotated[int, IntRange(1, None)] = 200
     """Problems drawn from the benchmark."""
-    samples: IntRange(1, None) = 3
+    samples: Annotated[int, IntRange(1, None)] = 3
     """Sampled answers per problem; pass@1 is their mean."""
-    max_new_tokens: IntRange(1, None) = 1024
+    max_new_tokens: Annotated[int, IntRange(1, None)] = 1024
     """Tokens an answer may take."""
     greedy: bool = False
     """One greedy answer per problem instead of samples."""
-    temperature: FloatRange(0.01, 10.0) = 0.6
+    temperature: Annotated[float, FloatRange(0.01, 10.0)] = 0.6
     """Sampling temperature."""
-    top_p: FloatRange(0.0, 1.0) = 0.95
+    top_p: Annotated[float, FloatRange(0.0, 1.0)] = 0.95
     """Nucleus sampling."""
 
 
@@ -128,7 +128,7 @@ class Recipe(StrictModel):
     model: str | None = None
     """The model this recipe was written for (a hub id, ``ORG/NAME@REVISION`` to pin a branch, tag or commit, or
     a directory); runs use it when they are given no model."""
-    seed: IntRange(0, 2**32 - 1) = 0
+    seed: Annotated[int, IntRange(0, 2**32 - 1)] = 0
     """Seeds data sampling and every stage, so that a run can be repeated."""
     scheme: QuantScheme
     """The target quantization scheme, or a preset name such as W3G128."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import field_validator
 from safetensors import safe_open
@@ -86,9 +86,9 @@ class GPTQModifier(_Quantizer):
 
     type: Literal["gptq"] = "gptq"
     needs_data = True
-    block_size: IntRange(1, None) = 128
+    block_size: Annotated[int, IntRange(1, None)] = 128
     """Columns quantized together before their error is propagated."""
-    dampening_frac: FloatRange(0.0, 1.0) = 0.01
+    dampening_frac: Annotated[float, FloatRange(0.0, 1.0)] = 0.01
     """Fraction of the Hessian's mean diagonal added to its diagonal for numerical stability."""
     actorder: Literal["static", "group", "weight"] | None = "static"
     """Activation ordering: quantize columns in order of decreasing Hessian diagonal; null keeps the
@@ -122,7 +122,7 @@ class AWQModifier(_Quantizer):
     needs_data = True
     duo_scaling: bool | Literal["both"] = True
     """Use activations and weights (true), activations only (false), or try both, to set the scales."""
-    n_grid: IntRange(1, 1000) = 20
+    n_grid: Annotated[int, IntRange(1, 1000)] = 20
     """Grid points searched per layer group."""
 
     def check(self, recipe: Recipe, at: Position) -> list[str]:
@@ -304,9 +304,9 @@ class FlatQuantModifier(Modifier):
     """Learn a clipping factor per weight quantization group; the weights are clamped to it after calibration."""
     activation_clipping: bool = True
     """Learn a clipping factor per transform for the activations it feeds to the quantizer."""
-    epochs: IntRange(1, None) = 15
+    epochs: Annotated[int, IntRange(1, None)] = 15
     """Passes over the calibration set per decoder layer."""
-    learning_rate: FloatRange(0.0, 1.0) = 5e-3
+    learning_rate: Annotated[float, FloatRange(0.0, 1.0)] = 5e-3
     """Peak AdamW learning rate of the transforms and clipping factors (cosine decay to zero)."""
 
     @field_validator("transforms")

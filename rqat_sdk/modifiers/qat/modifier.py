@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import model_validator
 
@@ -38,30 +38,30 @@ class QATKDModifier(TrainingModifier):
     """``kd``: match the teacher's next-token distribution; ``sft``: cross-entropy on the data's responses."""
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "topk_kl"] = "forward_kl"
     """How ``kd`` compares the distributions (forward KL is the seed paper's)."""
-    temperature: FloatRange(0.05, 100.0) = 1.0
+    temperature: Annotated[float, FloatRange(0.05, 100.0)] = 1.0
     """Softmax temperature of both distributions; the loss is multiplied by its square."""
-    jsd_beta: FloatRange(0.01, 0.99) = 0.5
+    jsd_beta: Annotated[float, FloatRange(0.01, 0.99)] = 0.5
     """The teacher's weight in the ``jsd`` mixture."""
-    top_k: IntRange(1, None) = 64
+    top_k: Annotated[int, IntRange(1, None)] = 64
     """Teacher tokens kept by ``topk_kl``."""
     teacher: str | None = None
     """A model directory or hub id; null: the full-precision model the run started from."""
 
-    steps: IntRange(1, None) = 6000
+    steps: Annotated[int, IntRange(1, None)] = 6000
     """Optimizer steps."""
-    batch_size: IntRange(1, None) = 32
+    batch_size: Annotated[int, IntRange(1, None)] = 32
     """Examples per optimizer step, over all ranks."""
-    micro_batch_size: IntRange(1, None) = 4
+    micro_batch_size: Annotated[int, IntRange(1, None)] = 4
     """Examples per forward pass and rank; gradients accumulate over batch_size / (micro_batch_size x ranks)."""
-    learning_rate: FloatRange(0.0, 1.0) = 1e-6
+    learning_rate: Annotated[float, FloatRange(0.0, 1.0)] = 1e-6
     """Peak learning rate of the weights."""
-    clipping_learning_rate: FloatRange(0.0, 1.0) = 5e-4
+    clipping_learning_rate: Annotated[float, FloatRange(0.0, 1.0)] = 5e-4
     """Peak learning rate of clipping factors (with learn_clipping, and flatquant's activation clipping)."""
-    transform_learning_rate: FloatRange(0.0, 1.0) = 5e-5
+    transform_learning_rate: Annotated[float, FloatRange(0.0, 1.0)] = 5e-5
     """Peak learning rate of flatquant's online transforms (their Kronecker factors and smoothing scales)."""
     optimizer: Literal["adamw", "adam"] = "adamw"
     """AdamW (decoupled weight decay) or Adam."""
-    max_grad_norm: FloatRange(0.0, None) | None = 1.0
+    max_grad_norm: Annotated[float, FloatRange(0.0, None)] | None = 1.0
     """Clip the global gradient norm; null to only measure it."""
     learn_clipping: bool = False
     """Train a clipping factor per scale in [0.5, 1] as its own parameter group."""
@@ -69,13 +69,13 @@ class QATKDModifier(TrainingModifier):
     """Train every parameter, or only the quantized layers' weights."""
     packing: bool = False
     """Pack each micro-batch into one row (no padding) instead of padding it."""
-    loss_chunk_size: IntRange(16, None) = 1024
+    loss_chunk_size: Annotated[int, IntRange(16, None)] = 1024
     """Tokens per chunk of LM-head logits in the loss (memory vs. speed)."""
-    save_steps: IntRange(1, None) = 500
+    save_steps: Annotated[int, IntRange(1, None)] = 500
     """Write a resumable checkpoint every this many steps."""
-    logging_steps: IntRange(1, None) = 10
+    logging_steps: Annotated[int, IntRange(1, None)] = 10
     """Log loss, learning rate, gradient norm and throughput every this many steps."""
-    max_loss_ratio: FloatRange(1.0, None) | None = 100.0
+    max_loss_ratio: Annotated[float, FloatRange(1.0, None)] | None = 100.0
     """Stop the stage when a step's loss exceeds this multiple of its first step's loss, or of 0.01 when that
     is smaller (training has diverged and would ruin the model); null to never stop."""
     distributed: Literal["ddp", "fsdp"] = "ddp"

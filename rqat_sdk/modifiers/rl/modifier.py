@@ -6,7 +6,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import field_validator, model_validator
 
@@ -50,33 +50,33 @@ class GRPOModifier(TrainingModifier):
     type: Literal["grpo"] = "grpo"
     needs_data = True
 
-    steps: IntRange(1, None) = 250
+    steps: Annotated[int, IntRange(1, None)] = 250
     """Optimizer steps."""
-    prompts_per_step: IntRange(1, None) = 64
+    prompts_per_step: Annotated[int, IntRange(1, None)] = 64
     """Prompts per step (over all ranks)."""
-    group_size: IntRange(2, None) = 8
+    group_size: Annotated[int, IntRange(2, None)] = 8
     """Completions sampled per prompt; rewards are normalised within each group."""
-    micro_batch_size: IntRange(1, None) = 8
+    micro_batch_size: Annotated[int, IntRange(1, None)] = 8
     """Completions per forward pass and rank."""
-    max_completion_length: IntRange(1, None) = 32768
+    max_completion_length: Annotated[int, IntRange(1, None)] = 32768
     """Tokens a completion may generate."""
-    temperature: FloatRange(0.01, 10.0) = 1.0
+    temperature: Annotated[float, FloatRange(0.01, 10.0)] = 1.0
     """Sampling temperature of the rollouts."""
-    top_p: FloatRange(0.0, 1.0) = 1.0
+    top_p: Annotated[float, FloatRange(0.0, 1.0)] = 1.0
     """Nucleus sampling of the rollouts."""
-    learning_rate: FloatRange(0.0, 1.0) = 5e-7
+    learning_rate: Annotated[float, FloatRange(0.0, 1.0)] = 5e-7
     """Peak learning rate of the weights (latent weights of quantized layers, and the unquantized ones)."""
-    max_grad_norm: FloatRange(0.0, None) = 1.0
+    max_grad_norm: Annotated[float, FloatRange(0.0, None)] = 1.0
     """Gradient norm clipping."""
-    beta: FloatRange(0.0, None) = 0.0
+    beta: Annotated[float, FloatRange(0.0, None)] = 0.0
     """KL penalty towards the starting policy (0: none, no reference model kept)."""
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
     """trl's loss normalisation."""
-    epsilon: FloatRange(0.0, 1.0) = 0.2
+    epsilon: Annotated[float, FloatRange(0.0, 1.0)] = 0.2
     """PPO-style clipping of the probability ratio."""
     rewards: list[str] = ["correctness"]
     """``correctness``, ``format``, or ``python:module:function`` (needs allow_code)."""
-    reward_weights: list[FloatRange(0.0, None)] | None = None
+    reward_weights: list[Annotated[float, FloatRange(0.0, None)]] | None = None
     """One weight per reward (default: all 1)."""
     generation: Literal["transformers", "vllm-colocate", "vllm-server"] = "transformers"
     """Rollout engine; vLLM receives the fake-quantized weights at every step."""
@@ -84,18 +84,18 @@ class GRPOModifier(TrainingModifier):
     """The vLLM server, with ``generation: vllm-server``."""
     allow_cold_start: bool = False
     """Train even when the probe's mean reward is below ``cold_start_threshold``."""
-    cold_start_threshold: FloatRange(0.0, None) = 0.05
+    cold_start_threshold: Annotated[float, FloatRange(0.0, None)] = 0.05
     """Minimum mean reward of the probe."""
-    probe_size: IntRange(1, None) = 32
+    probe_size: Annotated[int, IntRange(1, None)] = 32
     """Prompts the cold-start probe samples once each."""
-    collapse_fraction: FloatRange(0.0, 1.0) | None = 0.5
+    collapse_fraction: Annotated[float, FloatRange(0.0, 1.0)] | None = 0.5
     """Stop the stage with an error when the mean training reward of the last ``collapse_window`` logged
     steps falls below this fraction of the probe's (the starting policy's) mean reward; None: never."""
-    collapse_window: IntRange(1, None) = 10
+    collapse_window: Annotated[int, IntRange(1, None)] = 10
     """Logged steps that the collapse check averages."""
-    save_steps: IntRange(1, None) = 50
+    save_steps: Annotated[int, IntRange(1, None)] = 50
     """Write a resumable checkpoint every this many steps."""
-    logging_steps: IntRange(1, None) = 1
+    logging_steps: Annotated[int, IntRange(1, None)] = 1
     """Log reward, length, entropy, KL and clip ratio every this many steps."""
 
     @field_validator("rewards")
