@@ -28,6 +28,7 @@ import contextlib
 import types
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,20 @@ from rqat_sdk.ops.fake_quant import (
     round_ste,
 )
 from rqat_sdk.transforms import ACTIVATION_CLIP_PARAMETER, TRANSFORM_PARAMETERS, is_transform_parameter
+
+if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationScheme
+
+    class QuantizedLinear(torch.nn.Linear):
+        """A Linear as compressed-tensors quantized it and QAT trains it, for the type checker only: the
+        attributes both attach at run time, which ``torch.nn.Module.__getattr__`` types as ``Tensor | Module``."""
+
+        quantization_scheme: QuantizationScheme
+        weight_scale: torch.nn.Parameter
+        weight_zero_point: torch.Tensor
+        rqat_zero_point: torch.nn.Parameter
+        rqat_clip: torch.nn.Parameter
+        _rqat_dtype: torch.dtype
 
 CLIP_MIN = 0.5
 _SAVED_FORWARD = "_rqat_compressed_tensors_forward"
@@ -62,10 +77,10 @@ def parameter_group(name: str) -> str:
     return _GROUPS.get(name.rsplit(".", 1)[-1], "weights")
 
 
-def quantized_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+def quantized_linears(model: torch.nn.Module) -> list[tuple[str, QuantizedLinear]]:
     """Linear layers carrying a compressed-tensors weight scheme (what the PTQ stage quantized)."""
     return [
-        (name, module)
+        (name, cast("QuantizedLinear", module))
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
         and getattr(getattr(module, "quantization_scheme", None), "weights", None) is not None
@@ -85,7 +100,8 @@ def attach_fake_quant(model: torch.nn.Module, *, dtype: torch.dtype, learn_scale
             module.rqat_zero_point = torch.nn.Parameter(module.weight_zero_point.detach().float())
         if learn_clipping:
             module.rqat_clip = torch.nn.Parameter(torch.ones_like(module.weight_scale, dtype=torch.float32))
-        module.forward = types.MethodType(_qat_forward, module)
+        # the instance's forward shadows the class's until detach_fake_quant deletes it (mypy: a method)
+        module.forward = types.MethodType(_qat_forward, module)  # type: ignore[method-assign]
 
 
 def detach_fake_quant(model: torch.nn.Module) -> None:
@@ -96,7 +112,8 @@ def detach_fake_quant(model: torch.nn.Module) -> None:
         with torch.no_grad():
             module.weight_scale.data = effective_scale(module).detach().to(module.weight_scale.dtype)
             if hasattr(module, "rqat_zero_point"):
-                module.weight_zero_point.copy_(effective_zero_point(module).to(module.weight_zero_point.dtype))
+                learned = cast(torch.Tensor, effective_zero_point(module))  # not None: rqat_zero_point is set
+                module.weight_zero_point.copy_(learned.to(module.weight_zero_point.dtype))
         for name in ("rqat_zero_point", "rqat_clip", "_rqat_dtype"):
             if hasattr(module, name):
                 delattr(module, name)
@@ -106,7 +123,7 @@ def detach_fake_quant(model: torch.nn.Module) -> None:
         if saved is None:
             del module.forward
         else:
-            module.forward = saved
+            module.forward = saved  # type: ignore[method-assign]  # the instance forward it had before
 
 
 def finish_training(model: torch.nn.Module, *, dtype: torch.dtype, requires_grad: dict[str, bool]) -> None:
@@ -150,14 +167,14 @@ def fake_quantized_weights(model: torch.nn.Module):
             yield name, parameter.detach()
 
 
-def effective_scale(module: torch.nn.Linear) -> torch.Tensor:
-    scale = module.weight_scale
+def effective_scale(module: QuantizedLinear) -> torch.Tensor:
+    scale: torch.Tensor = module.weight_scale
     if hasattr(module, "rqat_clip"):
         scale = scale * clamp_ste(module.rqat_clip, CLIP_MIN, 1.0)
     return scale
 
 
-def effective_zero_point(module: torch.nn.Linear) -> torch.Tensor | None:
+def effective_zero_point(module: QuantizedLinear) -> torch.Tensor | None:
     args = module.quantization_scheme.weights
     if hasattr(module, "rqat_zero_point"):
         qmin, qmax = int_range(args.num_bits)
@@ -179,7 +196,7 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
     trained = [m for _, m in quantized_linears(model) if hasattr(m, _SAVED_FORWARD)]
     if any(isinstance(m.weight, DTensor) for m in trained):
         trained = []
-    families: dict[tuple, list[tuple[torch.nn.Linear, tuple]]] = defaultdict(list)
+    families: dict[tuple, list[tuple[QuantizedLinear, tuple]]] = defaultdict(list)
     for module in trained:
         weight, scale, zero_point, num_bits, group_size, dtype = _quantizer_inputs(module)
         key = (num_bits, group_size or weight.shape[-1], dtype, weight.dtype, scale.dtype,
@@ -188,8 +205,8 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
     try:
         for (num_bits, group, dtype, *_), members in families.items():
             weights, scales, zero_points = zip(*(inputs for _, inputs in members), strict=True)
-            zero_points = None if zero_points[0] is None else list(zero_points)
-            quantized = fake_quantize_weights(list(weights), list(scales), zero_points, num_bits, group, dtype)
+            shared_zero_points = None if zero_points[0] is None else list(zero_points)
+            quantized = fake_quantize_weights(list(weights), list(scales), shared_zero_points, num_bits, group, dtype)
             for (module, _), tensor in zip(members, quantized, strict=True):
                 setattr(module, _PRECOMPUTED, tensor)
         yield
@@ -227,37 +244,39 @@ def grid_margin(model: torch.nn.Module) -> dict[str, float]:
         distance = (u - u.round()).abs().float()
         count += distance.numel()
         total += distance.sum().item()
-        near += (distance > 0.4).sum().item()
+        near += int((distance > 0.4).sum())
     return {"mean_distance_from_grid_in_steps": round(total / max(count, 1), 4),
             "share_within_0.1_step_of_a_boundary": round(near / max(count, 1), 5)}
 
 
 @contextlib.contextmanager
-def tracking_codes(model: torch.nn.Module) -> Iterator[dict]:
+def tracking_codes(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
     """Measure what a training stage does to the quantized weights: the yielded dict receives
     ``grid_margin_at_start``, and, when the block ends (also by an exception), ``codes_changed`` (the share
     of weight codes that differ from the start) and ``grid_margin_at_end``. The start's codes are kept on
     the CPU as int8, one byte per weight."""
     codes = {name: u.round().to(torch.int8).cpu() for name, u in grid_positions(model)}
-    record = {"grid_margin_at_start": grid_margin(model)}
+    record: dict[str, Any] = {"grid_margin_at_start": grid_margin(model)}
     try:
         yield record
     finally:
         changed = total = 0
         for name, u in grid_positions(model):
-            changed += (codes[name] != u.round().to(torch.int8).cpu()).sum().item()
+            changed += int((codes[name] != u.round().to(torch.int8).cpu()).sum())
             total += codes[name].numel()
         record["codes_changed"] = round(changed / max(total, 1), 6)
         record["grid_margin_at_end"] = grid_margin(model)
 
 
-def _quantizer_inputs(module: torch.nn.Linear):
+def _quantizer_inputs(
+    module: QuantizedLinear,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int | None, torch.dtype]:
     args = module.quantization_scheme.weights
     return (module.weight, effective_scale(module), effective_zero_point(module), args.num_bits, args.group_size,
             module._rqat_dtype)
 
 
-def _qat_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _qat_forward(self: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     weight = self.__dict__.get(_PRECOMPUTED)
     if weight is None:
         weight = fake_quantize_weight(*_quantizer_inputs(self))

@@ -21,11 +21,12 @@ The layer runs in float32 while it is calibrated, whatever the model's dtype.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -201,22 +202,23 @@ def _layer(layer: torch.nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> t
 def _quantized_forward(linears: dict[str, torch.nn.Linear], weight_args: Any, activation_args: Any) -> Iterator[None]:
     """Inside the block, ``linears`` fake-quantize their (transformed) inputs and folded, clipped weights."""
     saved = {name: module.__dict__.get("forward") for name, module in linears.items()}
+    forward = functools.partial(_calibration_forward, weight_args=weight_args, activation_args=activation_args)
     for module in linears.values():
-        module.forward = types.MethodType(_calibration_forward, module)
-        module._rqat_quantizers = (weight_args, activation_args)
+        # the instance's forward shadows the class's until the block ends (mypy: a method)
+        module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
     try:
         yield
     finally:
         for name, module in linears.items():
-            del module._rqat_quantizers
-            if saved[name] is None:
+            if (forward_before := saved[name]) is None:
                 del module.forward
             else:
-                module.forward = saved[name]
+                module.forward = forward_before  # type: ignore[method-assign]  # the instance forward it had
 
 
-def _calibration_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    weight_args, activation_args = self._rqat_quantizers
+def _calibration_forward(
+    self: torch.nn.Linear, x: torch.Tensor, *, weight_args: Any, activation_args: Any
+) -> torch.Tensor:
     weight = self.weight
     transform = input_transform(self)
     if transform is not None:  # its pre-hook has transformed x; the layer is not quantized yet, so clip here
@@ -247,7 +249,7 @@ def _add_trainables(
     for key in options.transforms:
         members = TRANSFORM_INPUTS[key]
         transform = KroneckerTransform(
-            layer.get_submodule(members[0]).in_features,
+            cast(torch.nn.Linear, layer.get_submodule(members[0])).in_features,
             smoothing=options.smoothing,
             activation_clipping=options.activation_clipping,
             orthogonal=options.orthogonal_init,

@@ -9,7 +9,7 @@ their own masters.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -38,10 +38,12 @@ class MasterWeightOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         low = [(p, m) for p, m in self.pairs if m is not p and p.grad is not None]
-        for _, master in low:
-            master.grad = torch.empty_like(master)
+        grads = [torch.empty_like(master) for _, master in low]
+        for (_, master), grad in zip(low, grads, strict=True):
+            master.grad = grad
         if low:
-            torch._foreach_copy_([m.grad for _, m in low], [p.grad for p, _ in low])  # upcast, few launches
+            sources = [cast(torch.Tensor, p.grad) for p, _ in low]  # not None: low keeps those with a gradient
+            torch._foreach_copy_(grads, sources)  # upcast, few launches
         self.optimizer.step()
         if low:
             torch._foreach_copy_([p for p, _ in low], [m for _, m in low])  # round back to the model's dtype

@@ -289,10 +289,12 @@ class DistillationTrainer:
             return hidden_states(self.teacher, batch)
 
     def _no_sync(self, skip: bool):
-        if skip and hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
-            self.model.set_requires_gradient_sync(not skip)
+        no_sync = getattr(self.model, "no_sync", None)  # DDP
+        if skip and no_sync is not None:
+            return no_sync()
+        set_sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2
+        if set_sync is not None:
+            set_sync(not skip)
         return contextlib.nullcontext()
 
     # --- metrics ---------------------------------------------------------------------------------
