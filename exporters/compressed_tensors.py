@@ -166,7 +166,7 @@ def reload_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.devi
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
         restore_kv_cache_quantization(model)
         restore_online_transforms(model, directory)
-        return model.to(device).eval()
+        return model.to(device).eval()  # type: ignore[arg-type]  # @wraps typing gap (pyproject)
 
 
 def probe_batch(tokenizer: PreTrainedTokenizerBase, device: torch.device) -> torch.Tensor:

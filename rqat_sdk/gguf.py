@@ -362,7 +362,7 @@ def load_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
 
 def _drop_quantization_state(model: PreTrainedModel) -> None:
     """The weights are dense; without this the model still reports ``is_quantized`` and cannot be saved."""
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch: Module attributes
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -372,7 +372,7 @@ def _set_generation_ids(model: PreTrainedModel, meta: GgufMetadata) -> None:
     that rqat supplies, generation also stops at ``<end_of_turn>``."""
     eos: int | list[int] | None = meta.eos_token_id
     if supplied_chat_template(meta) and "<end_of_turn>" in meta.tokens:
-        eos = [meta.eos_token_id, meta.tokens.index("<end_of_turn>")]
+        eos = [*([meta.eos_token_id] if meta.eos_token_id is not None else []), meta.tokens.index("<end_of_turn>")]
     for config in (model.config, model.generation_config):
         config.bos_token_id = meta.bos_token_id
         config.eos_token_id = eos

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""The dtypes a model loads in by name, besides ``auto``."""
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -57,12 +58,12 @@ def load_model(
     precision, unless ``allow_quantized``. ``dtype="auto"``: :func:`choose_dtype`, :func:`choose_gguf_dtype`."""
     from transformers import AutoModelForCausalLM
 
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(['auto', *_DTYPES])}")
     target = resolve_device(device)
     if is_gguf_source(source):
         model = load_gguf_model(resolve_gguf(source), choose_gguf_dtype(dtype, target))
-        return model.to(target).eval()
+        return model.to(target).eval()  # type: ignore[arg-type]  # @wraps typing gap (pyproject)
     location = _check_location(source)
     config = read_config(location) if location is not None else {}
     if "quantization_config" in config and not allow_quantized:
@@ -78,7 +79,7 @@ def load_model(
         raise ModelLoadError(f"could not load model {str(source)!r}: {exc}") from None
     restore_kv_cache_quantization(model)
     restore_online_transforms(model, location)
-    return model.to(target).eval()
+    return model.to(target).eval()  # type: ignore[arg-type]  # @wraps typing gap (pyproject)
 
 
 def load_tokenizer(source: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -239,7 +240,7 @@ def attach_kv_cache_quantization(model: PreTrainedModel, kv_cache: KVCacheQuant)
     for module in model.modules():
         if _is_attention(module) and not getattr(module, "_rqat_quantizes_cache_entries", False):
             module.register_forward_pre_hook(_quantize_on_cache_entry, with_kwargs=True)
-            module._rqat_quantizes_cache_entries = True
+            module._rqat_quantizes_cache_entries = True  # type: ignore[assignment]  # torch: Module attributes
     setattr(model.config, KV_CACHE_CONFIG_KEY, kv_cache.model_dump())
 
 
@@ -270,7 +271,7 @@ def _quantize_on_cache_entry(module: torch.nn.Module, args: tuple, kwargs: dict)
     """Before each attention forward: route a cache passed by keyword through :class:`_QuantizingCache`, and
     tell the attention function (through the module) whether its keys and values arrive quantized."""
     cache = kwargs.get("past_key_values")
-    module._rqat_kv_quantized_in_cache = cache is not None
+    module._rqat_kv_quantized_in_cache = cache is not None  # type: ignore[assignment]  # torch: Module attributes
     if cache is None:
         return None
     return args, {**kwargs, "past_key_values": _QuantizingCache(cache)}

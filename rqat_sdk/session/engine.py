@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
     from rqat_sdk.hub import Snapshot
     from rqat_sdk.modifiers.base import Modifier
+    from rqat_sdk.recipe.recipe import EvaluationConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,11 @@ class Session:
         :class:`RunOptions` (``dataset``, ``output_dir``, ``resume``, ...)."""
         self.recipe = load_recipe(recipe)
         self.options = RunOptions(**options)
-        self.model_input = model if model is not None else self.recipe.model
-        if self.model_input is None:
+        model_input = model if model is not None else self.recipe.model
+        if model_input is None:
             raise ModelLoadError(f"recipe {self.recipe.name or '(unnamed)'} names no model (its `model` field); pass "
                                  f"--model (model= in Python)")
+        self.model_input: str | os.PathLike | PreTrainedModel = model_input
         self.model_snapshot: Snapshot | None = None
         """The hub snapshot a hub model was pinned to (:meth:`_pin_model`); None for other models."""
         self.device = resolve_device(self.options.device)
@@ -107,6 +109,18 @@ class Session:
         if self.options.output_dir is None:
             return None
         return self.options.output_dir.with_name(self.options.output_dir.name + PARTIAL_SUFFIX)
+
+    @property
+    def _output(self) -> Path:
+        """The output directory, for the steps that only a run with one takes."""
+        if self.options.output_dir is None:
+            raise RuntimeError("this step needs an output directory, and the run has none")
+        return self.options.output_dir
+
+    @property
+    def _work(self) -> Path:
+        """The work directory, for the steps that only a run with an output directory takes."""
+        return self._output.with_name(self._output.name + PARTIAL_SUFFIX)
 
     # --- the run ---------------------------------------------------------------------------------
 
@@ -166,14 +180,14 @@ class Session:
             except ExportError as exc:  # the record says why the finished stages have no checkpoint yet
                 self._write_record({**record, "status": "export_failed", "error": str(exc)})
                 raise
-            if self.recipe.export.evaluate is not None:
-                record["evaluation"] = self._evaluate(state)
+            if (evaluation := self.recipe.export.evaluate) is not None:
+                record["evaluation"] = self._evaluate(state, evaluation)
             record["status"] = "complete"
             record["finished_at"] = _now()
             self._write_record(record)
             self._write_card(record)
             self._prune_checkpoints()
-            output_dir = self.options.output_dir
+            output_dir = self._output
             if (replaced := run_record(output_dir)) is not None:
                 log.warning("--overwrite: replacing %s, %s", output_dir, describe_run(replaced))
             replace_directory(self.work_dir, output_dir)
@@ -242,7 +256,7 @@ class Session:
     # --- checkpoints -----------------------------------------------------------------------------
 
     def _stage_dir(self, index: int) -> Path:
-        return self.work_dir / CHECKPOINTS / f"{index:02d}-{self.recipe.stages[index].name}"
+        return self._work / CHECKPOINTS / f"{index:02d}-{self.recipe.stages[index].name}"
 
     def _save_stage_checkpoint(self, state: SessionState, entry: dict[str, Any]) -> None:
         if distributed.is_main():
@@ -277,7 +291,7 @@ class Session:
         name = self.recipe.stages[index].name
         generic = f"stage {index} {name!r} or an earlier stage, the scheme or the seed changed"
         try:
-            saved = Recipe.from_file(self.work_dir / RECIPE_FILE)
+            saved = Recipe.from_file(self._work / RECIPE_FILE)
         except RqatError:
             return generic
         changes = self.recipe.changes_from(saved, index)
@@ -290,7 +304,7 @@ class Session:
         """
         if self.work_dir is None:
             return 0, None
-        check_output_dir(self.options.output_dir, self.model_input, overwrite=self.options.overwrite)
+        check_output_dir(self._output, self.model_input, overwrite=self.options.overwrite)
         resuming = self.work_dir.exists() and self.options.resume
         if self.work_dir.exists() and not self.options.resume and not self.options.overwrite:
             raise OutputDirError(
@@ -324,7 +338,7 @@ class Session:
         return first, checkpoint
 
     def _prune_checkpoints(self) -> None:
-        root = self.work_dir / CHECKPOINTS
+        root = self._work / CHECKPOINTS
         if self.options.keep_checkpoints == "all" or not root.is_dir():
             return
         stages = sorted(p for p in root.iterdir() if p.is_dir())
@@ -343,7 +357,7 @@ class Session:
             model = reload_checkpoint(checkpoint, dtype=_checkpoint_dtype(checkpoint), device=self.device)
             return model, load_tokenizer(checkpoint)
         if isinstance(self.model_input, PreTrainedModel):
-            model = self.model_input.to(self.device)
+            model = self.model_input.to(self.device)  # type: ignore[arg-type]  # @wraps typing gap (pyproject)
             tokenizer_source = self.options.tokenizer or model.config._name_or_path
         else:
             model = load_model(self.model_input, dtype=self.options.dtype, device=self.device)
@@ -381,7 +395,7 @@ class Session:
         return record.get("status") == "complete" and fingerprint == self.recipe.fingerprint()
 
     def _load_finished(self) -> RunResult:
-        output_dir = self.options.output_dir
+        output_dir = self._output
         log.info("%s already holds the finished run of this recipe; loading it", output_dir)
         model = reload_checkpoint(output_dir, dtype=_checkpoint_dtype(output_dir), device=self.device)
         record = json.loads((output_dir / RUN_RECORD).read_text())
@@ -405,8 +419,9 @@ class Session:
         previous: list[dict[str, Any]] = []
         if first_stage and self.work_dir is not None and (self.work_dir / RUN_RECORD).is_file():
             previous = json.loads((self.work_dir / RUN_RECORD).read_text()).get("stages", [])[:first_stage]
-        is_path = isinstance(self.model_input, (str, os.PathLike))
-        model = describe_model_source(self.model_input, dtype) if is_path else "<in-memory model>"
+        model: str | dict[str, Any] = "<in-memory model>"
+        if isinstance(self.model_input, (str, os.PathLike)):
+            model = describe_model_source(self.model_input, dtype)
         if self.model_snapshot is not None:
             snapshot = self.model_snapshot
             model = {"source": snapshot.ref.repo_id, "format": "hub", "revision": snapshot.ref.revision,
@@ -447,7 +462,7 @@ class Session:
         try:
             report = export_checkpoint(state.model, state.tokenizer, self.recipe.scheme, tmp)
             for entry in tmp.iterdir():
-                os.replace(entry, self.work_dir / entry.name)
+                os.replace(entry, self._work / entry.name)
         except ExportError as exc:
             kept = self._stage_dir(len(self.recipe.stages) - 1)
             raise ExportError(
@@ -464,26 +479,24 @@ class Session:
         return report.to_dict()
 
 
-    def _evaluate(self, state: SessionState) -> dict[str, Any]:
+    def _evaluate(self, state: SessionState, config: EvaluationConfig) -> dict[str, Any]:
         """pass@1 of the exported model (the in-memory one: the reload check proved them identical)."""
-
-        config = self.recipe.export.evaluate
         log.info("evaluating on %s", config.benchmark)
         report = evaluate(
             state.model, config.benchmark, tokenizer=state.tokenizer, samples=config.samples,
             num_examples=config.num_examples, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, greedy=config.greedy, seed=self.recipe.seed, label=self.recipe.scheme.label,
         )
-        report.save(self.work_dir / "evaluation.json")
+        report.save(self._work / "evaluation.json")
         log.info("pass@1 %.1f%% on %s", 100 * report.pass_at_1, config.benchmark)
         summary = report.to_dict()
         summary.pop("items")
         return summary
 
     def _write_card(self, record: dict[str, Any]) -> None:
-        config = json.loads((self.work_dir / "config.json").read_text())
+        config = json.loads((self._work / "config.json").read_text())
         card = model_card(self.recipe, record, serving_context(config))
-        write_text_atomic(self.work_dir / "README.md", card)
+        write_text_atomic(self._work / "README.md", card)
 
 
 def run_stage(modifiers: Sequence[Modifier], state: SessionState) -> list[dict[str, Any]]:

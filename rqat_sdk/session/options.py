@@ -32,9 +32,9 @@ class RunOptions:
     dataset: DatasetInput | None = None
     """Data for stages that name none: ``reasoning-gym:TASK``, a ``.jsonl`` path, a saved dataset directory,
     ``hf:ORG/NAME`` or a ``datasets.Dataset``."""
-    output_dir: str | os.PathLike | None = None
-    """Where the checkpoint goes; the run works in ``<output_dir>.partial`` until it finishes. None: the
-    result stays in memory."""
+    output_dir: Path | None = None
+    """Where the checkpoint goes (a ``str`` or ``os.PathLike`` is taken as a path); the run works in
+    ``<output_dir>.partial`` until it finishes. None: the result stays in memory."""
     tokenizer: str | os.PathLike | PreTrainedTokenizerBase | None = None
     """Defaults to the model's own."""
     overwrite: bool = False
@@ -57,4 +57,4 @@ class RunOptions:
                 f"keep_checkpoints {self.keep_checkpoints!r} is not one of {', '.join(get_args(KeepCheckpoints))}"
             )
         if self.output_dir is not None:
-            self.output_dir = Path(self.output_dir).expanduser()
+            self.output_dir = Path(self.output_dir).expanduser()  # also from a str or os.PathLike

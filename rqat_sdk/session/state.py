@@ -103,7 +103,8 @@ class SessionState:
         key = (str(origin) if not isinstance(origin, PreTrainedModel) else id(origin), dtype)
         if key not in self._teachers:
             if isinstance(origin, PreTrainedModel):
-                teacher = origin.to(device=self.model.device, dtype=dtype)
+                # the ignore: the @wraps typing gap (pyproject.toml)
+                teacher = origin.to(device=self.model.device, dtype=dtype)  # type: ignore[call-arg]
             else:
                 log.info("loading the teacher from %s", origin)
                 teacher = load_model(origin, dtype=str(dtype).removeprefix("torch."), device=self.model.device)

@@ -119,7 +119,7 @@ def train_testbed(
         model = build_model(
             tokenizer, "qwen3", hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
             num_layers=spec.num_layers, seed=seed,
-        ).to(resolve_device("auto"))
+        ).to(resolve_device("auto"))  # type: ignore[arg-type]  # @wraps typing gap (pyproject)
     configure_threads(model)
     examples = tokenize_examples(Dataset.from_list(rows), tokenizer, max_seq_length=spec.max_seq_length)
     config = TrainerConfig(
@@ -145,7 +145,7 @@ def train_testbed(
         "command": f"python -m rqat_sdk.testbed.train --size {name} --seed {seed} --steps {steps} {output_dir}",
     }
     with atomic_directory(output_dir) as tmp:
-        model.to(torch.bfloat16).save_pretrained(tmp)
+        model.to(torch.bfloat16).save_pretrained(tmp)  # type: ignore[arg-type]  # @wraps typing gap (pyproject)
         tokenizer.save_pretrained(tmp)
         (tmp / "testbed.json").write_text(json.dumps(record, indent=2) + "\n")
         if (work / "train.jsonl").is_file():
