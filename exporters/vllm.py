@@ -160,8 +160,9 @@ def closest_servable(scheme: QuantScheme, target: Target) -> QuantScheme:
         data["kv_cache"] = None
     if scheme.input_activations is None:
         data["weights"]["num_bits"] = 4
-        if target == "gpu" and scheme.weights.group_size not in MARLIN_GROUP_SIZES:
-            data["weights"].update(marlin_group_size(scheme.weights.group_size))
+        group_size = scheme.weights.group_size  # None (per channel) is one of Marlin's
+        if target == "gpu" and group_size is not None and group_size not in MARLIN_GROUP_SIZES:
+            data["weights"].update(marlin_group_size(group_size))
     elif target == "gpu" and scheme.weights.num_bits == 4 and scheme.input_activations.num_bits == 4:
         data["input_activations"].update(symmetric=True, dynamic=True, strategy="token", group_size=None)
     else:

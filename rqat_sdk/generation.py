@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from tqdm.auto import tqdm
 
+from rqat_sdk.data.tokenize import chat_text
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class _Generates(Protocol):
+    """What :func:`generate` calls: a causal LM mixes in ``GenerationMixin``, which ``PreTrainedModel``, the type
+    models are passed as, does not declare; without ``return_dict_in_generate`` it returns the token ids."""
+
+    def generate(self, **kwargs: Any) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -60,15 +69,14 @@ def generate(
         options = {"do_sample": False} if sampling.greedy else {
             "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
         }
-        output = model.generate(
+        output = cast(_Generates, model).generate(
             **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=stops, **options
         )
         for row in output[:, batch["input_ids"].shape[1] :].tolist():
             end = next((i for i, token in enumerate(row) if token in stops), None)
-            ended = end is not None
-            kept = row[: end + 1] if ended else row
-            text = tokenizer.decode(kept, skip_special_tokens=True)
-            completions.append(Completion(text, len(kept), not ended))
+            kept = row[: end + 1] if end is not None else row
+            text = cast(str, tokenizer.decode(kept, skip_special_tokens=True))  # one sequence: one str
+            completions.append(Completion(text, len(kept), end is None))
         bar.update(len(output))
         bar.set_postfix(tok_s=f"{sum(c.tokens for c in completions) / max(bar.format_dict['elapsed'], 1e-9):.0f}")
     bar.close()
@@ -90,5 +98,5 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str]]) -> str:
     """The prompt as the model reads it: its chat template with the generation prompt, or the plain text."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return chat_text(tokenizer, prompt, add_generation_prompt=True)
     return "\n".join(message["content"] for message in prompt)

@@ -117,7 +117,7 @@ def _recorded_model(model: Any, blockers: list[str]) -> str | None:
     if model.get("format") == "hub":
         at = model.get("commit") or model.get("revision")
         return f"{model['source']}@{at}" if at else model["source"]
-    location = model.get("path", model["source"])
+    location = str(model.get("path", model["source"]))
     if not Path(location).exists():
         blockers.append(f"run.json model: {location} does not exist here; pass --model")
         return None

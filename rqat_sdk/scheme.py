@@ -251,8 +251,7 @@ class QuantScheme(StrictModel):
             acts = self.input_activations.to_args() if self.input_activations else None
             return QuantizationScheme(targets=targets, weights=weights, input_activations=acts)
 
-        fallbacks = self.group_size_fallbacks(model) if model is not None else {}
-        if not fallbacks:
+        if model is None or not (fallbacks := self.group_size_fallbacks(model)):
             return {CONFIG_GROUP: group(list(self.targets), self.weights.to_args())}
         by_size: dict[int | None, list[str]] = {}
         for name, _ in self.targeted_modules(model):
@@ -265,7 +264,7 @@ class QuantScheme(StrictModel):
         """Targeted layers of ``model`` that take another group size than ``weights.group_size``, by name:
         the group size each gets (None: per output channel), as ``weights.group_size_fallback`` chose it.
         Empty when the scheme's group size divides every layer (or fallback is 'error': see check_model)."""
-        chosen = {name: self.weights.group_size_for(module.in_features) for name, module in self._linears(model)}
+        chosen = {name: self.weights.group_size_for(width) for name, width in self._input_widths(model)}
         return {name: size for name, size in chosen.items() if size != self.weights.group_size and size != "error"}
 
     def targeted_modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -282,14 +281,13 @@ class QuantScheme(StrictModel):
                 f"scheme.targets {self.targets} (minus ignore {self.ignore}) match no layer of "
                 f"{type(model).__name__}"
             )
-        problems = [self._weight_group_problem(model), self._activation_group_problem(modules)]
-        problems = [p for p in problems if p]
+        problems = [p for p in (self._weight_group_problem(model), self._activation_group_problem(modules)) if p]
         if problems:
             raise SchemeError("\n".join(problems))
 
     def _weight_group_problem(self, model: torch.nn.Module) -> str | None:
         w = self.weights
-        bad = [(n, m.in_features) for n, m in self._linears(model) if w.group_size_for(m.in_features) == "error"]
+        bad = [(n, width) for n, width in self._input_widths(model) if w.group_size_for(width) == "error"]
         if not bad:
             return None
         fix = (
@@ -306,7 +304,8 @@ class QuantScheme(StrictModel):
 
     def _activation_group_problem(self, modules: list[tuple[str, torch.nn.Module]]) -> str | None:
         group = self._act_group()
-        bad = [(n, m.in_features) for n, m in modules if group and getattr(m, "in_features", 0) % group]
+        widths = [(n, getattr(m, "in_features", 0)) for n, m in modules]
+        bad = [(n, width) for n, width in widths if group and width % group]
         if not bad:
             return None
         return (
@@ -315,8 +314,10 @@ class QuantScheme(StrictModel):
             f"or add those layers to scheme.ignore."
         )
 
-    def _linears(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-        return [(n, m) for n, m in self.targeted_modules(model) if hasattr(m, "in_features")]
+    def _input_widths(self, model: torch.nn.Module) -> list[tuple[str, int]]:
+        """``(name, in_features)`` of the targeted layers that have an input width."""
+        modules = self.targeted_modules(model)
+        return [(n, width) for n, m in modules if isinstance(width := getattr(m, "in_features", None), int)]
 
     def _act_group(self) -> int | None:
         return self.input_activations.group_size if self.input_activations else None

@@ -175,7 +175,7 @@ def attach_online_transform(
         linear.register_forward_pre_hook(_transform_inputs)
         transform.__dict__[_READERS] = transform.__dict__.get(_READERS, 0) + 1
     name = f"{parent}.{CONTAINER}.{key}"
-    empty = {"method": "flatquant", "file": SIDECAR, "transforms": {}}
+    empty: dict[str, Any] = {"method": "flatquant", "file": SIDECAR, "transforms": {}}
     record = getattr(model.config, TRANSFORMS_CONFIG_KEY, None) or empty
     record["transforms"][name] = {**transform.spec(), "inputs_of": list(linears)}
     setattr(model.config, TRANSFORMS_CONFIG_KEY, record)

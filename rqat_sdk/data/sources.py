@@ -248,7 +248,7 @@ def _load_wikipedia(spec: str, *, num_samples: int, seed: int, field: str) -> Da
         raise DatasetError(f"{field}: unknown wikipedia split {spec!r}; use 'wikipedia' or 'wikipedia:heldout'")
 
     try:
-        path = Path(metadata.distribution(WIKIPEDIA_PACKAGE).locate_file(WIKIPEDIA_FILE))
+        path = Path(str(metadata.distribution(WIKIPEDIA_PACKAGE).locate_file(WIKIPEDIA_FILE)))
     except metadata.PackageNotFoundError:
         raise DatasetError(
             f"{field}: the wikipedia source reads the package {WIKIPEDIA_PACKAGE}; install it with "

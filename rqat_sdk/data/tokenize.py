@@ -6,7 +6,7 @@ assistant message, so that training losses (KD, SFT) count response tokens only.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rqat_sdk.errors import DatasetError
 
@@ -71,6 +71,15 @@ def _tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_l
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def chat_text(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, add_generation_prompt: bool = False
+) -> str:
+    """``tokenizer.apply_chat_template(messages, tokenize=False)``: the templated text. (transformers annotates
+    the result as any of the forms its other arguments select, so type checkers need the cast.)"""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return cast(str, text)
+
+
 def _render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> tuple[str, int]:
     """The templated chat and the character offset where the final assistant message starts."""
     if not getattr(tokenizer, "chat_template", None):
@@ -79,10 +88,10 @@ def _render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerB
             f"template, but the data holds chat messages; use a tokenizer with a chat template, or give the data "
             f"as plain 'text' rows"
         )
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = chat_text(tokenizer, messages)
     if messages[-1]["role"] != "assistant":
         return text, len(text)  # no response: nothing to train on, all of it to calibrate on
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    prompt = chat_text(tokenizer, messages[:-1], add_generation_prompt=True)
     if text.startswith(prompt):
         return text, len(prompt)
     # Templates that rewrite earlier turns (e.g. dropping reasoning) break the prefix property;

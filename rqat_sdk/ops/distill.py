@@ -51,7 +51,11 @@ def token_losses(
     """Per-token loss (fp32) for logits of shape (N, V)."""
     z_s = student_logits.float()
     if spec.divergence == "ce":
+        if targets is None:
+            raise ValueError("cross-entropy needs targets")
         return F.cross_entropy(z_s, targets, reduction="none")
+    if teacher_logits is None:
+        raise ValueError(f"{spec.divergence} needs teacher logits")
     t = spec.temperature
     z_t = teacher_logits.float()
     log_q = F.log_softmax(z_s / t, dim=-1)
@@ -144,6 +148,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 logits = h @ w.T
                 teacher_logits = None
                 if teacher_hidden is not None:
+                    assert w_t is not None, "teacher hidden states come with the teacher's lm_head weight"
                     teacher_logits = teacher_hidden[part].to(compute) @ w_t.T
                 chunk_targets = targets[part] if targets is not None else None
                 loss, grad_logits = _chunk_loss_and_grad(

@@ -80,10 +80,10 @@ def fake_quantize_weights(
         spec = WeightsSpec(len(weights), qmin, qmax, group, dtype, zero_points is not None)
         flat = TritonWeightsFakeQuant.apply(spec, *weights, *scales, *(zero_points or ()))
         return unflatten(flat, [w.shape for w in weights])
-    zero_points = zero_points or [None] * len(weights)
+    per_weight: list[torch.Tensor | None] = list(zero_points) if zero_points else [None] * len(weights)
     return [
         _WeightFakeQuant.apply(w, s, z, qmin, qmax, group, dtype)
-        for w, s, z in zip(weights, scales, zero_points, strict=True)
+        for w, s, z in zip(weights, scales, per_weight, strict=True)
     ]
 
 

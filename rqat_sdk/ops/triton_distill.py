@@ -90,7 +90,7 @@ def head_loss_and_grad_(
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
         return losses.sum()
-    if logits.stride(-1) != 1 or (kl and teacher_logits.stride(-1) != 1):
+    if logits.stride(-1) != 1 or (teacher_logits is not None and teacher_logits.stride(-1) != 1):
         raise ValueError("the logits' last dimension must be contiguous")
     _head_loss_kernel[(rows,)](
         logits,
@@ -100,7 +100,7 @@ def head_loss_and_grad_(
         losses,
         vocab,
         logits.stride(0),
-        teacher_logits.stride(0) if kl else 0,
+        teacher_logits.stride(0) if teacher_logits is not None else 0,
         1.0 / temperature if kl else 1.0,
         temperature if kl else 1.0,
         BLOCK=_BLOCK,

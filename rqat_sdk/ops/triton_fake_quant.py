@@ -123,9 +123,9 @@ def _backward_kernel(
 
 
 class WeightsSpec(NamedTuple):
-    """What one launch quantizes: ``count`` weights sharing the integer range, group and dtype."""
+    """What one launch quantizes: ``num_weights`` weights sharing the integer range, group and dtype."""
 
-    count: int
+    num_weights: int
     qmin: int
     qmax: int
     group: int
@@ -201,12 +201,12 @@ def _launch_args(spec: WeightsSpec, weights, scales, zeros):
 
 
 def _split(spec: WeightsSpec, tensors: tuple) -> tuple[list, list, list]:
-    n = spec.count
+    n = spec.num_weights
     return list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:]) if spec.has_zero else []
 
 
 class TritonWeightsFakeQuant(torch.autograd.Function):
-    """Fake-quantize ``count`` weights in one launch; the result is one flat buffer of them all, in order.
+    """Fake-quantize ``num_weights`` weights in one launch; the result is one flat buffer of them all, in order.
 
     Arguments after the spec: the weights, then their scales, then (``has_zero``) their zero points.
     """
@@ -217,7 +217,7 @@ class TritonWeightsFakeQuant(torch.autograd.Function):
         weights, scales, zeros = _split(spec, tensors)
         grid, programs, layers, total_units, meta = _launch_args(spec, weights, scales, zeros)
         out = torch.empty(total_units * spec.group, dtype=spec.dtype, device=weights[0].device)
-        _forward_kernel[grid](programs, layers, out, programs.shape[1], spec.count, **meta)
+        _forward_kernel[grid](programs, layers, out, programs.shape[1], spec.num_weights, **meta)
         ctx.save_for_backward(*tensors)
         ctx.spec = spec
         return out
@@ -227,7 +227,7 @@ class TritonWeightsFakeQuant(torch.autograd.Function):
         spec = ctx.spec
         weights, scales, zeros = _split(spec, ctx.saved_tensors)
         grid, programs, layers, total_units, meta = _launch_args(spec, weights, scales, zeros)
-        n = spec.count
+        n = spec.num_weights
         need_s = any(ctx.needs_input_grad[1 + n:1 + 2 * n])
         need_z = spec.has_zero and any(ctx.needs_input_grad[1 + 2 * n:])
         device = grad.device

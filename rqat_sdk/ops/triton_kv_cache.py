@@ -92,8 +92,8 @@ def _rows_view(t: torch.Tensor) -> tuple[tuple[int, int, int], tuple[int, int, i
     """Sizes and strides of ``t``'s leading dimensions as three (padding with size 1), so the kernel reads
     keys and values in whatever layout attention hands them (transformers' are transposed views)."""
     lead = list(zip(t.shape[:-1], t.stride()[:-1], strict=True))  # at most three (:func:`supports`)
-    lead = [(1, 0)] * (3 - len(lead)) + lead
-    return tuple(s for s, _ in lead), tuple(st for _, st in lead)
+    (s0, st0), (s1, st1), (s2, st2) = [(1, 0)] * (3 - len(lead)) + lead
+    return (s0, s1, s2), (st0, st1, st2)
 
 
 class TritonKVFakeQuant(torch.autograd.Function):

@@ -15,6 +15,7 @@ import typing
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic_core import ErrorDetails
 
 
 def shown(value: Any) -> str:
@@ -25,7 +26,7 @@ def shown(value: Any) -> str:
     return short.repr(value)
 
 
-def describe(root: type[BaseModel], error: dict[str, Any]) -> list[str]:
+def describe(root: type[BaseModel], error: ErrorDetails) -> list[str]:
     path, model, node, union = _walk(root, error["loc"])
     kind = error["type"]
     value = error.get("input")

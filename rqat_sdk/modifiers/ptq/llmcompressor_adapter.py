@@ -36,7 +36,7 @@ import contextlib
 import hashlib
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
@@ -101,7 +101,7 @@ def quantize_awq(
     calibration: Dataset,
     *,
     seed: int,
-    duo_scaling: bool | str,
+    duo_scaling: bool | Literal["both"],
     n_grid: int,
 ) -> dict[str, Any]:
     """AWQ: search per-channel scales that protect salient weights, then round to nearest."""
@@ -120,8 +120,8 @@ def rotate_spinquant(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     *,
-    rotations: list[str],
-    transform_type: str,
+    rotations: list[Literal["R1", "R2"]],
+    transform_type: Literal["hadamard", "random-hadamard"],
     randomize: bool,
 ) -> None:
     """Fuse Hadamard rotations (SpinQuant R1/R2) into the weights; the float model's output is unchanged.
@@ -134,12 +134,14 @@ def rotate_spinquant(
 
     def modifiers() -> list:
         from llmcompressor.modifiers.transform import SpinQuantModifier
+        from llmcompressor.modifiers.transform.spinquant.base import SpinquantRotation
 
         class RotationOnly(SpinQuantModifier):
             def _center_embeddings(self, model: PreTrainedModel) -> None:
                 pass
 
-        return [RotationOnly(rotations=rotations, transform_type=transform_type, randomize=randomize)]
+        rotated = [SpinquantRotation(rotation) for rotation in rotations]
+        return [RotationOnly(rotations=rotated, transform_type=transform_type, randomize=randomize)]
 
     _oneshot(model, tokenizer, modifiers, None, 0)
 
@@ -167,7 +169,8 @@ def _oneshot(
     with _isolated(model):
         from llmcompressor import oneshot
 
-        oneshot(model=model, processor=tokenizer, recipe=make_modifiers(), output_dir=None, **kwargs)
+        # the ignore: llmcompressor annotates processor as str | ProcessorMixin, and takes a tokenizer as well
+        oneshot(model=model, processor=tokenizer, recipe=make_modifiers(), output_dir=None, **kwargs)  # type: ignore[arg-type]
     return calibration_record(calibration, seed)
 
 

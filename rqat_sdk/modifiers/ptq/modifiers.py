@@ -108,11 +108,13 @@ class GPTQModifier(_Quantizer):
         self._record(state, calibration)
 
 
-def min_awq_grid(duo_scaling: bool | str) -> int:
+def min_awq_grid(duo_scaling: bool | Literal["both"]) -> int:
     """The fewest grid points llmcompressor's AWQ search takes: it spaces its ratios by ``n_grid - 2`` (duo
     scaling, after the identity), ``n_grid - 1`` (activations only) or ``n_grid // 2 - 1`` (both), and fewer
     points divide by zero mid-calibration."""
-    return {True: 3, False: 2}.get(duo_scaling, 4)
+    if duo_scaling == "both":
+        return 4
+    return 3 if duo_scaling else 2
 
 
 class AWQModifier(_Quantizer):
