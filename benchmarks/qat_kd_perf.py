@@ -27,10 +27,13 @@ import copy
 import datetime
 import gc
 import json
+import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,21 @@ QWEN3_0_6B = dict(
     num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True,
     rms_norm_eps=1e-6, rope_theta=1_000_000,
 )
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, ``+dirty`` with uncommitted changes; None outside a git checkout (``RQAT_COMMIT``
+    overrides it for a copied working tree), as ``paper_tables.py`` records it."""
+    if os.environ.get("RQAT_COMMIT"):
+        return os.environ["RQAT_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def check_kernels() -> list[str]:
@@ -395,6 +413,7 @@ def main() -> int:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "device": device,
         "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
         "bf16_ce_ms": round(base_ms, 1),
         "qat_kd_ms": round(kd_ms, 1),
         "fake_quant_ce_ms": round(results["fake_quant_ce"][0], 1),
@@ -404,6 +423,8 @@ def main() -> int:
         "naive_kd_ms": round(results["naive_kd"][0], 1),
         "naive_kd_peak_gb": round(results["naive_kd"][1], 2),
         "fake_quant_ce_peak_gb": round(results["fake_quant_ce"][1], 2),
+        "no_fake_quant_ce_peak_gb": round(results["no_fake_quant_ce"][1], 2),
+        "tokens_per_s": {name: round(tokens / ms * 1000) for name, (ms, _) in results.items()},
         "qat_kd_kernel_gpu_ms": {k: round(v, 2) for k, v in kernels.items()},
         "qat_kd_over_bf16_ce": round(kd_ms / base_ms, 3),
         "fake_quant_overhead": round(overhead, 4),
