@@ -3,7 +3,8 @@
 Issue 22: beside one process that kept one of two cores busy, the demo's QAT stage ran 10-50x slower, because
 torch's intra-op threads spin-wait on a descheduled partner. This script times the whole demo twice, quiet and
 with a synthetic busy process (a Python loop pinned to the last core with ``os.sched_setaffinity``), and writes
-``docs/results/cpu_contention.json``. The target: contended <= 2x quiet. The demo runs without
+``docs/results/cpu_contention.json``, with the table the quiet demo printed (``demo_table``: the README quotes
+it). The target: contended <= 2x quiet. The demo runs without
 ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, as a newcomer's would, so it measures rqat's own thread choice.
 Run it on an otherwise idle machine: other load makes "quiet" contended too.
 
@@ -35,8 +36,9 @@ def demo_arguments(args: argparse.Namespace) -> list[str]:
     return ["--recipe", args.recipe, "--problems", str(args.problems)]
 
 
-def time_demo(demo_args: list[str]) -> float:
-    """Seconds for one ``rqat demo`` into a fresh temporary directory, with no thread variables set."""
+def time_demo(demo_args: list[str]) -> tuple[float, str]:
+    """Seconds for one ``rqat demo`` into a fresh temporary directory, with no thread variables set, and what
+    it printed."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     with tempfile.TemporaryDirectory(prefix="rqat-contention-") as tmp:
         command = [sys.executable, "-m", "rqat_sdk", "demo", "--output-dir", str(Path(tmp) / "demo"), *demo_args]
@@ -45,7 +47,23 @@ def time_demo(demo_args: list[str]) -> float:
         seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"rqat demo failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return seconds
+    return seconds, done.stdout
+
+
+def demo_table(stdout: str) -> list[str]:
+    """The last Markdown table the demo printed (its result: one row per model), line by line."""
+    tables: list[list[str]] = []
+    previous_was_row = False
+    for line in stdout.splitlines():
+        row = line.strip().startswith("|")
+        if row and not previous_was_row:
+            tables.append([])
+        if row:
+            tables[-1].append(line.strip())
+        previous_was_row = row
+    if not tables:
+        sys.exit(f"rqat demo printed no table:\n{stdout[-2000:]}")
+    return tables[-1]
 
 
 def time_demo_beside_busy_process(demo_args: list[str]) -> float:
@@ -53,7 +71,7 @@ def time_demo_beside_busy_process(demo_args: list[str]) -> float:
     core = max(os.sched_getaffinity(0))
     busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(core)])
     try:
-        return time_demo(demo_args)
+        return time_demo(demo_args)[0]
     finally:
         busy.kill()
         busy.wait()
@@ -82,7 +100,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "docs/results/cpu_contention.json")
     args = parser.parse_args()
     demo_args = demo_arguments(args)
-    quiet = time_demo(demo_args)
+    quiet, printed = time_demo(demo_args)
     print(f"quiet: {quiet:.1f} s", flush=True)
     contended = time_demo_beside_busy_process(demo_args)
     print(f"beside a busy process: {contended:.1f} s ({contended / quiet:.2f}x)")
@@ -93,6 +111,7 @@ def main() -> None:
         "commit": commit(),
         "quiet_s": round(quiet, 1),
         "contended_s": round(contended, 1),
+        "demo_table": demo_table(printed),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=2) + "\n")
