@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 EMBEDDED = Path(__file__).parent / "short"
 """The committed short-solution testbed (bf16 safetensors, tokenizer, training record)."""
 LONG = Path(__file__).parent / "long"
-"""The committed long-chain testbed, on which W3G128 PTQ loses ~20 points."""
+"""The committed long-chain testbed: worked solutions of 5 to 12 steps, which W3G128 PTQ hurts (docs/results.md)."""
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,10 @@ class TestbedSize:
 SIZES = {
     # Every Linear's input width is a multiple of 128, so W3G128 and W2G64 apply. The short size is small on
     # purpose: wider models (hidden 256, 4 layers, 3.3M parameters) solve these tasks with so much margin that
-    # even 2-bit RTN barely hurts them; at 0.46M parameters 2-bit RTN costs ~40 points.
+    # even 2-bit RTN barely hurts them; at 0.46M parameters 2-bit RTN hurts (measured in docs/evaluation.md).
     "short": TestbedSize("testbed", 128, 384, 2, 512, examples=60_000, steps=3000, batch_size=64, micro_batch_size=64,
                        learning_rate=3e-3, warmup_steps=100, weight_decay=0.0),
-    # The same model on worked solutions of 5 to 12 steps: W3G128 symmetric RTN costs it ~20 points.
+    # The same model on worked solutions of 5 to 12 steps, which W3G128 symmetric RTN hurts too (docs/results.md).
     "long": TestbedSize("testbed-long", 128, 384, 2, 512, examples=60_000, steps=3000, batch_size=64,
                         micro_batch_size=64, learning_rate=3e-3, warmup_steps=100, weight_decay=0.0,
                         max_seq_length=384),

@@ -127,8 +127,8 @@ def rotate_spinquant(
     """Fuse Hadamard rotations (SpinQuant R1/R2) into the weights; the float model's output is unchanged.
 
     llmcompressor's SpinQuant (0.14) also subtracts each embedding's mean, a step from QuaRot's LayerNorm
-    conversion that RMSNorm models do not take: RMSNorm is not mean-invariant, so it changed the tiny Qwen3's
-    and Llama's float logits by 10-17% of their largest value. Rotations alone commute with RMSNorm (once
+    conversion that RMSNorm models do not take: RMSNorm is not mean-invariant, so it changes an RMSNorm model's
+    float logits. Rotations alone commute with RMSNorm (once
     its weight is fused into the next layers), so the step is skipped here.
     """
 

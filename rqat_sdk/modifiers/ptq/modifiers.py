@@ -201,9 +201,9 @@ class RotationModifier(Modifier):
                 f"silence some residual channels (e.g. {name} channel {channel}: gain {gain:.2g}, median "
                 f"{median:.2g}). Rotating needs those gains fused into the next Linears, and the rotation then "
                 f"spreads RTN's data-blind rounding error over every channel, including the silenced ones, where "
-                f"such models carry their largest activations; every layer's weight error falls, yet on "
-                f"SmolLM2-135M W3G64 Wikipedia perplexity went from 47 (rtn) to ~2,000 (rotation+rtn). Use rtn "
-                f"without rotation, or gptq after the rotation (docs/models.md, 'Rotation on pretrained models')"
+                f"such models carry their largest activations; every layer's weight error falls, yet the model's "
+                f"output degrades far more than under rtn alone. Use rtn without rotation, or gptq after the "
+                f"rotation (docs/models.md, 'Rotation on pretrained models', measures it)"
             )
 
     def _model_problems(self, architecture: str, hidden_size: int, head_dim: int) -> list[str]:

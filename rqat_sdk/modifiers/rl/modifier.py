@@ -39,9 +39,10 @@ class GRPOModifier(TrainingModifier):
     """Reinforcement learning (GRPO, through trl) with a verifiable reward, on the fake-quantized model.
 
     Defaults are the seed paper's: learning rate 5e-7, 64 prompts x 8 completions per step, 250 steps,
-    32k-token completions. GRPO straight after RTN collapses (the reward has no variance to learn from); after
-    a ``qat_kd`` stage it adds 1-2 points. Before training, a probe measures the mean reward and stops the
-    run when it is below ``cold_start_threshold`` (unless ``allow_cold_start``).
+    32k-token completions. The seed paper runs it after a ``qat_kd`` stage, not straight after PTQ (where the
+    reward may have no variance to learn from); a recipe with ``grpo`` at 3 bits or fewer and no ``qat_kd``
+    before it gets a warning. Before training, a probe measures the mean reward and stops the run when it is
+    below ``cold_start_threshold`` (unless ``allow_cold_start``).
 
     A quantized weight changes only when its latent value crosses half a quantization step, which small rates
     rarely reach in a GRPO stage; with ``learn_scales`` a scale moves its whole group's values at once.
