@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 from qat_kd_perf import pytorch_kv_quantizer
 
 import rqat_sdk
@@ -102,6 +103,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": "python " + shlex.join(sys.argv), "device": name, "date": datetime.date.today().isoformat(),
+            "commit": git_commit(),
             "torch": torch.__version__, "problems": args.problems, "rows": rows}, indent=2) + "\n")
     return 0
 

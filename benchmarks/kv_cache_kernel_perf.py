@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 
 CASES = {
     "QAT step, Qwen3-0.6B shape, bf16": ((4, 2048, 8, 128), torch.bfloat16),
@@ -99,7 +100,8 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": "python " + shlex.join(sys.argv), "device": torch.cuda.get_device_name(),
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+            "date": datetime.date.today().isoformat(),
+            "commit": git_commit(), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 
 import rqat_sdk
 from rqat_sdk.data import load_examples
@@ -214,23 +215,6 @@ def rows_with_settings(record: dict, parser: argparse.ArgumentParser) -> list[di
         trained = [stage for part in row["method"].split("+") for stage in stages.get(part, [])]
         rows.append({**training_settings(trained, last), **row})
     return rows
-
-
-def git_commit() -> str | None:
-    """The checkout's commit, ``+dirty`` when it has uncommitted changes; None outside a git checkout.
-    ``RQAT_COMMIT`` overrides it for a copied working tree whose ``.git`` is not the one it came from."""
-    import subprocess
-
-    if os.environ.get("RQAT_COMMIT"):
-        return os.environ["RQAT_COMMIT"]
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _method_order(method: str) -> tuple[int, int]:

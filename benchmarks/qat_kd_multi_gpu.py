@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 from qat_kd_perf import QWEN3_0_6B, fresh_model, measure, quantize_w3g128, rqat_trainer, synthetic_batch
 
 TESTBED = "rqat_sdk/testbed/long"
@@ -174,7 +175,7 @@ def main() -> int:
                   f"| {row['kd_final_loss']:.4f} | {100 * row['pass_at_1']:.1f} ± {100 * row['std']:.1f} |")
     if args.json:
         record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": device,
-                  "date": datetime.date.today().isoformat(), "step": steps, "recipe": recipes}
+                  "date": datetime.date.today().isoformat(), "commit": git_commit(), "step": steps, "recipe": recipes}
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

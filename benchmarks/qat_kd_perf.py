@@ -27,37 +27,20 @@ import copy
 import datetime
 import gc
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from provenance import git_commit
 
 QWEN3_0_6B = dict(
     vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
     num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True,
     rms_norm_eps=1e-6, rope_theta=1_000_000,
 )
-
-
-def git_commit() -> str | None:
-    """The checkout's commit, ``+dirty`` with uncommitted changes; None outside a git checkout (``RQAT_COMMIT``
-    overrides it for a copied working tree), as ``paper_tables.py`` records it."""
-    if os.environ.get("RQAT_COMMIT"):
-        return os.environ["RQAT_COMMIT"]
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def check_kernels() -> list[str]:

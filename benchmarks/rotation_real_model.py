@@ -19,13 +19,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BITS, GROUP = 3, 64
@@ -126,13 +126,6 @@ def massive_channels(model, batch) -> list[dict]:
     return rows
 
 
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, cwd=Path(__file__).parent).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gguf:smollm2-135m-instruct")
@@ -167,7 +160,7 @@ def main() -> int:
         "command": "OMP_NUM_THREADS=2 python " + " ".join([sys.argv[0], *sys.argv[1:]]),
         "device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, float32",
         "date": datetime.date.today().isoformat(),
-        "commit": commit(),
+        "commit": git_commit(),
         "model": args.model,
         "scheme": f"W{BITS} group {GROUP} asymmetric, RTN; lm_head and embeddings unquantized",
         "perplexity_data": f"{args.paragraphs} wikipedia:heldout paragraphs (seed 0), {args.max_length} tokens",

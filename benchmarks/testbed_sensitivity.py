@@ -22,6 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from provenance import git_commit
 
 from rqat_sdk.testbed.train import SIZES, TestbedSize
 
@@ -115,6 +116,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": "python " + " ".join(sys.argv), "device": device, "date": datetime.date.today().isoformat(),
+            "commit": git_commit(),
             "seconds": round(time.perf_counter() - started, 1), "results": results}, indent=2) + "\n")
     if failed:
         print(f"failed: {', '.join(failed)} (see {args.out}/<name>.log)")

@@ -29,6 +29,7 @@ import sys
 import time
 
 import torch
+from provenance import git_commit
 from qat_kd_perf import (
     QWEN3_0_6B,
     _Tokenizer,
@@ -131,7 +132,7 @@ def main() -> int:
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "device": device,
-        "date": datetime.date.today().isoformat(),
+        "date": datetime.date.today().isoformat(), "commit": git_commit(),
         "tokens_per_step": tokens,
         "rows": rows,
     }

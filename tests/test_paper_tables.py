@@ -16,12 +16,14 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_tables.py"
 
 @pytest.fixture(scope="module")
 def tables():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling provenance.py, as when it runs
     spec = importlib.util.spec_from_file_location("paper_tables", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     yield module
     del sys.modules[spec.name]
+    sys.path.remove(str(SCRIPT.parent))
 
 
 def _args(**overrides) -> argparse.Namespace:
