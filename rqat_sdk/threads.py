@@ -47,6 +47,11 @@ def torch_default_threads() -> int:
     return torch.get_num_interop_threads()
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def configure_threads(model: torch.nn.Module) -> int:
     """Set the process's intra-op thread count for running ``model``, if it is on CPU; return the count."""
     global _rqat_count

@@ -8,6 +8,12 @@ directory; a resumed run loads the newest one and continues bit-identically (dat
 step).
 A non-finite loss or gradient, or a loss above ``max_loss_ratio`` times the first step's, stops the stage
 before the optimizer touches the weights.
+
+On a CPU that runs the model on one intra-op thread (tiny models, :mod:`rqat_sdk.threads`) and has another
+core, :meth:`DistillationTrainer.train` prepares each step's batches and the frozen teacher's hidden states
+one step ahead on a second Python thread while this one trains the student: the two threads share no
+intra-op barrier, so a busy core slows them by time-sharing instead of spin-waiting, and each computes
+exactly the numbers it would alone.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 import math
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,6 +44,7 @@ from rqat_sdk.modifiers.layers import (
 )
 from rqat_sdk.modifiers.qat.optim import MasterWeightOptimizer
 from rqat_sdk.ops.distill import LossSpec, lm_head_loss
+from rqat_sdk.threads import available_cores
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -116,6 +124,16 @@ class TrainerPaths:
     log_file: Path | None
 
 
+@dataclass
+class _StepInputs:
+    micro: list[dict[str, torch.Tensor]]
+    """The step's micro-batches, on the device."""
+    counted: torch.Tensor
+    """This rank's response tokens and input tokens (float64, on the CPU)."""
+    teacher_hidden: list[torch.Tensor | None] | None
+    """The teacher's hidden states per micro-batch when prepared ahead; None: computed when needed."""
+
+
 class _StudentObjective(torch.nn.Module):
     """The student and its loss in one module, so that DDP/FSDP wrap exactly what backpropagates."""
 
@@ -181,6 +199,8 @@ class DistillationTrainer:
         self.scheduler = _scheduler(config, self.optimizer.optimizer)
         self.writer = _tensorboard(paths.log_file)
         self._first_loss: float | None = None
+        self._teacher_pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, Future[_StepInputs]] | None = None
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -192,22 +212,29 @@ class DistillationTrainer:
         bar = tqdm(total=config.steps, initial=start, desc=f"{self.stage} ({config.objective})", disable=not show)
         began, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
         window_start, window_tokens = time.perf_counter(), 0
-        for step in range(start, config.steps):
-            loss, tokens = self.step(step)
-            last_loss = loss
-            tokens_seen += tokens
-            window_tokens += tokens
-            if (step + 1) % config.logging_steps == 0 or step + 1 == config.steps:
-                elapsed = time.perf_counter() - window_start
-                metrics = self._metrics(step + 1, loss, window_tokens / max(elapsed, 1e-9))
-                bar.set_postfix(
-                    loss=format_loss(loss), lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}"
-                )
-                self._log(metrics)
-                window_start, window_tokens = time.perf_counter(), 0
-            bar.update(1)
-            if (step + 1) % config.save_steps == 0 and step + 1 < config.steps:
-                self._save(step + 1)
+        if self._teacher_beside_student():
+            self._teacher_pool = ThreadPoolExecutor(1, thread_name_prefix="rqat-teacher")
+        try:
+            for step in range(start, config.steps):
+                loss, tokens = self.step(step)
+                last_loss = loss
+                tokens_seen += tokens
+                window_tokens += tokens
+                if (step + 1) % config.logging_steps == 0 or step + 1 == config.steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics = self._metrics(step + 1, loss, window_tokens / max(elapsed, 1e-9))
+                    bar.set_postfix(
+                        loss=format_loss(loss), lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+                    )
+                    self._log(metrics)
+                    window_start, window_tokens = time.perf_counter(), 0
+                bar.update(1)
+                if (step + 1) % config.save_steps == 0 and step + 1 < config.steps:
+                    self._save(step + 1)
+        finally:
+            if self._teacher_pool is not None:
+                self._teacher_pool.shutdown(cancel_futures=True)
+                self._teacher_pool, self._ahead = None, None
         bar.close()
         if self.writer is not None:
             self.writer.close()
@@ -227,24 +254,19 @@ class DistillationTrainer:
         """Optimizer step ``step`` (0-based; its data depends only on the index): forward and backward over
         its micro-batches, clip, update. Returns the step's loss and the tokens it read; raises
         :class:`TrainingDiverged`, before updating, on a non-finite or exploded loss."""
-        micro = self.batches.micro_batches(step, torch.device("cpu"))
-        counted = torch.tensor(
-            [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-             sum(int(b["input_ids"].numel() if "attention_mask" not in b else b["attention_mask"].sum())
-                 for b in micro)],
-            dtype=torch.float64,
-        )
+        inputs = self._inputs(step)
+        counted = inputs.counted
         if distributed.world_size() > 1:
             counted = distributed.all_reduce_sum(counted.to(self.device)).cpu()
         targets, tokens = counted.tolist()
-        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
         normalizer = max(targets, 1.0) / distributed.world_size()
         total = torch.zeros((), device=self.device)
-        for index, batch in enumerate(micro):
-            last = index == len(micro) - 1
+        for index, batch in enumerate(inputs.micro):
+            last = index == len(inputs.micro) - 1
             with fake_quantized_together(self.objective.student):
                 with self._no_sync(not last):
-                    teacher_hidden = self._teacher_hidden(batch)
+                    teacher_hidden = (inputs.teacher_hidden[index] if inputs.teacher_hidden is not None
+                                      else self._teacher_hidden(batch))
                     teacher_weight = self.teacher.get_output_embeddings().weight if self.teacher is not None else None
                     loss = self.model(batch, normalizer, teacher_hidden, teacher_weight)
                 loss.backward()
@@ -285,8 +307,37 @@ class DistillationTrainer:
     def _teacher_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if self.teacher is None:
             return None
-        with torch.no_grad():
+        with torch.no_grad():  # grad mode is per thread: set here, where the forward runs
             return hidden_states(self.teacher, batch)
+
+    def _prepare(self, step: int, *, with_teacher: bool) -> _StepInputs:
+        micro = self.batches.micro_batches(step, torch.device("cpu"))
+        counted = torch.tensor(
+            [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+             sum(int(b["input_ids"].numel() if "attention_mask" not in b else b["attention_mask"].sum())
+                 for b in micro)],
+            dtype=torch.float64,
+        )
+        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
+        return _StepInputs(micro, counted, [self._teacher_hidden(b) for b in micro] if with_teacher else None)
+
+    def _inputs(self, step: int) -> _StepInputs:
+        """Step ``step``'s inputs. With a teacher thread (during :meth:`train`) they were prepared there, and
+        the next step's are started; otherwise they are prepared here, the teacher's when needed."""
+        if self._teacher_pool is None:
+            return self._prepare(step, with_teacher=False)
+        if self._ahead is None or self._ahead[0] != step:
+            self._ahead = (step, self._teacher_pool.submit(self._prepare, step, with_teacher=True))
+        inputs = self._ahead[1].result()
+        self._ahead = None
+        if step + 1 < self.config.steps:
+            self._ahead = (step + 1, self._teacher_pool.submit(self._prepare, step + 1, with_teacher=True))
+        return inputs
+
+    def _teacher_beside_student(self) -> bool:
+        """Whether the teacher gets its own thread: on a CPU running one intra-op thread, with a second core."""
+        return (self.teacher is not None and self.device.type == "cpu" and torch.get_num_threads() == 1
+                and available_cores() > 1)
 
     def _no_sync(self, skip: bool):
         no_sync = getattr(self.model, "no_sync", None)  # DDP
