@@ -70,6 +70,7 @@ CHECKPOINTS = "checkpoints"
 STAGE_RECORD = "stage.json"
 RUN_RECORD = "run.json"
 RECIPE_FILE = "recipe.yaml"
+EVALUATION_FILE = "evaluation.json"
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -487,7 +488,7 @@ class Session:
             num_examples=config.num_examples, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, greedy=config.greedy, seed=self.recipe.seed, label=self.recipe.scheme.label,
         )
-        report.save(self._work / "evaluation.json")
+        report.save(self._work / EVALUATION_FILE)
         log.info("pass@1 %.1f%% on %s", 100 * report.pass_at_1, config.benchmark)
         summary = report.to_dict()
         summary.pop("items")
