@@ -194,6 +194,18 @@ def test_resume_mid_stage_is_bit_identical(tiny_qwen3, tmp_path, monkeypatch, op
     assert log == [2, 4, 6, 8, 10, 12]
 
 
+def test_the_teacher_on_its_own_thread_trains_bit_identically(tiny_qwen3, tmp_path, monkeypatch):
+    # On a one-thread CPU the teacher's forward and the next step's batches are prepared on a second thread,
+    # one step ahead; the trained weights must be those of the inline path, bit for bit.
+    runs = {}
+    for beside in (False, True):
+        monkeypatch.setattr(trainer_module.DistillationTrainer, "_teacher_beside_student", lambda self, b=beside: b)
+        runs[beside] = rqat_sdk.oneshot(tiny_qwen3, recipe(), DATA, tmp_path / str(beside)).model.state_dict()
+    assert runs[True].keys() == runs[False].keys()
+    for name, tensor in runs[False].items():
+        assert torch.equal(tensor, runs[True][name]), name
+
+
 def test_divergence_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_qwen3, tmp_path, monkeypatch):
     original = trainer_module.lm_head_loss
     calls = {"n": 0}
