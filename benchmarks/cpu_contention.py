@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import git_commit
+
 from rqat_sdk.threads import THREAD_VARIABLES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,14 +87,6 @@ def device_description() -> str:
     return f"{names[0] if names else platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
 
 
-def commit() -> str:
-    """HEAD, marked ``+dirty`` when tracked files differ from it (then the record is not exactly that commit)."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout
-    return head.strip() + ("+dirty" if dirty.strip() else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="testbed_w2g64", help="the demo's recipe (default: the demo's own)")
@@ -108,7 +102,7 @@ def main() -> None:
         "command": " ".join(["rqat", "demo", *demo_args]),
         "device": device_description(),
         "date": datetime.date.today().isoformat(),
-        "commit": commit(),
+        "commit": git_commit(),
         "quiet_s": round(quiet, 1),
         "contended_s": round(contended, 1),
         "demo_table": demo_table(printed),
