@@ -208,7 +208,9 @@ def test_gptq_kd_grpo_export_reload_and_eval(real, tmp_path, reward_module):
     assert set(stages[0]["metrics"].get("group_size_fallbacks", {}).values()) == GROUP_SIZES[real.source] - {128}
     assert_group_scales(result.model)
     kd = stages[1]["metrics"]["qat_kd"]
-    assert 0 <= kd["codes_changed"] < 1 and kd["grid_margin_at_end"] != kd["grid_margin_at_start"]  # latents moved
+    # GPTQ leaves every weight on its grid and 3 Adam steps at lr 1e-4 move the latents (the margin changes) by far
+    # less than half a step, so (almost) no code changes: KD's early gain is the full-precision parameters'.
+    assert kd["grid_margin_at_end"] != kd["grid_margin_at_start"] and kd["codes_changed"] < 1e-3
     assert stages[2]["metrics"]["grpo"]["steps"] == 1
     assert result.record["export"]["exact"] is True
     run = json.loads((out / "run.json").read_text())
