@@ -1,7 +1,8 @@
 """W4A4KV4 PTQ on a testbed model: FlatQuant against round-to-nearest and Hadamard rotation + GPTQ.
 
 For each initialisation, greedy pass@1 on held-out testbed problems of the PTQ model (no QAT), and for
-``flatquant`` the per-layer quantized output MSE without and with the learned transforms.
+``flatquant`` the per-layer quantized output MSE without and with the learned transforms. The JSON names the
+command, device, date and git commit beside the rows.
 
     python benchmarks/flatquant_testbed.py --json docs/results/flatquant_testbed.json
 """
@@ -9,9 +10,14 @@ For each initialisation, greedy pass@1 on held-out testbed problems of the PTQ m
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
+
+from provenance import git_commit
 
 import rqat_sdk
 from rqat_sdk.models import load_model, load_tokenizer
@@ -40,6 +46,8 @@ def main() -> int:
         return round(report.pass_at_1, 4)
 
     tokenizer = load_tokenizer(args.testbed)
+    provenance = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": "CPU",
+                  "date": datetime.date.today().isoformat(), "commit": git_commit()}
     rows = {"BF16": {"pass_at_1": pass_at_1(load_model(args.testbed, dtype="float32", device="cpu"), tokenizer)}}
     for name, modifiers in methods.items():
         started = time.perf_counter()
@@ -54,7 +62,7 @@ def main() -> int:
         print(name, json.dumps(rows[name]), flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+            args.json.write_text(json.dumps({**provenance, **rows}, indent=1) + "\n")
     return 0
 
 

@@ -7,7 +7,8 @@ finished PTQ and KD stages, so only GRPO trains) and evaluates the result. Varia
 separate processes on one GPU. Every evaluation is pass@1 over 3 samples (temperature 0.6, top-p 0.95)
 and greedy, on ``--problems`` held-out problems of the testbed's mix, plus sampled pass@1 on each ``--also``
 benchmark; each variant also records how far GRPO moved the quantized policy (:func:`policy_change`).
-Results are appended to ``OUT/results.jsonl``.
+Results are appended to ``OUT/results.jsonl``, each row with the command, device, date and git commit that
+wrote it (:func:`emit`).
 
     SUM='reasoning-gym:chain_sum(min_terms=4,max_terms=7,min_digits=2,max_digits=3)'
     python benchmarks/grpo_from_kd.py kd runs/grpo --scheme W3G128 --init gptq --problems 2000 --also "$SUM"
@@ -19,13 +20,17 @@ Results are appended to ``OUT/results.jsonl``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
-from paper_tables import INITS, SCHEMES
+from paper_tables import INITS, SCHEMES, device_name
+from provenance import git_commit
 
 import rqat_sdk
 from rqat_sdk.recipe import Recipe
@@ -108,6 +113,9 @@ def quantization_steps(stage: Path) -> dict:
 
 
 def emit(out: Path, record: dict) -> None:
+    """Append one result row, with the command, device, date and commit that measured it."""
+    record = {**record, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+              "device": device_name(), "date": datetime.date.today().isoformat(), "commit": git_commit()}
     print("RESULT " + json.dumps(record), flush=True)
     with open(out / "results.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
