@@ -1,6 +1,7 @@
 """Every figure a results page quotes traces to the JSON a script wrote.
 
-For each Markdown table in docs/results.md, the JSON files linked (``](results/NAME.json)``) in its section
+For each Markdown table in docs/results.md (and in the other pages of ``PAGES``), the JSON files linked
+(``](results/NAME.json)``) in its section
 (the text from the table's heading to the next heading, plus the introductions of the headings above it) are
 the table's sources. Every decimal figure in the table's cells, other than the row labels and the columns
 in ``NOT_FROM_JSON``, must be a value of those files as the docs round it: ``pass_at_1`` x 100, ``std`` x 100,
@@ -26,6 +27,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 RESULTS_PAGE = DOCS / "results.md"
+PAGES = ("evaluation.md", "models.md", "flatquant.md", "serving.md", "training.md", "architecture.md")
+"""Pages beside results.md whose tables are checked the same way (a table that quotes no decimal figure, such
+as a support matrix, needs no source)."""
+
+NO_MEASUREMENTS = {
+    "| scheme | format | why |": "architecture.md's export formats: its one decimal is a version "
+                                 "(compressed-tensors 0.18)",
+}
+"""Tables (by their header line) of the other pages whose decimals are not measurements, and why."""
 RECORDS = DOCS / "results"
 
 LINK = re.compile(r"\]\(results/([\w.+-]+\.json)\)")
@@ -58,6 +68,8 @@ SIDE_BY_SIDE = {
         "one training seed per column",
     "| held-out `chain_sum` (4-7 terms), pass@1 | seed 0 | seed 1 | seed 2 | codes changed | "
     "training reward, steps 1-25 → 226-250 |": "one training seed per column; codes changed is a range over seeds",
+    "| PTQ | pass@1 | layer 0 output MSE | layer 1 output MSE |":
+        "flatquant.md: the RTN row's MSE are a FlatQuant row's `mse_before` (the layers without transforms)",
 }
 """Tables (by their header line) whose rows put figures of several records side by side, one record per cell
 (a range such as 1.05-1.10% spans records), and why."""
@@ -80,9 +92,9 @@ def rounded(value: Decimal, places: int) -> set[Decimal]:
 
 def spellings(value: Decimal) -> set[str]:
     """How the docs may print a JSON number: itself or x 100 (a fraction as a percentage) at 0 to 3 decimals,
-    or in millions at 1 decimal with an ``M``."""
+    or in millions at 1 or 2 decimals with an ``M`` (a parameter count: 0.46M)."""
     found = {str(r) for v in (value, value * 100) for places in range(4) for r in rounded(v, places)}
-    return found | {f"{r}M" for r in rounded(value / 1_000_000, 1)}
+    return found | {f"{r}M" for places in (1, 2) for r in rounded(value / 1_000_000, places)}
 
 
 def records(node, found: list[set[str]], root: bool = True) -> set[str]:
@@ -157,12 +169,13 @@ def tables(text: str):
 
     block: list[int] = []
     for i, line in enumerate([*lines, ""]):
-        if line.startswith("|") and i not in fenced:
+        if line.lstrip().startswith("|") and i not in fenced:  # a table may be indented under a list item
             block.append(i)
             continue
         if block:
             heading = next((lines[h] for h, _ in reversed(heads) if h < block[0]), "")
-            yield heading, [lines[j] for j in block], section_links(block[0]), "\n".join(lines[:block[0]])
+            yield (heading, [lines[j].strip() for j in block], section_links(block[0]),
+                   "\n".join(lines[:block[0]]))
             block = []
 
 
@@ -178,8 +191,11 @@ def bf16_figure(header: list[str], rows: list[list[str]], before: str, column: i
     return None, ""
 
 
-def table_problems(heading: str, block: list[str], sources: list[str], before: str) -> list[str]:
-    where = f"results.md, table under {heading!r}"
+def table_problems(heading: str, block: list[str], sources: list[str], before: str,
+                   page: str = "results.md") -> list[str]:
+    where = f"{page}, table under {heading!r}"
+    if page != "results.md" and (block[0] in NO_MEASUREMENTS or not any(FIGURE.search(line) for line in block[2:])):
+        return []  # quotes no measured figure (a support matrix, a list of sources)
     if not sources:
         return [f"{where}: its section links no results/*.json"]
     missing = [name for name in sources if not (RECORDS / name).is_file()]
@@ -263,10 +279,10 @@ def over_problems(where: str, row: list[str], cell: str, value: Decimal | None, 
     return []
 
 
-def page_problems(text: str) -> list[str]:
+def page_problems(text: str, page: str = "results.md") -> list[str]:
     found = []
     for heading, block, sources, before in tables(text):
-        found += table_problems(heading, block, sources, before)
+        found += table_problems(heading, block, sources, before, page)
     return found
 
 
@@ -283,6 +299,36 @@ def test_results_page_covers_every_table():
     assert "### Gemma 3 270M, W3G128" in headings
     assert "### SmolLM2, W3 and W2G64, rebuilt teacher" in headings
     assert "### The teachers" in headings
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_other_pages_figures_are_in_the_json_their_sections_link(page):
+    problems = page_problems((DOCS / page).read_text(), page)
+    assert not problems, "\n".join(problems)
+
+
+def test_other_pages_checked_tables():
+    """The indented tables of evaluation.md (under list items) and flatquant.md's are seen, with their sources."""
+    seen = {(page, heading): sources for page in PAGES
+            for heading, _, sources, _ in tables((DOCS / page).read_text())}
+    assert seen[("evaluation.md", "### The long-chain testbed")] == [
+        "testbed_sensitivity.json", "testbed_sensitivity_depth.json"]
+    assert seen[("flatquant.md", "## Measured on the testbed")] == ["flatquant_testbed.json"]
+
+
+@pytest.mark.parametrize(("page", "original", "typo"), [
+    ("evaluation.md", "| `long` | 0.46M | 83.2 | **62.3** | 72.2 | 80.5 |",
+     "| `long` | 0.46M | 83.2 | **62.3** | 72.7 | 80.5 |"),
+    ("evaluation.md", "| 6 layers | 1.25M | 206 s | 90.3 | 88.0 | 88.5 | 91.3 |",
+     "| 6 layers | 1.25M | 206 s | 90.3 | 88.0 | 88.5 | 91.8 |"),
+    ("flatquant.md", "| FlatQuant+RTN | 91.5 | 0.115 | 1.18 |", "| FlatQuant+RTN | 91.5 | 0.115 | 1.28 |"),
+    ("flatquant.md", "| RTN | 86.0 | 0.235 | 2.48 |", "| RTN | 85.0 | 0.235 | 2.48 |"),
+])
+def test_a_typo_in_another_pages_figure_fails_the_check(page, original, typo):
+    text = (DOCS / page).read_text()
+    assert text.count(original) == 1
+    assert page_problems(text, page) == []
+    assert page_problems(text.replace(original, typo), page) != []
 
 
 @pytest.mark.parametrize(("original", "typo"), [
