@@ -206,16 +206,21 @@ def test_the_teacher_on_its_own_thread_trains_bit_identically(tiny_qwen3, tmp_pa
         assert torch.equal(tensor, runs[True][name]), name
 
 
-def test_divergence_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_qwen3, tmp_path, monkeypatch):
+def _scale_loss_from_step_7(monkeypatch, factor: float) -> None:
+    """Multiply the loss by ``factor`` from the 13th call on: 2 micro-batches a step, so from step 7."""
     original = trainer_module.lm_head_loss
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
+    def scaled(*args, **kwargs):
         calls["n"] += 1
         loss = original(*args, **kwargs)
-        return loss * float("nan") if calls["n"] > 12 else loss  # 2 micro-batches a step: breaks at step 7
+        return loss * factor if calls["n"] > 12 else loss
 
-    monkeypatch.setattr(trainer_module, "lm_head_loss", poisoned)
+    monkeypatch.setattr(trainer_module, "lm_head_loss", scaled)
+
+
+def test_divergence_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_qwen3, tmp_path, monkeypatch):
+    _scale_loss_from_step_7(monkeypatch, float("nan"))
     with pytest.raises(TrainingDiverged, match=r"stage 'qat' step 7: the loss is nan .*step-0000004.*--resume"):
         rqat_sdk.oneshot(tiny_qwen3, recipe(), DATA, tmp_path / "out")
     partial = tmp_path / "out.partial"
@@ -225,15 +230,7 @@ def test_divergence_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_qwen
 
 
 def test_an_exploding_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_qwen3, tmp_path, monkeypatch):
-    original = trainer_module.lm_head_loss
-    calls = {"n": 0}
-
-    def exploding(*args, **kwargs):
-        calls["n"] += 1
-        loss = original(*args, **kwargs)
-        return loss * 1e4 if calls["n"] > 12 else loss  # 2 micro-batches a step: explodes at step 7
-
-    monkeypatch.setattr(trainer_module, "lm_head_loss", exploding)
+    _scale_loss_from_step_7(monkeypatch, 1e4)
     with pytest.raises(TrainingDiverged, match=r"stage 'qat' step 7: the loss \S+ is more than max_loss_ratio 100 "
                        r"times the first step's \S+: training diverged; the weights were not updated.*step-0000004"):
         rqat_sdk.oneshot(tiny_qwen3, recipe(), DATA, tmp_path / "out")
