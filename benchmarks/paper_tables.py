@@ -80,8 +80,10 @@ class Job:
 
     @property
     def key(self) -> str:
-        """The job's name on the command line (``--job``) and in its part file's name."""
-        return "_".join(filter(None, (f"T{self.table}", self.scheme, self.method, self.calibration, self.qat_data)))
+        """The job's name on the command line (``--job``) and in its part file's name. It names the recipe, not
+        the table: Table 3's all-reasoning-data cells run Table 5's recipes, and share their runs."""
+        domains = () if set(self.data.values()) == {"testbed"} else (self.calibration, self.qat_data)
+        return "_".join(filter(None, (self.scheme, self.method, *domains)))
 
     @property
     def deterministic(self) -> bool:
@@ -109,7 +111,8 @@ def planned_jobs(args: argparse.Namespace) -> list[Job]:
         for calibration in args.domains:
             jobs.append(Job("3", args.table3_scheme, "GPTQ", "gptq", (), calibration=calibration))
             jobs += [Job("3", args.table3_scheme, "GPTQ+KD", "gptq", ("kd",), calibration=calibration,
-                         qat_data=qat_data) for qat_data in args.domains]
+                         qat_data=qat_data) for qat_data in args.domains
+                     if qat_data == calibration or not args.table3_matched]
     return [job for job in jobs if not args.methods or job.method in args.methods]
 
 
@@ -119,7 +122,8 @@ def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, 
     calibration, qat_data = (DOMAINS[d].format(benchmark=args.benchmark) for d in (calibration, qat_data))
     length = args.max_seq_length
     qat = {"type": "qat_kd", "steps": args.qat_steps, "batch_size": 32, "micro_batch_size": 32,
-           "learning_rate": args.qat_lr, "warmup_steps": 10, "logging_steps": 50, "save_steps": 10_000}
+           "learning_rate": args.qat_lr, "warmup_steps": 10, "logging_steps": 50, "save_steps": 10_000,
+           "learn_scales": args.qat_learn_scales}
     grpo = {"type": "grpo", "steps": args.grpo_steps, "prompts_per_step": args.grpo_prompts, "group_size": 8,
             "micro_batch_size": 8 * args.grpo_prompts, "max_completion_length": RESPONSE_TOKENS[args.benchmark],
             "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000}
@@ -150,16 +154,27 @@ def scheme_for(scheme: str, init: str, group_size_fallback: str = "error") -> di
     return {"weights": weights}
 
 
-def measure(model, tokenizer, label: str, args: argparse.Namespace) -> dict:
-    report = rqat_sdk.evaluate(model, args.benchmark, tokenizer=tokenizer, samples=args.samples,
+def measure(model, tokenizer, label: str, args: argparse.Namespace, samples: int | None = None) -> dict:
+    samples = samples or args.samples
+    report = rqat_sdk.evaluate(model, args.benchmark, tokenizer=tokenizer, samples=samples,
                                num_examples=args.problems, max_new_tokens=RESPONSE_TOKENS[args.benchmark],
                                batch_size=args.eval_batch_size or args.problems, label=label, dtype=args.dtype)
-    row = {"pass_at_1": round(report.pass_at_1, 4), "std": round(report.std, 4), "seeds": args.samples,
+    row = {"pass_at_1": round(report.pass_at_1, 4), "std": round(report.std, 4), "seeds": samples,
            "mean_response_tokens": round(report.mean_response_tokens, 1), "per_sample": report.per_sample}
     if args.ppl_paragraphs:
         texts = [r["text"] for r in load_examples("wikipedia:heldout", num_samples=args.ppl_paragraphs, seed=0)]
         row["wiki_ppl"] = round(perplexity(model, tokenizer, texts), 3)
     return row
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict:
+    """The GPU memory a run peaked at, so that ``--workers`` can be sized to what fits on one device."""
+    return {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)} if torch.cuda.is_available() else {}
 
 
 def codes_changed(record: dict) -> dict:
@@ -199,7 +214,8 @@ def training_settings(stages: list[str], args: argparse.Namespace) -> dict:
     """The learning rates and step counts a row's training stages ran with."""
     settings = {}
     if "sft" in stages or "kd" in stages:
-        settings.update(qat_lr=args.qat_lr, qat_steps=args.qat_steps)
+        settings.update(qat_lr=args.qat_lr, qat_steps=args.qat_steps,
+                        **({"qat_learn_scales": True} if args.qat_learn_scales else {}))
     if "grpo" in stages:
         settings.update(grpo_lr=args.grpo_lr, grpo_steps=args.grpo_steps)
     return settings
@@ -284,10 +300,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", type=Path, default=Path(__file__).resolve().parents[1] / "rqat_sdk/testbed/cpu")
     parser.add_argument("--schemes", nargs="+", default=WEIGHT_ONLY, help="weight-only schemes of tables 5 and 4")
-    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=3, help="sampled answers per problem")
+    parser.add_argument("--bf16-samples", type=int,
+                        help="sampled answers per problem for the BF16 row, which has no training seeds to average "
+                        "over (default: --samples)")
     parser.add_argument("--problems", type=int, default=300)
     parser.add_argument("--qat-steps", type=int, default=200)
     parser.add_argument("--qat-lr", type=float, default=3e-4)
+    parser.add_argument("--qat-learn-scales", action="store_true",
+                        help="QAT also learns the quantization scales and zero points")
     parser.add_argument("--grpo-steps", type=int, default=30)
     parser.add_argument("--grpo-lr", type=float, default=1e-4)
     parser.add_argument("--grpo-prompts", type=int, default=8, help="GRPO prompts per step (8 completions each)")
@@ -312,6 +333,8 @@ def main() -> int:
     parser.add_argument("--domains", nargs=2, default=["testbed", "wikipedia"], choices=sorted(DOMAINS),
                         help="Table 3's two data domains (calibration x QAT data)")
     parser.add_argument("--table3-scheme", default="W2G64", choices=WEIGHT_ONLY)
+    parser.add_argument("--table3-matched", action="store_true",
+                        help="Table 3 without its crossed cells: QAT data from the calibration data's domain only")
     parser.add_argument("--json", type=Path, help="written after every row")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json and skip them")
     parser.add_argument("--plot", type=Path, help="write a PNG of the tables here")
@@ -362,7 +385,9 @@ def main() -> int:
     previous = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else {}
     bf16 = previous.get("bf16")
     if bf16 is None and args.job in (None, "BF16"):
-        bf16 = over_training_seeds([measure(teacher, tokenizer, "BF16", args)])
+        reset_peak_memory()
+        measured_bf16 = measure(teacher, tokenizer, "BF16", args, args.bf16_samples)
+        bf16 = over_training_seeds([{**measured_bf16, **peak_memory()}])
         print(f"BF16: {bf16}", flush=True)
     rows = previous.get("rows", [])
     commands = previous.get("commands", [])
@@ -386,24 +411,31 @@ def main() -> int:
         key = (job.table, job.scheme, job.method, job.calibration, job.qat_data)
         return any((r["table"], r["scheme"], r["method"], r.get("calibration"), r.get("qat_data")) == key for r in rows)
 
+    measured: dict[str, tuple[list[dict], float]] = {}  # by recipe: Table 3 reuses Table 5's runs
     for job in jobs:
         if done(job) or args.job not in (None, job.key):
             continue
-        began = time.perf_counter()
-        runs = []
-        for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds)):
-            planned = {**recipe(job.scheme, job.init, list(job.stages), args, **job.data), "seed": seed}
-            result = rqat_sdk.oneshot(args.testbed, planned, dtype=args.dtype)
-            runs.append({"seed": seed, **measure(result.model, result.tokenizer, job.method, args),
-                         **codes_changed(result.record)})
+        if job.key not in measured:
+            began = time.perf_counter()
+            runs = []
+            for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds)):
+                planned = {**recipe(job.scheme, job.init, list(job.stages), args, **job.data), "seed": seed}
+                reset_peak_memory()
+                result = rqat_sdk.oneshot(args.testbed, planned, dtype=args.dtype)
+                runs.append({"seed": seed, **measure(result.model, result.tokenizer, job.method, args),
+                             **codes_changed(result.record), **peak_memory()})
+                del result
+            measured[job.key] = runs, round(time.perf_counter() - began, 1)
+        runs, seconds = measured[job.key]
         row = {"table": job.table, "model": model_name, "scheme": job.scheme, "method": job.method,
                **training_settings(list(job.stages), args), **over_training_seeds(runs),
-               "bf16_pass_at_1": bf16["pass_at_1"] if bf16 else None,
-               "seconds": round(time.perf_counter() - began, 1), **job.data}
+               "bf16_pass_at_1": bf16["pass_at_1"] if bf16 else None, "seconds": seconds, **job.data}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
         if args.json:
             save()
+        if args.job:  # a --workers child measures one recipe; the merge gives each table that shares it a row
+            break
     if args.json and args.job == "BF16":
         save()
 
@@ -446,9 +478,10 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
 
     parts = args.json.with_suffix(".parts")
     parts.mkdir(parents=True, exist_ok=True)
-    tasks = ([] if args.bf16_json else [("BF16", args.seed)]) + [(job.key, seed) for job in sorted(
-        jobs, key=lambda j: -max([_COST.get(s, 0) for s in j.stages] + [1 + (j.init != "rtn")]))
-        for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds))]
+    tasks = ([] if args.bf16_json else [("BF16", args.seed)]) + list(dict.fromkeys(
+        (job.key, seed) for job in sorted(
+            jobs, key=lambda j: -max([_COST.get(s, 0) for s in j.stages] + [1 + (j.init != "rtn")]))
+        for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds))))
     todo = [] if args.merge_only else [task for task in tasks if not (parts / f"{task[0]}_s{task[1]}.json").exists()]
     if not args.merge_only:
         write_record(parts / "launch.json", {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -479,7 +512,7 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
                 failed.append({"job": key, "seed": seed, "log": str(parts / f"{key}_s{seed}.log")})
             print(f"[{len(tasks) - len(todo) - len(running)}/{len(tasks)}] {key} seed {seed} on GPU {gpu}: "
                   f"{status} in {time.perf_counter() - began:.0f} s", flush=True)
-    record = merge_parts(parts, tasks, [job.key for job in jobs], args, model_name, started)
+    record = merge_parts(parts, tasks, jobs, args, model_name, started)
     record["failed"] = failed
     write_record(args.json, record)
     if args.plot and record["bf16"]:
@@ -492,29 +525,34 @@ def child_arguments(args: argparse.Namespace) -> list[str]:
     """The options that decide what a job measures, for its own process."""
     options = ["--testbed", str(args.testbed), "--schemes", *args.schemes, "--samples", str(args.samples),
                "--problems", str(args.problems), "--qat-steps", str(args.qat_steps), "--qat-lr", str(args.qat_lr),
+               *(["--qat-learn-scales"] if args.qat_learn_scales else []),
+               *(["--bf16-samples", str(args.bf16_samples)] if args.bf16_samples else []),
                "--grpo-steps", str(args.grpo_steps), "--grpo-lr", str(args.grpo_lr),
                "--grpo-prompts", str(args.grpo_prompts), "--tables", *args.tables, "--dtype", args.dtype,
                "--group-size-fallback", args.group_size_fallback, "--ppl-paragraphs", str(args.ppl_paragraphs),
-               "--domains", *args.domains, "--table3-scheme", args.table3_scheme]
+               "--domains", *args.domains, "--table3-scheme", args.table3_scheme,
+               *(["--table3-matched"] if args.table3_matched else [])]
     options += ["--eval-batch-size", str(args.eval_batch_size)] if args.eval_batch_size else []
     return options + (["--grpo-data", args.grpo_data] if args.grpo_data else [])
 
 
-def merge_parts(parts: Path, tasks: list[tuple[str, int]], order: list[str], args: argparse.Namespace,
+def merge_parts(parts: Path, tasks: list[tuple[str, int]], jobs: list[Job], args: argparse.Namespace,
                 model_name: str | None, started: float) -> dict:
     """One record from a ``--workers`` run's part files: each job's runs over training seeds joined into
-    one row (as :func:`over_training_seeds` would have made it in one process), in the tables' order."""
+    one row (as :func:`over_training_seeds` would have made it in one process), in the tables' order; jobs
+    that share a recipe (:attr:`Job.key`) share its runs."""
     records = {task: json.loads(path.read_text()) for task in tasks
                if (path := parts / f"{task[0]}_s{task[1]}.json").exists()}
     bf16 = next((r["bf16"] for (key, _), r in records.items() if key == "BF16"), None)
     if args.bf16_json and args.bf16_json.exists():
         bf16 = json.loads(args.bf16_json.read_text())["bf16"]
     rows = []
-    for key in order:
-        found = [r["rows"][0] for (k, _), r in sorted(records.items()) if k == key and r["rows"]]
+    for job in jobs:
+        found = [r["rows"][0] for (k, _), r in sorted(records.items()) if k == job.key and r["rows"]]
         if not found:
             continue
-        row = {k: v for k, v in found[0].items() if k not in ("runs", "seconds")}
+        row = {k: v for k, v in found[0].items() if k not in ("runs", "seconds", "calibration", "qat_data")}
+        row.update(table=job.table, **job.data)
         row.update(over_training_seeds([run for part in found for run in part["runs"]]))
         row["bf16_pass_at_1"] = bf16["pass_at_1"] if bf16 else None
         row["seconds"] = round(sum(part["seconds"] for part in found), 1)

@@ -29,7 +29,8 @@ def tables():
 def _args(**overrides) -> argparse.Namespace:
     args = {"schemes": ["W3G128"], "tables": ["5", "4"], "methods": None, "domains": ["testbed", "mixed"],
             "table3_scheme": "W3G128", "seed": 0, "training_seeds": 3, "workers": 2, "bf16_json": None,
-            "merge_only": True, "testbed": Path("unused"), "json": None}
+            "merge_only": True, "testbed": Path("unused"), "json": None, "qat_learn_scales": False,
+            "table3_matched": False}
     return argparse.Namespace(**{**args, **overrides})
 
 
@@ -49,7 +50,11 @@ def test_planned_jobs_follow_the_tables_and_the_method_filter(tables):
         ("3", "GPTQ+KD", "mixed", "testbed"), ("3", "GPTQ+KD", "mixed", "mixed")]
     # round-to-nearest alone reads no data: one run stands for every training seed
     assert [job.deterministic for job in picked] == [True, False, False, False, False, False]
-    assert len({job.key for job in picked}) == len(picked)
+    # Table 3's all-reasoning-data cell runs Table 5's recipe: one key, so its runs are measured once
+    assert len({job.key for job in picked}) == len(picked) - 1
+    assert picked[1].key == picked[2].key == "W3G128_GPTQ+KD" and picked[3].key == "W3G128_GPTQ+KD_testbed_mixed"
+    matched = tables.planned_jobs(_args(methods=["GPTQ+KD"], tables=["3"], table3_matched=True))
+    assert [(job.calibration, job.qat_data) for job in matched] == [("testbed", "testbed"), ("mixed", "mixed")]
 
 
 def test_rows_over_training_seeds_keep_every_run(tables):
@@ -77,8 +82,11 @@ def test_part_files_merge_into_the_rows_of_one_process(tables, tmp_path):
         (parts / f"{job.key}_s{seed}.json").write_text(json.dumps({"bf16": None, "rows": [row], "device": "GPU",
                                                                     "model": "m", "testbed": "t"}))
     tasks = [("BF16", 0), (job.key, 0), (job.key, 1), (job.key, 2)]
-    record = tables.merge_parts(parts, tasks, [job.key], _args(), None, 0.0)
-    (merged,) = record["rows"]
+    same_recipe = tables.Job("3", "W3G128", "GPTQ+KD", "gptq", ("kd",), calibration="testbed", qat_data="testbed")
+    record = tables.merge_parts(parts, tasks, [job, same_recipe], _args(), None, 0.0)
+    merged, cell = record["rows"]
+    assert (cell["table"], cell["calibration"], cell["qat_data"]) == ("3", "testbed", "testbed")
+    assert cell["runs"] == merged["runs"] and "calibration" not in merged
     assert merged["training_seeds"] == 2 and merged["pass_at_1"] == pytest.approx(0.6)
     assert merged["bf16_pass_at_1"] == pytest.approx(0.8) and merged["seconds"] == 20.0
     assert [run["seed"] for run in merged["runs"]] == [0, 1]
