@@ -347,6 +347,9 @@ def main() -> int:
     parser.add_argument("--bf16-json", type=Path,
                         help="with --workers: take the BF16 row from this record (another run's on the same testbed) "
                         "instead of measuring it again")
+    parser.add_argument("--oom-retries", type=int, default=2,
+                        help="with --workers: a job that runs out of GPU memory is retried this many times, and "
+                        "its GPU then takes only as many jobs as were running beside it")
     parser.add_argument("--merge-only", action="store_true",
                         help="with --workers: merge the part files already in JSON.parts/ into --json; run nothing")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # one job of a --workers run: a Job.key or BF16
@@ -473,7 +476,9 @@ _COST = {"grpo": 4, "kd": 3, "sft": 3}
 def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | None, started: float) -> int:
     """Run every (job, training seed) pair and the BF16 row as separate processes, ``--workers`` at a time,
     each on the least busy visible GPU, then merge their part files into ``--json``. A part file that exists
-    is kept (so a rerun resumes), and a failed job leaves its log and does not stop the others."""
+    is kept (so a rerun resumes), and a failed job leaves its log and does not stop the others. A job that runs
+    out of GPU memory is retried (``--oom-retries``), and its GPU then takes no more jobs than it held without
+    it: the jobs' memory is not known in advance (``peak_gpu_gib`` in the parts says what each one used)."""
     import subprocess
 
     parts = args.json.with_suffix(".parts")
@@ -489,14 +494,18 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     gpus = [g for g in gpus if g] or [None]
     running: dict[subprocess.Popen, tuple[str, int, str | None, float]] = {}
-    failed = []
+    capacity = dict.fromkeys(gpus, args.workers)  # lowered on a GPU where a job ran out of memory
+    retries = dict.fromkeys(todo, args.oom_retries)
     print(f"{len(tasks)} jobs, {len(tasks) - len(todo)} already done; {args.workers} at a time on GPUs {gpus}",
           flush=True)
     while todo or running:
-        while todo and len(running) < args.workers:
+        busy = [info[2] for info in running.values()]
+        while todo and len(running) < args.workers and (free := [g for g in gpus if busy.count(g) < capacity[g]]):
             key, seed = todo.pop(0)
-            busy = [info[2] for info in running.values()]
-            gpu = min(gpus, key=busy.count)
+            if (parts / f"{key}_s{seed}.json").exists():  # another run sharing these parts measured it meanwhile
+                continue
+            gpu = min(free, key=busy.count)
+            busy.append(gpu)
             env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
             command = [sys.executable, __file__, *child_arguments(args), "--job", key, "--seed", str(seed),
                        "--json", str(parts / f"{key}_s{seed}.json")]
@@ -508,17 +517,19 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
         for process in [p for p in running if p.poll() is not None]:
             key, seed, gpu, began = running.pop(process)
             status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
-            if process.returncode != 0:
-                failed.append({"job": key, "seed": seed, "log": str(parts / f"{key}_s{seed}.log")})
+            if process.returncode and out_of_memory(parts / f"{key}_s{seed}.log") and retries[key, seed]:
+                retries[key, seed] -= 1
+                capacity[gpu] = max(1, sum(info[2] == gpu for info in running.values()))
+                todo.insert(0, (key, seed))
+                status += f": out of GPU memory, retried with at most {capacity[gpu]} jobs on GPU {gpu}"
             print(f"[{len(tasks) - len(todo) - len(running)}/{len(tasks)}] {key} seed {seed} on GPU {gpu}: "
                   f"{status} in {time.perf_counter() - began:.0f} s", flush=True)
     record = merge_parts(parts, tasks, jobs, args, model_name, started)
-    record["failed"] = failed
     write_record(args.json, record)
     if args.plot and record["bf16"]:
         plot(record["rows"], record["bf16"], args.plot)
     print_table(record["rows"], record["bf16"])
-    return 1 if failed else 0
+    return 1 if record["failed"] else 0
 
 
 def child_arguments(args: argparse.Namespace) -> list[str]:
@@ -534,6 +545,18 @@ def child_arguments(args: argparse.Namespace) -> list[str]:
                *(["--table3-matched"] if args.table3_matched else [])]
     options += ["--eval-batch-size", str(args.eval_batch_size)] if args.eval_batch_size else []
     return options + (["--grpo-data", args.grpo_data] if args.grpo_data else [])
+
+
+def out_of_memory(log: Path) -> bool:
+    return "OutOfMemoryError" in log.read_text(errors="replace")
+
+
+def failed_job(log: Path, key: str, seed: int) -> dict | None:
+    """A job that left a log and no part file, with the last error its log names (an out-of-memory, say)."""
+    if not log.exists():
+        return None
+    errors = [line for line in log.read_text(errors="replace").splitlines() if "Error" in line]
+    return {"job": key, "seed": seed, "log": log.name, "error": errors[-1].strip()[:300] if errors else None}
 
 
 def merge_parts(parts: Path, tasks: list[tuple[str, int]], jobs: list[Job], args: argparse.Namespace,
@@ -572,6 +595,8 @@ def merge_parts(parts: Path, tasks: list[tuple[str, int]], jobs: list[Job], args
         "workers": args.workers,
         "seconds": round(time.perf_counter() - started, 1) if not args.merge_only else None,
         "missing": [f"{key} seed {seed}" for key, seed in tasks if (key, seed) not in records],
+        "failed": [failure for key, seed in tasks if (key, seed) not in records
+                   and (failure := failed_job(parts / f"{key}_s{seed}.log", key, seed))],
         "seconds_note": "rows' seconds add up their jobs' own times, each measured while other jobs shared the GPU",
         "rows": rows,
     }

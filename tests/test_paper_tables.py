@@ -81,6 +81,7 @@ def test_part_files_merge_into_the_rows_of_one_process(tables, tmp_path):
                **tables.over_training_seeds([_run(seed, samples, 20.0)])}
         (parts / f"{job.key}_s{seed}.json").write_text(json.dumps({"bf16": None, "rows": [row], "device": "GPU",
                                                                     "model": "m", "testbed": "t"}))
+    (parts / f"{job.key}_s2.log").write_text("kd (kd): 0/10\ntorch.OutOfMemoryError: CUDA out of memory.\n")
     tasks = [("BF16", 0), (job.key, 0), (job.key, 1), (job.key, 2)]
     same_recipe = tables.Job("3", "W3G128", "GPTQ+KD", "gptq", ("kd",), calibration="testbed", qat_data="testbed")
     record = tables.merge_parts(parts, tasks, [job, same_recipe], _args(), None, 0.0)
@@ -91,4 +92,56 @@ def test_part_files_merge_into_the_rows_of_one_process(tables, tmp_path):
     assert merged["bf16_pass_at_1"] == pytest.approx(0.8) and merged["seconds"] == 20.0
     assert [run["seed"] for run in merged["runs"]] == [0, 1]
     assert record["missing"] == [f"{job.key} seed 2"]
+    assert record["failed"] == [{"job": job.key, "seed": 2, "log": f"{job.key}_s2.log",
+                                 "error": "torch.OutOfMemoryError: CUDA out of memory."}]
     assert record["model"] == "m" and record["device"] == "GPU"
+
+
+class _FakeJob:
+    """Stands in for a job's process: the first launch of ``oom`` runs out of GPU memory, every other launch
+    writes its part file at once."""
+
+    launches: list[tuple[str, str]] = []
+    oom = "W3G128_GPTQ+KD"
+
+    def __init__(self, command, stdout, stderr, env):
+        key, part = command[command.index("--job") + 1], Path(command[command.index("--json") + 1])
+        first = all(launched != key for launched, _ in self.launches)
+        self.launches.append((key, env.get("CUDA_VISIBLE_DEVICES")))
+        if key == self.oom and first:
+            stdout.write("torch.OutOfMemoryError: CUDA out of memory.\n")
+            self.returncode = 1
+            return
+        row = {"table": "5", "scheme": "W3G128", "method": key.split("_")[1], "seconds": 1.0,
+               **_over([_run(int(command[command.index("--seed") + 1]), [0.5], 10.0)])}
+        part.write_text(json.dumps({"bf16": None, "rows": [row], "device": "GPU", "model": "m", "testbed": "t"}))
+        self.returncode = 0
+
+    def poll(self):
+        return self.returncode
+
+
+def _over(runs):
+    return {"pass_at_1": runs[0]["pass_at_1"], "std": 0.0, "seeds": 1, "runs": runs}
+
+
+def test_a_job_out_of_gpu_memory_is_retried_with_fewer_beside_it(tables, tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "Popen", _FakeJob)
+    monkeypatch.setattr(tables.time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("RQAT_COMMIT", "0" * 40)  # no git process under the fake Popen
+    _FakeJob.launches = []
+    args = _args(methods=["GPTQ", "GPTQ+KD"], tables=["5"], training_seeds=1, workers=3, merge_only=False,
+                 bf16_json=tmp_path / "none.json", json=tmp_path / "t.json", oom_retries=1, samples=1,
+                 bf16_samples=None, problems=1, qat_steps=1, qat_lr=1e-4, grpo_steps=1, grpo_lr=1e-5,
+                 grpo_prompts=1, dtype="float32", group_size_fallback="error", ppl_paragraphs=0,
+                 eval_batch_size=None, grpo_data=None, plot=None)
+    jobs = tables.planned_jobs(args)
+    assert tables.run_parallel(args, jobs, "m", 0.0) == 0
+    assert [key for key, _ in _FakeJob.launches] == ["W3G128_GPTQ+KD", "W3G128_GPTQ", "W3G128_GPTQ+KD"]
+    assert "W3G128_GPTQ+KD seed 0 on GPU 0: FAILED (exit 1): out of GPU memory, retried with at most 1 jobs" in (
+        capsys.readouterr().out)
+    record = json.loads(args.json.read_text())
+    assert [row["method"] for row in record["rows"]] == ["GPTQ", "GPTQ+KD"] and record["failed"] == []
