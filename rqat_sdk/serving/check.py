@@ -17,7 +17,13 @@ import torch
 
 from rqat_sdk.data import load_examples
 from rqat_sdk.errors import RqatError
-from rqat_sdk.exporters.vllm import checkpoint_group_sizes, engine_options, has_online_transforms, vllm_support
+from rqat_sdk.exporters.vllm import (
+    Target,
+    checkpoint_group_sizes,
+    engine_options,
+    has_online_transforms,
+    vllm_support,
+)
 from rqat_sdk.models import load_model
 from rqat_sdk.recipe import Recipe
 from rqat_sdk.serving import vllm_env
@@ -58,7 +64,7 @@ def serve_check(
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise RqatError(f"{checkpoint} is not a checkpoint directory (no config.json)")
-    target = "gpu" if torch.cuda.is_available() else "cpu"
+    target: Target = "gpu" if torch.cuda.is_available() else "cpu"
     scheme = Recipe.from_file(checkpoint / "recipe.yaml").scheme if (checkpoint / "recipe.yaml").is_file() else None
     label = scheme.label if scheme else "unquantized"
     report = ServeReport(str(checkpoint), target, label, max_tokens=max_tokens)
