@@ -27,7 +27,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 RESULTS_PAGE = DOCS / "results.md"
-PAGES = ("evaluation.md", "models.md", "flatquant.md", "serving.md", "training.md", "architecture.md")
+PAGES = ("evaluation.md", "models.md", "flatquant.md", "serving.md", "training.md", "architecture.md",
+         "performance.md")
 """Pages beside results.md whose tables are checked the same way (a table that quotes no decimal figure, such
 as a support matrix, needs no source)."""
 
@@ -68,6 +69,8 @@ SIDE_BY_SIDE = {
         "one training seed per column",
     "| held-out `chain_sum` (4-7 terms), pass@1 | seed 0 | seed 1 | seed 2 | codes changed | "
     "training reward, steps 1-25 → 226-250 |": "one training seed per column; codes changed is a range over seeds",
+    "| variant | 256 problems | tokens/s | 1,024 problems | tokens/s |": "performance.md: one file per problem count",
+    "| variant | run 1 | run 2 |": "performance.md: one run of the same command per column",
     "| PTQ | pass@1 | layer 0 output MSE | layer 1 output MSE |":
         "flatquant.md: the RTN row's MSE are a FlatQuant row's `mse_before` (the layers without transforms)",
 }
@@ -92,8 +95,10 @@ def rounded(value: Decimal, places: int) -> set[Decimal]:
 
 def spellings(value: Decimal) -> set[str]:
     """How the docs may print a JSON number: itself or x 100 (a fraction as a percentage) at 0 to 3 decimals,
-    or in millions at 1 or 2 decimals with an ``M`` (a parameter count: 0.46M)."""
+    itself at up to 8 (a small loss: 0.00121713), or in millions at 1 or 2 decimals with an ``M`` (a parameter
+    count: 0.46M)."""
     found = {str(r) for v in (value, value * 100) for places in range(4) for r in rounded(v, places)}
+    found |= {str(r) for places in range(4, 9) for r in rounded(value, places)}
     return found | {f"{r}M" for places in (1, 2) for r in rounded(value / 1_000_000, places)}
 
 
@@ -114,9 +119,15 @@ def records(node, found: list[set[str]], root: bool = True) -> set[str]:
 
 @cache
 def file_records(name: str) -> tuple[frozenset[str], ...]:
-    """The records of one results file (see :func:`records`), the whole file last."""
+    """The records of one results file (see :func:`records`), the whole file last. The numbers at the top
+    level of the file, outside its lists and dicts, are one record too (a flat file such as qat_kd_perf.json
+    is a single run)."""
     found: list[set[str]] = []
-    everything = records(json.loads((RECORDS / name).read_text()), found)
+    data = json.loads((RECORDS / name).read_text())
+    everything = records(data, found)
+    if isinstance(data, dict):
+        found.append({s for value in data.values() if not isinstance(value, (dict, list))
+                      for s in records(value, [], root=False)})
     return (*map(frozenset, found), frozenset(everything))
 
 
@@ -323,6 +334,10 @@ def test_other_pages_checked_tables():
      "| 6 layers | 1.25M | 206 s | 90.3 | 88.0 | 88.5 | 91.8 |"),
     ("flatquant.md", "| FlatQuant+RTN | 91.5 | 0.115 | 1.18 |", "| FlatQuant+RTN | 91.5 | 0.115 | 1.28 |"),
     ("flatquant.md", "| RTN | 86.0 | 0.235 | 2.48 |", "| RTN | 85.0 | 0.235 | 2.48 |"),
+    # a flat file's top-level figures (qat_kd_perf.json), a loss at 8 decimals, one file per column
+    ("performance.md", "| **258.1** | 31,741 | **28.4** |", "| **258.1** | 31,741 | **28.3** |"),
+    ("performance.md", "| 1 GPU | 5.5 | 0.00121713 | 82.5 ± 0.8 |", "| 1 GPU | 5.5 | 0.00121731 | 82.5 ± 0.8 |"),
+    ("performance.md", "| W4A4 | 1.49 s | 12,752 | 2.00 s | 38,761 |", "| W4A4 | 1.49 s | 12,752 | 2.02 s | 38,761 |"),
 ])
 def test_a_typo_in_another_pages_figure_fails_the_check(page, original, typo):
     text = (DOCS / page).read_text()
