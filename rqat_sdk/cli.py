@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve-check", help="serve a checkpoint with vLLM and compare with transformers")
     serve.add_argument("checkpoint", nargs="?", type=Path, help="an exported checkpoint directory")
-    serve.add_argument("--setup", action="store_true", help="create the vLLM environment (about 600 MB) and exit")
+    serve.add_argument("--setup", action="store_true", help="create the vLLM environment (several GB on disk) and exit")
     serve.add_argument("--max-tokens", type=int, default=16, help="greedy tokens compared per prompt")
     serve.add_argument("--python", help="the vLLM interpreter (default: RQAT_VLLM_PYTHON or the created one)")
     serve.add_argument("--require-identical", action="store_true", help="exit 1 unless every prompt matches")

@@ -49,7 +49,7 @@ def python() -> str | None:
 
 
 def create(location: Path | None = None, *, gpu: bool | None = None) -> str:
-    """Build the environment (about 600 MB; minutes) and return its interpreter.
+    """Build the environment (several GB on disk; minutes) and return its interpreter.
 
     A new environment is built beside ``location`` and renamed into place when complete, so an interrupted
     setup never leaves a half-installed interpreter that :func:`python` would pick up. An existing one is
