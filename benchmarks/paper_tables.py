@@ -489,7 +489,9 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
         for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds))))
     todo = [] if args.merge_only else [task for task in tasks if not (parts / f"{task[0]}_s{task[1]}.json").exists()]
     if not args.merge_only:
-        write_record(parts / "launch.json", {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        launches = len(list(parts.glob("launch*.json")))  # runs that share these parts each keep their command
+        write_record(parts / ("launch.json" if not launches else f"launch-{launches}.json"),
+                     {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                                              "date": datetime.date.today().isoformat(), "commit": git_commit()})
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     gpus = [g for g in gpus if g] or [None]
@@ -581,8 +583,10 @@ def merge_parts(parts: Path, tasks: list[tuple[str, int]], jobs: list[Job], args
         row["seconds"] = round(sum(part["seconds"] for part in found), 1)
         rows.append(row)
     this = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    launch = json.loads((parts / "launch.json").read_text()) if (parts / "launch.json").exists() else {}
-    commands = [launch["command"]] + ([this] if args.merge_only else []) if launch else [this]
+    launches = [json.loads(path.read_text()) for path in sorted(
+        parts.glob("launch*.json"), key=lambda path: int(path.stem.partition("-")[2] or 0))]
+    launch = launches[0] if launches else {}
+    commands = [run["command"] for run in launches] + ([this] if args.merge_only or not launches else [])
     return {
         "command": " && ".join(commands),
         "commands": commands,

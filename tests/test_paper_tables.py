@@ -82,6 +82,8 @@ def test_part_files_merge_into_the_rows_of_one_process(tables, tmp_path):
         (parts / f"{job.key}_s{seed}.json").write_text(json.dumps({"bf16": None, "rows": [row], "device": "GPU",
                                                                     "model": "m", "testbed": "t"}))
     (parts / f"{job.key}_s2.log").write_text("kd (kd): 0/10\ntorch.OutOfMemoryError: CUDA out of memory.\n")
+    for name, command in (("launch.json", "python a.py --first"), ("launch-1.json", "python a.py --second")):
+        (parts / name).write_text(json.dumps({"command": command, "date": "2026-11-30", "commit": "c" * 40}))
     tasks = [("BF16", 0), (job.key, 0), (job.key, 1), (job.key, 2)]
     same_recipe = tables.Job("3", "W3G128", "GPTQ+KD", "gptq", ("kd",), calibration="testbed", qat_data="testbed")
     record = tables.merge_parts(parts, tasks, [job, same_recipe], _args(), None, 0.0)
@@ -95,6 +97,8 @@ def test_part_files_merge_into_the_rows_of_one_process(tables, tmp_path):
     assert record["failed"] == [{"job": job.key, "seed": 2, "log": f"{job.key}_s2.log",
                                  "error": "torch.OutOfMemoryError: CUDA out of memory."}]
     assert record["model"] == "m" and record["device"] == "GPU"
+    # two runs shared the parts (--merge-only adds its own command last)
+    assert record["commands"][:2] == ["python a.py --first", "python a.py --second"]
 
 
 class _FakeJob:
