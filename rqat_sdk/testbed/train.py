@@ -15,6 +15,7 @@ teacher; they are rebuilt on a GPU from a seed rather than committed.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import shutil
@@ -142,6 +143,8 @@ def train_testbed(
         "tasks": MIXES[spec.mix], "base_model": spec.base_model,
         "parameters": sum(p.numel() for p in model.parameters()), "train": summary,
         "seconds": round(time.perf_counter() - started, 1), "device": str(model.device),
+        "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "CPU",
+        "date": datetime.date.today().isoformat(),
         "command": f"python -m rqat_sdk.testbed.train --size {name} --seed {seed} --steps {steps} {output_dir}",
     }
     with atomic_directory(output_dir) as tmp:
