@@ -242,6 +242,31 @@ def _method_order(method: str) -> tuple[int, int]:
     return len(inits), 0
 
 
+_DOMAIN_NAMES = {"testbed": "math traces", "wikipedia": "Wikipedia", "mixed": "math + Wikipedia"}
+
+
+def _plot_domain_tradeoff(ax, rows: list[dict], bf16: dict) -> None:
+    """Table 3 as reasoning against general text: each row's pass@1 over its Wikipedia perplexity, BF16 as the
+    target corner, so that a row which keeps both sits up and to the left."""
+    import matplotlib.ticker
+
+    for r in rows:
+        data = " / ".join(_DOMAIN_NAMES[d] for d in (r.get("calibration"), r.get("qat_data")) if d)
+        marker = "o" if r["method"] == "GPTQ" else "s"
+        ax.errorbar(r["wiki_ppl"], 100 * r["pass_at_1"], yerr=100 * r["std"], fmt=marker, capsize=3,
+                    label=f"{r['method']}: {data}")
+    if "wiki_ppl" in bf16:
+        ax.plot(bf16["wiki_ppl"], 100 * bf16["pass_at_1"], "k*", markersize=12, label="BF16")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("Wikipedia perplexity (log scale)")
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{rows[0]['scheme']}: calibration / QAT data")
+    ax.legend(loc="lower left", fontsize=7)
+
+
 def plot(rows: list[dict], bf16: dict, path: Path) -> None:
     """Each scheme's rows as bars with their spread, BF16 as a line; Table 3 (when run) as a 2 x 2 grid."""
     import matplotlib
@@ -276,7 +301,9 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
         model = picked[0].get("model", "testbed")
         ax.set_title(f"{scheme}: PTQ, then QAT" + (f" ({model})" if model.startswith("gguf:") else ""))
         ax.legend(loc="upper right", fontsize=8)
-    if domain:
+    if domain and all("wiki_ppl" in r for r in rows if r["table"] == "3"):
+        _plot_domain_tradeoff(axes[0][-1], [r for r in rows if r["table"] == "3"], bf16)
+    elif domain:
         ax = axes[0][-1]
         sources = sorted({c for c, _ in domain}, key=list(DOMAINS).index)
         grid = [[domain.get((c, q), float("nan")) for q in sources] for c in sources]
@@ -284,9 +311,8 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
         for i in range(len(sources)):
             for j in range(len(sources)):
                 ax.text(j, i, f"{grid[i][j]:.1f}", ha="center", va="center", color="w" if grid[i][j] > 50 else "k")
-        names = {"testbed": "math traces", "wikipedia": "Wikipedia", "mixed": "math + Wikipedia"}
-        ax.set_xticks(range(len(sources)), [names[d] for d in sources])
-        ax.set_yticks(range(len(sources)), [names[d] for d in sources])
+        ax.set_xticks(range(len(sources)), [_DOMAIN_NAMES[d] for d in sources])
+        ax.set_yticks(range(len(sources)), [_DOMAIN_NAMES[d] for d in sources])
         ax.set_xlabel("QAT data")
         ax.set_ylabel("calibration data")
         ax.set_title(f"{next(r['scheme'] for r in rows if r['table'] == '3')} GPTQ+KD: data domain")
@@ -554,11 +580,10 @@ def out_of_memory(log: Path) -> bool:
 
 
 def failed_job(log: Path, key: str, seed: int) -> dict | None:
-    """A job that left a log and no part file, with the last error its log names (an out-of-memory, say)."""
-    if not log.exists():
-        return None
-    errors = [line for line in log.read_text(errors="replace").splitlines() if "Error" in line]
-    return {"job": key, "seed": seed, "log": log.name, "error": errors[-1].strip()[:300] if errors else None}
+    """A job that left no part file and a log naming an error (an out-of-memory, say), with its last error; a job
+    stopped from outside, or still running, stays only in ``missing``."""
+    errors = [line for line in log.read_text(errors="replace").splitlines() if "Error" in line] if log.exists() else []
+    return {"job": key, "seed": seed, "log": log.name, "error": errors[-1].strip()[:300]} if errors else None
 
 
 def merge_parts(parts: Path, tasks: list[tuple[str, int]], jobs: list[Job], args: argparse.Namespace,
