@@ -1,5 +1,5 @@
-"""CUDA-only checks: the Triton kernels (fake quantization, fused LM-head loss) against their PyTorch
-paths, and a QAT-KD run in bf16 on the GPU."""
+"""CUDA-only checks: the Triton kernels (fake quantization, fused LM-head loss) and the FP8 teacher's
+``_scaled_mm`` path against their PyTorch paths, and a QAT-KD run in bf16 on the GPU."""
 
 import math
 
@@ -10,6 +10,10 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels, bf16 QAT)"),
 ]
+needs_fp8 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a CUDA GPU of compute capability 8.9+ (FP8 matmuls: Ada, Hopper)",
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -108,6 +112,23 @@ def test_fused_head_loss_matches_autograd(dtype, divergence, temperature):
     # fp32 agrees to rounding; bf16 to one unit in the last place of the stored gradient
     tolerance = 1e-6 if dtype == torch.float32 else 2 ** -8
     assert (grad.float() - upcast.grad).abs().max() <= tolerance * upcast.grad.abs().max() + 1e-7
+
+
+@needs_fp8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_scaled_mm_path_matches_the_reference(dtype):
+    from rqat_sdk.ops.fp8 import FP8Linear, fp8_linear_reference, fp8_linear_scaled_mm
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1024, 3072, device="cuda", dtype=dtype)  # Qwen3-0.6B's gate and up projections
+    x = torch.randn(4, 512, 1024, device="cuda", dtype=dtype)
+    layer = FP8Linear.from_linear(linear)
+    out = fp8_linear_scaled_mm(x, layer.w_fp8, layer.w_scale, layer.bias)
+    reference = fp8_linear_reference(x, layer.w_fp8, layer.w_scale, layer.bias)
+    assert torch.equal(layer(x), out)  # the layer takes this path on this GPU
+    # the kernel rounds its output to bf16 and the bias is added there (2**-9 each), its sums run in another order
+    assert out.dtype == dtype
+    assert (out.float() - reference.float()).abs().max() <= 2**-7 * reference.float().abs().max()
 
 
 def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path):

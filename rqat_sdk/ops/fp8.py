@@ -1,0 +1,146 @@
+"""FP8 (e4m3) linear layers for the frozen distillation teacher: row-scaled weights, per-token activations.
+
+A teacher only runs forward, so its Linear layers can run on Hopper's FP8 tensor cores. Each weight row (one
+output channel) and each activation row (one token) gets its own scale, ``amax / 448`` (448 is e4m3's
+largest value), so one outlier costs precision only in its own row.
+
+:func:`fp8_linear` computes ``x W^T + b`` from the quantized operands two ways, giving the same numbers up to
+accumulation order and the output's rounding:
+
+- the reference: dequantize both operands and multiply in float32 (any device; the CPU path);
+- ``torch._scaled_mm`` with row-wise scales (``scale_a`` (M, 1), ``scale_b`` (1, N)) and a bf16 output, on CUDA
+  devices of compute capability 8.9 or newer when both weight dimensions are multiples of 16 (what the
+  kernel requires).
+
+``torch._scaled_mm`` is private, so this file is its only caller, and that path refuses a torch release other
+than the one its signature was read from (:data:`VERIFIED_TORCH`, :mod:`rqat_sdk.upstream`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Collection
+
+import torch
+
+from rqat_sdk.upstream import require_verified
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+_MIN_SCALE = 1e-12  # the scale of an all-zero row: positive, so dividing by it is safe
+VERIFIED_TORCH = "2.13.0"
+"""The torch release whose ``_scaled_mm`` signature (and row-wise scale shapes) this file was written against."""
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 values and float32 scales (rows, 1) of a 2-D tensor, one scale per row: ``amax / 448``.
+
+    For a weight (out, in) a row is an output channel; for activations (tokens, features) a token, quantized
+    dynamically at each call. ``t ~= values * scale``.
+    """
+    scale = (t.abs().amax(-1, keepdim=True).float() / E4M3_MAX).clamp(min=_MIN_SCALE)
+    # the clamp keeps an amax that rounds a hair above 448 from becoming e4m3's NaN
+    values = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return values, scale
+
+
+def dequantize_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 tensor that :func:`quantize_rows`' output stands for."""
+    return values.float() * scale
+
+
+def fp8_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x W^T + b`` in ``x``'s dtype, with ``x`` (..., in) quantized per token and ``W`` given as
+    :func:`quantize_rows` returns it: ``w_fp8`` (out, in) and ``w_scale`` (out, 1).
+
+    Runs ``torch._scaled_mm`` where :func:`uses_scaled_mm` says so, else :func:`fp8_linear_reference`.
+    """
+    if uses_scaled_mm(x.device) and w_fp8.shape[0] % 16 == 0 and w_fp8.shape[1] % 16 == 0:
+        return fp8_linear_scaled_mm(x, w_fp8, w_scale, bias)
+    return fp8_linear_reference(x, w_fp8, w_scale, bias)
+
+
+def fp8_linear_reference(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`fp8_linear` by dequantizing both operands and multiplying in float32: the reference, and the
+    path wherever FP8 matmuls are not available."""
+    x_fp8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    out = dequantize_rows(x_fp8, x_scale) @ dequantize_rows(w_fp8, w_scale).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], w_fp8.shape[0])
+
+
+def fp8_linear_scaled_mm(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`fp8_linear` through ``torch._scaled_mm`` with row-wise scales, output rounded to bf16 (the
+    row-wise kernels write bf16), then to ``x``'s dtype. The bias is added after the matmul, in bf16."""
+    _require_verified_torch()
+    x_fp8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    # w_fp8.t() is column-major, as the kernel wants its second operand
+    out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.reshape(1, -1), out_dtype=torch.bfloat16)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*x.shape[:-1], w_fp8.shape[0])
+
+
+@functools.cache
+def uses_scaled_mm(device: torch.device) -> bool:
+    """Whether :func:`fp8_linear` runs FP8 matmuls on ``device``: CUDA with compute capability >= 8.9 (Ada,
+    Hopper and newer have FP8 tensor cores); everywhere else it computes the same numbers in float32. Cached:
+    :func:`fp8_linear` asks at every call."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@functools.cache
+def _require_verified_torch() -> None:
+    # once per process (on success): reading package metadata at every layer's call would cost more than the matmul
+    require_verified("torch", VERIFIED_TORCH, "rqat_sdk/ops/fp8.py (torch._scaled_mm)")
+
+
+class FP8Linear(torch.nn.Module):
+    """A frozen Linear whose weight is stored in e4m3 with a scale per output row, computed by :func:`fp8_linear`.
+
+    Inference only: it holds buffers, not parameters, so no optimizer or gradient reaches it, and it keeps half
+    the bytes of a bf16 weight. Build it with :meth:`from_linear` after the model has reached its device and
+    dtype: ``module.to(dtype)`` would cast the e4m3 buffer as any floating-point buffer.
+    """
+
+    w_fp8: torch.Tensor
+    w_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = w_fp8.shape
+        self.register_buffer("w_fp8", w_fp8)
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: torch.nn.Linear) -> FP8Linear:
+        w_fp8, w_scale = quantize_rows(linear.weight)
+        return cls(w_fp8, w_scale, linear.bias.detach().clone() if linear.bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.w_fp8, self.w_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def linears_to_fp8_(model: torch.nn.Module, keep: Collection[torch.nn.Module] = ()) -> int:
+    """Replace every ``nn.Linear`` of ``model`` except those in ``keep`` by an :class:`FP8Linear`, in place;
+    returns how many were replaced."""
+    kept = {id(module) for module in keep}
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and id(module) not in kept]
+    for name, linear in targets:
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, FP8Linear.from_linear(linear))
+    return len(targets)
