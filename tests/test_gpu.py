@@ -131,7 +131,8 @@ def test_fp8_scaled_mm_path_matches_the_reference(dtype):
     assert (out.float() - reference.float()).abs().max() <= 2**-7 * reference.float().abs().max()
 
 
-def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path):
+@pytest.mark.parametrize("teacher_precision", ["bf16", pytest.param("fp8", marks=needs_fp8)])
+def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path, teacher_precision):
     from datasets import Dataset
 
     import rqat_sdk
@@ -154,7 +155,7 @@ def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path):
             {"name": "ptq", "data": {"num_samples": 16, "max_seq_length": 64}, "modifiers": [{"type": "gptq"}]},
             {"name": "qat", "data": {"num_samples": 40, "max_seq_length": 64}, "modifiers": [
                 {"type": "qat_kd", "steps": 10, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-4,
-                 "learn_scales": True, "logging_steps": 5}]},
+                 "learn_scales": True, "logging_steps": 5, "teacher_precision": teacher_precision}]},
         ],
     }
     result = rqat_sdk.oneshot(tmp_path / "model", recipe, data, tmp_path / "out")

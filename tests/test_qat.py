@@ -275,8 +275,8 @@ def test_in_memory_model_is_its_own_teacher(tiny_qwen3, monkeypatch):
     teachers = []
     load_teacher = SessionState.teacher
 
-    def recording_teacher(self, source, dtype):
-        teachers.append(load_teacher(self, source, dtype))
+    def recording_teacher(self, source, dtype, **options):
+        teachers.append(load_teacher(self, source, dtype, **options))
         return teachers[-1]
 
     monkeypatch.setattr(SessionState, "teacher", recording_teacher)
@@ -292,6 +292,31 @@ def test_in_memory_model_is_its_own_teacher(tiny_qwen3, monkeypatch):
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, reference.model.layers[0].mlp.up_proj.weight)
 
 
+def test_an_fp8_teacher_trains_and_leaves_the_original_model_whole(tiny_qwen3, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from rqat_sdk.ops.fp8 import FP8Linear
+    from rqat_sdk.session.state import SessionState
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    originals = []
+    load_teacher = SessionState.teacher
+
+    def recording_teacher(self, source, dtype, **options):
+        originals.append(self.original_model)
+        return load_teacher(self, source, dtype, **options)
+
+    monkeypatch.setattr(SessionState, "teacher", recording_teacher)
+    result = rqat_sdk.oneshot(model, recipe(steps=4, teacher_precision="fp8"), DATA,
+                              tokenizer=AutoTokenizer.from_pretrained(tiny_qwen3))
+    metrics = result.record["stages"][1]["metrics"]["qat_kd"]
+    assert metrics["teacher_precision"] == "fp8" and metrics["steps"] == 4 and 0 < metrics["final_loss"] < 1
+    # the teacher was an FP8 copy: the original model the run keeps for teachers still has its Linear layers
+    [original] = originals
+    assert not any(isinstance(m, FP8Linear) for m in original.modules())
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
+
+
 def test_qat_recipe_checks():
     with pytest.raises(RecipeError, match=r"stages\[0\].modifiers\[0\]: qat_kd trains the quantized model"):
         Recipe.from_dict({"version": 1, "scheme": "W3G128",
@@ -301,8 +326,12 @@ def test_qat_recipe_checks():
                           "stages": [{"name": "a", "modifiers": [{"type": "grpo"}, {"type": "rtn"}]}]})
     with pytest.raises(RecipeError, match="batch_size 30 is not a multiple of micro_batch_size 4"):
         Recipe.from_dict(recipe(batch_size=30, micro_batch_size=4))
+    with pytest.raises(RecipeError, match=r"stages\[1\].modifiers\[0\]: teacher_precision fp8 sets the teacher's "
+                                          r"precision, and objective sft has no teacher"):
+        Recipe.from_dict(recipe(objective="sft", teacher_precision="fp8"))
     defaults = Recipe.from_dict(recipe()).stages[1].modifiers[0]
     assert defaults.betas == (0.9, 0.95) and defaults.divergence == "forward_kl"
+    assert defaults.teacher_precision == "bf16"
 
 
 def test_the_trainer_config_and_the_teacher_must_agree(quantized):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rqat_sdk.data import describe_source, load_examples, tokenize_examples
 from rqat_sdk.errors import DatasetError, ModelLoadError
 from rqat_sdk.models import load_model
+from rqat_sdk.ops.fp8 import linears_to_fp8_
 
 if TYPE_CHECKING:
     import torch
@@ -90,8 +92,12 @@ class SessionState:
             self._data[self.stage_index] = tokenize_examples(examples, self.tokenizer, self.stage.data.max_seq_length)
         return self._data[self.stage_index]
 
-    def teacher(self, source: str | None, dtype: torch.dtype) -> PreTrainedModel:
-        """A frozen teacher on the student's device: ``source``, or the model the run started from."""
+    def teacher(self, source: str | None, dtype: torch.dtype, *, fp8: bool = False) -> PreTrainedModel:
+        """A frozen teacher on the student's device: ``source``, or the model the run started from.
+
+        With ``fp8`` its Linear layers run in FP8 (:mod:`rqat_sdk.ops.fp8`), all but the LM head, whose weight
+        the distillation loss reads directly (:func:`rqat_sdk.ops.distill.lm_head_loss`).
+        """
         from transformers import PreTrainedModel
 
         origin = source if source is not None else self.original_model
@@ -100,15 +106,19 @@ class SessionState:
                 "the distillation teacher is the model the run started from, which this session does not have; "
                 "set the modifier's teacher to a model directory or hub id"
             )
-        key = (str(origin) if not isinstance(origin, PreTrainedModel) else id(origin), dtype)
+        key = (str(origin) if not isinstance(origin, PreTrainedModel) else id(origin), dtype, fp8)
         if key not in self._teachers:
             if isinstance(origin, PreTrainedModel):
+                # FP8 replaces layers in place: a copy keeps the original whole for other stages' teachers
+                model = copy.deepcopy(origin) if fp8 else origin
                 # the ignore: the @wraps typing gap (pyproject.toml)
-                teacher = origin.to(device=self.model.device, dtype=dtype)  # type: ignore[call-arg]
+                teacher = model.to(device=self.model.device, dtype=dtype)  # type: ignore[call-arg]
             else:
                 log.info("loading the teacher from %s", origin)
                 teacher = load_model(origin, dtype=str(dtype).removeprefix("torch."), device=self.model.device)
             teacher.eval().requires_grad_(False)
+            if fp8:
+                linears_to_fp8_(teacher, keep=[teacher.get_output_embeddings()])
             self._teachers[key] = teacher
         return self._teachers[key]
 

@@ -15,6 +15,7 @@ from rqat_sdk.modifiers.qat.batches import StepBatches
 from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerConfig, TrainerPaths
 from rqat_sdk.modifiers.training import TrainingModifier
 from rqat_sdk.ops.distill import LossSpec
+from rqat_sdk.ops.fp8 import uses_scaled_mm
 
 if TYPE_CHECKING:
     from rqat_sdk.recipe.recipe import Position, Recipe
@@ -46,6 +47,11 @@ class QATKDModifier(TrainingModifier):
     """Teacher tokens kept by ``topk_kl``."""
     teacher: str | None = None
     """A model directory or hub id; null: the full-precision model the run started from."""
+    teacher_precision: Literal["bf16", "fp8"] = "bf16"
+    """``bf16``: the teacher runs in the checkpoint's dtype; ``fp8``: its Linear layers except the LM head hold e4m3
+    weights with a scale per output row, quantize their inputs per token and multiply on FP8 tensor cores (CUDA,
+    compute capability 8.9+; elsewhere they dequantize and multiply in float32, slower), so the teacher's
+    distribution differs slightly from the bf16 one. Only with ``objective: kd``."""
 
     steps: Annotated[int, IntRange(1, None)] = 6000
     """Optimizer steps."""
@@ -87,6 +93,9 @@ class QATKDModifier(TrainingModifier):
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
             )
+        if self.teacher_precision == "fp8" and self.objective == "sft":
+            raise ValueError("teacher_precision fp8 sets the teacher's precision, and objective sft has no teacher; "
+                             "use objective kd or teacher_precision bf16")
         return self
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:
@@ -120,7 +129,14 @@ class QATKDModifier(TrainingModifier):
         data = state.stage_data()
         check_trainable_tokens(data, state.data_field(), state.stage.data.max_seq_length)
         self.attach_training(state, learn_clipping=self.learn_clipping, float32=False)
-        teacher = state.teacher(self.teacher, dtype=self._export_dtype) if self.objective == "kd" else None
+        teacher = None
+        if self.objective == "kd":
+            fp8 = self.teacher_precision == "fp8"
+            teacher = state.teacher(self.teacher, dtype=self._export_dtype, fp8=fp8)
+            if fp8 and not uses_scaled_mm(state.model.device):
+                log.warning("teacher_precision fp8: %s has no FP8 matmuls (CUDA, compute capability 8.9+); the "
+                            "teacher's FP8 layers dequantize and multiply in float32, slower than bf16",
+                            state.model.device)
         batches = StepBatches(
             data,
             batch_size=self.batch_size,
@@ -143,4 +159,5 @@ class QATKDModifier(TrainingModifier):
         )
         with tracking_codes(state.model) as codes:
             summary = trainer.train()
-        state.stage_metrics[self.type] = {**summary, **codes}
+        teacher_precision = {"teacher_precision": self.teacher_precision} if teacher is not None else {}
+        state.stage_metrics[self.type] = {**summary, **codes, **teacher_precision}
