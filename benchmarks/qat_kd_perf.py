@@ -11,10 +11,13 @@ scales). Every variant runs in this one process, one after another, with the sam
   its extra time over ``no_fake_quant_ce``, as a share of the QAT-KD step;
 - ``qat_kd``: rqat's QAT-KD step, the ``DistillationTrainer`` itself: fake-quantized student, frozen bf16
   teacher, forward KL on chunked LM-head logits;
+- ``qat_kd_fp8_teacher``: the same with the teacher's Linear layers in FP8 (``teacher_precision: fp8``,
+  ``torch._scaled_mm``; the LM head stays bf16), on GPUs of compute capability 8.9+;
 - ``naive_kd``: compressed-tensors' fake quantization and forward KL on full fp32 logits of both models,
   for reference.
 
-It first checks the Triton kernels against the PyTorch path (bit-identical forward) and compressed-tensors.
+It first checks the Triton kernels against the PyTorch path (bit-identical forward) and compressed-tensors, and
+the FP8 teacher's ``_scaled_mm`` path against its float32 reference.
 
     python benchmarks/qat_kd_perf.py --json docs/results/qat_kd_perf.json
 """
@@ -90,6 +93,22 @@ def check_kernels() -> list[str]:
                         and torch.allclose(z32.grad, ref_z.grad, rtol=1e-4, atol=1e-4)
                     )
                     lines.append(f"{'ok ' if ok else 'BAD'} {rows}x{cols} W{bits} g{group} sym={symmetric}")
+    return lines
+
+
+def check_fp8() -> list[str]:
+    """The FP8 ``_scaled_mm`` path against its float32 reference on the shape's projections; one line each."""
+    from rqat_sdk.ops.fp8 import FP8Linear, fp8_linear_reference, fp8_linear_scaled_mm
+
+    lines = []
+    torch.manual_seed(0)
+    for rows, cols in ((2048, 1024), (1024, 1024), (1024, 2048), (3072, 1024), (1024, 3072)):  # q, k/v, o, up, down
+        layer = FP8Linear.from_linear(torch.nn.Linear(cols, rows, bias=False, device="cuda", dtype=torch.bfloat16))
+        x = torch.randn(8192, cols, device="cuda", dtype=torch.bfloat16)
+        out = fp8_linear_scaled_mm(x, layer.w_fp8, layer.w_scale).float()
+        ref = fp8_linear_reference(x, layer.w_fp8, layer.w_scale).float()
+        ok = (out - ref).abs().max() <= 2**-7 * ref.abs().max()  # the bound tests/test_gpu.py holds it to
+        lines.append(f"{'ok ' if ok else 'BAD'} fp8 {rows}x{cols}")
     return lines
 
 
@@ -201,11 +220,15 @@ def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp"):
     return trainer, lambda: trainer.step(next(counter))
 
 
-def bench_rqat(ids, warmup, steps, *, fake_quant: bool, objective: str, kernels: dict | None = None):
+def bench_rqat(ids, warmup, steps, *, fake_quant: bool, objective: str, kernels: dict | None = None,
+               fp8_teacher: bool = False):
     from rqat_sdk.modifiers.layers import attach_fake_quant, detach_fake_quant
+    from rqat_sdk.ops.fp8 import linears_to_fp8_
 
     model = fresh_model()
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if objective == "kd" else None
+    if fp8_teacher:
+        linears_to_fp8_(teacher, keep=[teacher.get_output_embeddings()])  # as SessionState.teacher does
     if fake_quant:
         model = quantize_w3g128(model)
         attach_fake_quant(model, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
@@ -362,7 +385,10 @@ def main() -> int:
     if device is None:
         return 2
 
-    checks = check_kernels()
+    from rqat_sdk.ops.fp8 import uses_scaled_mm
+
+    fp8 = uses_scaled_mm(torch.device("cuda"))
+    checks = check_kernels() + (check_fp8() if fp8 else [])
     bad = [line for line in checks if line.startswith("BAD")]
     print(f"kernel checks: {len(checks) - len(bad)}/{len(checks)} ok", flush=True)
     for line in bad:
@@ -377,8 +403,13 @@ def main() -> int:
         ("no_fake_quant_ce", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=False, objective="sft")),
         ("fake_quant_ce", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="sft")),
         ("qat_kd", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd", kernels=kernels)),
+        ("qat_kd_fp8_teacher", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd",
+                                                  fp8_teacher=True)),
         ("naive_kd", lambda: bench_naive_kd(ids, args.warmup, args.steps)),
     ):
+        if name == "qat_kd_fp8_teacher" and not fp8:
+            print(f"{name}: skipped, {device} has no FP8 matmuls (compute capability 8.9+)", flush=True)
+            continue
         started = time.perf_counter()
         try:
             results[name] = run()
@@ -404,6 +435,10 @@ def main() -> int:
         "qat_kd_peak_gb": round(kd_gb, 2),
         "no_fake_quant_ce_ms": round(results["no_fake_quant_ce"][0], 1),
         "naive_kd_ms": round(results["naive_kd"][0], 1),
+        **({"qat_kd_fp8_teacher_ms": round(results["qat_kd_fp8_teacher"][0], 1),
+            "qat_kd_fp8_teacher_peak_gb": round(results["qat_kd_fp8_teacher"][1], 2),
+            "qat_kd_fp8_teacher_over_bf16_ce": round(results["qat_kd_fp8_teacher"][0] / base_ms, 3)}
+           if "qat_kd_fp8_teacher" in results else {}),
         "naive_kd_peak_gb": round(results["naive_kd"][1], 2),
         "fake_quant_ce_peak_gb": round(results["fake_quant_ce"][1], 2),
         "no_fake_quant_ce_peak_gb": round(results["no_fake_quant_ce"][1], 2),
@@ -426,6 +461,10 @@ def main() -> int:
     print()
     print(f"QAT-KD / bf16 CE step: {record['qat_kd_over_bf16_ce']:.3f} (target <= 1.35)")
     print(f"QAT-KD peak / bf16 CE peak: {kd_gb / base_gb:.3f} (target <= 1.0)")
+    if "qat_kd_fp8_teacher" in results:
+        fp8_ms, fp8_gb = results["qat_kd_fp8_teacher"]
+        print(f"QAT-KD with the FP8 teacher / bf16 CE step: {fp8_ms / base_ms:.3f} (target <= 1.20), "
+              f"peak {fp8_gb / base_gb:.3f} of bf16 CE's (target <= 1.0)")
     print(f"fake-quant overhead: {overhead:.1%} of the QAT-KD step (target <= 5%); its kernels' GPU time "
           f"{record['fake_quant_kernel_share']:.1%} ({kernels['fake_quant_fwd']:.2f} ms forward, "
           f"{kernels['fake_quant_bwd']:.2f} ms backward; fused head loss {kernels['head_loss']:.2f} ms)")
