@@ -1,9 +1,8 @@
 """The version check for code that relies on another package's private internals.
 
-Each such contact lives in the one adapter file it belongs to (the llmcompressor and trl adapters; ``ops/fp8.py``
-for torch's ``_scaled_mm``), which names the version it was verified against; pyproject.toml pins the same one
-(torch, whose CPU or CUDA build the user installs first, to a range that includes it). A private name can change
-in any release, so the adapter refuses to run on another version rather than misbehave quietly.
+Each such contact lives in the one adapter file it belongs to (the llmcompressor and trl adapters), which names
+the version it was verified against; pyproject.toml pins the same one. A private name can change in any
+release, so the adapter refuses to run on another version rather than misbehave quietly.
 """
 
 from __future__ import annotations
@@ -17,12 +16,11 @@ def require_verified(package: str, verified: str, contact: str) -> None:
     """Raise :class:`UpstreamVersionError` unless ``package`` is installed at exactly ``verified``.
 
     ``contact`` says which private internals depend on it, so that the message tells a maintainer what to check.
-    A local version label is ignored: torch's ``+cpu`` or ``+cu128`` names the build of one release.
     """
     installed = metadata.version(package)
-    if installed.partition("+")[0] != verified:
+    if installed != verified:
         raise UpstreamVersionError(
             f"{contact} relies on private internals of {package} {verified}, but {package} {installed} is installed. "
-            f"Install {package}=={verified}, or check that code against {package} {installed} and update the "
-            "version it names"
+            f"Install {package}=={verified} (pyproject.toml pins it), or check that code against {package} "
+            f"{installed} and update the version it names"
         )

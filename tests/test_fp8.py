@@ -6,7 +6,9 @@ The CUDA path is checked against the reference in tests/test_gpu.py.
 import pytest
 import torch
 
+from rqat_sdk.errors import UpstreamVersionError
 from rqat_sdk.models import load_model, load_tokenizer
+from rqat_sdk.ops import fp8
 from rqat_sdk.ops.fp8 import (
     E4M3,
     E4M3_MAX,
@@ -77,6 +79,28 @@ def test_the_scaled_mm_call_computes_the_reference(dtype):
     assert out.dtype == dtype and out.shape == reference.shape
     assert (out.float() - reference.float()).abs().max() <= 2.0**-7 * reference.float().abs().max()
 
+
+
+def test_the_first_scaled_mm_checks_the_kernel_and_refuses_one_that_differs(monkeypatch):
+    """The self-check runs the real kernel (torch's CPU build has one) and passes; a ``_scaled_mm`` that takes
+    other arguments, or computes something else, is refused with what to do."""
+    fp8._check_scaled_mm.cache_clear()
+    fp8._check_scaled_mm(torch.device("cpu"))
+
+    def other_signature(*args, **kwargs):
+        raise TypeError("_scaled_mm() got an unexpected keyword argument 'scale_a'")
+
+    monkeypatch.setattr(torch, "_scaled_mm", other_signature)
+    fp8._check_scaled_mm.cache_clear()
+    with pytest.raises(UpstreamVersionError, match=r"refused the call .*unexpected keyword.*teacher_precision: bf16"):
+        fp8._check_scaled_mm(torch.device("cpu"))
+
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, b, **kwargs: torch.zeros(a.shape[0], b.shape[1],
+                                                                                 dtype=torch.bfloat16))
+    fp8._check_scaled_mm.cache_clear()
+    with pytest.raises(UpstreamVersionError, match=r"differs from the FP8 reference by 1\.000 \(relative\)"):
+        fp8._check_scaled_mm(torch.device("cpu"))
+    fp8._check_scaled_mm.cache_clear()
 
 def test_fp8_teacher_logits_stay_close_to_the_float_teachers(tiny_qwen3):
     from rqat_sdk.exporters import probe_batch

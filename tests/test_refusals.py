@@ -151,6 +151,9 @@ def test_a_refused_resume_says_what_changed_and_a_resume_saves_the_recipe_that_r
                        r"written: seed: 0 -> 4; stages\[0\].data.num_samples: 128 -> 9\), so the run cannot resume"):
         rqat_sdk.oneshot(tiny_qwen3, reseeded, output_dir=out, resume=True)
 
+    # a stage recorded by an older rqat, whose recipe schema lacked a field added since: the recipe is the same
+    record = out.with_name(out.name + ".partial") / "checkpoints" / "00-rotate" / "stage.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "fingerprint": "from-an-older-schema"}))
     edited = {**TWO, "export": {"vllm_target": "cpu"},
               "stages": [TWO["stages"][0], {**TWO["stages"][1], "data": {"num_samples": 7}}]}
     result = rqat_sdk.oneshot(tiny_qwen3, edited, output_dir=out, resume=True)

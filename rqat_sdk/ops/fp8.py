@@ -12,8 +12,10 @@ accumulation order and the output's rounding:
   devices of compute capability 8.9 or newer when both weight dimensions are multiples of 16 (what the
   kernel requires).
 
-``torch._scaled_mm`` is private, so this file is its only caller, and that path refuses a torch release other
-than the one its signature was read from (:data:`VERIFIED_TORCH`, :mod:`rqat_sdk.upstream`).
+``torch._scaled_mm`` is private, so this file is its only caller. Its signature was read from torch 2.13; rather
+than refuse every other release of the range pyproject.toml allows, the first FP8 matmul on a device checks the
+kernel against the reference on a small product, and a torch whose ``_scaled_mm`` takes other arguments or
+computes otherwise is refused there with :class:`~rqat_sdk.errors.UpstreamVersionError`.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from collections.abc import Collection
 
 import torch
 
-from rqat_sdk.upstream import require_verified
+from rqat_sdk.errors import UpstreamVersionError
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 _MIN_SCALE = 1e-12  # the scale of an all-zero row: positive, so dividing by it is safe
-VERIFIED_TORCH = "2.13.0"
-"""The torch release whose ``_scaled_mm`` signature (and row-wise scale shapes) this file was written against."""
+SELF_CHECK_TOLERANCE = 0.02
+"""The largest relative difference the self-check accepts between ``_scaled_mm`` and the reference: both take
+the same e4m3 operands, and they differ by accumulation order and the kernel's bf16 output rounding (2^-8)."""
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +82,13 @@ def fp8_linear_scaled_mm(
 ) -> torch.Tensor:
     """:func:`fp8_linear` through ``torch._scaled_mm`` with row-wise scales, output rounded to bf16 (the
     row-wise kernels write bf16), then to ``x``'s dtype. The bias is added after the matmul, in bf16."""
-    _require_verified_torch()
+    _check_scaled_mm(x.device)
+    return _scaled_mm_linear(x, w_fp8, w_scale, bias)
+
+
+def _scaled_mm_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     x_fp8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
     # w_fp8.t() is column-major, as the kernel wants its second operand
     out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.reshape(1, -1), out_dtype=torch.bfloat16)
@@ -97,9 +106,26 @@ def uses_scaled_mm(device: torch.device) -> bool:
 
 
 @functools.cache
-def _require_verified_torch() -> None:
-    # once per process (on success): reading package metadata at every layer's call would cost more than the matmul
-    require_verified("torch", VERIFIED_TORCH, "rqat_sdk/ops/fp8.py (torch._scaled_mm)")
+def _check_scaled_mm(device: torch.device) -> None:
+    """Once per device: ``_scaled_mm`` on a small product against :func:`fp8_linear_reference`."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(32, 64, generator=generator).to(device, torch.bfloat16)
+    w_fp8, w_scale = quantize_rows(torch.randn(48, 64, generator=generator).to(device))
+    expected = fp8_linear_reference(x, w_fp8, w_scale).float()
+    try:
+        got = _scaled_mm_linear(x, w_fp8, w_scale, None).float()
+    except (TypeError, RuntimeError) as error:
+        raise UpstreamVersionError(
+            f"rqat_sdk/ops/fp8.py calls torch._scaled_mm as torch 2.13 takes it, and torch {torch.__version__} "
+            f"refused the call ({error}); use teacher_precision: bf16, or update that file for this torch"
+        ) from error
+    difference = ((got - expected).norm() / expected.norm()).item()
+    if not difference <= SELF_CHECK_TOLERANCE:
+        raise UpstreamVersionError(
+            f"torch {torch.__version__}'s _scaled_mm differs from the FP8 reference by {difference:.3f} (relative) on "
+            f"{device}, more than {SELF_CHECK_TOLERANCE}: use teacher_precision: bf16, or check rqat_sdk/ops/fp8.py "
+            "against this torch"
+        )
 
 
 class FP8Linear(torch.nn.Module):

@@ -279,13 +279,27 @@ class Session:
             if not record_file.is_file():
                 return index, last
             recorded = json.loads(record_file.read_text())
-            if recorded.get("fingerprint") != self.recipe.fingerprint(index):
+            recorded_current = recorded.get("fingerprint") == self.recipe.fingerprint(index)
+            if not (recorded_current or self._saved_recipe_is_current(index)):
                 raise OutputDirError(
                     f"{directory} was written by a different recipe ({self._what_changed(index)}), so the run "
                     f"cannot resume from it; rerun with --overwrite to start over"
                 )
             last = directory
         return len(self.recipe.stages), last
+
+    def _saved_recipe_is_current(self, index: int) -> bool:
+        """Whether the recipe saved beside the stages, read by this rqat, is the current one up to stage ``index``.
+
+        The saved recipe holds every field, defaults included. A stage written by an older rqat records the
+        fingerprint of an older schema: a field added since (at the default that keeps the old behaviour) changes
+        the fingerprint but not the work, and such a stage resumes; a changed default shows as a difference.
+        """
+        try:
+            saved = Recipe.from_file(self._work / RECIPE_FILE)
+        except RqatError:
+            return False
+        return saved.fingerprint(index) == self.recipe.fingerprint(index)
 
     def _what_changed(self, index: int) -> str:
         """The settings of stages ``0..index`` that differ from the saved recipe's, for a refused resume."""
