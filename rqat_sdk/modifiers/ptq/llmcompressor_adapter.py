@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
@@ -114,6 +115,22 @@ def quantize_awq(
         return [AWQModifier(duo_scaling=duo_scaling, n_grid=n_grid), quantize]
 
     return _oneshot(model, tokenizer, modifiers, calibration, seed)
+
+
+def awq_unbalanced_layers(model: PreTrainedModel) -> list[str]:
+    """The Linear layers (LM head aside) that llmcompressor's AWQ mappings for ``model``'s architecture balance no
+    scales for: AWQ quantizes them with round-to-nearest. Its Gemma 3 mappings, for one, leave out q/k/v, whose
+    outputs Gemma 3 normalises (q_norm, k_norm; llm-compressor issue 2522)."""
+    from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
+
+    patterns = [pattern for mapping in get_layer_mappings_from_model(model) for pattern in mapping.balance_layers]
+    head = model.get_output_embeddings()
+
+    def balanced(name: str) -> bool:
+        return any(re.match(p[3:], name) if p.startswith("re:") else p == name for p in patterns)
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head and not balanced(name)]
 
 
 def rotate_spinquant(

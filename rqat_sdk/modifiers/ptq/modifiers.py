@@ -139,6 +139,14 @@ class AWQModifier(_Quantizer):
         return problems
 
     def apply(self, state: SessionState) -> None:
+        unbalanced = adapter.awq_unbalanced_layers(state.model)
+        if unbalanced:
+            kinds = sorted({name.rpartition(".")[2] for name in unbalanced})
+            log.warning(
+                "awq: llmcompressor's mappings for %s balance no scales for %d layers (%s): they take plain "
+                "round-to-nearest, which can cost far more than AWQ at low bits; gptq quantizes every layer from "
+                "its calibration data", type(state.model).__name__, len(unbalanced), ", ".join(kinds),
+            )
         calibration = adapter.quantize_awq(
             state.model,
             state.tokenizer,
@@ -149,6 +157,7 @@ class AWQModifier(_Quantizer):
             n_grid=self.n_grid,
         )
         self._record(state, calibration)
+        state.stage_metrics[self.type]["unbalanced_layers"] = unbalanced
 
 
 class RotationModifier(Modifier):
