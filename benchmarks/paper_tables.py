@@ -158,7 +158,8 @@ def measure(model, tokenizer, label: str, args: argparse.Namespace, samples: int
     samples = samples or args.samples
     report = rqat_sdk.evaluate(model, args.benchmark, tokenizer=tokenizer, samples=samples,
                                num_examples=args.problems, max_new_tokens=RESPONSE_TOKENS[args.benchmark],
-                               batch_size=args.eval_batch_size or args.problems, label=label, dtype=args.dtype)
+                               batch_size=args.eval_batch_size or args.problems, label=label, dtype=args.dtype,
+                               cache_implementation=args.eval_cache)
     row = {"pass_at_1": round(report.pass_at_1, 4), "std": round(report.std, 4), "seeds": samples,
            "mean_response_tokens": round(report.mean_response_tokens, 1), "per_sample": report.per_sample}
     if args.ppl_paragraphs:
@@ -343,6 +344,8 @@ def main() -> int:
     parser.add_argument("--eval-batch-size", type=int,
                         help="problems generated at once (default: all); its KV cache is most of a job's GPU memory, "
                         "so lower it to fit more --workers on a GPU")
+    parser.add_argument("--eval-cache", choices=["dynamic", "static"], default="dynamic",
+                        help="the evaluation's KV cache: static lets transformers compile decoding on GPUs")
     parser.add_argument("--seed", type=int, default=0, help="the recipe seed (calibration and QAT data order, GRPO)")
     parser.add_argument("--training-seeds", type=int, default=1,
                         help="run each method with this many recipe seeds from --seed; rows report the spread")
@@ -572,6 +575,7 @@ def child_arguments(args: argparse.Namespace) -> list[str]:
                "--domains", *args.domains, "--table3-scheme", args.table3_scheme,
                *(["--table3-matched"] if args.table3_matched else [])]
     options += ["--eval-batch-size", str(args.eval_batch_size)] if args.eval_batch_size else []
+    options += ["--eval-cache", args.eval_cache]
     return options + (["--grpo-data", args.grpo_data] if args.grpo_data else [])
 
 

@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                           help="transformers, or vLLM in its own environment (see serve-check --setup)")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--cache-implementation", choices=["dynamic", "static"], default="dynamic",
+                          help="hf backend: static preallocates the KV cache, and transformers then compiles decoding "
+                          "on GPUs")
     evaluate.add_argument("-o", "--output", type=Path, help="write the report (with every response) as JSON")
     evaluate.set_defaults(handler=_eval)
 
@@ -301,6 +304,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.model, args.benchmark, samples=args.samples, num_examples=args.num_examples,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
         batch_size=args.batch_size, seed=args.seed, label=args.label, device=args.device, backend=args.backend,
+        cache_implementation=args.cache_implementation,
     )
     if args.output:
         report.save(args.output)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +36,10 @@ class Sampling:
     temperature: float = 0.6
     top_p: float = 0.95
     greedy: bool = False
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    """``static``: a KV cache allocated once at its full length, whose fixed shapes let transformers compile the
+    decoding step on GPUs (the first batch pays the compile; small models then decode several times faster);
+    ``dynamic`` grows the cache token by token."""
 
 
 @torch.no_grad()
@@ -66,9 +70,11 @@ def generate(
             add_special_tokens=False,
         ).to(model.device)
         torch.manual_seed(seed * 1_000_003 + start)
-        options = {"do_sample": False} if sampling.greedy else {
+        options: dict[str, Any] = {"do_sample": False} if sampling.greedy else {
             "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
         }
+        if sampling.cache_implementation == "static":
+            options["cache_implementation"] = "static"
         output = cast(_Generates, model).generate(
             **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=stops, **options
         )

@@ -10,7 +10,8 @@ from rqat_sdk.cli import main
 from rqat_sdk.data.reasoning_gym import HELD_OUT_SEED_OFFSET, parse_tasks
 from rqat_sdk.errors import DatasetError
 from rqat_sdk.evaluation import EvalReport, extract_boxed, harness, load_benchmark, markdown_table, math_equal, plot
-from rqat_sdk.generation import Completion
+from rqat_sdk.generation import Completion, Sampling, generate
+from rqat_sdk.models import load_model, load_tokenizer
 
 
 def test_extract_boxed_takes_the_last_and_balances_braces():
@@ -160,6 +161,26 @@ def test_real_generation_on_a_tiny_model(tiny_qwen3, tmp_path):
     assert greedy.samples == 1 and greedy.items == again.items
     report.save(tmp_path / "r.json")
     assert EvalReport.load(tmp_path / "r.json") == report
+
+
+
+def test_a_static_kv_cache_decodes_what_the_dynamic_one_does(monkeypatch):
+    """The static cache (which transformers compiles decoding for on GPUs) changes how, not what: greedy
+    answers of the trained short testbed are the same."""
+    from rqat_sdk.testbed.train import EMBEDDED
+
+    model, tokenizer = load_model(EMBEDDED, dtype="float32", device="cpu"), load_tokenizer(EMBEDDED)
+    caches = []
+    decode = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: caches.append(kw.get("cache_implementation")) or decode(**kw))
+    prompts = [problem.prompt for problem in load_benchmark("testbed", num_examples=16, seed=0)]
+    answers = {cache: generate(model, tokenizer, prompts, Sampling(max_new_tokens=48, greedy=True,
+                                                                   cache_implementation=cache), batch_size=8, seed=0)
+               for cache in ("dynamic", "static")}
+    assert caches == [None, None, "static", "static"]
+    assert answers["static"] == answers["dynamic"] and any(c.text for c in answers["static"])
+    with pytest.raises(ValueError, match="cache_implementation 'paged' is not one of dynamic, static"):
+        rqat_sdk.evaluate(EMBEDDED, "testbed", cache_implementation="paged")
 
 
 def test_reports_table_plot_and_cli(tmp_path, capsys):

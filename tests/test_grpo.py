@@ -5,7 +5,7 @@ import types
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationMixin
 
 import rqat_sdk
 from rqat_sdk.errors import RecipeError
@@ -75,6 +75,24 @@ def test_learn_scales_moves_the_scales_and_exports_exactly(tiny_qwen3, tmp_path,
     moved = {name for name, a in before.model.state_dict().items() if not torch.equal(a, after[name])}
     assert any(name.endswith("q_proj.weight_scale") for name in moved)
 
+
+
+def test_rollouts_can_decode_with_a_static_kv_cache(tiny_qwen3, reward_module, monkeypatch):
+    caches = []
+    decode = GenerationMixin.generate
+
+    def recording(self, *args, **kwargs):
+        config = kwargs.get("generation_config") or self.generation_config
+        caches.append(kwargs.get("cache_implementation") or config.cache_implementation)
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording)
+    grpo = recipe(rewards=[reward_module], cold_start_threshold=0.0, cache_implementation="static")
+    result = rqat_sdk.oneshot(tiny_qwen3, grpo, "testbed", allow_code=True)
+    assert result.record["stages"][1]["metrics"]["grpo"]["steps"] == 2
+    assert "static" in caches  # trl's rollouts (the cold-start probe samples with rqat's own default)
+    with pytest.raises(RecipeError, match="cache_implementation static is for generation transformers"):
+        Recipe.from_dict(recipe(cache_implementation="static", generation="vllm-colocate"))
 
 def test_the_optimizer_gives_scales_their_own_rate_and_no_weight_decay(tiny_qwen3):
     from rqat_sdk.modifiers.rl.modifier import GRPOModifier

@@ -141,7 +141,7 @@ def test_a_job_out_of_gpu_memory_is_retried_with_fewer_beside_it(tables, tmp_pat
                  bf16_json=tmp_path / "none.json", json=tmp_path / "t.json", oom_retries=1, samples=1,
                  bf16_samples=None, problems=1, qat_steps=1, qat_lr=1e-4, grpo_steps=1, grpo_lr=1e-5,
                  grpo_prompts=1, dtype="float32", group_size_fallback="error", ppl_paragraphs=0,
-                 eval_batch_size=None, grpo_data=None, plot=None)
+                 eval_batch_size=None, eval_cache="dynamic", grpo_data=None, plot=None)
     jobs = tables.planned_jobs(args)
     assert tables.run_parallel(args, jobs, "m", 0.0) == 0
     assert [key for key, _ in _FakeJob.launches] == ["W3G128_GPTQ+KD", "W3G128_GPTQ", "W3G128_GPTQ+KD"]

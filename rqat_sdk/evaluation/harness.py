@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from rqat_sdk.data.answers import score_response
 from rqat_sdk.evaluation.benchmarks import load_benchmark
@@ -90,12 +90,14 @@ def evaluate(
     device: str = "auto",
     dtype: str = "auto",
     backend: str = "hf",
+    cache_implementation: Literal["dynamic", "static"] = "dynamic",
 ) -> EvalReport:
     """Evaluate ``model`` (a loaded model, a directory, a compressed-tensors checkpoint or a hub id).
 
     ``num_examples`` caps the problems drawn (generated benchmarks draw exactly that many). ``greedy``
     decodes once per problem (``samples`` is then 1). ``backend="vllm"`` generates with vLLM in its own
-    environment (``model`` must then be a directory). On CPU the process's thread count is set for the model
+    environment (``model`` must then be a directory); with the ``hf`` backend, ``cache_implementation`` is
+    :attr:`~rqat_sdk.generation.Sampling.cache_implementation`. On CPU the process's thread count is set for the model
     (:func:`rqat_sdk.threads.configure_threads`: one thread below 20M parameters unless the user chose).
     """
 
@@ -104,7 +106,10 @@ def evaluate(
         raise ValueError(f"backend {backend!r} is not one of hf, vllm")
     samples = 1 if greedy else samples
     problems = load_benchmark(benchmark, num_examples=num_examples, seed=seed)
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy)
+    if cache_implementation not in ("dynamic", "static"):
+        raise ValueError(f"cache_implementation {cache_implementation!r} is not one of dynamic, static")
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
+                        cache_implementation=cache_implementation)
     prompts = [p.prompt for p in problems]
     if backend == "vllm":
         if not isinstance(model, (str, os.PathLike)):

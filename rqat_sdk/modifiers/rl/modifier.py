@@ -83,6 +83,9 @@ class GRPOModifier(TrainingModifier):
     """Rollout engine; vLLM receives the fake-quantized weights at every step."""
     vllm_server_url: str | None = None
     """The vLLM server, with ``generation: vllm-server``."""
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    """With ``generation: transformers``: ``static`` allocates the rollouts' KV cache once at its full length,
+    whose fixed shapes let transformers compile the decoding step on GPUs (the first rollout pays the compile)."""
     allow_cold_start: bool = False
     """Train even when the probe's mean reward is below ``cold_start_threshold``."""
     cold_start_threshold: Annotated[float, FloatRange(0.0, None)] = 0.05
@@ -117,6 +120,9 @@ class GRPOModifier(TrainingModifier):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rewards")
         if self.generation == "vllm-server" and not self.vllm_server_url:
             raise ValueError("generation 'vllm-server' needs vllm_server_url")
+        if self.cache_implementation == "static" and self.generation != "transformers":
+            raise ValueError(f"cache_implementation static is for generation transformers; {self.generation} "
+                             "manages its own KV cache")
         return self
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:

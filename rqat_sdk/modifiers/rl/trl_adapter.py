@@ -101,6 +101,7 @@ def run_grpo(
         epsilon=config.epsilon,
         reward_weights=config.reward_weights,
         use_vllm=config.generation != "transformers",
+        cache_implementation="static" if config.cache_implementation == "static" else None,
         vllm_mode="server" if config.generation == "vllm-server" else "colocate",
         vllm_server_base_url=config.vllm_server_url,
         logging_steps=config.logging_steps,
