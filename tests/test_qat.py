@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import logging
 
 import pytest
 import torch
@@ -159,6 +160,19 @@ def test_qat_kd_lowers_the_loss_and_exports_exactly(tiny_qwen3, tmp_path):
     rtn = rqat_sdk.oneshot(tiny_qwen3, {**recipe(), "stages": recipe()["stages"][:1]})
     assert not torch.equal(logits(result.model, result.tokenizer), logits(rtn.model, rtn.tokenizer))
 
+
+
+def test_a_stage_that_moves_no_weight_code_says_so(tiny_qwen3, caplog):
+    """At a rate too small to cross a grid boundary the quantized weights stay the initialisation's: the run warns."""
+    with caplog.at_level(logging.WARNING, logger="rqat_sdk.modifiers.qat.modifier"):
+        still = rqat_sdk.oneshot(tiny_qwen3, recipe(steps=2, learning_rate=1e-9), DATA)
+    assert still.record["stages"][1]["metrics"]["qat_kd"]["codes_changed"] == 0
+    assert "2 steps at learning_rate 1e-09 moved no weight code off its initial grid point" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rqat_sdk.modifiers.qat.modifier"):
+        moved = rqat_sdk.oneshot(tiny_qwen3, recipe(steps=2), DATA)
+    assert moved.record["stages"][1]["metrics"]["qat_kd"]["codes_changed"] > 0 and "moved no weight code" not in (
+        caplog.text)
 
 def test_bf16_model_keeps_fp32_buffers_and_exports_exactly(tiny_qwen3, tmp_path):
     # model.to(bf16) after training would round the rotary inv_freq buffer, which a reload recomputes in fp32

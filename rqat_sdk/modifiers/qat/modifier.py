@@ -159,5 +159,12 @@ class QATKDModifier(TrainingModifier):
         )
         with tracking_codes(state.model) as codes:
             summary = trainer.train()
+        if codes["codes_changed"] == 0 and not self.learn_scales:
+            log.warning(
+                "%s: %d steps at learning_rate %g moved no weight code off its initial grid point: the quantized "
+                "weights are still the initialisation's, and any gain came from the parameters kept in full "
+                "precision (norms, embeddings); a higher learning_rate lets the weights cross grid boundaries",
+                self.type, self.steps, self.learning_rate,
+            )
         teacher_precision = {"teacher_precision": self.teacher_precision} if teacher is not None else {}
         state.stage_metrics[self.type] = {**summary, **codes, **teacher_precision}
