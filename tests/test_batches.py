@@ -39,6 +39,12 @@ def test_short_and_long_examples_do_not_share_a_micro_batch_when_the_step_has_bo
     assert [batch["input_ids"].shape[1] for batch in micro] == [3, 5, 51, 53]
 
 
+def test_a_share_that_is_one_micro_batch_keeps_the_steps_order():
+    batches = _batches([2, 50, 3, 51, 4, 52, 5, 53], micro_batch_size=8)
+    (micro,) = batches.micro_batches(0, torch.device("cpu"))
+    assert [int(row[0]) for row in micro["input_ids"]] == [[2, 50, 3, 51, 4, 52, 5, 53][i] for i in batches.indices(0)]
+
+
 def test_packed_micro_batches_keep_the_steps_order():
     batches = _batches([3, 4, 5, 6, 7, 8, 9, 10], packing=True)
     micro = batches.micro_batches(0, torch.device("cpu"))

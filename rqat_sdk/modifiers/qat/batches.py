@@ -65,11 +65,12 @@ class StepBatches:
         return chosen[self.rank :: self.world_size]
 
     def micro_batches(self, step: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-        """This rank's share of ``step``, in micro-batches. Padded micro-batches take the share's examples by
-        length, so that each pads to a length close to its own examples'; the loss is normalised over the whole
-        step's target tokens, so the grouping changes no gradient, only how much padding is computed."""
+        """This rank's share of ``step``, in micro-batches. Split into several padded micro-batches, the share is
+        taken by length, so that each pads to a length close to its own examples'; the loss is normalised over
+        the whole step's target tokens, so the grouping changes no gradient, only how much padding is computed.
+        A share that is one micro-batch keeps its order (sorting would save nothing)."""
         mine = self.indices(step)
-        if not self.packing:
+        if not self.packing and len(mine) > self.micro_batch_size:
             mine = sorted(mine, key=lambda i: len(self.rows[i][0]))
         groups = [mine[i : i + self.micro_batch_size] for i in range(0, len(mine), self.micro_batch_size)]
         collate = self._packed if self.packing else self._padded
