@@ -521,7 +521,7 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
         launches = len(list(parts.glob("launch*.json")))  # runs that share these parts each keep their command
         write_record(parts / ("launch.json" if not launches else f"launch-{launches}.json"),
                      {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-                                             "date": datetime.date.today().isoformat(), "commit": git_commit()})
+                      "date": datetime.date.today().isoformat(), "commit": git_commit()})
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     gpus = [g for g in gpus if g] or [None]
     running: dict[subprocess.Popen, tuple[str, int, str | None, float]] = {}
@@ -580,7 +580,8 @@ def child_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def out_of_memory(log: Path) -> bool:
-    return "OutOfMemoryError" in log.read_text(errors="replace")
+    """torch's OutOfMemoryError ("CUDA out of memory") or a CUDA call's "CUDA error: out of memory"."""
+    return "out of memory" in log.read_text(errors="replace")
 
 
 def failed_job(log: Path, key: str, seed: int) -> dict | None:
