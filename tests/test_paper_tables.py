@@ -149,3 +149,12 @@ def test_a_job_out_of_gpu_memory_is_retried_with_fewer_beside_it(tables, tmp_pat
         capsys.readouterr().out)
     record = json.loads(args.json.read_text())
     assert [row["method"] for row in record["rows"]] == ["GPTQ", "GPTQ+KD"] and record["failed"] == []
+
+
+def test_both_ways_cuda_reports_running_out_of_memory_count(tables, tmp_path):
+    log = tmp_path / "job.log"
+    for text, expected in (("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 512.00 MiB", True),
+                           ("torch.AcceleratorError: CUDA error: out of memory", True),
+                           ("RuntimeError: shape mismatch", False)):
+        log.write_text(f"kd (kd): 3/300\n{text}\n")
+        assert tables.out_of_memory(log) is expected
