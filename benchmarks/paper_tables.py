@@ -499,6 +499,16 @@ def write_record(path: Path, record: dict) -> None:
 
 
 _COST = {"grpo": 4, "kd": 3, "sft": 3}
+
+
+def planned_tasks(jobs: list[Job], first_seed: int, training_seeds: int) -> list[tuple[str, int]]:
+    """Every (job key, training seed) pair, seed by seed: a run cut short leaves each row with as many seeds as
+    time allowed rather than some rows complete and others empty; within a seed, the costliest jobs first, so
+    the last to start are the short ones."""
+    by_cost = sorted(jobs, key=lambda j: -max([_COST.get(s, 0) for s in j.stages] + [1 + (j.init != "rtn")]))
+    return list(dict.fromkeys(
+        (job.key, seed) for seed in range(first_seed, first_seed + training_seeds) for job in by_cost
+        if seed == first_seed or not job.deterministic))
 """Rough relative run times, so that the longest jobs start first and the last to finish is short."""
 
 
@@ -512,10 +522,7 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
 
     parts = args.json.with_suffix(".parts")
     parts.mkdir(parents=True, exist_ok=True)
-    tasks = ([] if args.bf16_json else [("BF16", args.seed)]) + list(dict.fromkeys(
-        (job.key, seed) for job in sorted(
-            jobs, key=lambda j: -max([_COST.get(s, 0) for s in j.stages] + [1 + (j.init != "rtn")]))
-        for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds))))
+    tasks = ([] if args.bf16_json else [("BF16", args.seed)]) + planned_tasks(jobs, args.seed, args.training_seeds)
     todo = [] if args.merge_only else [task for task in tasks if not (parts / f"{task[0]}_s{task[1]}.json").exists()]
     if not args.merge_only:
         launches = len(list(parts.glob("launch*.json")))  # runs that share these parts each keep their command

@@ -57,6 +57,15 @@ def test_planned_jobs_follow_the_tables_and_the_method_filter(tables):
     assert [(job.calibration, job.qat_data) for job in matched] == [("testbed", "testbed"), ("mixed", "mixed")]
 
 
+def test_tasks_go_seed_by_seed_costliest_first(tables):
+    rtn = tables.Job("5", "W3G128", "RTN", "rtn", ())
+    gptq = tables.Job("5", "W3G128", "GPTQ", "gptq", ())
+    grpo = tables.Job("5", "W3G128", "GPTQ+KD+GRPO", "gptq", ("kd", "grpo"))
+    same_recipe = tables.Job("3", "W3G128", "GPTQ", "gptq", (), calibration="testbed", qat_data=None)
+    tasks = tables.planned_tasks([rtn, gptq, grpo, same_recipe], 3, 2)
+    assert tasks == [(grpo.key, 3), (gptq.key, 3), (rtn.key, 3), (grpo.key, 4), (gptq.key, 4)]
+
+
 def test_rows_over_training_seeds_keep_every_run(tables):
     runs = [_run(0, [0.5, 0.7], 10.0), _run(1, [0.6, 0.6], 20.0)]
     row = tables.over_training_seeds(runs)
