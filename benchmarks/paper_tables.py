@@ -258,7 +258,8 @@ def _plot_domain_tradeoff(ax, rows: list[dict], bf16: dict) -> None:
                     label=f"{r['method']}: {data}")
     if "wiki_ppl" in bf16:
         ax.plot(bf16["wiki_ppl"], 100 * bf16["pass_at_1"], "k*", markersize=12, label="BF16")
-    ax.set_xscale("log")
+    ax.set_xscale("log")  # ticks at 1, 2 and 5 per decade: perplexities often span less than one
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("Wikipedia perplexity (log scale)")
@@ -534,8 +535,9 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
     running: dict[subprocess.Popen, tuple[str, int, str | None, float]] = {}
     capacity = dict.fromkeys(gpus, args.workers)  # lowered on a GPU where a job ran out of memory
     retries = dict.fromkeys(todo, args.oom_retries)
-    print(f"{len(tasks)} jobs, {len(tasks) - len(todo)} already done; {args.workers} at a time on GPUs {gpus}",
-          flush=True)
+    finished = sum((parts / f"{key}_s{seed}.json").exists() for key, seed in tasks)
+    print(f"{len(tasks)} jobs, {finished} already done" + ("" if args.merge_only else
+          f"; {args.workers} at a time on GPUs {gpus}"), flush=True)
     while todo or running:
         busy = [info[2] for info in running.values()]
         while todo and len(running) < args.workers and (free := [g for g in gpus if busy.count(g) < capacity[g]]):
