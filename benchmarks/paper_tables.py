@@ -57,8 +57,19 @@ INITS = {"rtn": [{"type": "rtn"}], "gptq": [{"type": "gptq"}], "awq": [{"type": 
          "flatquant+gptq": [{"type": "flatquant", "epochs": 4}, {"type": "gptq"}]}
 
 
-DOMAINS = {"testbed": "{benchmark}", "wikipedia": "wikipedia", "mixed": "{benchmark} + wikipedia"}
-"""Table 3's data: the testbed's own task mix, general text, or equal shares of both."""
+DOMAINS: dict[str, str | dict[str, float]] = {
+    "testbed": "{benchmark}", "wikipedia": "wikipedia", "mixed": "{benchmark} + wikipedia",
+    "mixed-3to1": {"{benchmark}": 3.0, "wikipedia": 1.0}}
+"""Table 3's data: the testbed's own task mix, general text, equal shares of both, or three parts of the task
+mix to one of general text."""
+
+
+def domain_source(domain: str, benchmark: str) -> str | dict[str, float]:
+    """The data source a :data:`DOMAINS` name reads for a testbed of ``benchmark``."""
+    source = DOMAINS[domain]
+    if isinstance(source, dict):
+        return {name.format(benchmark=benchmark): weight for name, weight in source.items()}
+    return source.format(benchmark=benchmark)
 
 
 @dataclass(frozen=True)
@@ -119,7 +130,7 @@ def planned_jobs(args: argparse.Namespace) -> list[Job]:
 def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, qat_data: str = "testbed",
            calibration: str = "testbed") -> dict:
     """``calibration`` and ``qat_data`` name :data:`DOMAINS`."""
-    calibration, qat_data = (DOMAINS[d].format(benchmark=args.benchmark) for d in (calibration, qat_data))
+    calibration_source, qat_source = (domain_source(d, args.benchmark) for d in (calibration, qat_data))
     length = args.max_seq_length
     qat = {"type": "qat_kd", "steps": args.qat_steps, "batch_size": 32, "micro_batch_size": 32,
            "learning_rate": args.qat_lr, "warmup_steps": 10, "logging_steps": 50, "save_steps": 10_000,
@@ -127,13 +138,13 @@ def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, 
     grpo = {"type": "grpo", "steps": args.grpo_steps, "prompts_per_step": args.grpo_prompts, "group_size": 8,
             "micro_batch_size": 8 * args.grpo_prompts, "max_completion_length": RESPONSE_TOKENS[args.benchmark],
             "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000}
-    plan = [{"name": "ptq", "data": {"source": calibration, "num_samples": 128, "max_seq_length": length},
+    plan = [{"name": "ptq", "data": {"source": calibration_source, "num_samples": 128, "max_seq_length": length},
              "modifiers": INITS[init]}]
     if "sft" in stages:
-        plan.append({"name": "sft", "data": {"source": qat_data, "num_samples": 8000, "max_seq_length": length},
+        plan.append({"name": "sft", "data": {"source": qat_source, "num_samples": 8000, "max_seq_length": length},
                      "modifiers": [{**qat, "objective": "sft"}]})
     if "kd" in stages:
-        plan.append({"name": "kd", "data": {"source": qat_data, "num_samples": 8000, "max_seq_length": length},
+        plan.append({"name": "kd", "data": {"source": qat_source, "num_samples": 8000, "max_seq_length": length},
                      "modifiers": [qat]})
     if "grpo" in stages:
         plan.append({"name": "grpo", "data": {"source": args.grpo_data or args.benchmark, "num_samples": 2000,
@@ -243,7 +254,8 @@ def _method_order(method: str) -> tuple[int, int]:
     return len(inits), 0
 
 
-_DOMAIN_NAMES = {"testbed": "math traces", "wikipedia": "Wikipedia", "mixed": "math + Wikipedia"}
+_DOMAIN_NAMES = {"testbed": "math traces", "wikipedia": "Wikipedia", "mixed": "math + Wikipedia",
+                 "mixed-3to1": "3 math : 1 Wikipedia"}
 
 
 def _plot_domain_tradeoff(ax, rows: list[dict], bf16: dict) -> None:

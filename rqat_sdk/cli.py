@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from rqat_sdk import __version__, distributed, logs, oneshot
+from rqat_sdk.data import describe_source
 from rqat_sdk.errors import PreflightError, RqatError
 from rqat_sdk.evaluation import EvalReport, evaluate, markdown_table, plot
 from rqat_sdk.exporters import checkpoint_format
@@ -236,7 +237,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"  model: {recipe.model or 'none named; a run needs --model'}")
     print(f"  scheme {recipe.scheme.label}: {recipe.scheme.describe()}; exported as {checkpoint_format(recipe.scheme)}")
     for index, stage in enumerate(recipe.stages):
-        source = stage.data.source or "the run's --dataset"
+        source = describe_source(stage.data.source) if stage.data.source is not None else "the run's --dataset"
         needs_data = any(m.needs_data for m in stage.modifiers)
         data = f"; data: {source}, {stage.data.num_samples} samples" if needs_data else ""
         teachers = "".join(f"; teacher: {m.teacher}" for m in stage.modifiers

@@ -6,7 +6,8 @@ the whole allowed range (``9 is not in 2..8``) and the JSON Schema still carries
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -79,3 +80,16 @@ def FloatRange(lo: float | None = None, hi: float | None = None) -> Bounds:
 
 Bits = Annotated[int, IntRange(2, 8)]
 PositiveInt = Annotated[int, IntRange(1, None)]
+
+
+def mixture_problem(weights: Mapping[str, float]) -> str | None:
+    """What is wrong with a data mixture (sources and their relative shares), or None: the one check that
+    recipes (``data.source``) and the Python API (``dataset=``) share."""
+    if not weights:
+        return "a mixture needs at least one source"
+    for name, weight in weights.items():
+        if not isinstance(name, str) or not name.strip():
+            return f"{name!r} is not a source name"
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            return f"{name}: a share must be a positive number, got {weight!r}"
+    return None

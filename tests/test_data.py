@@ -4,7 +4,8 @@ import sys
 import pytest
 from datasets import Dataset, DatasetDict
 
-from rqat_sdk.data import IGNORE_INDEX, load_examples, tokenize_examples
+from rqat_sdk.data import IGNORE_INDEX, describe_source, load_examples, tokenize_examples
+from rqat_sdk.data.sources import interleave
 from rqat_sdk.errors import CodeExecutionNotAllowed, DatasetError
 from rqat_sdk.testbed import build_tokenizer
 
@@ -144,6 +145,35 @@ def test_mixed_sources_interleave_equal_shares():
     assert "\\boxed" in rows[0]["messages"][1]["content"] and rows[1]["messages"][1]["content"].startswith("\\boxed")
     with pytest.raises(DatasetError, match="empty part"):
         load_examples("testbed +  + testbed", num_samples=4, seed=0)
+
+
+def _equal_shares_before_weights(lengths: list[int]) -> list[tuple[int, int]]:
+    """How ``a + b`` interleaved before mixtures took weights: row i of each source in turn."""
+    return [(k, i) for i in range(max(lengths)) for k, length in enumerate(lengths) if i < length]
+
+
+@pytest.mark.parametrize("lengths", [[3, 3], [3, 5], [4, 1, 2], [0, 2]])
+def test_equal_weights_interleave_as_equal_shares_always_did(lengths):
+    assert interleave(lengths, [1.0] * len(lengths)) == _equal_shares_before_weights(lengths)
+
+
+def test_weights_set_the_proportions_in_every_stretch():
+    order = interleave([9, 3], [3.0, 1.0])
+    assert [k for k, _ in order[:8]] == [0, 1, 0, 0, 0, 1, 0, 0]
+    assert sorted(order) == [(0, i) for i in range(9)] + [(1, i) for i in range(3)]
+
+
+def test_a_weighted_mixture_draws_its_shares():
+    rows = load_examples({"reasoning-gym:leg_counting": 3, "reasoning-gym:chain_sum": 1}, num_samples=8, seed=0)
+    tasks = [json.loads(r["meta"])["task"] for r in rows]
+    assert tasks == ["leg_counting", "chain_sum", "leg_counting", "leg_counting"] * 2
+    equal = load_examples("testbed + reasoning-gym:chain_sum", num_samples=6, seed=0)
+    assert list(equal) == list(load_examples({"testbed": 1, "reasoning-gym:chain_sum": 1}, num_samples=6, seed=0))
+    with pytest.raises(DatasetError, match="dataset: testbed: a share must be a positive number, got -1"):
+        load_examples({"testbed": -1}, num_samples=4, seed=0)
+    with pytest.raises(DatasetError, match="names a source twice"):
+        load_examples("testbed + testbed", num_samples=4, seed=0)
+    assert describe_source({"testbed": 3, "wikipedia": 1}) == "testbed x3 + wikipedia x1"
 
 
 def test_wikipedia_holds_out_its_last_paragraphs():

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import rqat_sdk
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_tables.py"
 
 
@@ -64,6 +66,16 @@ def test_tasks_go_seed_by_seed_costliest_first(tables):
     same_recipe = tables.Job("3", "W3G128", "GPTQ", "gptq", (), calibration="testbed", qat_data=None)
     tasks = tables.planned_tasks([rtn, gptq, grpo, same_recipe], 3, 2)
     assert tasks == [(grpo.key, 3), (gptq.key, 3), (rtn.key, 3), (grpo.key, 4), (gptq.key, 4)]
+
+
+def test_table3_domains_name_the_recipe_sources(tables):
+    assert tables.domain_source("mixed", "worked-math") == "worked-math + wikipedia"
+    assert tables.domain_source("mixed-3to1", "worked-math") == {"worked-math": 3.0, "wikipedia": 1.0}
+    args = _args(benchmark="worked-math", max_seq_length=512, qat_steps=10, qat_lr=1e-3, grpo_steps=1, grpo_lr=1e-5,
+                 grpo_prompts=2, grpo_data=None, group_size_fallback="error")
+    plan = tables.recipe("W3G128", "gptq", ["kd"], args, qat_data="mixed-3to1", calibration="mixed-3to1")
+    assert [stage["data"]["source"] for stage in plan["stages"]] == [{"worked-math": 3.0, "wikipedia": 1.0}] * 2
+    rqat_sdk.Recipe.from_dict(plan)
 
 
 def test_rows_over_training_seeds_keep_every_run(tables):

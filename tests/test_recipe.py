@@ -190,6 +190,16 @@ def test_recipe_naming_code_validates_without_importing_it(tmp_path, monkeypatch
     assert bad == ["stages[0].data.source: 'python:evil_loader' is not of the form 'python:package.module:function'"]
 
 
+def test_a_data_mixture_weighs_its_sources_and_names_its_code():
+    recipe = Recipe.from_yaml(with_stage("[{type: gptq}]", data="{source: {testbed: 3, 'python:pkg.mod:rows': 1}}"))
+    assert recipe.stages[0].data.source == {"testbed": 3.0, "python:pkg.mod:rows": 1.0}
+    assert recipe.code_references() == [("stages[0].data.source", "python:pkg.mod:rows")]
+    (message,) = problems(with_stage("[{type: gptq}]", data="{source: {testbed: 0}}"))
+    assert message == "stages[0].data.source: testbed: a share must be a positive number, got 0.0"
+    (message,) = problems(with_stage("[{type: gptq}]", data="{source: {}}"))
+    assert message == "stages[0].data.source: a mixture needs at least one source"
+
+
 def test_load_recipe_accepts_every_form(tmp_path):
     recipe = Recipe.from_yaml(GOOD)
     path = tmp_path / "r.yaml"

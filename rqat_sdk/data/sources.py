@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from fractions import Fraction
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -22,13 +24,16 @@ from typing import TYPE_CHECKING, Any, Union
 from rqat_sdk.code import import_code_ref, is_code_ref
 from rqat_sdk.data.reasoning_gym import generate_rows, parse_tasks
 from rqat_sdk.errors import DatasetError
+from rqat_sdk.fields import mixture_problem
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
-DatasetInput = Union[str, os.PathLike, "Dataset"]
+DatasetInput = Union[str, os.PathLike, Mapping[str, float], "Dataset"]
+"""A source name or path, a mixture (``{"worked-math": 3, "wikipedia": 1}``: sources and their relative shares),
+or a dataset in memory."""
 
 REASONING_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 """Appended to questions that carry no instruction of their own, as reasoning models are prompted."""
@@ -45,6 +50,8 @@ def describe_source(source: DatasetInput) -> str:
     """A short, stable description of a source for logs and the run record."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
+    if isinstance(source, Mapping):
+        return MIX_SEPARATOR.join(f"{name} x{weight:g}" for name, weight in source.items())
     return f"<in-memory {type(source).__name__}: {len(source)} rows, columns {source.column_names}>"
 
 
@@ -60,8 +67,9 @@ def load_examples(
     if isinstance(source, Dataset):
         rows = source
         origin = "the in-memory dataset"
-    elif isinstance(source, str) and MIX_SEPARATOR in source:
-        return _load_mixture(source, num_samples=num_samples, seed=seed, allow_code=allow_code, field=field)
+    elif isinstance(source, Mapping) or (isinstance(source, str) and MIX_SEPARATOR in source):
+        weights = source if isinstance(source, Mapping) else parse_mixture(source, field)
+        return _load_mixture(weights, num_samples=num_samples, seed=seed, allow_code=allow_code, field=field)
     elif isinstance(source, (str, os.PathLike)):
         rows, origin = _load_named(str(source), num_samples=num_samples, seed=seed, allow_code=allow_code, field=field)
     else:
@@ -81,15 +89,36 @@ MIX_SEPARATOR = " + "
 """``worked-math + wikipedia``: equal shares of several sources, interleaved (the seed paper's mixed data)."""
 
 
-def _load_mixture(spec: str, *, num_samples: int, seed: int, allow_code: bool, field: str) -> Dataset:
+def parse_mixture(spec: str, field: str) -> dict[str, float]:
+    """``a + b``: the mixture of equal shares it names."""
     parts = [part.strip() for part in spec.split(MIX_SEPARATOR)]
     if not all(parts):
         raise DatasetError(f"{field}: {spec!r} has an empty part; write sources joined by ' + '")
-    share = -(-num_samples // len(parts))
-    loaded = [load_examples(part, num_samples=share, seed=seed, allow_code=allow_code, field=f"{field} ({part})")
-              for part in parts]
-    rows = [dataset[i] for i in range(share) for dataset in loaded if i < len(dataset)]
-    return examples_dataset(rows[:num_samples])
+    if len(set(parts)) < len(parts):
+        raise DatasetError(f"{field}: {spec!r} names a source twice; give unequal shares as a mapping of weights")
+    return dict.fromkeys(parts, 1.0)
+
+
+def _load_mixture(weights: Mapping[str, float], *, num_samples: int, seed: int, allow_code: bool,
+                  field: str) -> Dataset:
+    """``num_samples`` rows drawn from each source in proportion to its weight, interleaved so that every
+    stretch of the result keeps the proportions (equal weights alternate: a0, b0, a1, b1, ...)."""
+    if problem := mixture_problem(weights):
+        raise DatasetError(f"{field}: {problem}")
+    names, total = list(weights), sum(weights.values())
+    loaded = [load_examples(name, num_samples=math.ceil(num_samples * weights[name] / total - 1e-9), seed=seed,
+                            allow_code=allow_code, field=f"{field} ({name})") for name in names]
+    order = interleave([len(rows) for rows in loaded], [weights[name] for name in names])
+    return examples_dataset([loaded[source][row] for source, row in order[:num_samples]])
+
+
+def interleave(lengths: list[int], weights: list[float]) -> list[tuple[int, int]]:
+    """(source, row) pairs that take every row of each source in order: row ``i`` of a source of weight ``w``
+    comes at time ``i / w``, the first source first on a tie, so that every stretch keeps the proportions
+    and equal weights take row ``i`` of each source in turn."""
+    timed = [(Fraction(row) / Fraction(weights[source]), source, row)
+             for source, length in enumerate(lengths) for row in range(length)]
+    return [(source, row) for _, source, row in sorted(timed)]
 
 
 def examples_dataset(rows: list[dict[str, Any]]) -> Dataset:

@@ -23,7 +23,7 @@ from rqat_sdk.code import check_code_ref_syntax, is_code_ref
 from rqat_sdk.errors import RecipeError
 from rqat_sdk.exporters.formats import unsupported_reason
 from rqat_sdk.exporters.vllm import closest_servable, vllm_support
-from rqat_sdk.fields import FloatRange, IntRange, StrictModel
+from rqat_sdk.fields import FloatRange, IntRange, StrictModel, mixture_problem
 from rqat_sdk.files import write_text_atomic
 from rqat_sdk.modifiers import Modifier
 from rqat_sdk.modifiers.ptq import AWQModifier, FlatQuantModifier, GPTQModifier, RotationModifier, RTNModifier
@@ -58,10 +58,12 @@ class Position:
 class DataConfig(StrictModel):
     """The data a stage reads: calibration samples for PTQ, training examples for QAT and RL."""
 
-    source: str | None = None
+    source: str | dict[str, float] | None = None
     """A dataset: ``reasoning-gym:TASK[,TASK...]``, a ``.jsonl`` file, a directory saved with
     ``datasets.save_to_disk``, ``hf:ORG/NAME[:CONFIG][@SPLIT]``, or ``python:module:function`` (needs
-    allow_code). Null means the dataset given to the run (``dataset=`` / ``--dataset``)."""
+    allow_code); ``a + b`` mixes sources in equal shares, and a mapping of sources to weights
+    (``{worked-math: 3, wikipedia: 1}``) in those proportions. Null means the dataset given to the run
+    (``dataset=`` / ``--dataset``)."""
     num_samples: Annotated[int, IntRange(1, None)] = 128
     """How many examples to draw (seeded by the recipe's seed)."""
     max_seq_length: Annotated[int, IntRange(8, None)] = 512
@@ -69,9 +71,13 @@ class DataConfig(StrictModel):
 
     @field_validator("source")
     @classmethod
-    def _code_ref_syntax(cls, value: str | None) -> str | None:
-        if value is not None and is_code_ref(value):
-            check_code_ref_syntax(value)
+    def _source_syntax(cls, value: str | dict[str, float] | None) -> str | dict[str, float] | None:
+        if isinstance(value, dict) and (problem := mixture_problem(value)):
+            raise ValueError(problem)
+        names = list(value) if isinstance(value, dict) else [value] if value is not None else []
+        for name in names:
+            if is_code_ref(name):
+                check_code_ref_syntax(name)
         return value
 
 
@@ -232,6 +238,8 @@ class Recipe(StrictModel):
         def walk(node: Any, path: str) -> None:
             if isinstance(node, dict):
                 for key, value in node.items():
+                    if is_code_ref(key):  # a source in a data mixture ({"python:...": weight})
+                        found.append((path, key))
                     walk(value, f"{path}.{key}" if path else key)
             elif isinstance(node, list):
                 for i, value in enumerate(node):

@@ -126,7 +126,7 @@ class SessionState:
 def stage_data_field(recipe: Recipe, index: int, run_dataset: DatasetInput | None) -> str:
     """Where stage ``index``'s data comes from, as error messages name it: its recipe field or the run's dataset."""
     if recipe.stages[index].data.source is not None:
-        return f"stages[{index}].data.source ({recipe.stages[index].data.source})"
+        return f"stages[{index}].data.source ({describe_source(recipe.stages[index].data.source)})"
     return f"dataset ({describe_source(run_dataset)})" if run_dataset is not None else "dataset"
 
 
