@@ -15,11 +15,14 @@ teacher; they are rebuilt on a GPU from a seed rather than committed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,19 +98,46 @@ def testbed_size(name: str) -> tuple[str, TestbedSize]:
 
 
 def train_testbed(
-    output_dir: str | Path, size: str | TestbedSize = "short", *, seed: int = 0, steps: int | None = None
+    output_dir: str | Path, size: str | TestbedSize = "short", *, seed: int = 0, steps: int | None = None,
+    deterministic: bool = False,
 ) -> dict:
     """Build the tokenizer and model, train them, and save a ``from_pretrained`` directory (bf16).
 
     ``size`` names one of :data:`SIZES` or gives a :class:`TestbedSize` (benchmarks/testbed_sensitivity.py
-    trains candidates that way).
+    trains candidates that way). ``deterministic`` trains with torch's deterministic algorithms (see
+    :func:`deterministic_algorithms`), so that the same seed on the same kind of GPU and software gives the
+    same teacher in every session.
     """
+    with deterministic_algorithms(deterministic):
+        return _train_testbed(Path(output_dir), size, seed=seed, steps=steps, deterministic=deterministic)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Within the block, torch's deterministic algorithms (an operation without one raises, naming itself)
+    and cuBLAS's fixed workspace, which they need on CUDA: that variable is read when cuBLAS starts, so in a
+    process that has already run a CUDA matmul torch refuses the first one instead. Restores the previous
+    setting after."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train_testbed(
+    output_dir: Path, size: str | TestbedSize, *, seed: int, steps: int | None, deterministic: bool
+) -> dict:
     from datasets import Dataset
     from transformers import set_seed
 
     name, spec = testbed_size(size) if isinstance(size, str) else ("custom", size)
     steps = steps or spec.steps
-    output_dir = Path(output_dir)
     started = time.perf_counter()
     rows = testbed_rows(num_samples=spec.examples, seed=seed, mix=spec.mix)
     if spec.base_model is not None:
@@ -145,7 +175,9 @@ def train_testbed(
         "seconds": round(time.perf_counter() - started, 1), "device": str(model.device),
         "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "CPU",
         "date": datetime.date.today().isoformat(),
-        "command": f"python -m rqat_sdk.testbed.train --size {name} --seed {seed} --steps {steps} {output_dir}",
+        "deterministic": deterministic,
+        "command": f"python -m rqat_sdk.testbed.train --size {name} --seed {seed} --steps {steps}"
+                   + (" --deterministic" if deterministic else "") + f" {output_dir}",
     }
     with atomic_directory(output_dir) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp)  # type: ignore[arg-type]  # @wraps typing gap (pyproject)
@@ -164,9 +196,12 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted([*SIZES, *SIZE_ALIASES]), default="short")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch's deterministic algorithms: the same teacher from the same seed, GPU and software")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    record = train_testbed(args.output_dir, args.size, seed=args.seed, steps=args.steps)
+    record = train_testbed(args.output_dir, args.size, seed=args.seed, steps=args.steps,
+                           deterministic=args.deterministic)
     print(json.dumps(record, indent=2))
 
 
