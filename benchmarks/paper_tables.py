@@ -24,6 +24,10 @@ A small model leaves most of a GPU idle, so ``--workers N`` runs each (method, t
 process, N at a time over the visible GPUs, writes each one's record to ``JSON.parts/`` and merges them into
 ``--json`` (rerun to resume; ``--merge-only`` merges what is there). Rows then carry every training seed's
 own figures under ``runs``, as single-process rows do.
+
+A job that ends with GRPO also measures the job it extends (GPTQ + KD + GRPO gives the GPTQ + KD row) on the
+checkpoint its run kept after KD, so one training run gives both rows and GRPO's gain is measured against the
+very model it started from; that run exports and reloads its final model as ``rqat run`` does.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +49,8 @@ from provenance import git_commit
 import rqat_sdk
 from rqat_sdk.data import load_examples
 from rqat_sdk.evaluation import perplexity, sample_std
+from rqat_sdk.models import load_model, load_tokenizer
+from rqat_sdk.session.engine import CHECKPOINTS
 from rqat_sdk.testbed.tasks import RESPONSE_TOKENS
 
 SCHEMES = {
@@ -177,6 +184,58 @@ def measure(model, tokenizer, label: str, args: argparse.Namespace, samples: int
         texts = [r["text"] for r in load_examples("wikipedia:heldout", num_samples=args.ppl_paragraphs, seed=0)]
         row["wiki_ppl"] = round(perplexity(model, tokenizer, texts), 3)
     return row
+
+
+def prefix(job: Job, jobs: list[Job]) -> Job | None:
+    """The planned job whose recipe is ``job``'s without its last stage, when that stage is GRPO."""
+    if job.stages[-1:] != ("grpo",):
+        return None
+    same = (job.scheme, job.init, job.stages[:-1], job.data)
+    return next((other for other in jobs if (other.scheme, other.init, other.stages, other.data) == same), None)
+
+
+def extension(job: Job, jobs: list[Job]) -> Job | None:
+    """The planned GRPO job whose recipe is ``job``'s with GRPO after it: measuring it measures ``job`` too."""
+    return next((other for other in jobs if prefix(other, jobs) == job), None)
+
+
+def train_and_measure(job: Job, shorter: Job | None, seed: int, args: argparse.Namespace) -> dict[str, dict]:
+    """One training seed of ``job``, by its key; with ``shorter`` (:func:`prefix`), that recipe's run too,
+    measured on the checkpoint ``job``'s run kept after that recipe's last stage: one training run gives both
+    rows, so GRPO's gain is measured on the very model it started from. That run also exports and reloads the
+    final model, as ``rqat run`` would."""
+    planned = {**recipe(job.scheme, job.init, list(job.stages), args, **job.data), "seed": seed}
+    reset_peak_memory()
+    if shorter is None:
+        result = rqat_sdk.oneshot(args.testbed, planned, dtype=args.dtype)
+        return {job.key: {"seed": seed, **measure(result.model, result.tokenizer, job.method, args),
+                          **codes_changed(result.record), **peak_memory()}}
+    with tempfile.TemporaryDirectory(prefix="paper-tables-") as tmp:
+        output = Path(tmp) / "run"
+        result = rqat_sdk.oneshot(args.testbed, planned, dtype=args.dtype, output_dir=output, keep_checkpoints="all")
+        runs = {job.key: {"seed": seed, **measure(result.model, result.tokenizer, job.method, args),
+                          **codes_changed(result.record), **peak_memory()}}
+        record = result.record
+        del result
+        last = len(shorter.stages)  # stage 0 is the PTQ initialisation
+        checkpoint = output / CHECKPOINTS / f"{last:02d}-{planned['stages'][last]['name']}"
+        model = load_model(checkpoint, dtype=args.dtype, device="auto", allow_quantized=True)
+        stages = {"stages": [stage for stage in record["stages"] if stage["index"] <= last]}
+        runs[shorter.key] = {"seed": seed, **measure(model, load_tokenizer(checkpoint), shorter.method, args),
+                             **codes_changed(stages), **peak_memory()}
+    return runs
+
+
+def part_record(job: Job, measured: tuple[list[dict], float], model_name: str | None, bf16: dict | None,
+                args: argparse.Namespace) -> dict:
+    """The part file of ``job`` that a GRPO job measured on its way (:func:`train_and_measure`)."""
+    runs, seconds = measured
+    row = {"table": job.table, "model": model_name, "scheme": job.scheme, "method": job.method,
+           **training_settings(list(job.stages), args), **over_training_seeds(runs),
+           "bf16_pass_at_1": bf16["pass_at_1"] if bf16 else None, "seconds": seconds, **job.data}
+    return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": device_name(),
+            "date": datetime.date.today().isoformat(), "commit": git_commit(), "model": model_name,
+            "testbed": os.path.relpath(args.testbed), "bf16": None, "measured_by": args.job, "rows": [row]}
 
 
 def reset_peak_memory() -> None:
@@ -461,16 +520,19 @@ def main() -> int:
         if done(job) or args.job not in (None, job.key):
             continue
         if job.key not in measured:
+            # a job that a planned GRPO job extends is measured inside that job's runs (a --workers child runs
+            # the job it is given: the scheduler gives the GRPO job, not both)
+            trained = job if args.job else extension(job, jobs) or job
             began = time.perf_counter()
-            runs = []
+            by_key: dict[str, list[dict]] = {}
             for seed in range(args.seed, args.seed + (1 if job.deterministic else args.training_seeds)):
-                planned = {**recipe(job.scheme, job.init, list(job.stages), args, **job.data), "seed": seed}
-                reset_peak_memory()
-                result = rqat_sdk.oneshot(args.testbed, planned, dtype=args.dtype)
-                runs.append({"seed": seed, **measure(result.model, result.tokenizer, job.method, args),
-                             **codes_changed(result.record), **peak_memory()})
-                del result
-            measured[job.key] = runs, round(time.perf_counter() - began, 1)
+                for key, run in train_and_measure(trained, prefix(trained, jobs), seed, args).items():
+                    by_key.setdefault(key, []).append(run)
+            for key, runs in by_key.items():
+                measured[key] = runs, round(time.perf_counter() - began, 1)
+            if args.job and args.json and (shorter := prefix(job, jobs)) is not None:
+                write_record(args.json.with_name(f"{shorter.key}_s{args.seed}.json"),
+                             part_record(shorter, measured[shorter.key], model_name, bf16, args))
         runs, seconds = measured[job.key]
         row = {"table": job.table, "model": model_name, "scheme": job.scheme, "method": job.method,
                **training_settings(list(job.stages), args), **over_training_seeds(runs),
@@ -536,7 +598,10 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
     parts = args.json.with_suffix(".parts")
     parts.mkdir(parents=True, exist_ok=True)
     tasks = ([] if args.bf16_json else [("BF16", args.seed)]) + planned_tasks(jobs, args.seed, args.training_seeds)
-    todo = [] if args.merge_only else [task for task in tasks if not (parts / f"{task[0]}_s{task[1]}.json").exists()]
+    waiting = [] if args.merge_only else [t for t in tasks if not (parts / f"{t[0]}_s{t[1]}.json").exists()]
+    measured_inside = {(shorter.key, seed): (job.key, seed) for job in jobs if (shorter := prefix(job, jobs))
+                       for _, seed in tasks}  # a GRPO job measures the job it extends (train_and_measure)
+    todo = [task for task in waiting if measured_inside.get(task) not in waiting]
     if not args.merge_only:
         launches = len(list(parts.glob("launch*.json")))  # runs that share these parts each keep their command
         write_record(parts / ("launch.json" if not launches else f"launch-{launches}.json"),
@@ -549,7 +614,8 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
     retries = dict.fromkeys(todo, args.oom_retries)
     finished = sum((parts / f"{key}_s{seed}.json").exists() for key, seed in tasks)
     print(f"{len(tasks)} jobs, {finished} already done" + ("" if args.merge_only else
-          f"; {args.workers} at a time on GPUs {gpus}"), flush=True)
+          f", {len(waiting) - len(todo)} to be measured inside GRPO jobs; {args.workers} at a time on GPUs {gpus}"),
+          flush=True)
     while todo or running:
         busy = [info[2] for info in running.values()]
         while todo and len(running) < args.workers and (free := [g for g in gpus if busy.count(g) < capacity[g]]):

@@ -140,6 +140,10 @@ class _FakeJob:
         row = {"table": "5", "scheme": "W3G128", "method": key.split("_")[1], "seconds": 1.0,
                **_over([_run(int(command[command.index("--seed") + 1]), [0.5], 10.0)])}
         part.write_text(json.dumps({"bf16": None, "rows": [row], "device": "GPU", "model": "m", "testbed": "t"}))
+        if key.endswith("+GRPO"):  # as train_and_measure does: the job it extends, measured on the way
+            shorter = {**row, "method": row["method"].removesuffix("+GRPO")}
+            part.with_name(part.name.replace("+GRPO", "")).write_text(json.dumps(
+                {"bf16": None, "rows": [shorter], "device": "GPU", "model": "m", "testbed": "t"}))
         self.returncode = 0
 
     def poll(self):
@@ -170,6 +174,47 @@ def test_a_job_out_of_gpu_memory_is_retried_with_fewer_beside_it(tables, tmp_pat
         capsys.readouterr().out)
     record = json.loads(args.json.read_text())
     assert [row["method"] for row in record["rows"]] == ["GPTQ", "GPTQ+KD"] and record["failed"] == []
+
+
+def test_a_grpo_job_measures_the_job_it_extends(tables, tmp_path, monkeypatch):
+    import subprocess
+
+    grpo = tables.Job("5", "W3G128", "GPTQ+KD+GRPO", "gptq", ("kd", "grpo"))
+    kd = tables.Job("5", "W3G128", "GPTQ+KD", "gptq", ("kd",))
+    mixed = tables.Job("3", "W3G128", "GPTQ+KD", "gptq", ("kd",), calibration="mixed", qat_data="mixed")
+    jobs = [kd, grpo, mixed]
+    assert tables.prefix(grpo, jobs) == kd and tables.extension(kd, jobs) == grpo
+    assert tables.prefix(kd, jobs) is None and tables.extension(mixed, jobs) is None
+    monkeypatch.setattr(subprocess, "Popen", _FakeJob)
+    monkeypatch.setattr(tables.time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("RQAT_COMMIT", "0" * 40)
+    _FakeJob.launches = []
+    args = _args(methods=["GPTQ+KD", "GPTQ+KD+GRPO"], tables=["5"], training_seeds=2, workers=2, merge_only=False,
+                 bf16_json=tmp_path / "none.json", json=tmp_path / "t.json", oom_retries=0, samples=1,
+                 bf16_samples=None, problems=1, qat_steps=1, qat_lr=1e-4, grpo_steps=1, grpo_lr=1e-5,
+                 grpo_prompts=1, dtype="float32", group_size_fallback="error", ppl_paragraphs=0,
+                 eval_batch_size=None, eval_cache="dynamic", grpo_data=None, plot=None)
+    assert tables.run_parallel(args, tables.planned_jobs(args), "m", 0.0) == 0
+    assert [key for key, _ in _FakeJob.launches] == ["W3G128_GPTQ+KD+GRPO"] * 2
+    record = json.loads(args.json.read_text())
+    assert [(row["method"], row["training_seeds"]) for row in record["rows"]] == [("GPTQ+KD", 2), ("GPTQ+KD+GRPO", 2)]
+
+
+def test_train_and_measure_gives_the_shorter_recipe_its_checkpoint(tables, tmp_path):
+    from rqat_sdk.testbed.train import EMBEDDED
+
+    args = _args(testbed=EMBEDDED, benchmark="testbed", max_seq_length=256, qat_steps=2, qat_lr=1e-4,
+                 grpo_steps=1, grpo_lr=1e-5, grpo_prompts=2, grpo_data=None, group_size_fallback="error",
+                 problems=4, samples=1, dtype="float32", eval_batch_size=None, eval_cache="dynamic",
+                 ppl_paragraphs=0)
+    grpo = tables.Job("5", "W2G64", "RTN+KD+GRPO", "rtn", ("kd", "grpo"))
+    kd = tables.Job("5", "W2G64", "RTN+KD", "rtn", ("kd",))
+    runs = tables.train_and_measure(grpo, kd, 0, args)
+    assert set(runs) == {grpo.key, kd.key}
+    assert set(runs[kd.key]["codes_changed"]) == {"kd"}
+    assert set(runs[grpo.key]["codes_changed"]) == {"kd", "grpo"}
+    assert runs[kd.key]["codes_changed"]["kd"] == runs[grpo.key]["codes_changed"]["kd"]
 
 
 def test_both_ways_cuda_reports_running_out_of_memory_count(tables, tmp_path):
