@@ -120,3 +120,35 @@ def test_fp8_teacher_logits_stay_close_to_the_float_teachers(tiny_qwen3):
     assert ((logits - reference).norm() / reference.norm()).item() < 0.10
     log_p, log_q = reference.log_softmax(-1), logits.log_softmax(-1)
     assert (log_p.exp() * (log_p - log_q)).sum(-1).mean().item() < 1e-3
+
+
+def test_a_tensor_quantized_once_serves_every_layer_that_reads_it():
+    inputs = fp8.SharedInputQuantizer()
+    x = torch.randn(2, 5, 32)
+    first = inputs(x)
+    assert inputs(x) is first  # the key and value projections after the query's
+    x.mul_(2.0)  # changed in place: quantized again
+    again = inputs(x)
+    assert again is not first and torch.equal(again[1], first[1] * 2)
+    assert inputs(x.clone()) is not again  # another tensor with the same values
+    with torch.inference_mode():
+        frozen = torch.randn(3, 32)
+        assert inputs(frozen) is not inputs(frozen)  # no version counter: every call quantizes
+
+
+def test_an_fp8_model_quantizes_four_inputs_a_layer_and_computes_the_same(tiny_qwen3, monkeypatch):
+    model = load_model(tiny_qwen3, dtype="float32", device="cpu")
+    separate = load_model(tiny_qwen3, dtype="float32", device="cpu")
+    linears_to_fp8_(model, keep=[model.get_output_embeddings()])
+    for name, module in list(separate.model.named_modules()):  # each layer its own quantizer: nothing shared
+        if isinstance(module, torch.nn.Linear):
+            parent, _, attribute = name.rpartition(".")
+            setattr(separate.model.get_submodule(parent), attribute, FP8Linear.from_linear(module))
+    calls = []
+    quantize = fp8.quantize_tokens
+    monkeypatch.setattr(fp8, "quantize_tokens", lambda x: calls.append(x.shape) or quantize(x))
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        shared_logits = model(ids).logits
+        assert len(calls) == 4 * model.config.num_hidden_layers  # q/k/v, o, gate/up, down
+        assert torch.equal(shared_logits, separate(ids).logits)

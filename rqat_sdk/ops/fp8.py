@@ -21,6 +21,7 @@ computes otherwise is refused there with :class:`~rqat_sdk.errors.UpstreamVersio
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Collection
 
 import torch
@@ -60,9 +61,23 @@ def fp8_linear(
 
     Runs ``torch._scaled_mm`` where :func:`uses_scaled_mm` says so, else :func:`fp8_linear_reference`.
     """
+    return _linear(x, quantize_tokens(x), w_fp8, w_scale, bias)
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (..., features) as :func:`quantize_rows` of its tokens: values (tokens, features) and scales."""
+    return quantize_rows(x.reshape(-1, x.shape[-1]))
+
+
+def _linear(x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor], w_fp8: torch.Tensor,
+            w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`fp8_linear` of ``x``, whose tokens ``quantized`` holds (:func:`quantize_tokens`)."""
     if uses_scaled_mm(x.device) and w_fp8.shape[0] % 16 == 0 and w_fp8.shape[1] % 16 == 0:
-        return fp8_linear_scaled_mm(x, w_fp8, w_scale, bias)
-    return fp8_linear_reference(x, w_fp8, w_scale, bias)
+        _check_scaled_mm(x.device)
+        out = _scaled_mm_product(*quantized, w_fp8, w_scale, bias)
+    else:
+        out = _reference_product(*quantized, w_fp8, w_scale, bias)
+    return out.to(x.dtype).reshape(*x.shape[:-1], w_fp8.shape[0])
 
 
 def fp8_linear_reference(
@@ -70,10 +85,7 @@ def fp8_linear_reference(
 ) -> torch.Tensor:
     """:func:`fp8_linear` by dequantizing both operands and multiplying in float32: the reference, and the
     path wherever FP8 matmuls are not available."""
-    x_fp8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
-    out = dequantize_rows(x_fp8, x_scale) @ dequantize_rows(w_fp8, w_scale).T
-    if bias is not None:
-        out = out + bias.float()
+    out = _reference_product(*quantize_tokens(x), w_fp8, w_scale, bias)
     return out.to(x.dtype).reshape(*x.shape[:-1], w_fp8.shape[0])
 
 
@@ -83,18 +95,41 @@ def fp8_linear_scaled_mm(
     """:func:`fp8_linear` through ``torch._scaled_mm`` with row-wise scales, output rounded to bf16 (the
     row-wise kernels write bf16), then to ``x``'s dtype. The bias is added after the matmul, in bf16."""
     _check_scaled_mm(x.device)
-    return _scaled_mm_linear(x, w_fp8, w_scale, bias)
+    out = _scaled_mm_product(*quantize_tokens(x), w_fp8, w_scale, bias)
+    return out.to(x.dtype).reshape(*x.shape[:-1], w_fp8.shape[0])
 
 
-def _scaled_mm_linear(
-    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    x_fp8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+def _reference_product(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    out = dequantize_rows(x_fp8, x_scale) @ dequantize_rows(w_fp8, w_scale).T
+    return out + bias.float() if bias is not None else out
+
+
+def _scaled_mm_product(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
     # w_fp8.t() is column-major, as the kernel wants its second operand
     out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.reshape(1, -1), out_dtype=torch.bfloat16)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.to(x.dtype).reshape(*x.shape[:-1], w_fp8.shape[0])
+    return out + bias.to(out.dtype) if bias is not None else out
+
+
+class SharedInputQuantizer:
+    """Quantizes the inputs of one model's FP8 layers and hands the last result to the next layer that reads the
+    same tensor: an attention block's query, key and value projections read one tensor, as do an MLP's gate and
+    up projections, so a Llama-style layer quantizes four inputs instead of seven. It keeps a weak reference to
+    the last input (a tensor freed since cannot match) and its version (nor can one changed in place)."""
+
+    def __init__(self) -> None:
+        self._input: weakref.ref[torch.Tensor] | None = None
+        self._version = -1
+        self._quantized: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.is_inference():  # no version counter to tell an in-place change by: quantize every time
+            return quantize_tokens(x)
+        last = self._input() if self._input is not None else None
+        if self._quantized is None or last is not x or x._version != self._version:
+            self._input, self._version, self._quantized = weakref.ref(x), x._version, quantize_tokens(x)
+        return self._quantized
 
 
 @functools.cache
@@ -113,7 +148,7 @@ def _check_scaled_mm(device: torch.device) -> None:
     w_fp8, w_scale = quantize_rows(torch.randn(48, 64, generator=generator).to(device))
     expected = fp8_linear_reference(x, w_fp8, w_scale).float()
     try:
-        got = _scaled_mm_linear(x, w_fp8, w_scale, None).float()
+        got = _scaled_mm_product(*quantize_tokens(x), w_fp8, w_scale, None).float()
     except (TypeError, RuntimeError) as error:
         raise UpstreamVersionError(
             f"rqat_sdk/ops/fp8.py calls torch._scaled_mm as torch 2.13 takes it, and torch {torch.__version__} "
@@ -140,21 +175,24 @@ class FP8Linear(torch.nn.Module):
     w_scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 inputs: SharedInputQuantizer | None = None):
         super().__init__()
         self.out_features, self.in_features = w_fp8.shape
         self.register_buffer("w_fp8", w_fp8)
         self.register_buffer("w_scale", w_scale)
         self.register_buffer("bias", bias)
+        # quantizes this layer's input; linears_to_fp8_ gives every layer of a model the same one
+        self.inputs = inputs if inputs is not None else SharedInputQuantizer()
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: torch.nn.Linear) -> FP8Linear:
+    def from_linear(cls, linear: torch.nn.Linear, inputs: SharedInputQuantizer | None = None) -> FP8Linear:
         w_fp8, w_scale = quantize_rows(linear.weight)
-        return cls(w_fp8, w_scale, linear.bias.detach().clone() if linear.bias is not None else None)
+        return cls(w_fp8, w_scale, linear.bias.detach().clone() if linear.bias is not None else None, inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.w_fp8, self.w_scale, self.bias)
+        return _linear(x, self.inputs(x), self.w_fp8, self.w_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -166,7 +204,8 @@ def linears_to_fp8_(model: torch.nn.Module, keep: Collection[torch.nn.Module] = 
     kept = {id(module) for module in keep}
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and id(module) not in kept]
+    inputs = SharedInputQuantizer()
     for name, linear in targets:
         parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent), attribute, FP8Linear.from_linear(linear))
+        setattr(model.get_submodule(parent), attribute, FP8Linear.from_linear(linear, inputs))
     return len(targets)
