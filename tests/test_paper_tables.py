@@ -154,7 +154,8 @@ def _over(runs):
     return {"pass_at_1": runs[0]["pass_at_1"], "std": 0.0, "seeds": 1, "runs": runs}
 
 
-def test_a_job_out_of_gpu_memory_is_retried_with_fewer_beside_it(tables, tmp_path, monkeypatch, capsys):
+def _fake_workers(tables, tmp_path, monkeypatch, **overrides) -> argparse.Namespace:
+    """The arguments of a --workers run of Table 5 whose jobs are :class:`_FakeJob`s."""
     import subprocess
 
     monkeypatch.setattr(subprocess, "Popen", _FakeJob)
@@ -162,11 +163,15 @@ def test_a_job_out_of_gpu_memory_is_retried_with_fewer_beside_it(tables, tmp_pat
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setenv("RQAT_COMMIT", "0" * 40)  # no git process under the fake Popen
     _FakeJob.launches = []
-    args = _args(methods=["GPTQ", "GPTQ+KD"], tables=["5"], training_seeds=1, workers=3, merge_only=False,
-                 bf16_json=tmp_path / "none.json", json=tmp_path / "t.json", oom_retries=1, samples=1,
-                 bf16_samples=None, problems=1, qat_steps=1, qat_lr=1e-4, grpo_steps=1, grpo_lr=1e-5,
+    return _args(tables=["5"], merge_only=False, bf16_json=tmp_path / "none.json", json=tmp_path / "t.json",
+                 samples=1, bf16_samples=None, problems=1, qat_steps=1, qat_lr=1e-4, grpo_steps=1, grpo_lr=1e-5,
                  grpo_prompts=1, dtype="float32", group_size_fallback="error", ppl_paragraphs=0,
-                 eval_batch_size=None, eval_cache="dynamic", grpo_data=None, plot=None)
+                 eval_batch_size=None, eval_cache="dynamic", grpo_data=None, plot=None, **overrides)
+
+
+def test_a_job_out_of_gpu_memory_is_retried_with_fewer_beside_it(tables, tmp_path, monkeypatch, capsys):
+    args = _fake_workers(tables, tmp_path, monkeypatch, methods=["GPTQ", "GPTQ+KD"], training_seeds=1, workers=3,
+                         oom_retries=1)
     jobs = tables.planned_jobs(args)
     assert tables.run_parallel(args, jobs, "m", 0.0) == 0
     assert [key for key, _ in _FakeJob.launches] == ["W3G128_GPTQ+KD", "W3G128_GPTQ", "W3G128_GPTQ+KD"]
@@ -177,24 +182,14 @@ def test_a_job_out_of_gpu_memory_is_retried_with_fewer_beside_it(tables, tmp_pat
 
 
 def test_a_grpo_job_measures_the_job_it_extends(tables, tmp_path, monkeypatch):
-    import subprocess
-
     grpo = tables.Job("5", "W3G128", "GPTQ+KD+GRPO", "gptq", ("kd", "grpo"))
     kd = tables.Job("5", "W3G128", "GPTQ+KD", "gptq", ("kd",))
     mixed = tables.Job("3", "W3G128", "GPTQ+KD", "gptq", ("kd",), calibration="mixed", qat_data="mixed")
     jobs = [kd, grpo, mixed]
     assert tables.prefix(grpo, jobs) == kd and tables.extension(kd, jobs) == grpo
     assert tables.prefix(kd, jobs) is None and tables.extension(mixed, jobs) is None
-    monkeypatch.setattr(subprocess, "Popen", _FakeJob)
-    monkeypatch.setattr(tables.time, "sleep", lambda seconds: None)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    monkeypatch.setenv("RQAT_COMMIT", "0" * 40)
-    _FakeJob.launches = []
-    args = _args(methods=["GPTQ+KD", "GPTQ+KD+GRPO"], tables=["5"], training_seeds=2, workers=2, merge_only=False,
-                 bf16_json=tmp_path / "none.json", json=tmp_path / "t.json", oom_retries=0, samples=1,
-                 bf16_samples=None, problems=1, qat_steps=1, qat_lr=1e-4, grpo_steps=1, grpo_lr=1e-5,
-                 grpo_prompts=1, dtype="float32", group_size_fallback="error", ppl_paragraphs=0,
-                 eval_batch_size=None, eval_cache="dynamic", grpo_data=None, plot=None)
+    args = _fake_workers(tables, tmp_path, monkeypatch, methods=["GPTQ+KD", "GPTQ+KD+GRPO"], training_seeds=2,
+                         workers=2, oom_retries=0)
     assert tables.run_parallel(args, tables.planned_jobs(args), "m", 0.0) == 0
     assert [key for key, _ in _FakeJob.launches] == ["W3G128_GPTQ+KD+GRPO"] * 2
     record = json.loads(args.json.read_text())
