@@ -144,7 +144,8 @@ def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, 
            "learn_scales": args.qat_learn_scales}
     grpo = {"type": "grpo", "steps": args.grpo_steps, "prompts_per_step": args.grpo_prompts, "group_size": 8,
             "micro_batch_size": 8 * args.grpo_prompts, "max_completion_length": RESPONSE_TOKENS[args.benchmark],
-            "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000}
+            "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000,
+            "cache_implementation": args.grpo_cache}
     plan = [{"name": "ptq", "data": {"source": calibration_source, "num_samples": 128, "max_seq_length": length},
              "modifiers": INITS[init]}]
     if "sft" in stages:
@@ -418,6 +419,8 @@ def main() -> int:
                         "so lower it to fit more --workers on a GPU")
     parser.add_argument("--eval-cache", choices=["dynamic", "static"], default="dynamic",
                         help="the evaluation's KV cache: static lets transformers compile decoding on GPUs")
+    parser.add_argument("--grpo-cache", choices=["dynamic", "static"], default="dynamic",
+                        help="the KV cache of GRPO's rollouts (the grpo modifier's cache_implementation)")
     parser.add_argument("--seed", type=int, default=0, help="the recipe seed (calibration and QAT data order, GRPO)")
     parser.add_argument("--training-seeds", type=int, default=1,
                         help="run each method with this many recipe seeds from --seed; rows report the spread")
@@ -662,7 +665,7 @@ def child_arguments(args: argparse.Namespace) -> list[str]:
                "--domains", *args.domains, "--table3-scheme", args.table3_scheme,
                *(["--table3-matched"] if args.table3_matched else [])]
     options += ["--eval-batch-size", str(args.eval_batch_size)] if args.eval_batch_size else []
-    options += ["--eval-cache", args.eval_cache]
+    options += ["--eval-cache", args.eval_cache, "--grpo-cache", args.grpo_cache]
     return options + (["--grpo-data", args.grpo_data] if args.grpo_data else [])
 
 

@@ -32,7 +32,7 @@ def _args(**overrides) -> argparse.Namespace:
     args = {"schemes": ["W3G128"], "tables": ["5", "4"], "methods": None, "domains": ["testbed", "mixed"],
             "table3_scheme": "W3G128", "seed": 0, "training_seeds": 3, "workers": 2, "bf16_json": None,
             "merge_only": True, "testbed": Path("unused"), "json": None, "qat_learn_scales": False,
-            "table3_matched": False}
+            "table3_matched": False, "grpo_cache": "dynamic"}
     return argparse.Namespace(**{**args, **overrides})
 
 
