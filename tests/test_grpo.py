@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin
 
 import rqat_sdk
 from rqat_sdk.errors import RecipeError
+from rqat_sdk.modifiers import layers
 from rqat_sdk.modifiers.layers import QUANTIZATION_PARAMETERS, attach_fake_quant, detach_fake_quant
 from rqat_sdk.modifiers.rl import ColdStartError, PolicyCollapseError
 from rqat_sdk.modifiers.rl.trl_adapter import (
@@ -93,6 +94,39 @@ def test_rollouts_can_decode_with_a_static_kv_cache(tiny_qwen3, reward_module, m
     assert "static" in caches  # trl's rollouts (the cold-start probe samples with rqat's own default)
     with pytest.raises(RecipeError, match="cache_implementation static is for generation transformers"):
         Recipe.from_dict(recipe(cache_implementation="static", generation="vllm-colocate"))
+
+def test_a_rollout_quantizes_the_weights_once_and_decodes_the_same_tokens(tiny_qwen3, monkeypatch):
+    model = rqat_sdk.oneshot(tiny_qwen3, {**recipe(), "stages": recipe()["stages"][:1]}).model
+    attach_fake_quant(model, dtype=torch.float32, learn_scales=False, learn_clipping=False)
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    decode = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    per_token = model.generate(prompt, **decode)
+    calls = []
+    quantize = layers.fake_quantize_weight
+    monkeypatch.setattr(layers, "fake_quantize_weight", lambda *a: calls.append(1) or quantize(*a))
+    with layers.quantized_once_per_generate(model):
+        once = model.generate(prompt, **decode)
+    assert torch.equal(once, per_token) and calls == []  # no layer quantized its own weight per token
+    assert "generate" not in vars(model)
+    model.generate(prompt, **decode)
+    assert calls  # outside the block each layer quantizes again
+    detach_fake_quant(model)
+
+
+def test_trl_rollouts_decode_with_the_weights_quantized_once(tiny_qwen3, reward_module, monkeypatch):
+    held = []
+    decode = GenerationMixin.generate
+
+    def recording(self, *args, **kwargs):
+        held.append(any(layers._PRECOMPUTED in vars(m) for _, m in layers.quantized_linears(self)))
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording)
+    result = rqat_sdk.oneshot(tiny_qwen3, recipe(rewards=[reward_module], cold_start_threshold=0.0), "testbed",
+                              allow_code=True)
+    assert result.record["stages"][1]["metrics"]["grpo"]["steps"] == 2
+    assert True in held  # trl's rollouts (the cold-start probe decodes the model as evaluation does)
+
 
 def test_the_optimizer_gives_scales_their_own_rate_and_no_weight_decay(tiny_qwen3):
     from rqat_sdk.modifiers.rl.modifier import GRPOModifier

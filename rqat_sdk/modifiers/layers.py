@@ -25,9 +25,10 @@ training computed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -46,6 +47,7 @@ from rqat_sdk.transforms import ACTIVATION_CLIP_PARAMETER, TRANSFORM_PARAMETERS,
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationScheme
+    from transformers import PreTrainedModel
 
     class QuantizedLinear(torch.nn.Linear):
         """A Linear as compressed-tensors quantized it and QAT trains it, for the type checker only: the
@@ -213,6 +215,30 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module in trained:
             module.__dict__.pop(_PRECOMPUTED, None)
+
+
+@contextlib.contextmanager
+def quantized_once_per_generate(model: PreTrainedModel) -> Iterator[None]:
+    """Inside the block, each ``model.generate`` call fake-quantizes the weights once, together
+    (:func:`fake_quantized_together`), instead of every layer quantizing its weight at every decoded token: a
+    rollout's weights do not change while it decodes. The tokens are the same; the weights of the whole model
+    are held fake-quantized for the length of a call (one more copy of the quantized layers' weights)."""
+    own = model.__dict__.get("generate")  # an instance attribute shadows the class's method, and is undone
+    original = cast("Callable[..., Any]", model.generate)
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad(), fake_quantized_together(model):
+            return original(*args, **kwargs)
+
+    model.__dict__["generate"] = generate
+    try:
+        yield
+    finally:
+        if own is not None:
+            model.__dict__["generate"] = own
+        else:
+            del model.__dict__["generate"]
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ package is the version it was verified against (:data:`VERIFIED_VERSION`, :data:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -22,7 +23,7 @@ import torch
 
 from rqat_sdk import distributed
 from rqat_sdk.errors import RqatError
-from rqat_sdk.modifiers.layers import fake_quantized_weights, parameter_group
+from rqat_sdk.modifiers.layers import fake_quantized_weights, parameter_group, quantized_once_per_generate
 from rqat_sdk.upstream import require_verified
 
 if TYPE_CHECKING:
@@ -153,8 +154,11 @@ def run_grpo(
     if resume:
         log.info("resuming GRPO from %s", resume)
         _truncate_log(log_file, int(checkpoints[-1].name.rsplit("-", 1)[-1]))
+    # transformers rollouts decode token by token: fake-quantize the weights once per rollout, not per token
+    rollouts = contextlib.nullcontext() if trainer.use_vllm else quantized_once_per_generate(model)
     try:
-        output = trainer.train(resume_from_checkpoint=resume)
+        with rollouts:
+            output = trainer.train(resume_from_checkpoint=resume)
     finally:
         remove_mixed_precision_wrapper(model)
     history = [h for h in trainer.state.log_history if "reward" in h]
