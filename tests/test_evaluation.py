@@ -247,3 +247,32 @@ def test_the_short_testbed_is_packaged_and_keeps_its_former_names():
     old = load_model(EMBEDDED.parent / "cpu", dtype="float32", device="cpu")
     new = load_model(EMBEDDED, dtype="float32", device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("scheme", [{"weights": {"num_bits": 2, "group_size": 64, "symmetric": False}}, "W4A4KV4"])
+def test_a_quantized_model_in_memory_decodes_with_its_weights_quantized_once(scheme, monkeypatch):
+    import compressed_tensors.quantization.lifecycle.forward as ct_forward
+
+    from rqat_sdk.modifiers.layers import weights_quantized_up_front
+    from rqat_sdk.testbed.train import EMBEDDED
+
+    ptq = {"version": 1, "scheme": scheme, "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
+    result = rqat_sdk.oneshot(EMBEDDED, ptq, dtype="float32")
+    model, tokenizer = result.model, result.tokenizer
+    prompts = [[{"role": "user", "content": "What is 17 + 25?"}], [{"role": "user", "content": "Add 3 and 4."}]]
+    sampling = Sampling(max_new_tokens=12, greedy=True)
+    per_token = generate(model, tokenizer, prompts, sampling, batch_size=2, seed=0)
+    latent = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith(".weight")}
+    weights = []
+    quantize = ct_forward.forward_quantize
+    monkeypatch.setattr(ct_forward, "forward_quantize", lambda m, v, name, args: (
+        weights.append(1) if name == "weight" else None) or quantize(m, v, name, args))
+    with weights_quantized_up_front(model):
+        once = generate(model, tokenizer, prompts, sampling, batch_size=2, seed=0)
+    layers = sum(1 for m in model.modules() if getattr(m, "quantization_scheme", None) is not None)
+    assert [c.text for c in once] == [c.text for c in per_token]
+    assert len(weights) == layers  # once a layer, not once a layer and token
+    assert all(torch.equal(p, latent[name]) for name, p in model.named_parameters() if name in latent)
+    weights.clear()
+    generate(model, tokenizer, prompts, sampling, batch_size=2, seed=0)
+    assert len(weights) > layers  # outside the block each forward quantizes again

@@ -241,6 +241,38 @@ def quantized_once_per_generate(model: PreTrainedModel) -> Iterator[None]:
             del model.__dict__["generate"]
 
 
+@contextlib.contextmanager
+def weights_quantized_up_front(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, compressed-tensors' quantized layers hold their fake-quantized weight instead of
+    quantizing it at every forward (in generation: at every decoded token, in every layer). Each layer's weight
+    is quantized once by compressed-tensors' own ``forward_quantize``, and the layer marked compressed, which its
+    forward reads as "the weight is already quantized"; activations are quantized as before. The outputs are the
+    same; the latent weights are restored, and held in a second copy, until the block ends. Layers under QAT's
+    forward (:func:`attach_fake_quant`) keep it: :func:`fake_quantized_together` serves them."""
+    from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    swapped = []
+    with torch.no_grad():
+        for module in model.modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            status = getattr(module, "quantization_status", None)
+            if (scheme is None or scheme.weights is None or status is None or status >= QuantizationStatus.COMPRESSED
+                    or not getattr(module, "quantization_enabled", True) or hasattr(module, _SAVED_FORWARD)
+                    or module.weight.device.type == "meta"):  # an offloaded weight is read in at each forward
+                continue
+            latent = module.weight.data
+            module.weight.data = forward_quantize(module, latent, "weight", scheme.weights)
+            module.quantization_status = QuantizationStatus.COMPRESSED
+            swapped.append((module, latent, status))
+    try:
+        yield
+    finally:
+        for module, latent, status in swapped:
+            module.weight.data = latent
+            module.quantization_status = status
+
+
 @torch.no_grad()
 def grid_positions(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, u)`` for every quantized Linear under fake quantization: its latent weights measured in
