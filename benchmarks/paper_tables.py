@@ -229,7 +229,8 @@ def train_and_measure(job: Job, shorter: Job | None, seed: int, args: argparse.N
 
 def part_record(job: Job, measured: tuple[list[dict], float], model_name: str | None, bf16: dict | None,
                 args: argparse.Namespace) -> dict:
-    """The part file of ``job`` that a GRPO job measured on its way (:func:`train_and_measure`)."""
+    """The part file of ``job`` that a GRPO job measured on its way (:func:`train_and_measure`); its
+    ``seconds`` are the whole shared run's."""
     runs, seconds = measured
     row = {"table": job.table, "model": model_name, "scheme": job.scheme, "method": job.method,
            **training_settings(list(job.stages), args), **over_training_seeds(runs),
@@ -602,8 +603,9 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
     parts.mkdir(parents=True, exist_ok=True)
     tasks = ([] if args.bf16_json else [("BF16", args.seed)]) + planned_tasks(jobs, args.seed, args.training_seeds)
     waiting = [] if args.merge_only else [t for t in tasks if not (parts / f"{t[0]}_s{t[1]}.json").exists()]
+    seeds = {seed for _, seed in tasks}
     measured_inside = {(shorter.key, seed): (job.key, seed) for job in jobs if (shorter := prefix(job, jobs))
-                       for _, seed in tasks}  # a GRPO job measures the job it extends (train_and_measure)
+                       for seed in seeds}  # a GRPO job measures the job it extends (train_and_measure)
     todo = [task for task in waiting if measured_inside.get(task) not in waiting]
     if not args.merge_only:
         launches = len(list(parts.glob("launch*.json")))  # runs that share these parts each keep their command

@@ -38,8 +38,7 @@ class Sampling:
     greedy: bool = False
     cache_implementation: Literal["dynamic", "static"] = "dynamic"
     """``static``: a KV cache allocated once at its full length, whose fixed shapes let transformers compile the
-    decoding step on GPUs (the first batch pays the compile; small models then decode several times faster);
-    ``dynamic`` grows the cache token by token."""
+    decoding step on GPUs (the first batch pays the compile); ``dynamic`` grows the cache token by token."""
 
 
 @torch.no_grad()

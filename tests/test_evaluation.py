@@ -253,7 +253,7 @@ def test_the_short_testbed_is_packaged_and_keeps_its_former_names():
 def test_a_quantized_model_in_memory_decodes_with_its_weights_quantized_once(scheme, monkeypatch):
     import compressed_tensors.quantization.lifecycle.forward as ct_forward
 
-    from rqat_sdk.modifiers.layers import weights_quantized_up_front
+    from rqat_sdk.modifiers.layers import weights_quantized_once
     from rqat_sdk.testbed.train import EMBEDDED
 
     ptq = {"version": 1, "scheme": scheme, "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
@@ -267,7 +267,7 @@ def test_a_quantized_model_in_memory_decodes_with_its_weights_quantized_once(sch
     quantize = ct_forward.forward_quantize
     monkeypatch.setattr(ct_forward, "forward_quantize", lambda m, v, name, args: (
         weights.append(1) if name == "weight" else None) or quantize(m, v, name, args))
-    with weights_quantized_up_front(model):
+    with weights_quantized_once(model):
         once = generate(model, tokenizer, prompts, sampling, batch_size=2, seed=0)
     layers = sum(1 for m in model.modules() if getattr(m, "quantization_scheme", None) is not None)
     assert [c.text for c in once] == [c.text for c in per_token]

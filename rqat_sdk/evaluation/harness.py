@@ -25,7 +25,7 @@ from rqat_sdk.evaluation.vllm_backend import generate_vllm
 from rqat_sdk.files import write_json_atomic
 from rqat_sdk.generation import Sampling, generate
 from rqat_sdk.models import load_model, load_tokenizer
-from rqat_sdk.modifiers.layers import weights_quantized_up_front
+from rqat_sdk.modifiers.layers import weights_quantized_once
 from rqat_sdk.threads import configure_threads
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def evaluate(
             raise ValueError("evaluating a model object needs its tokenizer: pass tokenizer=")
         label = label or type(model).__name__
         configure_threads(model)
-        with weights_quantized_up_front(model):  # a quantized model in memory: once, not at every token
+        with weights_quantized_once(model):  # a quantized model in memory: once, not at every token
             runs = [generate(model, tokenizer, prompts, sampling, batch_size=batch_size, seed=seed + k)
                     for k in range(samples)]
     items, per_sample = [], [0.0] * samples

@@ -218,17 +218,27 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def weights_quantized_once(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block (without gradients: for generation), every quantized layer reads a weight fake-quantized
+    once, up front, instead of quantizing it at every forward, which in generation means at every decoded token in
+    every layer. QAT's layers (:func:`attach_fake_quant`) read them from :func:`fake_quantized_together`;
+    compressed-tensors' own layers hold theirs, quantized by compressed-tensors' ``forward_quantize`` and the layer
+    marked compressed, which its forward reads as "the weight is already quantized" (activations are quantized as
+    before). The outputs are the same; a second copy of the weights is held until the block ends."""
+    with torch.no_grad(), fake_quantized_together(model), _compressed_tensors_weights_up_front(model):
+        yield
+
+
+@contextlib.contextmanager
 def quantized_once_per_generate(model: PreTrainedModel) -> Iterator[None]:
-    """Inside the block, each ``model.generate`` call fake-quantizes the weights once, together
-    (:func:`fake_quantized_together`), instead of every layer quantizing its weight at every decoded token: a
-    rollout's weights do not change while it decodes. The tokens are the same; the weights of the whole model
-    are held fake-quantized for the length of a call (one more copy of the quantized layers' weights)."""
+    """Inside the block, each ``model.generate`` call runs under :func:`weights_quantized_once`: a rollout's
+    weights do not change while it decodes, so they are quantized once per call, not at every token."""
     own = model.__dict__.get("generate")  # an instance attribute shadows the class's method, and is undone
     original = cast("Callable[..., Any]", model.generate)
 
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad(), fake_quantized_together(model):
+        with weights_quantized_once(model):
             return original(*args, **kwargs)
 
     model.__dict__["generate"] = generate
@@ -242,29 +252,22 @@ def quantized_once_per_generate(model: PreTrainedModel) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def weights_quantized_up_front(model: torch.nn.Module) -> Iterator[None]:
-    """Inside the block, compressed-tensors' quantized layers hold their fake-quantized weight instead of
-    quantizing it at every forward (in generation: at every decoded token, in every layer). Each layer's weight
-    is quantized once by compressed-tensors' own ``forward_quantize``, and the layer marked compressed, which its
-    forward reads as "the weight is already quantized"; activations are quantized as before. The outputs are the
-    same; the latent weights are restored, and held in a second copy, until the block ends. Layers under QAT's
-    forward (:func:`attach_fake_quant`) keep it: :func:`fake_quantized_together` serves them."""
+def _compressed_tensors_weights_up_front(model: torch.nn.Module) -> Iterator[None]:
     from compressed_tensors.quantization import QuantizationStatus
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
     swapped = []
-    with torch.no_grad():
-        for module in model.modules():
-            scheme = getattr(module, "quantization_scheme", None)
-            status = getattr(module, "quantization_status", None)
-            if (scheme is None or scheme.weights is None or status is None or status >= QuantizationStatus.COMPRESSED
-                    or not getattr(module, "quantization_enabled", True) or hasattr(module, _SAVED_FORWARD)
-                    or module.weight.device.type == "meta"):  # an offloaded weight is read in at each forward
-                continue
-            latent = module.weight.data
-            module.weight.data = forward_quantize(module, latent, "weight", scheme.weights)
-            module.quantization_status = QuantizationStatus.COMPRESSED
-            swapped.append((module, latent, status))
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        status = getattr(module, "quantization_status", None)
+        if (scheme is None or scheme.weights is None or status is None or status >= QuantizationStatus.COMPRESSED
+                or not getattr(module, "quantization_enabled", True) or hasattr(module, _SAVED_FORWARD)
+                or module.weight.device.type == "meta"):  # an offloaded weight is read in at each forward
+            continue
+        latent = module.weight.data
+        module.weight.data = forward_quantize(module, latent, "weight", scheme.weights)
+        module.quantization_status = QuantizationStatus.COMPRESSED
+        swapped.append((module, latent, status))
     try:
         yield
     finally:

@@ -74,10 +74,8 @@ def _linear(x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor], w_fp8
     """:func:`fp8_linear` of ``x``, whose tokens ``quantized`` holds (:func:`quantize_tokens`)."""
     if uses_scaled_mm(x.device) and w_fp8.shape[0] % 16 == 0 and w_fp8.shape[1] % 16 == 0:
         _check_scaled_mm(x.device)
-        out = _scaled_mm_product(*quantized, w_fp8, w_scale, bias)
-    else:
-        out = _reference_product(*quantized, w_fp8, w_scale, bias)
-    return out.to(x.dtype).reshape(*x.shape[:-1], w_fp8.shape[0])
+        return _shaped_like(x, _scaled_mm_product(*quantized, w_fp8, w_scale, bias))
+    return _shaped_like(x, _reference_product(*quantized, w_fp8, w_scale, bias))
 
 
 def fp8_linear_reference(
@@ -85,8 +83,7 @@ def fp8_linear_reference(
 ) -> torch.Tensor:
     """:func:`fp8_linear` by dequantizing both operands and multiplying in float32: the reference, and the
     path wherever FP8 matmuls are not available."""
-    out = _reference_product(*quantize_tokens(x), w_fp8, w_scale, bias)
-    return out.to(x.dtype).reshape(*x.shape[:-1], w_fp8.shape[0])
+    return _shaped_like(x, _reference_product(*quantize_tokens(x), w_fp8, w_scale, bias))
 
 
 def fp8_linear_scaled_mm(
@@ -95,8 +92,12 @@ def fp8_linear_scaled_mm(
     """:func:`fp8_linear` through ``torch._scaled_mm`` with row-wise scales, output rounded to bf16 (the
     row-wise kernels write bf16), then to ``x``'s dtype. The bias is added after the matmul, in bf16."""
     _check_scaled_mm(x.device)
-    out = _scaled_mm_product(*quantize_tokens(x), w_fp8, w_scale, bias)
-    return out.to(x.dtype).reshape(*x.shape[:-1], w_fp8.shape[0])
+    return _shaped_like(x, _scaled_mm_product(*quantize_tokens(x), w_fp8, w_scale, bias))
+
+
+def _shaped_like(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A product over ``x``'s tokens (tokens, out) in ``x``'s dtype and leading shape."""
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _reference_product(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
