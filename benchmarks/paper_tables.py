@@ -591,6 +591,12 @@ def planned_tasks(jobs: list[Job], first_seed: int, training_seeds: int) -> list
 """Rough relative run times, so that the longest jobs start first and the last to finish is short."""
 
 
+def teacher_digest(testbed: Path) -> str | None:
+    """The teacher build's ``weights_sha256`` from its testbed.json (None for builds that predate it)."""
+    record = testbed / "testbed.json"
+    return json.loads(record.read_text()).get("weights_sha256") if record.is_file() else None
+
+
 def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | None, started: float) -> int:
     """Run every (job, training seed) pair and the BF16 row as separate processes, ``--workers`` at a time,
     each on the least busy visible GPU, then merge their part files into ``--json``. A part file that exists
@@ -611,7 +617,8 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
         launches = len(list(parts.glob("launch*.json")))  # runs that share these parts each keep their command
         write_record(parts / ("launch.json" if not launches else f"launch-{launches}.json"),
                      {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-                      "date": datetime.date.today().isoformat(), "commit": git_commit()})
+                      "date": datetime.date.today().isoformat(), "commit": git_commit(),
+                      "teacher_weights_sha256": teacher_digest(args.testbed)})
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     gpus = [g for g in gpus if g] or [None]
     running: dict[subprocess.Popen, tuple[str, int, str | None, float]] = {}
@@ -708,6 +715,10 @@ def merge_parts(parts: Path, tasks: list[tuple[str, int]], jobs: list[Job], args
     launches = [json.loads(path.read_text()) for path in sorted(
         parts.glob("launch*.json"), key=lambda path: int(path.stem.partition("-")[2] or 0))]
     launch = launches[0] if launches else {}
+    teachers = {run["teacher_weights_sha256"] for run in launches if run.get("teacher_weights_sha256")}
+    if len(teachers) > 1:  # rows measured on different teacher builds do not compare
+        raise SystemExit(f"{parts}: its launch*.json files name {len(teachers)} different teachers "
+                         f"(teacher_weights_sha256 {sorted(teachers)}); merge only parts of one teacher build")
     commands = [run["command"] for run in launches] + ([this] if args.merge_only or not launches else [])
     return {
         "command": " && ".join(commands),
@@ -717,6 +728,7 @@ def merge_parts(parts: Path, tasks: list[tuple[str, int]], jobs: list[Job], args
         "commit": launch.get("commit", git_commit()),
         "model": model_name or next((r["model"] for r in records.values()), None),
         "testbed": next((r["testbed"] for r in records.values()), os.path.relpath(args.testbed)),
+        "teacher_weights_sha256": next(iter(teachers), None),
         "bf16": bf16,
         "workers": args.workers,
         "seconds": round(time.perf_counter() - started, 1) if not args.merge_only else None,

@@ -288,11 +288,25 @@ def kernel_time(step, steps: int = 3) -> dict[str, float]:
     return totals
 
 
-def breakdown(ids, warmup: int, steps: int) -> dict[str, float]:
-    """Time the parts of a step one by one (median ms), to see where QAT-KD spends its time."""
+def top_gpu_kernels(step, steps: int = 3, count: int = 12) -> dict[str, float]:
+    """The ``count`` kernels of ``step`` with the most GPU time (ms per step), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda event: event.self_device_time_total, reverse=True)
+    return {event.key[:120]: round(event.self_device_time_total / 1000 / steps, 3) for event in events[:count]}
+
+
+def breakdown(ids, warmup: int, steps: int, top_kernels: dict[str, float]) -> dict[str, float]:
+    """Time the parts of a step one by one (median ms), to see where QAT-KD spends its time; ``top_kernels``
+    receives the FP8 teacher forward's costliest kernels where FP8 matmuls run."""
     from rqat_sdk.modifiers.qat.optim import MasterWeightOptimizer
     from rqat_sdk.modifiers.qat.trainer import hidden_states
     from rqat_sdk.ops.distill import LossSpec, lm_head_loss
+    from rqat_sdk.ops.fp8 import linears_to_fp8_, uses_scaled_mm
 
     model = fresh_model()
     batch = {"input_ids": ids}
@@ -303,6 +317,17 @@ def breakdown(ids, warmup: int, steps: int) -> dict[str, float]:
             hidden_states(model, batch)
 
     parts["teacher_forward"] = measure(teacher_forward, warmup, steps)[0]
+    if uses_scaled_mm(torch.device("cuda")):
+        fp8_teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        linears_to_fp8_(fp8_teacher, keep=[fp8_teacher.get_output_embeddings()])
+
+        def fp8_teacher_forward():
+            with torch.no_grad():
+                hidden_states(fp8_teacher, batch)
+
+        parts["teacher_forward_fp8"] = measure(fp8_teacher_forward, warmup, steps)[0]
+        top_kernels.update(top_gpu_kernels(fp8_teacher_forward))
+        fp8_teacher = None
 
     def hf_ce_fwd_bwd():
         model(input_ids=ids, labels=ids).loss.backward()
@@ -418,7 +443,8 @@ def main() -> int:
             cleanup()
         print(f"{name}: {results[name][0]:.1f} ms, peak {results[name][1]:.1f} GB "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-    parts = breakdown(ids, args.warmup, args.steps) if args.breakdown else {}
+    fp8_top_kernels: dict[str, float] = {}
+    parts = breakdown(ids, args.warmup, args.steps, fp8_top_kernels) if args.breakdown else {}
 
     base_ms, base_gb = results["bf16_ce"]
     kd_ms, kd_gb = results["qat_kd"]
@@ -450,6 +476,7 @@ def main() -> int:
         "tokens_per_step": tokens,
         "kernel_checks_ok": not bad,
         "breakdown_ms": {k: round(v, 2) for k, v in parts.items()},
+        **({"fp8_teacher_forward_top_kernels_ms": fp8_top_kernels} if fp8_top_kernels else {}),
     }
     print()
     print("| variant | step ms | tokens/s | peak GB |")
@@ -458,6 +485,8 @@ def main() -> int:
         print(f"| {name} | {ms:.1f} | {tokens / ms * 1000:,.0f} | {gb:.1f} |")
     for name, ms in parts.items():
         print(f"  {name}: {ms:.2f} ms")
+    for name, ms in fp8_top_kernels.items():
+        print(f"  FP8 teacher forward kernel {ms:.3f} ms: {name}")
     print()
     print(f"QAT-KD / bf16 CE step: {record['qat_kd_over_bf16_ce']:.3f} (target <= 1.35)")
     print(f"QAT-KD peak / bf16 CE peak: {kd_gb / base_gb:.3f} (target <= 1.0)")

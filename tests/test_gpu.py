@@ -131,6 +131,27 @@ def test_fp8_scaled_mm_path_matches_the_reference(dtype):
     assert (out.float() - reference.float()).abs().max() <= 2**-7 * reference.float().abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("features", [576, 640, 1000, 1024, 3072])
+def test_fp8_row_quantization_kernel_matches_the_pytorch_path_bit_for_bit(dtype, features):
+    from rqat_sdk.ops import triton_fp8
+    from rqat_sdk.ops.fp8 import quantize_rows, quantize_rows_reference
+
+    torch.manual_seed(0)
+    t = torch.randn(777, features, device="cuda") * torch.logspace(-6, 4, 777, device="cuda")[:, None]
+    t[3] = 0  # an all-zero row takes the least scale
+    t[5, 7] = 1e4  # an outlier in one row
+    t = t.to(dtype)
+    assert triton_fp8.supports(t)
+    values, scale = quantize_rows(t)
+    expected_values, expected_scale = quantize_rows_reference(t)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    wide = torch.randn(4, 20000, device="cuda", dtype=dtype)  # wider than one block: the PyTorch path
+    assert not triton_fp8.supports(wide)
+    assert torch.equal(quantize_rows(wide)[1], quantize_rows_reference(wide)[1])
+
+
 @pytest.mark.parametrize("teacher_precision", ["bf16", pytest.param("fp8", marks=needs_fp8)])
 def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path, teacher_precision):
     from datasets import Dataset

@@ -103,8 +103,10 @@ def test_part_files_merge_into_the_rows_of_one_process(tables, tmp_path):
         (parts / f"{job.key}_s{seed}.json").write_text(json.dumps({"bf16": None, "rows": [row], "device": "GPU",
                                                                     "model": "m", "testbed": "t"}))
     (parts / f"{job.key}_s2.log").write_text("kd (kd): 0/10\ntorch.OutOfMemoryError: CUDA out of memory.\n")
-    for name, command in (("launch.json", "python a.py --first"), ("launch-1.json", "python a.py --second")):
-        (parts / name).write_text(json.dumps({"command": command, "date": "2026-11-30", "commit": "c" * 40}))
+    for name, command, teacher in (("launch.json", "python a.py --first", None),  # a build before digests
+                                   ("launch-1.json", "python a.py --second", "d" * 64)):
+        (parts / name).write_text(json.dumps({"command": command, "date": "2026-11-30", "commit": "c" * 40,
+                                              "teacher_weights_sha256": teacher}))
     tasks = [("BF16", 0), (job.key, 0), (job.key, 1), (job.key, 2)]
     same_recipe = tables.Job("3", "W3G128", "GPTQ+KD", "gptq", ("kd",), calibration="testbed", qat_data="testbed")
     record = tables.merge_parts(parts, tasks, [job, same_recipe], _args(), None, 0.0)
@@ -120,6 +122,12 @@ def test_part_files_merge_into_the_rows_of_one_process(tables, tmp_path):
     assert record["model"] == "m" and record["device"] == "GPU"
     # two runs shared the parts (--merge-only adds its own command last)
     assert record["commands"][:2] == ["python a.py --first", "python a.py --second"]
+    assert record["teacher_weights_sha256"] == "d" * 64
+    # a third run on another teacher build: its rows would not compare, so the merge refuses
+    (parts / "launch-2.json").write_text(json.dumps({"command": "python a.py --third", "date": "2026-12-01",
+                                                     "commit": "c" * 40, "teacher_weights_sha256": "e" * 64}))
+    with pytest.raises(SystemExit, match="2 different teachers"):
+        tables.merge_parts(parts, tasks, [job, same_recipe], _args(), None, 0.0)
 
 
 class _FakeJob:

@@ -18,10 +18,12 @@ def test_a_deterministic_build_records_itself_and_restores_torch(tmp_path):
     again = train_testbed(tmp_path / "b", TINY, seed=1, deterministic=True)
     assert not torch.are_deterministic_algorithms_enabled()
     assert first["deterministic"] and first["train"]["final_loss"] == again["train"]["final_loss"]
+    assert first["weights_sha256"] == again["weights_sha256"]  # the same teacher, bit for bit
     assert "--deterministic" in first["command"]
     assert json.loads((tmp_path / "a" / "testbed.json").read_text())["deterministic"] is True
     plain = train_testbed(tmp_path / "c", TINY, seed=1)
     assert plain["deterministic"] is False and "--deterministic" not in plain["command"]
+    assert train_testbed(tmp_path / "d", TINY, seed=2)["weights_sha256"] != first["weights_sha256"]
 
 
 def test_deterministic_algorithms_hold_only_within_the_block(monkeypatch):

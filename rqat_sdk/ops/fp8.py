@@ -27,6 +27,7 @@ from collections.abc import Collection
 import torch
 
 from rqat_sdk.errors import UpstreamVersionError
+from rqat_sdk.ops import use_triton
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -40,9 +41,23 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 values and float32 scales (rows, 1) of a 2-D tensor, one scale per row: ``amax / 448``.
 
     For a weight (out, in) a row is an output channel; for activations (tokens, features) a token, quantized
-    dynamically at each call. ``t ~= values * scale``.
+    dynamically at each call. ``t ~= values * scale``. On CUDA a fused Triton kernel computes the same bits
+    (:mod:`rqat_sdk.ops.triton_fp8`) in one launch.
     """
-    scale = (t.abs().amax(-1, keepdim=True).float() / E4M3_MAX).clamp(min=_MIN_SCALE)
+    if use_triton(t):
+        # triton is optional (CUDA builds only) and imports at module level
+        from rqat_sdk.ops import triton_fp8
+
+        if triton_fp8.supports(t):
+            return triton_fp8.quantize_rows(t)
+    return quantize_rows_reference(t)
+
+
+def quantize_rows_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` in PyTorch operations: the CPU path, and the reference for the CUDA kernel."""
+    amax = t.abs().amax(-1, keepdim=True).float()
+    # a tensor divisor: PyTorch's CUDA division by a Python number multiplies by its reciprocal instead
+    scale = (amax / torch.full_like(amax, E4M3_MAX)).clamp(min=_MIN_SCALE)
     # the clamp keeps an amax that rounds a hair above 448 from becoming e4m3's NaN
     values = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return values, scale

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -130,6 +131,17 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A digest of the model's parameters and buffers (names, dtypes, shapes and bytes, in state-dict order):
+    two teacher builds are the same model exactly when their digests match, so tables measured on them in
+    different sessions can be merged."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _train_testbed(
     output_dir: Path, size: str | TestbedSize, *, seed: int, steps: int | None, deterministic: bool
 ) -> dict:
@@ -168,6 +180,7 @@ def _train_testbed(
         stage=f"testbed-{name}",
     )
     summary = trainer.train()
+    model.to(torch.bfloat16)  # type: ignore[arg-type]  # @wraps typing gap (pyproject)
     record = {
         "size": name, "spec": asdict(spec), "steps": steps, "seed": seed, "benchmark": spec.mix,
         "tasks": MIXES[spec.mix], "base_model": spec.base_model,
@@ -176,11 +189,12 @@ def _train_testbed(
         "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "CPU",
         "date": datetime.date.today().isoformat(),
         "deterministic": deterministic,
+        "weights_sha256": weights_sha256(model),
         "command": f"python -m rqat_sdk.testbed.train --size {name} --seed {seed} --steps {steps}"
                    + (" --deterministic" if deterministic else "") + f" {output_dir}",
     }
     with atomic_directory(output_dir) as tmp:
-        model.to(torch.bfloat16).save_pretrained(tmp)  # type: ignore[arg-type]  # @wraps typing gap (pyproject)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "testbed.json").write_text(json.dumps(record, indent=2) + "\n")
         if (work / "train.jsonl").is_file():
