@@ -366,7 +366,8 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
                color=colors, capsize=3)
         for x, r in enumerate(picked):
             if "wiki_ppl" in r:  # general-domain perplexity beside the reasoning score
-                ax.text(x, 100 * r["pass_at_1"] + 3, f"ppl {r['wiki_ppl']:.0f}", ha="center", fontsize=7)
+                ax.text(x, 100 * (r["pass_at_1"] + r["std"]) + 2, f"ppl {r['wiki_ppl']:.0f}", ha="center",
+                        fontsize=7)  # above the error bar
         ppl = f", ppl {bf16['wiki_ppl']:.0f}" if "wiki_ppl" in bf16 else ""
         ax.axhline(100 * bf16["pass_at_1"], color="k", linestyle="--", label=f"BF16 {100 * bf16['pass_at_1']:.1f}{ppl}")
         ax.set_xticks(range(len(picked)), names, rotation=35, ha="right", fontsize=8)
@@ -597,6 +598,12 @@ def teacher_digest(testbed: Path) -> str | None:
     return json.loads(record.read_text()).get("weights_sha256") if record.is_file() else None
 
 
+def part_teachers(parts: Path) -> set[str]:
+    """The teacher digests that the runs sharing ``parts`` recorded (builds before digests record none)."""
+    launches = [json.loads(path.read_text()) for path in parts.glob("launch*.json")]
+    return {run["teacher_weights_sha256"] for run in launches if run.get("teacher_weights_sha256")}
+
+
 def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | None, started: float) -> int:
     """Run every (job, training seed) pair and the BF16 row as separate processes, ``--workers`` at a time,
     each on the least busy visible GPU, then merge their part files into ``--json``. A part file that exists
@@ -614,11 +621,16 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
                        for seed in seeds}  # a GRPO job measures the job it extends (train_and_measure)
     todo = [task for task in waiting if measured_inside.get(task) not in waiting]
     if not args.merge_only:
+        teacher = teacher_digest(args.testbed)
+        earlier = part_teachers(parts)
+        if teacher and earlier and earlier != {teacher}:  # before any job: its rows would not compare with these
+            raise SystemExit(f"{parts} holds rows measured on another teacher build (teacher_weights_sha256 "
+                             f"{sorted(earlier)}) than --testbed {args.testbed} ({teacher}): give a new --json")
         launches = len(list(parts.glob("launch*.json")))  # runs that share these parts each keep their command
         write_record(parts / ("launch.json" if not launches else f"launch-{launches}.json"),
                      {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                       "date": datetime.date.today().isoformat(), "commit": git_commit(),
-                      "teacher_weights_sha256": teacher_digest(args.testbed)})
+                      "teacher_weights_sha256": teacher})
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     gpus = [g for g in gpus if g] or [None]
     running: dict[subprocess.Popen, tuple[str, int, str | None, float]] = {}
@@ -715,7 +727,7 @@ def merge_parts(parts: Path, tasks: list[tuple[str, int]], jobs: list[Job], args
     launches = [json.loads(path.read_text()) for path in sorted(
         parts.glob("launch*.json"), key=lambda path: int(path.stem.partition("-")[2] or 0))]
     launch = launches[0] if launches else {}
-    teachers = {run["teacher_weights_sha256"] for run in launches if run.get("teacher_weights_sha256")}
+    teachers = part_teachers(parts)
     if len(teachers) > 1:  # rows measured on different teacher builds do not compare
         raise SystemExit(f"{parts}: its launch*.json files name {len(teachers)} different teachers "
                          f"(teacher_weights_sha256 {sorted(teachers)}); merge only parts of one teacher build")

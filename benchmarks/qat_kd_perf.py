@@ -300,34 +300,55 @@ def top_gpu_kernels(step, steps: int = 3, count: int = 12) -> dict[str, float]:
     return {event.key[:120]: round(event.self_device_time_total / 1000 / steps, 3) for event in events[:count]}
 
 
-def breakdown(ids, warmup: int, steps: int, top_kernels: dict[str, float]) -> dict[str, float]:
-    """Time the parts of a step one by one (median ms), to see where QAT-KD spends its time; ``top_kernels``
-    receives the FP8 teacher forward's costliest kernels where FP8 matmuls run."""
+def host_ms(step, steps: int = 5) -> float:
+    """Median host time (ms) to issue ``step``, from an idle GPU, without waiting for its kernels: a step whose
+    host time is close to its device time (:func:`measure`) is bound by the CPU launching kernels."""
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - started) * 1000)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def breakdown(ids, warmup: int, steps: int, top_kernels: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Time the parts of a step one by one (median ms), to see where QAT-KD spends its time. The teacher's
+    forward is timed in bf16 and, where FP8 matmuls run, in FP8 with the fused and with the PyTorch input
+    quantization, each with its host time; ``top_kernels`` receives each teacher forward's costliest kernels."""
+    from unittest import mock
+
     from rqat_sdk.modifiers.qat.optim import MasterWeightOptimizer
     from rqat_sdk.modifiers.qat.trainer import hidden_states
+    from rqat_sdk.ops import fp8
     from rqat_sdk.ops.distill import LossSpec, lm_head_loss
-    from rqat_sdk.ops.fp8 import linears_to_fp8_, uses_scaled_mm
 
     model = fresh_model()
     batch = {"input_ids": ids}
     parts: dict[str, float] = {}
 
-    def teacher_forward():
-        with torch.no_grad():
-            hidden_states(model, batch)
-
-    parts["teacher_forward"] = measure(teacher_forward, warmup, steps)[0]
-    if uses_scaled_mm(torch.device("cuda")):
-        fp8_teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        linears_to_fp8_(fp8_teacher, keep=[fp8_teacher.get_output_embeddings()])
-
-        def fp8_teacher_forward():
+    def forward_of(teacher):
+        def forward():
             with torch.no_grad():
-                hidden_states(fp8_teacher, batch)
+                hidden_states(teacher, batch)
+        return forward
 
-        parts["teacher_forward_fp8"] = measure(fp8_teacher_forward, warmup, steps)[0]
-        top_kernels.update(top_gpu_kernels(fp8_teacher_forward))
+    teachers = {"teacher_forward": forward_of(model)}
+    if fp8.uses_scaled_mm(torch.device("cuda")):
+        fp8_teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        fp8.linears_to_fp8_(fp8_teacher, keep=[fp8_teacher.get_output_embeddings()])
+        teachers["teacher_forward_fp8"] = forward_of(fp8_teacher)
         fp8_teacher = None
+    for name, forward in teachers.items():
+        parts[name] = measure(forward, warmup, steps)[0]
+        parts[f"{name}_host"] = host_ms(forward)
+        top_kernels[name] = top_gpu_kernels(forward)
+    if "teacher_forward_fp8" in teachers:  # the same forward with the PyTorch path's six launches per input
+        with mock.patch.object(fp8, "use_triton", lambda tensor: False):
+            parts["teacher_forward_fp8_pytorch_quant"] = measure(teachers["teacher_forward_fp8"], warmup, steps)[0]
+            parts["teacher_forward_fp8_pytorch_quant_host"] = host_ms(teachers["teacher_forward_fp8"])
+    teachers.clear()
 
     def hf_ce_fwd_bwd():
         model(input_ids=ids, labels=ids).loss.backward()
@@ -443,8 +464,8 @@ def main() -> int:
             cleanup()
         print(f"{name}: {results[name][0]:.1f} ms, peak {results[name][1]:.1f} GB "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-    fp8_top_kernels: dict[str, float] = {}
-    parts = breakdown(ids, args.warmup, args.steps, fp8_top_kernels) if args.breakdown else {}
+    top_kernels: dict[str, dict[str, float]] = {}
+    parts = breakdown(ids, args.warmup, args.steps, top_kernels) if args.breakdown else {}
 
     base_ms, base_gb = results["bf16_ce"]
     kd_ms, kd_gb = results["qat_kd"]
@@ -476,7 +497,7 @@ def main() -> int:
         "tokens_per_step": tokens,
         "kernel_checks_ok": not bad,
         "breakdown_ms": {k: round(v, 2) for k, v in parts.items()},
-        **({"fp8_teacher_forward_top_kernels_ms": fp8_top_kernels} if fp8_top_kernels else {}),
+        **({"top_kernels_ms": top_kernels} if top_kernels else {}),
     }
     print()
     print("| variant | step ms | tokens/s | peak GB |")
@@ -485,8 +506,9 @@ def main() -> int:
         print(f"| {name} | {ms:.1f} | {tokens / ms * 1000:,.0f} | {gb:.1f} |")
     for name, ms in parts.items():
         print(f"  {name}: {ms:.2f} ms")
-    for name, ms in fp8_top_kernels.items():
-        print(f"  FP8 teacher forward kernel {ms:.3f} ms: {name}")
+    for part, kernels in top_kernels.items():
+        for name, ms in kernels.items():
+            print(f"  {part} kernel {ms:.3f} ms: {name}")
     print()
     print(f"QAT-KD / bf16 CE step: {record['qat_kd_over_bf16_ce']:.3f} (target <= 1.35)")
     print(f"QAT-KD peak / bf16 CE peak: {kd_gb / base_gb:.3f} (target <= 1.0)")

@@ -227,3 +227,21 @@ def test_both_ways_cuda_reports_running_out_of_memory_count(tables, tmp_path):
                            ("RuntimeError: shape mismatch", False)):
         log.write_text(f"kd (kd): 3/300\n{text}\n")
         assert tables.out_of_memory(log) is expected
+
+
+def test_a_run_on_another_teacher_build_stops_before_any_job(tables, tmp_path, monkeypatch):
+    testbed = tmp_path / "teacher"
+    testbed.mkdir()
+    (testbed / "testbed.json").write_text(json.dumps({"weights_sha256": "a" * 64}))
+    args = _fake_workers(tables, tmp_path, monkeypatch, methods=["GPTQ"], training_seeds=1, workers=1,
+                         oom_retries=0, testbed=testbed)
+    jobs = tables.planned_jobs(args)
+    assert tables.run_parallel(args, jobs, "m", 0.0) == 0
+    assert json.loads(args.json.read_text())["teacher_weights_sha256"] == "a" * 64
+    # the same build again resumes (nothing left to run); a rebuilt teacher with another digest is refused
+    assert tables.run_parallel(args, jobs, "m", 0.0) == 0
+    launched = len(_FakeJob.launches)
+    (testbed / "testbed.json").write_text(json.dumps({"weights_sha256": "b" * 64}))
+    with pytest.raises(SystemExit, match="another teacher build"):
+        tables.run_parallel(args, jobs, "m", 0.0)
+    assert len(_FakeJob.launches) == launched and len(list(args.json.with_suffix(".parts").glob("launch*"))) == 2
