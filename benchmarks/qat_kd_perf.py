@@ -349,6 +349,20 @@ def breakdown(ids, warmup: int, steps: int, top_kernels: dict[str, dict[str, flo
             parts["teacher_forward_fp8_pytorch_quant"] = measure(teachers["teacher_forward_fp8"], warmup, steps)[0]
             parts["teacher_forward_fp8_pytorch_quant_host"] = host_ms(teachers["teacher_forward_fp8"])
     teachers.clear()
+    # the bf16 teacher's decoder under torch.compile (fused elementwise kernels, fewer launches): what compiling
+    # the teacher would save, before rqat offers it; a failure to compile is recorded, not fatal
+    compiled = torch.compile(model.get_decoder())
+    try:
+        def compiled_forward():
+            with torch.no_grad():
+                compiled(input_ids=ids, use_cache=False)
+
+        parts["teacher_forward_compiled"] = measure(compiled_forward, warmup + 2, steps)[0]
+        parts["teacher_forward_compiled_host"] = host_ms(compiled_forward)
+    except Exception as error:  # noqa: BLE001  # any compiler failure: the other parts still count
+        print(f"teacher_forward_compiled: torch.compile failed: {type(error).__name__}: {error}", flush=True)
+    compiled = None
+    torch._dynamo.reset()
 
     def hf_ce_fwd_bwd():
         model(input_ids=ids, labels=ids).loss.backward()
