@@ -65,6 +65,8 @@ SIDE_BY_SIDE = {
     "| method | W3G128 | kept | W2G64 | kept |": "one scheme per column",
     "| W2G64 (BF16 84.1 ± 1.3) | 200 KD/SFT steps | kept | 1,000 KD steps | kept |": "one file per column",
     "| calibration \\ QAT data | math traces | Wikipedia |": "one run per cell (Table 3's grid)",
+    "| modifier | Qwen3 (the testbeds, tiny test models) | Llama (SmolLM2-135M-Instruct) | Gemma 3 (270M) |":
+        "models.md's support matrix: one architecture (and its own results file) per column",
     "| W3G128, GPTQ+KD then GRPO | seed 0 (1,500 problems) | seed 1 (1,000) | seed 2 (1,000) |":
         "one training seed per column",
     "| held-out `chain_sum` (4-7 terms), pass@1 | seed 0 | seed 1 | seed 2 | codes changed | "
