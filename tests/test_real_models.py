@@ -128,6 +128,19 @@ def test_rtn_exports_per_layer_group_sizes_and_reloads_exactly(real, tmp_path):
     assert torch.equal(logits(reloaded, tokenizer), logits(result.model, tokenizer))
 
 
+def test_ptq_in_bf16_leaves_every_norm_weight_as_it_was(real):
+    """llmcompressor holds Gemma's offset norms (``x * (1 + w)``) as ``1 + w`` during a run and converts them
+    back after; in bf16 that round trip rounded every gain to bf16's spacing at 1 (2^-8), though RTN changes no
+    norm."""
+    before = load_model(real.directory, dtype="bfloat16", device="cpu")
+    norms = {name: weight.detach().clone() for name, weight in before.named_parameters() if "norm" in name}
+    assert norms
+    result = rqat_sdk.oneshot(real.directory, one_stage([{"type": "rtn"}], real.scheme), dtype="bfloat16")
+    after = dict(result.model.named_parameters())
+    changed = [name for name, weight in norms.items() if not torch.equal(after[name], weight)]
+    assert changed == [] and {after[name].dtype for name in norms} == {torch.bfloat16}
+
+
 def test_awq_smooths_and_attaches_per_layer_group_sizes(real):
     """AWQ (GPTQ runs in the pipeline test below): three grid points, the fewest it takes, keep it fast."""
     recipe = one_stage([{"type": "awq", "n_grid": 3}], real.scheme, DATA)

@@ -19,6 +19,8 @@ side effects contained. Each call here:
 - under a multi-process launcher, runs single-threaded: every rank quantizes its own copy of the model
   (deterministically, from the same seeded data) instead of coordinating through compressed-tensors'
   distributed offloading, whose per-tensor broadcasts deadlocked here when ranks reached them out of step;
+- holds offset norms' weights (Gemma's ``x * (1 + w)``) in float32, so that ``oneshot``'s conversion of them
+  to ``x * w`` and back does not round every gain in bf16;
 - mutes llmcompressor's logging (see :mod:`rqat_sdk.logs`), modifier construction included;
 - feeds calibration samples in the order our data layer drew them with the recipe's seed, as a ``DataLoader``
   (which ``oneshot`` takes as it is; from a dataset it would shuffle the samples with an unseeded
@@ -216,6 +218,7 @@ def _isolated(model: PreTrainedModel) -> Iterator[None]:
         from llmcompressor.pipelines.cache import IntermediatesCache
 
         stack.enter_context(as_single_threaded())
+        stack.enter_context(_offset_norms_in_float32(model))  # entered before, so left after, remove_dispatch
         stack.callback(lambda: remove_dispatch(model, onload_tensors=True).to(device))
         config_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="rqat-config-"))
         model.config.save_pretrained(config_dir)
@@ -226,6 +229,33 @@ def _isolated(model: PreTrainedModel) -> Iterator[None]:
             stack.enter_context(_replaced(IntermediatesCache, "pin_memory", lambda *args, **kwargs: None))
         stack.enter_context(create_session())
         yield
+
+
+@contextlib.contextmanager
+def _offset_norms_in_float32(model: PreTrainedModel) -> Iterator[None]:
+    """Hold the weights of offset norms (Gemma's ``x * (1 + w)``) in float32 for the block.
+
+    ``oneshot`` converts each such norm to ``x * (1 + w)`` stored in the weight's dtype and converts it back after
+    (``norm_calibration_context``); in bf16 both conversions round, to bf16's spacing at 1 (2^-8), so every run
+    moved every gain, smoothing or not. In float32 the round trip is exact: RTN and GPTQ leave the norms as they
+    were, and AWQ's smoothed gains round once, when they return to the model's dtype. The offset norms are the
+    classes llmcompressor registers for that conversion."""
+    from compressed_tensors.registry import standardize_lookup_name
+    from llmcompressor.modeling.offset_norm import NormCalibrationModule
+
+    offset = {*NormCalibrationModule.registered_names(), *NormCalibrationModule.registered_aliases()}
+    gains: list[tuple[torch.nn.Parameter, torch.dtype]] = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if standardize_lookup_name(type(module).__name__) in offset and isinstance(weight, torch.nn.Parameter) \
+                and weight.dtype != torch.float32:
+            gains.append((weight, weight.dtype))
+            weight.data = weight.data.float()
+    try:
+        yield
+    finally:
+        for weight, dtype in gains:
+            weight.data = weight.data.to(dtype)
 
 
 @contextlib.contextmanager
