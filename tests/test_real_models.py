@@ -151,10 +151,14 @@ def test_awq_smooths_and_attaches_per_layer_group_sizes(real):
     original = load_model(real.directory, dtype="float32", device="cpu")
     smoothed = result.model.model.layers[0].mlp.up_proj.weight
     assert not torch.equal(smoothed, original.model.layers[0].mlp.up_proj.weight)
-    # llmcompressor's Gemma 3 mappings balance no q/k/v (Gemma 3 normalises their outputs): those stay RTN
+    # llmcompressor's Gemma 3 mappings balance no q/k/v (Gemma 3 normalises their outputs), and under grouped-query
+    # attention AWQ skips v_proj -> o_proj (their widths differ): those stay RTN, their weights as they were
     unbalanced = result.record["stages"][0]["metrics"]["awq"]["unbalanced_layers"]
-    gemma = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkv"]
-    assert unbalanced == (gemma if real.source == GEMMA3 else [])
+    kinds = "qkvo" if real.source == GEMMA3 else "o"
+    assert unbalanced == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in kinds]
+    layers = dict(result.model.named_modules())
+    originals = dict(original.named_modules())
+    assert all(torch.equal(layers[name].weight, originals[name].weight) for name in unbalanced)
 
 
 def assert_group_scales(model) -> None:

@@ -27,8 +27,9 @@ side effects contained. Each call here:
   ``RandomSampler``, or sort them by length with an unstable sort that may reorder ties), and seeds torch, so
   that the same recipe, seed and data give the same checkpoint.
 
-Two of these touch llmcompressor's private internals: ``IntermediatesCache.pin_memory``, and
-``SpinQuantModifier._center_embeddings``, which :func:`rotate_spinquant` overrides. Every call therefore first
+Three things here touch llmcompressor's private internals: ``IntermediatesCache.pin_memory``,
+``SpinQuantModifier._center_embeddings``, which :func:`rotate_spinquant` overrides, and AWQ's
+``_check_layers_are_compatible``, which :func:`awq_unbalanced_layers` asks. Every call therefore first
 checks that llmcompressor is the version they were verified against (:data:`VERIFIED_VERSION`).
 """
 
@@ -120,16 +121,25 @@ def quantize_awq(
 
 
 def awq_unbalanced_layers(model: PreTrainedModel) -> list[str]:
-    """The Linear layers (LM head aside) that llmcompressor's AWQ mappings for ``model``'s architecture balance no
-    scales for: AWQ quantizes them with round-to-nearest. Its Gemma 3 mappings, for one, leave out q/k/v, whose
-    outputs Gemma 3 normalises (q_norm, k_norm; llm-compressor issue 2522)."""
+    """The Linear layers (LM head aside) that llmcompressor's AWQ balances no scales for on ``model``: AWQ
+    quantizes them with round-to-nearest. Its Gemma 3 mappings, for one, leave out q/k/v, whose outputs Gemma 3
+    normalises (q_norm, k_norm; llm-compressor issue 2522); and AWQ skips a ``v_proj`` -> ``o_proj`` mapping whose
+    widths differ, as under grouped-query attention (SmolLM2, Gemma 3), leaving ``o_proj`` out too."""
+    from llmcompressor.modifiers.transform.awq.base import _check_layers_are_compatible
     from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
 
     patterns = [pattern for mapping in get_layer_mappings_from_model(model) for pattern in mapping.balance_layers]
     head = model.get_output_embeddings()
+    skipped = set()
+    for name, module in model.named_modules():  # the shape check AWQ applies when it resolves its mappings
+        values, output = getattr(module, "v_proj", None), getattr(module, "o_proj", None)
+        if isinstance(values, torch.nn.Linear) and isinstance(output, torch.nn.Linear) and not \
+                _check_layers_are_compatible(values, f"{name}.v_proj", [output], [f"{name}.o_proj"]):
+            skipped.add(f"{name}.o_proj")
 
     def balanced(name: str) -> bool:
-        return any(re.match(p[3:], name) if p.startswith("re:") else p == name for p in patterns)
+        return name not in skipped and any(re.match(p[3:], name) if p.startswith("re:") else p == name
+                                           for p in patterns)
 
     return [name for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and module is not head and not balanced(name)]
