@@ -1,0 +1,140 @@
+"""GRPO rollout throughput with ``generation: transformers``: completion tokens/s of a fake-quantized policy.
+
+Qwen3-0.6B's shape with random weights (the real vocabulary), W3G128 round-to-nearest with QAT's fake-quantized
+layers attached, as GRPO trains it; ``--prompts`` prompts of ``--prompt-tokens`` tokens, ``--completions`` sampled
+completions each (one ``generate`` call over the whole group, as trl batches them), ``--new-tokens`` each. A
+random model never emits its end-of-sequence token, so every completion has the full length. Variants:
+
+- ``per_token`` (the baseline): every quantized layer fake-quantizes its weight at every decoded token (rqat's
+  rollouts before ``quantized_once_per_generate``);
+- ``once``: the weights fake-quantized once per ``generate`` call (``quantized_once_per_generate``, what GRPO's
+  rollouts run now);
+- ``once_static``: the same with transformers' static KV cache (``cache_implementation: static``).
+
+Before timing, each variant's greedy tokens on a few prompts are checked against the baseline's: the policy's
+outputs must not change.
+
+    python benchmarks/grpo_rollout_perf.py --json docs/results/grpo_rollout_perf.json
+    python benchmarks/grpo_rollout_perf.py --shape tiny --prompts 4 --completions 2 --new-tokens 16  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from provenance import git_commit
+from qat_kd_perf import QWEN3_0_6B, quantize_w3g128
+
+from rqat_sdk.modifiers.layers import attach_fake_quant, quantized_once_per_generate
+
+SHAPES = {
+    "qwen3-0.6b": QWEN3_0_6B,
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True),
+}
+VARIANTS = ("per_token", "once", "once_static")
+CHECK_TOKENS = 32
+
+
+def policy(shape: str, device: torch.device, dtype: torch.dtype):
+    """A W3G128 policy as GRPO trains it: RTN, then QAT's fake-quantized layers."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(**SHAPES[shape])
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(dtype)
+    model = quantize_w3g128(model)
+    attach_fake_quant(model, dtype=dtype, learn_scales=False, learn_clipping=False)
+    model.generation_config.eos_token_id = None  # every completion runs to --new-tokens
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def generate(model, ids: torch.Tensor, variant: str, *, new_tokens: int, completions: int, greedy: bool):
+    settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_return_sequences": completions,
+                "do_sample": not greedy, **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if not greedy else {}),
+                **({"cache_implementation": "static"} if variant == "once_static" else {})}
+    once = quantized_once_per_generate(model) if variant != "per_token" else contextlib.nullcontext()
+    with once, torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--completions", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=1024)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = policy(args.shape, device, dtype)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (args.prompts, args.prompt_tokens), generator=generator)
+    ids = ids.to(device)
+
+    check = ids[:4]
+    reference = generate(model, check, "per_token", new_tokens=CHECK_TOKENS, completions=1, greedy=True)
+    rows = []
+    for variant in args.variants:
+        same = torch.equal(generate(model, check, variant, new_tokens=CHECK_TOKENS, completions=1, greedy=True),
+                           reference)
+        synchronize(device)
+        started = time.perf_counter()
+        out = generate(model, ids, variant, new_tokens=args.new_tokens, completions=args.completions, greedy=False)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        rows.append({"variant": variant, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
+                     "completion_tokens": tokens, "greedy_tokens_match_baseline": same,
+                     "peak_gib": round(peak, 1) if peak is not None else None})
+        print(f"{variant}: {tokens / seconds:,.0f} completion tokens/s ({seconds:.1f} s), greedy tokens "
+              f"{'match' if same else 'DIFFER from'} the baseline's", flush=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    by_variant = {row["variant"]: row for row in rows}
+    best = max((row for row in rows if row["greedy_tokens_match_baseline"]), key=lambda row: row["tokens_per_s"])
+    record = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "shape": args.shape, "dtype": str(dtype).removeprefix("torch."), "prompts": args.prompts,
+        "completions": args.completions, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+        "baseline_tokens_per_s": by_variant["per_token"]["tokens_per_s"] if "per_token" in by_variant else None,
+        "tokens_per_s": best["tokens_per_s"],
+        "fastest_variant": best["variant"],
+        "variants": rows,
+    }
+    print()
+    print("| variant | completion tokens/s | seconds | greedy tokens as the baseline's |")
+    print("|---|---|---|---|")
+    for row in rows:
+        match = row["greedy_tokens_match_baseline"]
+        print(f"| {row['variant']} | {row['tokens_per_s']:,} | {row['seconds']} | {match} |")
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0 if all(row["greedy_tokens_match_baseline"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
