@@ -246,10 +246,10 @@ def _offset_norms_in_float32(model: PreTrainedModel) -> Iterator[None]:
     """Hold the weights of offset norms (Gemma's ``x * (1 + w)``) in float32 for the block.
 
     ``oneshot`` converts each such norm to ``x * (1 + w)`` stored in the weight's dtype and converts it back after
-    (``norm_calibration_context``); in bf16 both conversions round, to bf16's spacing at 1 (2^-8), so every run
-    moved every gain, smoothing or not. In float32 the round trip is exact: RTN and GPTQ leave the norms as they
-    were, and AWQ's smoothed gains round once, when they return to the model's dtype. The offset norms are the
-    classes llmcompressor registers for that conversion."""
+    (``norm_calibration_context``); in bf16 ``1 + w`` rounds to bf16's spacing near 1 (2^-8 to 2^-7, coarser than
+    ``w``'s own), so every run moved every gain, smoothing or not. In float32 the round trip is exact: RTN and
+    GPTQ leave the norms as they were, and AWQ's smoothed gains round once, when they return to the model's
+    dtype. The offset norms are the classes llmcompressor registers for that conversion."""
     from compressed_tensors.registry import standardize_lookup_name
     from llmcompressor.modeling.offset_norm import NormCalibrationModule
 
