@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from provenance import git_commit
-from qat_kd_perf import QWEN3_0_6B, quantize_w3g128
+from qat_kd_perf import QWEN3_0_6B, fresh_model, quantize_w3g128
 
 from rqat_sdk.modifiers.layers import attach_fake_quant, quantized_once_per_generate
 
@@ -46,13 +46,7 @@ CHECK_TOKENS = 32
 
 def policy(shape: str, device: torch.device, dtype: torch.dtype):
     """A W3G128 policy as GRPO trains it: RTN, then QAT's fake-quantized layers."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3Config(**SHAPES[shape])
-    with torch.device(device):
-        model = Qwen3ForCausalLM(config).to(dtype)
-    model = quantize_w3g128(model)
+    model = quantize_w3g128(fresh_model(0, SHAPES[shape], device, dtype))
     attach_fake_quant(model, dtype=dtype, learn_scales=False, learn_clipping=False)
     model.generation_config.eos_token_id = None  # every completion runs to --new-tokens
     model.generation_config.pad_token_id = 0

@@ -149,15 +149,17 @@ def measure(step, warmup: int, steps: int) -> tuple[float, float]:
     return statistics.median(times), torch.cuda.max_memory_allocated() / 1e9
 
 
-def fresh_model(seed: int = 0):
+def fresh_model(seed: int = 0, shape: dict = QWEN3_0_6B, device: str | torch.device = "cuda",
+                dtype: torch.dtype = torch.bfloat16):
+    """A Qwen3 model of ``shape`` with random weights (seeded), on ``device`` in ``dtype``."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen3Config(**QWEN3_0_6B)
+    config = Qwen3Config(**shape)
     config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Qwen3ForCausalLM(config)
-    return model.to(torch.bfloat16)
+    return model.to(dtype)
 
 
 def quantize_w3g128(model):
@@ -272,32 +274,31 @@ def kernel_time(step, steps: int = 3) -> dict[str, float]:
     Timing a kernel in isolation (``do_bench`` around ``.backward()``) would count autograd-engine start-up
     and launch latency that a real step overlaps with other work; the profiler counts device time only.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     names = {"_forward_kernel": "fake_quant_fwd", "_backward_kernel": "fake_quant_bwd",
              "_head_loss_kernel": "head_loss"}
+    totals = dict.fromkeys(names.values(), 0.0)
+    for key, ms in gpu_ms_per_kernel(step, steps).items():
+        for kernel, label in names.items():
+            if kernel in key:
+                totals[label] += ms
+    return totals
+
+
+def gpu_ms_per_kernel(step, steps: int) -> dict[str, float]:
+    """GPU time (ms per step) of each kernel ``step`` runs, from the profiler over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    totals = dict.fromkeys(names.values(), 0.0)
-    for event in prof.key_averages():
-        for kernel, label in names.items():
-            if kernel in event.key:
-                totals[label] += event.self_device_time_total / 1000 / steps
-    return totals
+    return {event.key: event.self_device_time_total / 1000 / steps for event in prof.key_averages()}
 
 
 def top_gpu_kernels(step, steps: int = 3, count: int = 12) -> dict[str, float]:
     """The ``count`` kernels of ``step`` with the most GPU time (ms per step), from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda event: event.self_device_time_total, reverse=True)
-    return {event.key[:120]: round(event.self_device_time_total / 1000 / steps, 3) for event in events[:count]}
+    kernels = sorted(gpu_ms_per_kernel(step, steps).items(), key=lambda item: item[1], reverse=True)
+    return {key[:120]: round(ms, 3) for key, ms in kernels[:count]}
 
 
 def host_ms(step, steps: int = 5) -> float:
