@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import shlex
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 from provenance import git_commit
 from qat_kd_perf import QWEN3_0_6B, fresh_model, quantize_w3g128
 
+from rqat_sdk.files import write_json_atomic
 from rqat_sdk.modifiers.layers import attach_fake_quant, quantized_once_per_generate
 
 SHAPES = {
@@ -65,6 +65,26 @@ def generate(model, ids: torch.Tensor, variant: str, *, new_tokens: int, complet
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def record(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, rows: list[dict]) -> dict:
+    """The run's record from the variants measured so far (the fastest one whose greedy tokens match)."""
+    by_variant = {row["variant"]: row for row in rows}
+    best = max((row for row in rows if row["greedy_tokens_match_baseline"]), key=lambda row: row["tokens_per_s"],
+               default=None)
+    return {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "shape": args.shape, "dtype": str(dtype).removeprefix("torch."), "prompts": args.prompts,
+        "completions": args.completions, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+        "baseline_tokens_per_s": by_variant["per_token"]["tokens_per_s"] if "per_token" in by_variant else None,
+        "tokens_per_s": best["tokens_per_s"] if best else None,
+        "fastest_variant": best["variant"] if best else None,
+        "variants": rows,
+    }
+
 
 
 def main() -> int:
@@ -104,29 +124,15 @@ def main() -> int:
               f"{'match' if same else 'DIFFER from'} the baseline's", flush=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        if args.json:  # after every variant: a run stopped by a time limit keeps the variants it finished
+            write_json_atomic(args.json, record(args, device, dtype, rows))
 
-    by_variant = {row["variant"]: row for row in rows}
-    best = max((row for row in rows if row["greedy_tokens_match_baseline"]), key=lambda row: row["tokens_per_s"])
-    record = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "date": datetime.date.today().isoformat(),
-        "commit": git_commit(),
-        "shape": args.shape, "dtype": str(dtype).removeprefix("torch."), "prompts": args.prompts,
-        "completions": args.completions, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
-        "baseline_tokens_per_s": by_variant["per_token"]["tokens_per_s"] if "per_token" in by_variant else None,
-        "tokens_per_s": best["tokens_per_s"],
-        "fastest_variant": best["variant"],
-        "variants": rows,
-    }
     print()
     print("| variant | completion tokens/s | seconds | greedy tokens as the baseline's |")
     print("|---|---|---|---|")
     for row in rows:
         match = row["greedy_tokens_match_baseline"]
         print(f"| {row['variant']} | {row['tokens_per_s']:,} | {row['seconds']} | {match} |")
-    if args.json:
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0 if all(row["greedy_tokens_match_baseline"] for row in rows) else 1
 
 

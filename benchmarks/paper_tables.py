@@ -49,6 +49,7 @@ from provenance import git_commit
 import rqat_sdk
 from rqat_sdk.data import load_examples
 from rqat_sdk.evaluation import perplexity, sample_std
+from rqat_sdk.files import write_json_atomic
 from rqat_sdk.models import load_model, load_tokenizer
 from rqat_sdk.session.engine import CHECKPOINTS
 from rqat_sdk.testbed.tasks import RESPONSE_TOKENS
@@ -503,7 +504,7 @@ def main() -> int:
     commands.append("python " + " ".join(shlex.quote(a) for a in sys.argv))
 
     def save() -> None:
-        write_record(args.json, {
+        write_json_atomic(args.json, {
             "command": " && ".join(commands),
             "commands": commands,
             "device": device_name(),
@@ -536,7 +537,7 @@ def main() -> int:
             for key, runs in by_key.items():
                 measured[key] = runs, round(time.perf_counter() - began, 1)
             if args.job and args.json and (shorter := prefix(job, jobs)) is not None:
-                write_record(args.json.with_name(f"{shorter.key}_s{args.seed}.json"),
+                write_json_atomic(args.json.with_name(f"{shorter.key}_s{args.seed}.json"),
                              part_record(shorter, measured[shorter.key], model_name, bf16, args))
         runs, seconds = measured[job.key]
         row = {"table": job.table, "model": model_name, "scheme": job.scheme, "method": job.method,
@@ -570,15 +571,9 @@ def device_name() -> str:
     return "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
 
 
-def write_record(path: Path, record: dict) -> None:
-    """Atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(path)
-
 
 _COST = {"grpo": 4, "kd": 3, "sft": 3}
+"""Rough relative run times, so that the longest jobs start first and the last to finish is short."""
 
 
 def planned_tasks(jobs: list[Job], first_seed: int, training_seeds: int) -> list[tuple[str, int]]:
@@ -589,7 +584,6 @@ def planned_tasks(jobs: list[Job], first_seed: int, training_seeds: int) -> list
     return list(dict.fromkeys(
         (job.key, seed) for seed in range(first_seed, first_seed + training_seeds) for job in by_cost
         if seed == first_seed or not job.deterministic))
-"""Rough relative run times, so that the longest jobs start first and the last to finish is short."""
 
 
 def teacher_digest(testbed: Path) -> str | None:
@@ -627,7 +621,7 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
             raise SystemExit(f"{parts} holds rows measured on another teacher build (teacher_weights_sha256 "
                              f"{sorted(earlier)}) than --testbed {args.testbed} ({teacher}): give a new --json")
         launches = len(list(parts.glob("launch*.json")))  # runs that share these parts each keep their command
-        write_record(parts / ("launch.json" if not launches else f"launch-{launches}.json"),
+        write_json_atomic(parts / ("launch.json" if not launches else f"launch-{launches}.json"),
                      {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                       "date": datetime.date.today().isoformat(), "commit": git_commit(),
                       "teacher_weights_sha256": teacher})
@@ -667,7 +661,7 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
             print(f"[{len(tasks) - len(todo) - len(running)}/{len(tasks)}] {key} seed {seed} on GPU {gpu}: "
                   f"{status} in {time.perf_counter() - began:.0f} s", flush=True)
     record = merge_parts(parts, tasks, jobs, args, model_name, started)
-    write_record(args.json, record)
+    write_json_atomic(args.json, record)
     if args.plot and record["bf16"]:
         plot(record["rows"], record["bf16"], args.plot)
     print_table(record["rows"], record["bf16"])
@@ -738,6 +732,7 @@ def merge_parts(parts: Path, tasks: list[tuple[str, int]], jobs: list[Job], args
         "device": next((r["device"] for r in records.values()), device_name()),
         "date": launch.get("date", datetime.date.today().isoformat()),
         "commit": launch.get("commit", git_commit()),
+        "launch_commits": [run.get("commit") for run in launches],  # rows that accumulated over several launches
         "model": model_name or next((r["model"] for r in records.values()), None),
         "testbed": next((r["testbed"] for r in records.values()), os.path.relpath(args.testbed)),
         "teacher_weights_sha256": next(iter(teachers), None),
