@@ -29,15 +29,17 @@ import contextlib
 import copy
 import datetime
 import gc
-import json
 import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from provenance import git_commit
+
+from rqat_sdk.files import write_json_atomic
 
 QWEN3_0_6B = dict(
     vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -423,7 +425,7 @@ def step_benchmark_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", type=Path, help="write the results here")
     return parser
 
 
@@ -514,6 +516,8 @@ def main() -> int:
         "breakdown_ms": {k: round(v, 2) for k, v in parts.items()},
         **({"top_kernels_ms": top_kernels} if top_kernels else {}),
     }
+    if args.json:  # before the summary: nothing printed can cost the record
+        write_json_atomic(args.json, record)
     print()
     print("| variant | step ms | tokens/s | peak GB |")
     print("|---|---|---|---|")
@@ -521,8 +525,8 @@ def main() -> int:
         print(f"| {name} | {ms:.1f} | {tokens / ms * 1000:,.0f} | {gb:.1f} |")
     for name, ms in parts.items():
         print(f"  {name}: {ms:.2f} ms")
-    for part, kernels in top_kernels.items():
-        for name, ms in kernels.items():
+    for part, costliest in top_kernels.items():
+        for name, ms in costliest.items():
             print(f"  {part} kernel {ms:.3f} ms: {name}")
     print()
     print(f"QAT-KD / bf16 CE step: {record['qat_kd_over_bf16_ce']:.3f} (target <= 1.35)")
@@ -534,10 +538,6 @@ def main() -> int:
     print(f"fake-quant overhead: {overhead:.1%} of the QAT-KD step (target <= 5%); its kernels' GPU time "
           f"{record['fake_quant_kernel_share']:.1%} ({kernels['fake_quant_fwd']:.2f} ms forward, "
           f"{kernels['fake_quant_bwd']:.2f} ms backward; fused head loss {kernels['head_loss']:.2f} ms)")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(record, handle, indent=2)
-            handle.write("\n")
     return 0 if not bad else 1
 
 
