@@ -367,9 +367,9 @@ def plot(rows: list[dict], bf16: dict, path: Path) -> None:
                color=colors, capsize=3)
         for x, r in enumerate(picked):
             if "wiki_ppl" in r:  # general-domain perplexity beside the reasoning score
-                ax.text(x, 100 * (r["pass_at_1"] + r["std"]) + 2, f"ppl {r['wiki_ppl']:.0f}", ha="center",
+                ax.text(x, 100 * (r["pass_at_1"] + r["std"]) + 2, f"ppl {short_number(r['wiki_ppl'])}", ha="center",
                         fontsize=7)  # above the error bar
-        ppl = f", ppl {bf16['wiki_ppl']:.0f}" if "wiki_ppl" in bf16 else ""
+        ppl = f", ppl {short_number(bf16['wiki_ppl'])}" if "wiki_ppl" in bf16 else ""
         ax.axhline(100 * bf16["pass_at_1"], color="k", linestyle="--", label=f"BF16 {100 * bf16['pass_at_1']:.1f}{ppl}")
         ax.set_xticks(range(len(picked)), names, rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, 115)  # room above the bars for the legend
@@ -584,6 +584,11 @@ def planned_tasks(jobs: list[Job], first_seed: int, training_seeds: int) -> list
     return list(dict.fromkeys(
         (job.key, seed) for seed in range(first_seed, first_seed + training_seeds) for job in by_cost
         if seed == first_seed or not job.deterministic))
+
+
+def short_number(value: float) -> str:
+    """A perplexity for a plot label: 84, 2295, 5.0M (a 2-bit model's millions would run into the next bar)."""
+    return f"{value / 1e6:.1f}M" if value >= 1e5 else f"{value:.0f}"
 
 
 def teacher_digest(testbed: Path) -> str | None:
