@@ -9,7 +9,13 @@ random model never emits its end-of-sequence token, so every completion has the 
   rollouts before ``quantized_once_per_generate``);
 - ``once``: the weights fake-quantized once per ``generate`` call (``quantized_once_per_generate``, what GRPO's
   rollouts run now);
-- ``once_static``: the same with transformers' static KV cache (``cache_implementation: static``).
+- ``once_preallocated``: the same with rqat's preallocated KV cache (``cache_implementation: preallocated``),
+  written in place where the dynamic cache copies itself at every token;
+- ``once_static``: the same with transformers' static KV cache (``cache_implementation: static``), which
+  transformers compiles for on GPUs (last: its compile can take minutes).
+
+``--padded`` left-pads half the prompts by a quarter of their length, as rollouts of prompts of different
+lengths are: attention then takes a mask at every step.
 
 Before timing, each variant's greedy tokens on a few prompts are checked against the baseline's: the policy's
 outputs must not change.
@@ -34,13 +40,14 @@ from qat_kd_perf import QWEN3_0_6B, fresh_model, quantize_w3g128
 
 from rqat_sdk.files import write_json_atomic
 from rqat_sdk.modifiers.layers import attach_fake_quant, quantized_once_per_generate
+from rqat_sdk.preallocated_cache import PreallocatedCache
 
 SHAPES = {
     "qwen3-0.6b": QWEN3_0_6B,
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True),
 }
-VARIANTS = ("per_token", "once", "once_static")
+VARIANTS = ("per_token", "once", "once_preallocated", "once_static")
 CHECK_TOKENS = 32
 
 
@@ -53,13 +60,16 @@ def policy(shape: str, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
-def generate(model, ids: torch.Tensor, variant: str, *, new_tokens: int, completions: int, greedy: bool):
+def generate(model, ids: torch.Tensor, mask: torch.Tensor, variant: str, *, new_tokens: int, completions: int,
+             greedy: bool):
     settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_return_sequences": completions,
                 "do_sample": not greedy, **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if not greedy else {}),
                 **({"cache_implementation": "static"} if variant == "once_static" else {})}
+    if variant == "once_preallocated":  # generate expands the prompts for num_return_sequences before the prefill
+        settings["past_key_values"] = PreallocatedCache(model.config, max_new_tokens=new_tokens)
     once = quantized_once_per_generate(model) if variant != "per_token" else contextlib.nullcontext()
     with once, torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+        return model.generate(input_ids=ids, attention_mask=mask, **settings)
 
 
 def synchronize(device: torch.device) -> None:
@@ -79,6 +89,7 @@ def record(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, r
         "commit": git_commit(),
         "shape": args.shape, "dtype": str(dtype).removeprefix("torch."), "prompts": args.prompts,
         "completions": args.completions, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+        "padded": args.padded,
         "baseline_tokens_per_s": by_variant["per_token"]["tokens_per_s"] if "per_token" in by_variant else None,
         "tokens_per_s": best["tokens_per_s"] if best else None,
         "fastest_variant": best["variant"] if best else None,
@@ -95,6 +106,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--padded", action="store_true", help="left-pad half the prompts by a quarter")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,17 +114,22 @@ def main() -> int:
     model = policy(args.shape, device, dtype)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (args.prompts, args.prompt_tokens), generator=generator)
-    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    if args.padded:
+        mask[::2, : args.prompt_tokens // 4] = 0
+        ids[mask == 0] = 0
+    ids, mask = ids.to(device), mask.to(device)
 
-    check = ids[:4]
-    reference = generate(model, check, "per_token", new_tokens=CHECK_TOKENS, completions=1, greedy=True)
+    check, check_mask = ids[:4], mask[:4]
+    reference = generate(model, check, check_mask, "per_token", new_tokens=CHECK_TOKENS, completions=1, greedy=True)
     rows = []
     for variant in args.variants:
-        same = torch.equal(generate(model, check, variant, new_tokens=CHECK_TOKENS, completions=1, greedy=True),
-                           reference)
+        same = torch.equal(generate(model, check, check_mask, variant, new_tokens=CHECK_TOKENS, completions=1,
+                                    greedy=True), reference)
         synchronize(device)
         started = time.perf_counter()
-        out = generate(model, ids, variant, new_tokens=args.new_tokens, completions=args.completions, greedy=False)
+        out = generate(model, ids, mask, variant, new_tokens=args.new_tokens, completions=args.completions,
+                       greedy=False)
         synchronize(device)
         seconds = time.perf_counter() - started
         tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]

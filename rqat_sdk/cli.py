@@ -23,6 +23,7 @@ from rqat_sdk.errors import PreflightError, RqatError
 from rqat_sdk.evaluation import EvalReport, evaluate, markdown_table, plot
 from rqat_sdk.exporters import checkpoint_format
 from rqat_sdk.files import check_writable, write_json_atomic, write_text_atomic
+from rqat_sdk.generation import CACHE_IMPLEMENTATIONS
 from rqat_sdk.modifiers.qat.modifier import QATKDModifier
 from rqat_sdk.modifiers.qat.trainer import format_loss
 from rqat_sdk.publish import plan_push, push
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                           help="transformers, or vLLM in its own environment (see serve-check --setup)")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--cache-implementation", choices=["dynamic", "static"], default="dynamic",
+    evaluate.add_argument("--cache-implementation", choices=CACHE_IMPLEMENTATIONS, default="dynamic",
                           help="hf backend: static preallocates the KV cache, and transformers then compiles decoding "
                           "on GPUs")
     evaluate.add_argument("-o", "--output", type=Path, help="write the report (with every response) as JSON")

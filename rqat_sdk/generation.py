@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, get_args
 
 import torch
 from tqdm.auto import tqdm
 
 from rqat_sdk.data.tokenize import chat_text
+from rqat_sdk.preallocated_cache import PreallocatedCache
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,15 +34,22 @@ class Completion:
     """True when generation hit ``max_new_tokens`` before the end-of-sequence token."""
 
 
+CacheImplementation = Literal["dynamic", "static", "preallocated"]
+"""How ``generate`` holds the KV cache (see :attr:`Sampling.cache_implementation`)."""
+CACHE_IMPLEMENTATIONS: tuple[str, ...] = get_args(CacheImplementation)
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int = 1024
     temperature: float = 0.6
     top_p: float = 0.95
     greedy: bool = False
-    cache_implementation: Literal["dynamic", "static"] = "dynamic"
-    """``static``: a KV cache allocated once at its full length, whose fixed shapes let transformers compile the
-    decoding step on GPUs (the first batch pays the compile); ``dynamic`` grows the cache token by token."""
+    cache_implementation: CacheImplementation = "dynamic"
+    """``dynamic`` grows the KV cache token by token (a copy of the whole cache at every token);
+    ``preallocated`` allocates it once per batch and writes in place (:mod:`rqat_sdk.preallocated_cache`; full-attention
+    models only), with the same tokens; ``static`` allocates it once at its full length, whose fixed shapes let
+    transformers compile the decoding step on GPUs (the first batch pays the compile)."""
 
 
 @torch.no_grad()
@@ -74,6 +85,8 @@ def generate(
         }
         if sampling.cache_implementation == "static":
             options["cache_implementation"] = "static"
+        elif sampling.cache_implementation == "preallocated":
+            options["past_key_values"] = PreallocatedCache(model.config, max_new_tokens=sampling.max_new_tokens)
         output = cast(_Generates, model).generate(
             **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=stops, **options
         )
@@ -105,3 +118,35 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[dict[str, str
     if getattr(tokenizer, "chat_template", None):
         return chat_text(tokenizer, prompt, add_generation_prompt=True)
     return "\n".join(message["content"] for message in prompt)
+
+
+@contextlib.contextmanager
+def wrapped_generate(model: PreTrainedModel, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+                     ) -> Iterator[None]:
+    """Inside the block, ``model.generate`` is ``wrap(model.generate)``: for the calls a trainer makes (trl's
+    rollouts), which rqat does not write. An instance attribute shadows the class's method and is undone after;
+    blocks nest."""
+    own = model.__dict__.get("generate")
+    original = cast(_Generates, model).generate
+    model.__dict__["generate"] = functools.wraps(original)(wrap(original))
+    try:
+        yield
+    finally:
+        if own is not None:
+            model.__dict__["generate"] = own
+        else:
+            del model.__dict__["generate"]
+
+
+def preallocated_kv_cache(model: PreTrainedModel, max_new_tokens: int) -> contextlib.AbstractContextManager[None]:
+    """Inside the block, each ``model.generate`` call that brings no cache of its own decodes with a fresh
+    :class:`~rqat_sdk.preallocated_cache.PreallocatedCache` for ``max_new_tokens``."""
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("past_key_values") is None:
+                kwargs["past_key_values"] = PreallocatedCache(model.config, max_new_tokens=max_new_tokens)
+            return original(*args, **kwargs)
+        return generate
+
+    return wrapped_generate(model, wrap)

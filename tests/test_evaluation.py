@@ -164,22 +164,28 @@ def test_real_generation_on_a_tiny_model(tiny_qwen3, tmp_path):
 
 
 
-def test_a_static_kv_cache_decodes_what_the_dynamic_one_does(monkeypatch):
-    """The static cache (which transformers compiles decoding for on GPUs) changes how, not what: greedy
-    answers of the trained short testbed are the same."""
+def test_static_and_preallocated_kv_caches_decode_what_the_dynamic_one_does(monkeypatch):
+    """The static cache (which transformers compiles decoding for on GPUs) and the preallocated one (written in
+    place) change how, not what: greedy answers of the trained short testbed, over left-padded batches, are the
+    same."""
     from rqat_sdk.testbed.train import EMBEDDED
 
     model, tokenizer = load_model(EMBEDDED, dtype="float32", device="cpu"), load_tokenizer(EMBEDDED)
     caches = []
     decode = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kw: caches.append(kw.get("cache_implementation")) or decode(**kw))
+
+    def recording(**kw):
+        caches.append(kw.get("cache_implementation") or type(kw.get("past_key_values")).__name__)
+        return decode(**kw)
+
+    monkeypatch.setattr(model, "generate", recording)
     prompts = [problem.prompt for problem in load_benchmark("testbed", num_examples=16, seed=0)]
     answers = {cache: generate(model, tokenizer, prompts, Sampling(max_new_tokens=48, greedy=True,
                                                                    cache_implementation=cache), batch_size=8, seed=0)
-               for cache in ("dynamic", "static")}
-    assert caches == [None, None, "static", "static"]
-    assert answers["static"] == answers["dynamic"] and any(c.text for c in answers["static"])
-    with pytest.raises(ValueError, match="cache_implementation 'paged' is not one of dynamic, static"):
+               for cache in ("dynamic", "static", "preallocated")}
+    assert caches == ["NoneType"] * 2 + ["static"] * 2 + ["PreallocatedCache"] * 2
+    assert answers["static"] == answers["dynamic"] == answers["preallocated"] and any(c.text for c in answers["static"])
+    with pytest.raises(ValueError, match="cache_implementation 'paged' is not one of dynamic, static, preallocated"):
         rqat_sdk.evaluate(EMBEDDED, "testbed", cache_implementation="paged")
 
 

@@ -78,22 +78,26 @@ def test_learn_scales_moves_the_scales_and_exports_exactly(tiny_qwen3, tmp_path,
 
 
 
-def test_rollouts_can_decode_with_a_static_kv_cache(tiny_qwen3, reward_module, monkeypatch):
+@pytest.mark.parametrize("cache", ["static", "preallocated"])
+def test_rollouts_can_decode_with_a_static_or_preallocated_kv_cache(cache, tiny_qwen3, reward_module, monkeypatch):
     caches = []
     decode = GenerationMixin.generate
 
     def recording(self, *args, **kwargs):
         config = kwargs.get("generation_config") or self.generation_config
-        caches.append(kwargs.get("cache_implementation") or config.cache_implementation)
+        given = kwargs.get("past_key_values")
+        caches.append(type(given).__name__ if given is not None else
+                      kwargs.get("cache_implementation") or config.cache_implementation)
         return decode(self, *args, **kwargs)
 
     monkeypatch.setattr(GenerationMixin, "generate", recording)
-    grpo = recipe(rewards=[reward_module], cold_start_threshold=0.0, cache_implementation="static")
+    grpo = recipe(rewards=[reward_module], cold_start_threshold=0.0, cache_implementation=cache)
     result = rqat_sdk.oneshot(tiny_qwen3, grpo, "testbed", allow_code=True)
     assert result.record["stages"][1]["metrics"]["grpo"]["steps"] == 2
-    assert "static" in caches  # trl's rollouts (the cold-start probe samples with rqat's own default)
-    with pytest.raises(RecipeError, match="cache_implementation static is for generation transformers"):
-        Recipe.from_dict(recipe(cache_implementation="static", generation="vllm-colocate"))
+    # trl's rollouts (the cold-start probe samples with rqat's own default)
+    assert {"static": "static", "preallocated": "PreallocatedCache"}[cache] in caches
+    with pytest.raises(RecipeError, match=f"cache_implementation {cache} is for generation transformers"):
+        Recipe.from_dict(recipe(cache_implementation=cache, generation="vllm-colocate"))
 
 def test_a_rollout_quantizes_the_weights_once_and_decodes_the_same_tokens(tiny_qwen3, monkeypatch):
     model = rqat_sdk.oneshot(tiny_qwen3, {**recipe(), "stages": recipe()["stages"][:1]}).model

@@ -8,16 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "grpo_rollout_perf.py"
 
 
-def test_every_rollout_variant_keeps_the_policy_tokens(tmp_path):
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_rollout_variant_keeps_the_policy_tokens(tmp_path, padded):
     out = tmp_path / "rollout.json"
     subprocess.run([sys.executable, SCRIPT.name, "--shape", "tiny", "--prompts", "3", "--completions", "2",
-                    "--new-tokens", "12", "--prompt-tokens", "6", "--json", str(out)],
+                    "--new-tokens", "12", "--prompt-tokens", "8", "--json", str(out),
+                    *(["--padded"] if padded else [])],
                    cwd=SCRIPT.parent, check=True, capture_output=True, text=True)
     record = json.loads(out.read_text())
     assert {"command", "device", "date", "commit", "baseline_tokens_per_s", "tokens_per_s"} <= set(record)
-    assert [row["variant"] for row in record["variants"]] == ["per_token", "once", "once_static"]
+    assert record["padded"] is padded
+    assert [row["variant"] for row in record["variants"]] == ["per_token", "once", "once_preallocated", "once_static"]
     assert all(row["greedy_tokens_match_baseline"] for row in record["variants"])
     assert all(row["completion_tokens"] == 3 * 2 * 12 for row in record["variants"])

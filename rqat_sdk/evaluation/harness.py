@@ -17,13 +17,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from rqat_sdk.data.answers import score_response
 from rqat_sdk.evaluation.benchmarks import load_benchmark
 from rqat_sdk.evaluation.vllm_backend import generate_vllm
 from rqat_sdk.files import write_json_atomic
-from rqat_sdk.generation import Sampling, generate
+from rqat_sdk.generation import CACHE_IMPLEMENTATIONS, CacheImplementation, Sampling, generate
 from rqat_sdk.models import load_model, load_tokenizer
 from rqat_sdk.modifiers.layers import weights_quantized_once
 from rqat_sdk.threads import configure_threads
@@ -91,7 +91,7 @@ def evaluate(
     device: str = "auto",
     dtype: str = "auto",
     backend: str = "hf",
-    cache_implementation: Literal["dynamic", "static"] = "dynamic",
+    cache_implementation: CacheImplementation = "dynamic",
 ) -> EvalReport:
     """Evaluate ``model`` (a loaded model, a directory, a compressed-tensors checkpoint or a hub id).
 
@@ -107,8 +107,9 @@ def evaluate(
         raise ValueError(f"backend {backend!r} is not one of hf, vllm")
     samples = 1 if greedy else samples
     problems = load_benchmark(benchmark, num_examples=num_examples, seed=seed)
-    if cache_implementation not in ("dynamic", "static"):
-        raise ValueError(f"cache_implementation {cache_implementation!r} is not one of dynamic, static")
+    if cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"cache_implementation {cache_implementation!r} is not one of "
+                         f"{', '.join(CACHE_IMPLEMENTATIONS)}")
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                         cache_implementation=cache_implementation)
     prompts = [p.prompt for p in problems]

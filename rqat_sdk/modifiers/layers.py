@@ -25,7 +25,6 @@ training computed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import types
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.nn.functional as F
 
+from rqat_sdk.generation import wrapped_generate
 from rqat_sdk.ops.fake_quant import (
     clamp_ste,
     fake_quantize_activation,
@@ -229,26 +229,17 @@ def weights_quantized_once(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def quantized_once_per_generate(model: PreTrainedModel) -> Iterator[None]:
+def quantized_once_per_generate(model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:
     """Inside the block, each ``model.generate`` call runs under :func:`weights_quantized_once`: a rollout's
     weights do not change while it decodes, so they are quantized once per call, not at every token."""
-    own = model.__dict__.get("generate")  # an instance attribute shadows the class's method, and is undone
-    original = cast("Callable[..., Any]", model.generate)
 
-    @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        with weights_quantized_once(model):
-            return original(*args, **kwargs)
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            with weights_quantized_once(model):
+                return original(*args, **kwargs)
+        return generate
 
-    model.__dict__["generate"] = generate
-    try:
-        yield
-    finally:
-        if own is not None:
-            model.__dict__["generate"] = own
-        else:
-            del model.__dict__["generate"]
+    return wrapped_generate(model, wrap)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from rqat_sdk import distributed
 from rqat_sdk.code import check_code_ref_syntax, is_code_ref
 from rqat_sdk.errors import RqatError
 from rqat_sdk.fields import FloatRange, IntRange
+from rqat_sdk.generation import CacheImplementation
 from rqat_sdk.modifiers.layers import tracking_codes
 from rqat_sdk.modifiers.rl.monitor import mean_reward, plot_training
 from rqat_sdk.modifiers.rl.rewards import BUILTIN_REWARDS, resolve_rewards
@@ -83,9 +84,11 @@ class GRPOModifier(TrainingModifier):
     """Rollout engine; vLLM receives the fake-quantized weights at every step."""
     vllm_server_url: str | None = None
     """The vLLM server, with ``generation: vllm-server``."""
-    cache_implementation: Literal["dynamic", "static"] = "dynamic"
-    """With ``generation: transformers``: ``static`` allocates the rollouts' KV cache once at its full length,
-    whose fixed shapes let transformers compile the decoding step on GPUs (the first rollout pays the compile)."""
+    cache_implementation: CacheImplementation = "dynamic"
+    """With ``generation: transformers``: ``preallocated`` allocates each rollout's KV cache once and writes in
+    place, where ``dynamic`` copies the whole cache at every token (the same tokens; full-attention models only);
+    ``static`` allocates it once at its full length, whose fixed shapes let transformers compile the decoding
+    step on GPUs (the first rollout pays the compile)."""
     allow_cold_start: bool = False
     """Train even when the probe's mean reward is below ``cold_start_threshold``."""
     cold_start_threshold: Annotated[float, FloatRange(0.0, None)] = 0.05
@@ -120,9 +123,9 @@ class GRPOModifier(TrainingModifier):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rewards")
         if self.generation == "vllm-server" and not self.vllm_server_url:
             raise ValueError("generation 'vllm-server' needs vllm_server_url")
-        if self.cache_implementation == "static" and self.generation != "transformers":
-            raise ValueError(f"cache_implementation static is for generation transformers; {self.generation} "
-                             "manages its own KV cache")
+        if self.cache_implementation != "dynamic" and self.generation != "transformers":
+            raise ValueError(f"cache_implementation {self.cache_implementation} is for generation transformers; "
+                             f"{self.generation} manages its own KV cache")
         return self
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:

@@ -23,7 +23,9 @@ import torch
 
 from rqat_sdk import distributed
 from rqat_sdk.errors import RqatError
+from rqat_sdk.generation import preallocated_kv_cache
 from rqat_sdk.modifiers.layers import fake_quantized_weights, parameter_group, quantized_once_per_generate
+from rqat_sdk.preallocated_cache import check_full_attention
 from rqat_sdk.upstream import require_verified
 
 if TYPE_CHECKING:
@@ -83,6 +85,8 @@ def run_grpo(
             f"prompts_per_step x group_size ({completions_per_step}) must be a multiple of micro_batch_size x ranks "
             f"({per_step})"
         )
+    if config.cache_implementation == "preallocated":
+        check_full_attention(model.config)  # before any work, not at the first rollout
     cuda = model.device.type == "cuda"
     args = GRPOConfig(
         output_dir=str(progress_dir),
@@ -154,10 +158,12 @@ def run_grpo(
     if resume:
         log.info("resuming GRPO from %s", resume)
         _truncate_log(log_file, int(checkpoints[-1].name.rsplit("-", 1)[-1]))
-    # transformers rollouts decode token by token: fake-quantize the weights once per rollout, not per token
-    rollouts = contextlib.nullcontext() if trainer.use_vllm else quantized_once_per_generate(model)
     try:
-        with rollouts:
+        with contextlib.ExitStack() as rollouts:
+            if not trainer.use_vllm:  # transformers rollouts decode token by token: quantize the weights once
+                rollouts.enter_context(quantized_once_per_generate(model))
+                if config.cache_implementation == "preallocated":
+                    rollouts.enter_context(preallocated_kv_cache(model, config.max_completion_length))
             output = trainer.train(resume_from_checkpoint=resume)
     finally:
         remove_mixed_precision_wrapper(model)
