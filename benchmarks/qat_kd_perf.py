@@ -13,6 +13,8 @@ scales). Every variant runs in this one process, one after another, with the sam
   teacher, forward KL on chunked LM-head logits;
 - ``qat_kd_fp8_teacher``: the same with the teacher's Linear layers in FP8 (``teacher_precision: fp8``,
   ``torch._scaled_mm``; the LM head stays bf16), on GPUs of compute capability 8.9+;
+- ``qat_kd_compiled_teacher``: ``qat_kd`` with the teacher's decoder under ``torch.compile``
+  (``compile_teacher: true``; its compile is left out of the timed steps);
 - ``naive_kd``: compressed-tensors' fake quantization and forward KL on full fp32 logits of both models,
   for reference.
 
@@ -180,6 +182,7 @@ class _Tokenizer:
 
 def cleanup():
     gc.collect()
+    torch._dynamo.reset()  # a compiled teacher's graphs hold its weights
     torch.cuda.empty_cache()
 
 
@@ -200,7 +203,7 @@ def bench_bf16_ce(ids, warmup, steps):
     return result
 
 
-def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp"):
+def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp", compile_teacher: bool = False):
     """rqat's training step on ``ids``; under a launcher each rank trains on its own share of the rows."""
     from datasets import Dataset
 
@@ -212,7 +215,8 @@ def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp"):
     rows = [{"input_ids": r, "labels": r} for r in ids.tolist()]
     per_rank = len(rows) // distributed.world_size()
     config = TrainerConfig(loss=LossSpec(divergence="forward_kl" if objective == "kd" else "ce"), steps=10_000,
-                           learning_rate=1e-6, logging_steps=10_000, save_steps=10_000, distributed=strategy)
+                           learning_rate=1e-6, logging_steps=10_000, save_steps=10_000, distributed=strategy,
+                           compile_teacher=compile_teacher)
     batches = StepBatches(Dataset.from_list(rows), batch_size=len(rows), micro_batch_size=per_rank, seed=0,
                           pad_token_id=0, packing=False, rank=distributed.rank(), world_size=distributed.world_size())
     trainer = DistillationTrainer(
@@ -225,7 +229,7 @@ def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp"):
 
 
 def bench_rqat(ids, warmup, steps, *, fake_quant: bool, objective: str, kernels: dict | None = None,
-               fp8_teacher: bool = False):
+               fp8_teacher: bool = False, compile_teacher: bool = False):
     from rqat_sdk.modifiers.layers import attach_fake_quant, detach_fake_quant
     from rqat_sdk.ops.fp8 import linears_to_fp8_
 
@@ -236,8 +240,8 @@ def bench_rqat(ids, warmup, steps, *, fake_quant: bool, objective: str, kernels:
     if fake_quant:
         model = quantize_w3g128(model)
         attach_fake_quant(model, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
-    trainer, step = rqat_trainer(model, teacher, ids, objective)
-    result = measure(step, warmup, steps)
+    trainer, step = rqat_trainer(model, teacher, ids, objective, compile_teacher=compile_teacher)
+    result = measure(step, warmup + 2 * compile_teacher, steps)  # the compile happens in the first steps
     if kernels is not None:
         kernels.update(kernel_time(step))
     if fake_quant:
@@ -469,6 +473,8 @@ def main() -> int:
         ("qat_kd", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd")),
         ("qat_kd_fp8_teacher", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd",
                                                   fp8_teacher=True)),
+        ("qat_kd_compiled_teacher", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True,
+                                                       objective="kd", compile_teacher=True)),
         ("naive_kd", lambda: bench_naive_kd(ids, args.warmup, args.steps)),
     ):
         if name == "qat_kd_fp8_teacher" and not fp8:
@@ -507,6 +513,9 @@ def main() -> int:
             "qat_kd_fp8_teacher_peak_gb": round(results["qat_kd_fp8_teacher"][1], 2),
             "qat_kd_fp8_teacher_over_bf16_ce": round(results["qat_kd_fp8_teacher"][0] / base_ms, 3)}
            if "qat_kd_fp8_teacher" in results else {}),
+        "qat_kd_compiled_teacher_ms": round(results["qat_kd_compiled_teacher"][0], 1),
+        "qat_kd_compiled_teacher_peak_gb": round(results["qat_kd_compiled_teacher"][1], 2),
+        "qat_kd_compiled_teacher_over_bf16_ce": round(results["qat_kd_compiled_teacher"][0] / base_ms, 3),
         "naive_kd_peak_gb": round(results["naive_kd"][1], 2),
         "fake_quant_ce_peak_gb": round(results["fake_quant_ce"][1], 2),
         "no_fake_quant_ce_peak_gb": round(results["no_fake_quant_ce"][1], 2),
@@ -535,6 +544,8 @@ def main() -> int:
     print()
     print(f"QAT-KD / bf16 CE step: {record['qat_kd_over_bf16_ce']:.3f} (target <= 1.35)")
     print(f"QAT-KD peak / bf16 CE peak: {kd_gb / base_gb:.3f} (target <= 1.0)")
+    print(f"QAT-KD with the compiled teacher / bf16 CE step: "
+          f"{record['qat_kd_compiled_teacher_over_bf16_ce']:.3f} (compile_teacher: true)")
     if "qat_kd_fp8_teacher" in results:
         fp8_ms, fp8_gb = results["qat_kd_fp8_teacher"]
         print(f"QAT-KD with the FP8 teacher / bf16 CE step: {fp8_ms / base_ms:.3f} (target <= 1.20), "

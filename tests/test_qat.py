@@ -331,6 +331,32 @@ def test_an_fp8_teacher_trains_and_leaves_the_original_model_whole(tiny_qwen3, m
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, original.model.layers[0].mlp.up_proj.weight)
 
 
+def test_a_compiled_teacher_trains_as_the_eager_one(tiny_qwen3):
+    """compile_teacher runs the teacher's decoder through torch.compile: the same distillation (to the rounding
+    of fused kernels), over batches of different lengths without a graph per length."""
+    from torch._dynamo.utils import counters
+
+    from rqat_sdk.modifiers.qat.trainer import hidden_states
+
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        result = rqat_sdk.oneshot(tiny_qwen3, recipe(steps=3, compile_teacher=compiled), DATA)
+        losses[compiled] = result.record["stages"][1]["metrics"]["qat_kd"]["final_loss"]
+        graphs = counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compiled and graphs <= 2  # dynamic shapes: at most a recompile for the first length
+    assert losses[True] == pytest.approx(losses[False], rel=0.02)
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_qwen3).eval()
+    compiled_decoder = torch.compile(teacher.get_decoder(), dynamic=True)
+    for length in (7, 19, 33):
+        batch = {"input_ids": torch.randint(1, 200, (2, length), generator=torch.Generator().manual_seed(length))}
+        with torch.no_grad():
+            torch.testing.assert_close(hidden_states(teacher, batch, compiled_decoder), hidden_states(teacher, batch),
+                                       rtol=1e-4, atol=1e-4)
+
+
 def test_qat_recipe_checks():
     with pytest.raises(RecipeError, match=r"stages\[0\].modifiers\[0\]: qat_kd trains the quantized model"):
         Recipe.from_dict({"version": 1, "scheme": "W3G128",
@@ -343,6 +369,9 @@ def test_qat_recipe_checks():
     with pytest.raises(RecipeError, match=r"stages\[1\].modifiers\[0\]: teacher_precision fp8 sets the teacher's "
                                           r"precision, and objective sft has no teacher"):
         Recipe.from_dict(recipe(objective="sft", teacher_precision="fp8"))
+    for wrong in ({"objective": "sft"}, {"teacher_precision": "fp8"}):
+        with pytest.raises(RecipeError, match=r"compile_teacher compiles the bf16 teacher of objective kd"):
+            Recipe.from_dict(recipe(compile_teacher=True, **wrong))
     defaults = Recipe.from_dict(recipe()).stages[1].modifiers[0]
     assert defaults.betas == (0.9, 0.95) and defaults.divergence == "forward_kl"
     assert defaults.teacher_precision == "bf16"

@@ -25,6 +25,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,8 @@ class TrainerConfig:
     """Stop when a step's loss exceeds this multiple of the first step's (see :func:`loss_exploded`)."""
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under a multi-process launcher: DDP, or FSDP2 sharding of the transformer blocks."""
+    compile_teacher: bool = False
+    """Run the teacher's decoder through ``torch.compile`` with dynamic shapes."""
 
     @property
     def objective(self) -> str:
@@ -157,10 +160,12 @@ class _StudentObjective(torch.nn.Module):
         )
 
 
-def hidden_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The final (normalised) hidden states, without computing the full-vocabulary logits."""
+def hidden_states(model: PreTrainedModel, batch: dict[str, torch.Tensor],
+                  decoder: Callable[..., Any] | None = None) -> torch.Tensor:
+    """The final (normalised) hidden states, without computing the full-vocabulary logits; ``decoder`` replaces
+    the model's own (a compiled one)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    return model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    return (decoder if decoder is not None else model.get_decoder())(**inputs, use_cache=False).last_hidden_state
 
 
 class DistillationTrainer:
@@ -182,6 +187,9 @@ class DistillationTrainer:
         self.config = config
         self.student = student
         self.teacher = teacher
+        # compiling the frozen teacher fuses its many small kernels into fewer launches
+        self._teacher_decoder = (torch.compile(teacher.get_decoder(), dynamic=True)
+                                 if teacher is not None and config.compile_teacher else None)
         self.batches = batches
         self.device = device
         self.paths = paths
@@ -308,7 +316,7 @@ class DistillationTrainer:
         if self.teacher is None:
             return None
         with torch.no_grad():  # grad mode is per thread: set here, where the forward runs
-            return hidden_states(self.teacher, batch)
+            return hidden_states(self.teacher, batch, self._teacher_decoder)
 
     def _prepare(self, step: int, *, with_teacher: bool) -> _StepInputs:
         micro = self.batches.micro_batches(step, torch.device("cpu"))
