@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from provenance import git_commit
-from qat_kd_perf import QWEN3_0_6B, fresh_model, measure, quantize_w3g128, rqat_trainer, synthetic_batch
+from qat_kd_perf import SHAPES, fresh_model, measure, quantize_w3g128, rqat_trainer, synthetic_batch
 
 TESTBED = "rqat_sdk/testbed/long"
 RECIPE = "testbed-long_w3g128_gptq_kd_grpo"
@@ -37,18 +37,21 @@ LAYOUTS = (("1 GPU", 1, "ddp"), ("2 GPUs, DDP", 2, "ddp"), ("2 GPUs, FSDP2", 2, 
 
 
 def step_worker(args: argparse.Namespace) -> int:
-    """One rank of the step benchmark (started by :func:`time_steps`)."""
+    """One rank of a step benchmark (started by :func:`launch_step`); writes its result to ``args.result``."""
     from rqat_sdk import distributed
     from rqat_sdk.modifiers.layers import attach_fake_quant
 
     distributed.initialize()
     torch.backends.cuda.matmul.allow_tf32 = True
     world = distributed.world_size()
-    ids = synthetic_batch(args.batch * world, args.seq, QWEN3_0_6B["vocab_size"]).cuda()
-    student = fresh_model()
+    shape = SHAPES[args.shape]
+    ids = synthetic_batch(args.batch * world, args.seq, shape["vocab_size"]).cuda()
+    student = fresh_model(shape=shape)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     student = quantize_w3g128(student)
     attach_fake_quant(student, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
+    if args.gradient_checkpointing:  # as a recipe's gradient_checkpointing: true does
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _, step = rqat_trainer(student, teacher, ids, "kd", args.strategy)
     step_ms, peak_gb = measure(step, args.warmup, args.steps)
     step_ms = distributed.all_reduce_sum(torch.tensor(step_ms, device="cuda")).item() / world  # mean over ranks
@@ -60,23 +63,40 @@ def step_worker(args: argparse.Namespace) -> int:
             "gpus": world, "strategy": args.strategy, "step_ms": round(step_ms, 1),
             "tokens_per_step": ids.numel(), "tokens_per_s": round(ids.numel() / step_ms * 1000),
             "peak_gb_per_gpu": round(peak.item(), 2),
+            "parameters": sum(p.numel() for p in teacher.parameters()),
         }))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
 
 
+def launch_step(script: str, result: Path, gpus: int, strategy: str, *, shape: str, batch: int, seq: int,
+                warmup: int, steps: int, gradient_checkpointing: bool = False) -> dict:
+    """Run ``script``'s step worker on ``gpus`` GPUs (under torchrun beyond one) and return its result."""
+    worker = [script, "step-worker", "--strategy", strategy, "--result", str(result), "--shape", shape,
+              "--batch", str(batch), "--seq", str(seq), "--warmup", str(warmup), "--steps", str(steps),
+              *(["--gradient-checkpointing"] if gradient_checkpointing else [])]
+    launcher = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={gpus}"]
+    subprocess.run(launcher + worker, check=True)
+    return json.loads(result.read_text())
+
+
+def add_step_worker_options(parser: argparse.ArgumentParser) -> None:
+    """What :func:`step_worker` reads, for the scripts that launch it."""
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help=argparse.SUPPRESS)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+
+
 def time_steps(args: argparse.Namespace, out: Path) -> list[dict]:
     rows = []
     for label, gpus, strategy in LAYOUTS:
-        result = out / f"step-{gpus}-{strategy}.json"
-        worker = [__file__, "step-worker", "--strategy", strategy, "--result", str(result), "--batch", str(args.batch),
-                  "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-        launcher = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                       "--standalone", f"--nproc_per_node={gpus}"]
         started = time.perf_counter()
-        subprocess.run(launcher + worker, check=True)
-        row = {"layout": label, **json.loads(result.read_text())}
+        row = {"layout": label, **launch_step(__file__, out / f"step-{gpus}-{strategy}.json", gpus, strategy,
+                                              shape="qwen3-0.6b", batch=args.batch, seq=args.seq,
+                                              warmup=args.warmup, steps=args.steps)}
         print(f"step, {label}: {row['step_ms']} ms, {row['tokens_per_s']:,} tokens/s, "
               f"{row['peak_gb_per_gpu']} GB per GPU ({time.perf_counter() - started:.0f} s)", flush=True)
         rows.append(row)
@@ -146,8 +166,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--problems", type=int, default=1000, help="held-out problems per recipe evaluation")
-    parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    add_step_worker_options(parser)
     args = parser.parse_args()
     if args.mode == "step-worker":
         return step_worker(args)

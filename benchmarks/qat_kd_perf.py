@@ -48,6 +48,13 @@ QWEN3_0_6B = dict(
     num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=True,
     rms_norm_eps=1e-6, rope_theta=1_000_000,
 )
+SHAPES = {
+    "qwen3-0.6b": QWEN3_0_6B,
+    "qwen3-1.7b": {**QWEN3_0_6B, "hidden_size": 2048, "intermediate_size": 6144},
+    "qwen3-4b": {**QWEN3_0_6B, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+                 "num_attention_heads": 32},
+}
+"""Qwen3 shapes (their configs' widths, depths and heads; random weights), for the step benchmarks."""
 
 
 def check_kernels() -> list[str]:
