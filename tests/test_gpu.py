@@ -1,5 +1,6 @@
 """CUDA-only checks: the Triton kernels (fake quantization, fused LM-head loss) and the FP8 teacher's
-``_scaled_mm`` path against their PyTorch paths, and a QAT-KD run in bf16 on the GPU."""
+``_scaled_mm`` path against their PyTorch paths, a QAT-KD run in bf16 on the GPU, and the preallocated KV cache
+and compiled teacher against their eager counterparts."""
 
 import math
 
@@ -270,3 +271,46 @@ def test_grpo_in_float32_on_the_gpu_exports_exactly(tmp_path):
     result = rqat_sdk.oneshot(testbed, recipe, output_dir=tmp_path / "out", dtype="float32")
     assert result.model.dtype == torch.float32 and result.model.device.type == "cuda"
     assert result.record["export"]["exact"] is True
+
+
+def test_the_preallocated_kv_cache_decodes_the_dynamic_caches_tokens_on_the_gpu():
+    """bf16 on CUDA, left-padded prompts, a group of completions per prompt: attention reads a strided view of
+    the preallocated buffers where the dynamic cache hands it a fresh tensor; the greedy tokens are the same."""
+    from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+
+    from rqat_sdk.preallocated_cache import PreallocatedCache
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, attn_implementation="sdpa")
+    model = Qwen3ForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(1, 512, (4, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[::2, :6] = 0
+    ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)  # a group of two per prompt
+    outputs = []
+    for cache in (DynamicCache(config=config), PreallocatedCache(config, max_new_tokens=48)):
+        with torch.no_grad():
+            outputs.append(model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                                          max_new_tokens=48, min_new_tokens=48, pad_token_id=0))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_a_compiled_teacher_gives_the_eager_hidden_states_on_the_gpu():
+    """compile_teacher: the bf16 teacher's decoder under torch.compile, over sequences of several lengths."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from rqat_sdk.modifiers.qat.trainer import hidden_states
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, attn_implementation="sdpa")
+    teacher = Qwen3ForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    compiled = torch.compile(teacher.get_decoder(), dynamic=True)
+    for length in (64, 200, 333):
+        batch = {"input_ids": torch.randint(0, 512, (2, length), device="cuda")}
+        with torch.no_grad():
+            eager, fused = hidden_states(teacher, batch), hidden_states(teacher, batch, compiled)
+        assert (fused.float() - eager.float()).abs().max() <= 0.05 * eager.float().abs().max()
+    torch._dynamo.reset()
