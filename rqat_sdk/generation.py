@@ -12,7 +12,6 @@ import torch
 from tqdm.auto import tqdm
 
 from rqat_sdk.data.tokenize import chat_text
-from rqat_sdk.preallocated_cache import PreallocatedCache
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -86,7 +85,7 @@ def generate(
         if sampling.cache_implementation == "static":
             options["cache_implementation"] = "static"
         elif sampling.cache_implementation == "preallocated":
-            options["past_key_values"] = PreallocatedCache(model.config, max_new_tokens=sampling.max_new_tokens)
+            options["past_key_values"] = preallocated_cache(model, sampling.max_new_tokens)
         output = cast(_Generates, model).generate(
             **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=stops, **options
         )
@@ -145,8 +144,16 @@ def preallocated_kv_cache(model: PreTrainedModel, max_new_tokens: int) -> contex
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def generate(*args: Any, **kwargs: Any) -> Any:
             if kwargs.get("past_key_values") is None:
-                kwargs["past_key_values"] = PreallocatedCache(model.config, max_new_tokens=max_new_tokens)
+                kwargs["past_key_values"] = preallocated_cache(model, max_new_tokens)
             return original(*args, **kwargs)
         return generate
 
     return wrapped_generate(model, wrap)
+
+
+def preallocated_cache(model: PreTrainedModel, max_new_tokens: int) -> Any:
+    """A fresh :class:`~rqat_sdk.preallocated_cache.PreallocatedCache` for one ``generate`` call of ``model``."""
+    # transformers' cache classes load lazily (import rqat_sdk loads torch alone)
+    from rqat_sdk.preallocated_cache import PreallocatedCache
+
+    return PreallocatedCache(model.config, max_new_tokens=max_new_tokens)

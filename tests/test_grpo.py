@@ -312,3 +312,20 @@ def test_grpo_recipe_checks_and_warnings():
         "activations and KV cache in full precision, so they sample from a neighbour of the W4A4KV4 policy (trl's "
         "importance-sampling correction weighs the gap); 'transformers' samples the trained policy itself"
     ]
+
+
+def test_a_preallocated_cache_on_sliding_window_layers_is_refused_before_any_stage(tiny_qwen3):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rqat_sdk.errors import PreflightError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    layers = model.config.num_hidden_layers
+    model.config.layer_types = ["sliding_attention"] * (layers - 1) + ["full_attention"]  # as Gemma 3's
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PreflightError, match=r"stages\[1\].modifiers\[0\].cache_implementation: cache_implementation "
+                                             r"preallocated needs full attention in every layer; qwen3 has "
+                                             r"sliding_attention layers: use cache_implementation dynamic"):
+        rqat_sdk.oneshot(model, recipe(cache_implementation="preallocated"), "testbed",
+                         tokenizer=AutoTokenizer.from_pretrained(tiny_qwen3))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the PTQ stage never ran

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"errors", "logs", "recipes"},
     {"code", "fields", "files", "threads", "distributed", "upstream", "hub"},
     {"scheme", "ops"},
-    {"data", "gguf", "transforms"},
+    {"data", "gguf", "transforms", "preallocated_cache"},
     {"models"},
     {"generation"},
     {"modifiers"},

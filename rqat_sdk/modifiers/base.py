@@ -1,8 +1,8 @@
 """The modifier contract: a small Pydantic config with a three-step lifecycle.
 
 A modifier is both the YAML node that configures it and the code that applies it, as in llm-compressor.
-:func:`rqat_sdk.session.engine.run_stage` drives one stage's modifiers and is the only caller of these
-methods::
+:func:`rqat_sdk.session.engine.run_stage` drives one stage's modifiers and is the only caller of the
+lifecycle's methods::
 
     for m in stage.modifiers: m.initialize(state)   # every check first: a stage that cannot run fails
                                                      # before it changes the model
@@ -20,6 +20,10 @@ methods::
   model is usable with its own forward, even when the stage failed: a model given to ``oneshot`` in memory
   keeps the work of the modifiers that ran, never a half-attached training state.
 
+Before the first stage, once the model has loaded, the session asks every modifier of every stage for
+``model_problems(config, at)``: what it could never do with this model (a GRPO stage's preallocated KV cache
+on sliding-window layers), so that a run refuses it before hours of earlier stages.
+
 A stage stops at the first modifier that fails; the modifiers after it are neither applied nor finalized.
 Everything a modifier needs comes from the :class:`~rqat_sdk.session.state.SessionState` it is given;
 what little state is process-wide is listed in docs/architecture.md (Sessions and state).
@@ -28,7 +32,7 @@ what little state is process-wide is listed in docs/architecture.md (Sessions an
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rqat_sdk.fields import StrictModel
 
@@ -66,6 +70,11 @@ class Modifier(StrictModel):
     def wants_original_model(self) -> bool:
         """True when :meth:`apply` needs the full-precision model the run started from (as a teacher)."""
         return False
+
+    def model_problems(self, config: Any, at: Position) -> list[str]:
+        """What this modifier cannot do with a model of ``config``, each as ``"field: message"``: checked for
+        every stage once the model loads, before the first stage runs."""
+        return []
 
     def initialize(self, state: SessionState) -> None:
         """Check preconditions against ``state.model`` as the stage found it, without changing it."""

@@ -35,7 +35,14 @@ import torch
 
 from rqat_sdk import distributed
 from rqat_sdk.data import check_trainable, describe_source
-from rqat_sdk.errors import CodeExecutionNotAllowed, ExportError, ModelLoadError, OutputDirError, RqatError
+from rqat_sdk.errors import (
+    CodeExecutionNotAllowed,
+    ExportError,
+    ModelLoadError,
+    OutputDirError,
+    PreflightError,
+    RqatError,
+)
 from rqat_sdk.evaluation import evaluate
 from rqat_sdk.exporters import export_checkpoint, reload_checkpoint, save_dense
 from rqat_sdk.exporters.model_card import model_card
@@ -144,6 +151,9 @@ class Session:
     def _run_from(self, first_stage: int, checkpoint: Path | None) -> RunResult:
         examples = self._stage_examples(first_stage)
         model, tokenizer = self._load(checkpoint)
+        positions = self.recipe.positions()
+        if problems := [p for at, modifier in positions for p in modifier.model_problems(model.config, at)]:
+            raise PreflightError(problems)  # before the first stage: a later one would fail after hours
         configure_threads(model)
         state = SessionState(
             model,

@@ -6,7 +6,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import field_validator, model_validator
 
@@ -127,6 +127,18 @@ class GRPOModifier(TrainingModifier):
             raise ValueError(f"cache_implementation {self.cache_implementation} is for generation transformers; "
                              f"{self.generation} manages its own KV cache")
         return self
+
+    def model_problems(self, config: Any, at: Position) -> list[str]:
+        if self.cache_implementation != "preallocated":
+            return []
+        # transformers' cache classes load lazily (import rqat_sdk loads torch alone)
+        from rqat_sdk.preallocated_cache import check_full_attention
+
+        try:
+            check_full_attention(config)
+        except ValueError as exc:
+            return [f"{at.path}.cache_implementation: {exc}"]
+        return []
 
     def warnings(self, recipe: Recipe, at: Position) -> list[str]:
         found = []

@@ -25,7 +25,6 @@ from rqat_sdk import distributed
 from rqat_sdk.errors import RqatError
 from rqat_sdk.generation import preallocated_kv_cache
 from rqat_sdk.modifiers.layers import fake_quantized_weights, parameter_group, quantized_once_per_generate
-from rqat_sdk.preallocated_cache import check_full_attention
 from rqat_sdk.upstream import require_verified
 
 if TYPE_CHECKING:
@@ -85,8 +84,6 @@ def run_grpo(
             f"prompts_per_step x group_size ({completions_per_step}) must be a multiple of micro_batch_size x ranks "
             f"({per_step})"
         )
-    if config.cache_implementation == "preallocated":
-        check_full_attention(model.config)  # before any work, not at the first rollout
     cuda = model.device.type == "cuda"
     args = GRPOConfig(
         output_dir=str(progress_dir),
