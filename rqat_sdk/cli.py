@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="transformers, or vLLM in its own environment (see serve-check --setup)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--cache-implementation", choices=CACHE_IMPLEMENTATIONS, default="dynamic",
-                          help="hf backend: static preallocates the KV cache, and transformers then compiles decoding "
-                          "on GPUs")
+                          help="hf backend: preallocated writes the KV cache in place (full-attention models); static "
+                          "allocates it at full length, and transformers then compiles decoding on GPUs")
     evaluate.add_argument("-o", "--output", type=Path, help="write the report (with every response) as JSON")
     evaluate.set_defaults(handler=_eval)
 
