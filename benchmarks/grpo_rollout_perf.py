@@ -9,8 +9,9 @@ random model never emits its end-of-sequence token, so every completion has the 
   rollouts before ``quantized_once_per_generate``);
 - ``once``: the weights fake-quantized once per ``generate`` call (``quantized_once_per_generate``, what GRPO's
   rollouts run now);
-- ``once_preallocated``: the same with rqat's preallocated KV cache (``cache_implementation: preallocated``),
-  written in place where the dynamic cache copies itself at every token;
+- ``once_preallocated``: the same with ``cache_implementation: preallocated``: the KV cache written in place
+  where the dynamic cache copies itself at every token, and decoding attention reading it without expanding
+  it per query head;
 - ``once_static``: the same with transformers' static KV cache (``cache_implementation: static``), which
   transformers compiles for on GPUs (last: its compile can take minutes).
 
@@ -39,8 +40,8 @@ from provenance import git_commit
 from qat_kd_perf import QWEN3_0_6B, fresh_model, quantize_w3g128
 
 from rqat_sdk.files import write_json_atomic
+from rqat_sdk.generation import preallocated_kv_cache
 from rqat_sdk.modifiers.layers import attach_fake_quant, quantized_once_per_generate
-from rqat_sdk.preallocated_cache import PreallocatedCache
 
 SHAPES = {
     "qwen3-0.6b": QWEN3_0_6B,
@@ -65,10 +66,11 @@ def generate(model, ids: torch.Tensor, mask: torch.Tensor, variant: str, *, new_
     settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_return_sequences": completions,
                 "do_sample": not greedy, **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if not greedy else {}),
                 **({"cache_implementation": "static"} if variant == "once_static" else {})}
-    if variant == "once_preallocated":  # generate expands the prompts for num_return_sequences before the prefill
-        settings["past_key_values"] = PreallocatedCache(model.config, max_new_tokens=new_tokens)
     once = quantized_once_per_generate(model) if variant != "per_token" else contextlib.nullcontext()
-    with once, torch.no_grad():
+    # as GRPO's rollouts run it (generate expands the prompts for num_return_sequences before the prefill)
+    preallocated = (preallocated_kv_cache(model, new_tokens) if variant == "once_preallocated"
+                    else contextlib.nullcontext())
+    with once, preallocated, torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, **settings)
 
 

@@ -46,9 +46,10 @@ class Sampling:
     greedy: bool = False
     cache_implementation: CacheImplementation = "dynamic"
     """``dynamic`` grows the KV cache token by token (a copy of the whole cache at every token);
-    ``preallocated`` allocates it once per batch and writes in place (:mod:`rqat_sdk.preallocated_cache`; full-attention
-    models only), with the same tokens; ``static`` allocates it once at its full length, whose fixed shapes let
-    transformers compile the decoding step on GPUs (the first batch pays the compile)."""
+    ``preallocated`` allocates it once per batch, writes in place and reads it without per-head copies
+    (:mod:`rqat_sdk.preallocated_cache`; full-attention models only), with the same tokens; ``static``
+    allocates it once at its full length, whose fixed shapes let transformers compile the decoding step on GPUs
+    (the first batch pays the compile)."""
 
 
 @torch.no_grad()
@@ -84,11 +85,12 @@ def generate(
         }
         if sampling.cache_implementation == "static":
             options["cache_implementation"] = "static"
-        elif sampling.cache_implementation == "preallocated":
-            options["past_key_values"] = preallocated_cache(model, sampling.max_new_tokens)
-        output = cast(_Generates, model).generate(
-            **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=stops, **options
-        )
+        decoding = (preallocated_kv_cache(model, sampling.max_new_tokens)
+                    if sampling.cache_implementation == "preallocated" else contextlib.nullcontext())
+        with decoding:
+            output = cast(_Generates, model).generate(
+                **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=stops, **options
+            )
         for row in output[:, batch["input_ids"].shape[1] :].tolist():
             end = next((i for i, token in enumerate(row) if token in stops), None)
             kept = row[: end + 1] if end is not None else row
@@ -138,22 +140,19 @@ def wrapped_generate(model: PreTrainedModel, wrap: Callable[[Callable[..., Any]]
 
 
 def preallocated_kv_cache(model: PreTrainedModel, max_new_tokens: int) -> contextlib.AbstractContextManager[None]:
-    """Inside the block, each ``model.generate`` call that brings no cache of its own decodes with a fresh
-    :class:`~rqat_sdk.preallocated_cache.PreallocatedCache` for ``max_new_tokens``."""
+    """Inside the block, each ``model.generate`` call decodes without copies of its KV cache
+    (:mod:`rqat_sdk.preallocated_cache`): with a fresh :class:`~rqat_sdk.preallocated_cache.PreallocatedCache`
+    for ``max_new_tokens`` (unless it brings a cache of its own), under
+    :func:`~rqat_sdk.preallocated_cache.grouped_decode_attention`."""
+    # transformers' cache and attention classes load lazily (import rqat_sdk loads torch alone)
+    from rqat_sdk.preallocated_cache import PreallocatedCache, grouped_decode_attention
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def generate(*args: Any, **kwargs: Any) -> Any:
             if kwargs.get("past_key_values") is None:
-                kwargs["past_key_values"] = preallocated_cache(model, max_new_tokens)
-            return original(*args, **kwargs)
+                kwargs["past_key_values"] = PreallocatedCache(model.config, max_new_tokens=max_new_tokens)
+            with grouped_decode_attention(model):
+                return original(*args, **kwargs)
         return generate
 
     return wrapped_generate(model, wrap)
-
-
-def preallocated_cache(model: PreTrainedModel, max_new_tokens: int) -> Any:
-    """A fresh :class:`~rqat_sdk.preallocated_cache.PreallocatedCache` for one ``generate`` call of ``model``."""
-    # transformers' cache classes load lazily (import rqat_sdk loads torch alone)
-    from rqat_sdk.preallocated_cache import PreallocatedCache
-
-    return PreallocatedCache(model.config, max_new_tokens=max_new_tokens)

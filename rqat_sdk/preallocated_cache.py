@@ -1,4 +1,4 @@
-"""A KV cache for transformers' ``generate`` that allocates each layer's keys and values once and writes in place.
+"""Decoding without copies of the KV cache: a cache written in place, and decode-step attention over grouped heads.
 
 transformers' dynamic cache grows every layer's keys and values by ``torch.cat`` at every decoded token, so each
 step copies the whole cache (read and write) on top of attention reading it; at rollout batch sizes (hundreds of
@@ -7,18 +7,29 @@ place but hands attention its full preallocated length, and transformers compile
 :class:`PreallocatedCache` writes in place and hands attention a view of the filled prefix only: the tokens are
 those of the dynamic cache, without the copy and without compiling.
 
-This file is the one contact with transformers' cache internals (``CacheLayerMixin``, ``Cache(layers=...)`` and
-``get_layer_types_and_kwargs``, verified against :data:`VERIFIED_VERSION`).
+With grouped-query attention and a padding mask (rollouts of prompts of different lengths), transformers' SDPA
+path also expands the keys and values to one copy per query head at every layer and step (``repeat_kv``).
+:func:`grouped_decode_attention` has a one-token decoding step read the cache as it is instead: the query heads
+that share a key/value head become that head's rows (:func:`grouped_decode_sdpa`), which is the same attention.
+
+This file is the one contact with transformers' cache and attention internals (``CacheLayerMixin``,
+``Cache(layers=...)``, ``get_layer_types_and_kwargs``, the SDPA attention and mask functions and their
+registries, verified against :data:`VERIFIED_VERSION`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rqat_sdk.upstream import require_verified
 
@@ -138,3 +149,45 @@ def check_full_attention(config: Any) -> int:
                          f"{getattr(config, 'model_type', 'this model')} has {', '.join(others)} layers: "
                          f"use cache_implementation dynamic")
     return len(layer_types)
+
+
+GROUPED_SDPA = "rqat_grouped_sdpa"
+"""The attention implementation :func:`grouped_decode_attention` switches a model to (registered below)."""
+
+
+def grouped_decode_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except for a one-token step with a mask under grouped-query attention: the
+    query heads that share a key/value head (``repeat_kv``'s order: head ``i`` reads key/value head
+    ``i // groups``) attend as that head's rows, so the cache is read as it is, not expanded per query head."""
+    batch, heads, length, width = query.shape
+    kv_heads = key.shape[1]
+    if length != 1 or attention_mask is None or kv_heads == heads or dropout or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, width)
+    mask = attention_mask[:, :, -1:, : key.shape[-2]]  # the one query row's mask, shared by every head
+    output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return output.reshape(batch, heads, 1, width).transpose(1, 2), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_decode_sdpa)
+AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)  # the masks SDPA gets
+
+
+@contextlib.contextmanager
+def grouped_decode_attention(model: Any) -> Iterator[None]:
+    """Inside the block, a model on transformers' ``sdpa`` attention runs :func:`grouped_decode_sdpa`; any other
+    implementation is left alone. The model's own implementation is restored after (training forwards, a GRPO
+    policy's log-probabilities, run on it)."""
+    require_verified("transformers", VERIFIED_VERSION, "rqat_sdk/preallocated_cache.py (grouped_decode_attention)")
+    implementation = model.config._attn_implementation
+    if implementation != "sdpa":
+        yield
+        return
+    model.set_attn_implementation(GROUPED_SDPA)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(implementation)

@@ -2,6 +2,7 @@
 ``_scaled_mm`` path against their PyTorch paths, a QAT-KD run in bf16 on the GPU, and the preallocated KV cache
 and compiled teacher against their eager counterparts."""
 
+import contextlib
 import math
 
 import pytest
@@ -275,10 +276,11 @@ def test_grpo_in_float32_on_the_gpu_exports_exactly(tmp_path):
 
 def test_the_preallocated_kv_cache_decodes_the_dynamic_caches_tokens_on_the_gpu():
     """bf16 on CUDA, left-padded prompts, a group of completions per prompt: attention reads a strided view of
-    the preallocated buffers where the dynamic cache hands it a fresh tensor; the greedy tokens are the same."""
-    from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+    the preallocated buffers where the dynamic cache hands it a fresh tensor, with the query heads grouped by
+    key/value head where SDPA expands the cache; the greedy tokens are the same."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from rqat_sdk.preallocated_cache import PreallocatedCache
+    from rqat_sdk.generation import preallocated_kv_cache
 
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -290,10 +292,10 @@ def test_the_preallocated_kv_cache_decodes_the_dynamic_caches_tokens_on_the_gpu(
     mask[::2, :6] = 0
     ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)  # a group of two per prompt
     outputs = []
-    for cache in (DynamicCache(config=config), PreallocatedCache(config, max_new_tokens=48)):
-        with torch.no_grad():
-            outputs.append(model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
-                                          max_new_tokens=48, min_new_tokens=48, pad_token_id=0))
+    for decoding in (contextlib.nullcontext(), preallocated_kv_cache(model, 48)):
+        with decoding, torch.no_grad():
+            outputs.append(model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=48,
+                                          min_new_tokens=48, pad_token_id=0))
     assert torch.equal(outputs[0], outputs[1])
 
 

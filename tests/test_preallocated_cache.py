@@ -1,4 +1,5 @@
-"""PreallocatedCache decodes the dynamic cache's tokens, writes in place and never concatenates the cache."""
+"""Decoding without copies: PreallocatedCache decodes the dynamic cache's tokens, writes in place and never
+concatenates the cache; grouped decode attention gives SDPA's tokens without expanding the cache per head."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from transformers import (
 
 from rqat_sdk.generation import preallocated_kv_cache
 from rqat_sdk.modifiers.layers import quantized_once_per_generate
-from rqat_sdk.preallocated_cache import PreallocatedCache, PreallocatedLayer
+from rqat_sdk.preallocated_cache import PreallocatedCache, PreallocatedLayer, grouped_decode_attention
 
 NEW = 24
 RETURNS = 2
@@ -139,7 +140,7 @@ def test_trl_style_rollouts_under_both_generate_wrappers(monkeypatch):
     with quantized_once_per_generate(model), preallocated_kv_cache(model, NEW), torch.no_grad():
         torch.manual_seed(5)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    assert "generate" not in model.__dict__
+    assert "generate" not in model.__dict__ and model.config._attn_implementation == "sdpa"
     assert torch.equal(out, reference)
     assert len(updates) == model.config.num_hidden_layers * NEW
     assert updates[0].get_max_length() == PROMPT + NEW
@@ -150,3 +151,34 @@ def test_sliding_window_models_are_refused_by_name():
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8)
     with pytest.raises(ValueError, match="gemma3_text has sliding_attention layers: use cache_implementation dynamic"):
         PreallocatedCache(config, max_new_tokens=NEW)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_grouped_decode_attention_gives_sdpas_tokens_without_expanding_the_cache(kind, monkeypatch):
+    """Left-padded prompts (a mask at every step) under grouped-query attention (4 query heads, 2 key/value
+    heads): transformers' SDPA expands keys and values per query head at every layer and step; the grouped
+    decoding step does not, and decodes the same tokens. The model's own attention comes back after."""
+    from transformers.integrations import sdpa_attention
+
+    model = tiny(kind)
+    expansions = []
+    repeat_kv = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda *a: expansions.append(1) or repeat_kv(*a))
+    reference = run(model, DynamicCache(config=model.config), padded=True, sample=False)
+    layers = model.config.num_hidden_layers
+    assert len(expansions) == 2 * layers * NEW  # keys and values, every layer, prefill and every step
+    expansions.clear()
+    with grouped_decode_attention(model):
+        assert model.config._attn_implementation == "rqat_grouped_sdpa"
+        out = run(model, PreallocatedCache(model.config, max_new_tokens=NEW), padded=True, sample=False)
+    assert torch.equal(out, reference)
+    assert len(expansions) == 2 * layers  # the prefill only
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_grouped_decode_attention_leaves_other_implementations_alone():
+    model = tiny("qwen3")
+    model.set_attn_implementation("eager")
+    with grouped_decode_attention(model):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "eager"

@@ -85,8 +85,9 @@ class GRPOModifier(TrainingModifier):
     vllm_server_url: str | None = None
     """The vLLM server, with ``generation: vllm-server``."""
     cache_implementation: CacheImplementation = "dynamic"
-    """With ``generation: transformers``: ``preallocated`` allocates each rollout's KV cache once and writes in
-    place, where ``dynamic`` copies the whole cache at every token (the same tokens; full-attention models only);
+    """With ``generation: transformers``: ``preallocated`` allocates each rollout's KV cache once, writes in place
+    and reads it without per-head copies, where ``dynamic`` copies the whole cache at every token (the same
+    tokens; full-attention models only);
     ``static`` allocates it once at its full length, whose fixed shapes let transformers compile the decoding
     step on GPUs (the first rollout pays the compile)."""
     allow_cold_start: bool = False
