@@ -17,6 +17,8 @@ from transformers import GenerationConfig
 
 import rqat_sdk
 from rqat_sdk import gguf as rqat_gguf
+from rqat_sdk.evaluation.benchmarks import load_benchmark
+from rqat_sdk.generation import Sampling, generate
 from rqat_sdk.models import load_model, load_tokenizer
 from rqat_sdk.recipe import Recipe
 
@@ -287,3 +289,21 @@ def test_awq_refuses_a_grid_too_small_to_search(duo_scaling, least):
     with pytest.raises(rqat_sdk.RqatError, match=rf"stages\[0\].modifiers\[0\].n_grid: {least - 1} is too small"):
         Recipe.from_dict(one_stage([{**awq, "n_grid": least - 1}], "W4G128"))
     Recipe.from_dict(one_stage([{**awq, "n_grid": least}], "W4G128"))
+
+
+def test_preallocated_decoding_gives_the_dynamic_caches_answers_or_is_refused(real):
+    """On real weights and tokenizers, batched chat prompts of different lengths (left-padded): the preallocated
+    cache with grouped decode attention answers as the default cache does; Gemma 3's sliding-window layers are
+    refused by name."""
+    model, tokenizer = load_model(real.directory, dtype="float32", device="cpu"), load_tokenizer(real.directory)
+    prompts = [problem.prompt for problem in load_benchmark("worked-math", num_examples=6, seed=0)]
+    answers = {}
+    for cache in ("dynamic", "preallocated"):
+        sampling = Sampling(max_new_tokens=24, greedy=True, cache_implementation=cache)
+        if real.source == GEMMA3 and cache == "preallocated":
+            with pytest.raises(ValueError, match="gemma3_text has sliding_attention layers"):
+                generate(model, tokenizer, prompts, sampling, batch_size=6, seed=0)
+            return
+        answers[cache] = [c.text for c in generate(model, tokenizer, prompts, sampling, batch_size=6, seed=0)]
+    assert answers["preallocated"] == answers["dynamic"] and any(answers["dynamic"])
+    assert model.config._attn_implementation == "sdpa"
