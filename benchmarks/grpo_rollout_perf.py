@@ -37,14 +37,15 @@ from pathlib import Path
 
 import torch
 from provenance import git_commit
-from qat_kd_perf import QWEN3_0_6B, fresh_model, quantize_w3g128
+from qat_kd_perf import SHAPES as STEP_SHAPES
+from qat_kd_perf import fresh_model, quantize_w3g128
 
 from rqat_sdk.files import write_json_atomic
 from rqat_sdk.generation import preallocated_kv_cache
 from rqat_sdk.modifiers.layers import attach_fake_quant, quantized_once_per_generate
 
 SHAPES = {
-    "qwen3-0.6b": QWEN3_0_6B,
+    **STEP_SHAPES,
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True),
 }

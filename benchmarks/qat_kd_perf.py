@@ -342,10 +342,10 @@ def breakdown(ids, warmup: int, steps: int, top_kernels: dict[str, dict[str, flo
     batch = {"input_ids": ids}
     parts: dict[str, float] = {}
 
-    def forward_of(teacher):
+    def forward_of(teacher, decoder=None):
         def forward():
             with torch.no_grad():
-                hidden_states(teacher, batch)
+                hidden_states(teacher, batch, decoder)
         return forward
 
     teachers = {"teacher_forward": forward_of(model)}
@@ -361,19 +361,14 @@ def breakdown(ids, warmup: int, steps: int, top_kernels: dict[str, dict[str, flo
         with mock.patch.object(fp8, "use_triton", lambda tensor: False):
             parts["teacher_forward_fp8_pytorch_quant"] = measure(teachers["teacher_forward_fp8"], warmup, steps)[0]
             parts["teacher_forward_fp8_pytorch_quant_host"] = host_ms(teachers["teacher_forward_fp8"])
-    # the bf16 teacher's decoder under torch.compile (fused elementwise kernels, fewer launches): what compiling
-    # the teacher would save, before rqat offers it; a failure to compile is recorded, not fatal
-    compiled = torch.compile(model.get_decoder())
+    # the bf16 teacher's decoder compiled as compile_teacher compiles it; a failure to compile is recorded, not fatal
+    compiled_forward = forward_of(model, torch.compile(model.get_decoder(), dynamic=True))
     try:
-        def compiled_forward():
-            with torch.no_grad():
-                compiled(input_ids=ids, use_cache=False)
-
         parts["teacher_forward_compiled"] = measure(compiled_forward, warmup + 2, steps)[0]
         parts["teacher_forward_compiled_host"] = host_ms(compiled_forward)
     except Exception as error:  # noqa: BLE001  # any compiler failure: the other parts still count
         print(f"teacher_forward_compiled: torch.compile failed: {type(error).__name__}: {error}", flush=True)
-    compiled = None
+    compiled_forward = None
     torch._dynamo.reset()
 
     def hf_ce_fwd_bwd():
