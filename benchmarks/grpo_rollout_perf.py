@@ -19,10 +19,16 @@ random model never emits its end-of-sequence token, so every completion has the 
 lengths are: attention then takes a mask at every step.
 
 Before timing, each variant's greedy tokens on a few prompts are checked against the baseline's: the policy's
-outputs must not change.
+outputs must not change. Where they do, the record says where (``first_difference``): the first decoding step
+whose token differs, and there, from the same tokens before it, how far the variant's logits are from the
+baseline's against the baseline's margin between its top two tokens. A margin within that distance is a near
+tie that another kernel's rounding can flip; a margin far beyond it is an error.
 
     python benchmarks/grpo_rollout_perf.py --json docs/results/grpo_rollout_perf.json
     python benchmarks/grpo_rollout_perf.py --shape tiny --prompts 4 --completions 2 --new-tokens 16  # CPU smoke
+
+``--profile-tokens N`` (CUDA), after every variant is timed: the costliest GPU kernels of each variant's
+``generate`` of N tokens over the whole batch (``top_kernels_ms``), to show where a decoding step's time goes.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from pathlib import Path
 import torch
 from provenance import git_commit
 from qat_kd_perf import SHAPES as STEP_SHAPES
-from qat_kd_perf import fresh_model, quantize_w3g128
+from qat_kd_perf import fresh_model, quantize_w3g128, top_gpu_kernels
 
 from rqat_sdk.files import write_json_atomic
 from rqat_sdk.generation import preallocated_kv_cache
@@ -63,10 +69,12 @@ def policy(shape: str, device: torch.device, dtype: torch.dtype):
 
 
 def generate(model, ids: torch.Tensor, mask: torch.Tensor, variant: str, *, new_tokens: int, completions: int,
-             greedy: bool):
+             greedy: bool, **outputs: bool):
+    """One ``generate`` call as ``variant`` runs it; ``outputs`` (``return_dict_in_generate``, ``output_logits``)
+    pass through."""
     settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_return_sequences": completions,
                 "do_sample": not greedy, **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if not greedy else {}),
-                **({"cache_implementation": "static"} if variant == "once_static" else {})}
+                **({"cache_implementation": "static"} if variant == "once_static" else {}), **outputs}
     once = quantized_once_per_generate(model) if variant != "per_token" else contextlib.nullcontext()
     # as GRPO's rollouts run it (generate expands the prompts for num_return_sequences before the prefill)
     preallocated = (preallocated_kv_cache(model, new_tokens) if variant == "once_preallocated"
@@ -75,12 +83,38 @@ def generate(model, ids: torch.Tensor, mask: torch.Tensor, variant: str, *, new_
         return model.generate(input_ids=ids, attention_mask=mask, **settings)
 
 
+def greedy_check(model, ids: torch.Tensor, mask: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``variant``'s greedy completion of the check prompts: its tokens, and its logits ``[steps, batch, vocab]``."""
+    out = generate(model, ids, mask, variant, new_tokens=CHECK_TOKENS, completions=1, greedy=True,
+                   return_dict_in_generate=True, output_logits=True)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits).float()
+
+
+def first_difference(reference: tuple[torch.Tensor, torch.Tensor],
+                     candidate: tuple[torch.Tensor, torch.Tensor]) -> dict | None:
+    """Where ``candidate``'s greedy tokens first leave ``reference``'s (None: nowhere). At that step both ran on the
+    same tokens, so their logits differ only by computation; a reference margin between its top two logits below
+    that difference is a near tie rounding can flip."""
+    (ref_tokens, ref_logits), (tokens, logits) = reference, candidate
+    differs = (tokens != ref_tokens).any(dim=0)
+    if not differs.any():
+        return None
+    step = int(differs.nonzero()[0])
+    row = int((tokens[:, step] != ref_tokens[:, step]).nonzero()[0])
+    top2 = ref_logits[step, row].topk(2).values
+    return {"step": step, "row": row, "baseline_top2_margin": round(float(top2[0] - top2[1]), 5),
+            "max_logit_diff": round(float((logits[step, row] - ref_logits[step, row]).abs().max()), 5),
+            "max_logit_diff_before": round(float((logits[:step] - ref_logits[:step]).abs().max()), 5)
+            if step else 0.0}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def record(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, rows: list[dict]) -> dict:
+def record(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, rows: list[dict],
+           top_kernels: dict[str, dict[str, float]] | None = None) -> dict:
     """The run's record from the variants measured so far (the fastest one whose greedy tokens match)."""
     by_variant = {row["variant"]: row for row in rows}
     best = max((row for row in rows if row["greedy_tokens_match_baseline"]), key=lambda row: row["tokens_per_s"],
@@ -97,6 +131,7 @@ def record(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, r
         "tokens_per_s": best["tokens_per_s"] if best else None,
         "fastest_variant": best["variant"] if best else None,
         "variants": rows,
+        **({"profile_tokens": args.profile_tokens, "top_kernels_ms": top_kernels} if top_kernels else {}),
     }
 
 
@@ -110,6 +145,8 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--padded", action="store_true", help="left-pad half the prompts by a quarter")
+    parser.add_argument("--profile-tokens", type=int, default=0,
+                        help="CUDA: profile each variant's generate of this many tokens after the timings")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,11 +161,11 @@ def main() -> int:
     ids, mask = ids.to(device), mask.to(device)
 
     check, check_mask = ids[:4], mask[:4]
-    reference = generate(model, check, check_mask, "per_token", new_tokens=CHECK_TOKENS, completions=1, greedy=True)
+    reference = greedy_check(model, check, check_mask, "per_token")
     rows = []
     for variant in args.variants:
-        same = torch.equal(generate(model, check, check_mask, variant, new_tokens=CHECK_TOKENS, completions=1,
-                                    greedy=True), reference)
+        difference = first_difference(reference, greedy_check(model, check, check_mask, variant))
+        same = difference is None
         synchronize(device)
         started = time.perf_counter()
         out = generate(model, ids, mask, variant, new_tokens=args.new_tokens, completions=args.completions,
@@ -139,13 +176,25 @@ def main() -> int:
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         rows.append({"variant": variant, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
                      "completion_tokens": tokens, "greedy_tokens_match_baseline": same,
+                     **({"first_difference": difference} if difference else {}),
                      "peak_gib": round(peak, 1) if peak is not None else None})
         print(f"{variant}: {tokens / seconds:,.0f} completion tokens/s ({seconds:.1f} s), greedy tokens "
-              f"{'match' if same else 'DIFFER from'} the baseline's", flush=True)
+              f"{'match' if same else 'DIFFER from'} the baseline's{f' ({difference})' if difference else ''}",
+              flush=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if args.json:  # after every variant: a run stopped by a time limit keeps the variants it finished
             write_json_atomic(args.json, record(args, device, dtype, rows))
+
+    if args.profile_tokens and device.type == "cuda":  # last: a process that has profiled can launch slower
+        top_kernels = {}
+        for variant in args.variants:
+            top_kernels[variant] = top_gpu_kernels(
+                lambda variant=variant: generate(model, ids, mask, variant, new_tokens=args.profile_tokens,
+                                                 completions=args.completions, greedy=False), steps=1)
+            print(f"{variant}: {top_kernels[variant]}", flush=True)
+            if args.json:
+                write_json_atomic(args.json, record(args, device, dtype, rows, top_kernels))
 
     print()
     print("| variant | completion tokens/s | seconds | greedy tokens as the baseline's |")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "grpo_rollout_perf.py"
 
@@ -26,3 +27,21 @@ def test_every_rollout_variant_keeps_the_policy_tokens(tmp_path, padded):
     assert [row["variant"] for row in record["variants"]] == ["per_token", "once", "once_preallocated", "once_static"]
     assert all(row["greedy_tokens_match_baseline"] for row in record["variants"])
     assert all(row["completion_tokens"] == 3 * 2 * 12 for row in record["variants"])
+
+
+def test_first_difference_names_the_step_the_margin_and_the_logit_distance(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from grpo_rollout_perf import first_difference
+
+    logits = torch.zeros(3, 2, 5)  # [steps, batch, vocab]
+    logits[:, :, 0] = 1.0
+    logits[2, 1, 3] = 0.99  # row 1's step 2: a near tie between tokens 0 and 3
+    tokens = logits.argmax(-1).T  # [batch, steps]
+    assert first_difference((tokens, logits), (tokens.clone(), logits.clone())) is None
+
+    flipped_logits = logits.clone()
+    flipped_logits[0, 0, 0] += 0.001  # computation noise at step 0, no token changes
+    flipped_logits[2, 1, 3] += 0.02
+    flipped = flipped_logits.argmax(-1).T
+    assert first_difference((tokens, logits), (flipped, flipped_logits)) == {
+        "step": 2, "row": 1, "baseline_top2_margin": 0.01, "max_logit_diff": 0.02, "max_logit_diff_before": 0.001}
