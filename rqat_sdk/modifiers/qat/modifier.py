@@ -12,7 +12,12 @@ from rqat_sdk.data import check_trainable_tokens
 from rqat_sdk.fields import FloatRange, IntRange
 from rqat_sdk.modifiers.layers import tracking_codes
 from rqat_sdk.modifiers.qat.batches import StepBatches
-from rqat_sdk.modifiers.qat.trainer import DistillationTrainer, TrainerConfig, TrainerPaths
+from rqat_sdk.modifiers.qat.trainer import (
+    COMPILE_STUDENT_UNDER_FSDP,
+    DistillationTrainer,
+    TrainerConfig,
+    TrainerPaths,
+)
 from rqat_sdk.modifiers.training import TrainingModifier
 from rqat_sdk.ops.distill import LossSpec
 from rqat_sdk.ops.fp8 import uses_scaled_mm
@@ -56,6 +61,10 @@ class QATKDModifier(TrainingModifier):
     """Run the frozen teacher's forward through ``torch.compile`` (shapes marked dynamic, so sequences of any
     length reuse one graph): fewer, fused kernel launches where the teacher's forward waits on the host; the
     first steps pay the compile. Only with ``objective: kd`` and ``teacher_precision: bf16``."""
+    compile_student: bool = False
+    """Run the student's decoder through ``torch.compile`` (dynamic shapes), forward and backward: its norms,
+    rotary embeddings and activations fuse into fewer kernels; the fake-quantized weights are computed outside the
+    compiled graph as without it. The first steps pay the compile. Not with ``distributed: fsdp``."""
 
     steps: Annotated[int, IntRange(1, None)] = 6000
     """Optimizer steps."""
@@ -101,6 +110,8 @@ class QATKDModifier(TrainingModifier):
             raise ValueError("compile_teacher compiles the bf16 teacher of objective kd (the FP8 teacher's layers "
                              "are not compiled yet); use objective kd with teacher_precision bf16, or "
                              "compile_teacher false")
+        if self.compile_student and self.distributed == "fsdp":
+            raise ValueError(COMPILE_STUDENT_UNDER_FSDP)
         if self.teacher_precision == "fp8" and self.objective == "sft":
             raise ValueError("teacher_precision fp8 sets the teacher's precision, and objective sft has no teacher; "
                              "use objective kd or teacher_precision bf16")
@@ -129,7 +140,7 @@ class QATKDModifier(TrainingModifier):
             weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler, warmup_steps=self.warmup_steps,
             max_grad_norm=self.max_grad_norm, train=self.train, save_steps=self.save_steps,
             logging_steps=self.logging_steps, max_loss_ratio=self.max_loss_ratio, distributed=self.distributed,
-            compile_teacher=self.compile_teacher,
+            compile_teacher=self.compile_teacher, compile_student=self.compile_student,
         )
 
     # --- lifecycle -------------------------------------------------------------------------------

@@ -115,6 +115,9 @@ class TrainerConfig:
     """Under a multi-process launcher: DDP, or FSDP2 sharding of the transformer blocks."""
     compile_teacher: bool = False
     """Run the teacher's decoder through ``torch.compile`` with dynamic shapes."""
+    compile_student: bool = False
+    """Run the student's decoder, forward and backward, through ``torch.compile`` with dynamic shapes (not under
+    FSDP2)."""
 
     @property
     def objective(self) -> str:
@@ -137,16 +140,24 @@ class _StepInputs:
     """The teacher's hidden states per micro-batch when prepared ahead; None: computed when needed."""
 
 
+COMPILE_STUDENT_UNDER_FSDP = ("compile_student compiles the whole decoder, which FSDP2 shards block by block; use "
+                              "distributed ddp, or compile_student false")
+
+
 class _StudentObjective(torch.nn.Module):
     """The student and its loss in one module, so that DDP/FSDP wrap exactly what backpropagates."""
 
-    def __init__(self, student: PreTrainedModel, spec: LossSpec):
+    def __init__(self, student: PreTrainedModel, spec: LossSpec, *, compile_decoder: bool = False):
         super().__init__()
         self.student = student
         self.spec = spec
+        decoder = student.get_decoder()
+        # a compiled function, not a compiled module: the objective's parameters and state dict stay the student's
+        self._decoder = (torch.compile(lambda **inputs: decoder(**inputs), dynamic=True)
+                         if compile_decoder else None)
 
     def forward(self, batch: dict[str, torch.Tensor], normalizer: float, teacher_hidden=None, teacher_weight=None):
-        hidden = hidden_states(self.student, batch)
+        hidden = hidden_states(self.student, batch, self._decoder)
         width = hidden.shape[-1]
         weights = (batch["labels"][:, 1:] != IGNORE_INDEX).reshape(-1).float() / normalizer
         return lm_head_loss(
@@ -199,9 +210,11 @@ class DistillationTrainer:
             needs = "takes no teacher" if config.loss.divergence == "ce" else "needs a teacher"
             raise ValueError(f"config.loss.divergence {config.loss.divergence!r} {needs}")
         self.sharded = distributed.sharded(config.distributed)
+        if self.sharded and config.compile_student:
+            raise ValueError(COMPILE_STUDENT_UNDER_FSDP)
         # FSDP2 shards a copy; the trained weights are gathered back into ``student`` after training.
         trained = copy.deepcopy(student) if self.sharded else student
-        self.objective = _StudentObjective(trained, config.loss)
+        self.objective = _StudentObjective(trained, config.loss, compile_decoder=config.compile_student)
         self.model = distributed.wrap(self.objective, config.distributed, _blocks(trained), student.dtype)
         self.optimizer = _optimizer(config, trained, device)
         self.scheduler = _scheduler(config, self.optimizer.optimizer)
