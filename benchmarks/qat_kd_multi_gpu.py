@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from provenance import git_commit
-from qat_kd_perf import SHAPES, fresh_model, measure, quantize_w3g128, rqat_trainer, synthetic_batch
+from qat_kd_perf import SHAPES, fresh_model, measure, quantize_w3g128, rqat_trainer, synthetic_batch, top_gpu_kernels
 
 TESTBED = "rqat_sdk/testbed/long"
 RECIPE = "testbed-long_w3g128_gptq_kd_grpo"
@@ -52,18 +52,25 @@ def step_worker(args: argparse.Namespace) -> int:
     attach_fake_quant(student, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
     if args.gradient_checkpointing:  # as a recipe's gradient_checkpointing: true does
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _, step = rqat_trainer(student, teacher, ids, "kd", args.strategy)
-    step_ms, peak_gb = measure(step, args.warmup, args.steps)
+    # compile_student compiles the whole decoder, which FSDP2 shards: there only the teacher is compiled
+    compile_student = args.compile and args.strategy != "fsdp"
+    _, step = rqat_trainer(student, teacher, ids, "kd", args.strategy, compile_teacher=args.compile,
+                           compile_student=compile_student)
+    step_ms, peak_gb = measure(step, args.warmup + 2 * args.compile, args.steps)
     step_ms = distributed.all_reduce_sum(torch.tensor(step_ms, device="cuda")).item() / world  # mean over ranks
     peak = torch.tensor(peak_gb, device="cuda")
     if world > 1:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    # the profiler after the timing (a process that has profiled can launch slower)
+    top_kernels = top_gpu_kernels(step, steps=1) if args.profile else None
     if distributed.is_main():
         Path(args.result).write_text(json.dumps({
             "gpus": world, "strategy": args.strategy, "step_ms": round(step_ms, 1),
             "tokens_per_step": ids.numel(), "tokens_per_s": round(ids.numel() / step_ms * 1000),
             "peak_gb_per_gpu": round(peak.item(), 2),
             "parameters": sum(p.numel() for p in teacher.parameters()),
+            "compile_teacher": args.compile, "compile_student": compile_student,
+            **({"top_kernels_ms": top_kernels} if top_kernels else {}),
         }))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -71,11 +78,13 @@ def step_worker(args: argparse.Namespace) -> int:
 
 
 def launch_step(script: str, result: Path, gpus: int, strategy: str, *, shape: str, batch: int, seq: int,
-                warmup: int, steps: int, gradient_checkpointing: bool = False) -> dict:
+                warmup: int, steps: int, gradient_checkpointing: bool = False, compiled: bool = False,
+                profile: bool = False) -> dict:
     """Run ``script``'s step worker on ``gpus`` GPUs (under torchrun beyond one) and return its result."""
     worker = [script, "step-worker", "--strategy", strategy, "--result", str(result), "--shape", shape,
               "--batch", str(batch), "--seq", str(seq), "--warmup", str(warmup), "--steps", str(steps),
-              *(["--gradient-checkpointing"] if gradient_checkpointing else [])]
+              *(["--gradient-checkpointing"] if gradient_checkpointing else []), *(["--compile"] if compiled else []),
+              *(["--profile"] if profile else [])]
     launcher = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={gpus}"]
     subprocess.run(launcher + worker, check=True)
@@ -86,6 +95,9 @@ def add_step_worker_options(parser: argparse.ArgumentParser) -> None:
     """What :func:`step_worker` reads, for the scripts that launch it."""
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true",
+                        help="compile_teacher and compile_student (under FSDP2 the teacher only)")
+    parser.add_argument("--profile", action="store_true", help="record each step's costliest GPU kernels")
     parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
 
@@ -96,7 +108,8 @@ def time_steps(args: argparse.Namespace, out: Path) -> list[dict]:
         started = time.perf_counter()
         row = {"layout": label, **launch_step(__file__, out / f"step-{gpus}-{strategy}.json", gpus, strategy,
                                               shape="qwen3-0.6b", batch=args.batch, seq=args.seq,
-                                              warmup=args.warmup, steps=args.steps)}
+                                              warmup=args.warmup, steps=args.steps, compiled=args.compile,
+                                              profile=args.profile)}
         print(f"step, {label}: {row['step_ms']} ms, {row['tokens_per_s']:,} tokens/s, "
               f"{row['peak_gb_per_gpu']} GB per GPU ({time.perf_counter() - started:.0f} s)", flush=True)
         rows.append(row)

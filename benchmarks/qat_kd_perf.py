@@ -15,6 +15,8 @@ scales). Every variant runs in this one process, one after another, with the sam
   ``torch._scaled_mm``; the LM head stays bf16), on GPUs of compute capability 8.9+;
 - ``qat_kd_compiled_teacher``: ``qat_kd`` with the teacher's decoder under ``torch.compile``
   (``compile_teacher: true``; its compile is left out of the timed steps);
+- ``qat_kd_compiled``: ``qat_kd`` with both decoders compiled (``compile_teacher`` and ``compile_student``);
+- ``qat_kd_fp8_teacher_compiled_student``: the FP8 teacher beside the compiled student;
 - ``naive_kd``: compressed-tensors' fake quantization and forward KL on full fp32 logits of both models,
   for reference.
 
@@ -55,6 +57,11 @@ SHAPES = {
                  "num_attention_heads": 32},
 }
 """Qwen3 shapes (their configs' widths, depths and heads; random weights), for the step benchmarks."""
+
+
+TEACHER_VARIANTS = ("qat_kd_fp8_teacher", "qat_kd_compiled_teacher", "qat_kd_compiled",
+                    "qat_kd_fp8_teacher_compiled_student")
+"""The QAT-KD variants recorded as ``{name}_ms``, ``{name}_peak_gb`` and ``{name}_over_bf16_ce`` (when they ran)."""
 
 
 def check_kernels() -> list[str]:
@@ -210,7 +217,8 @@ def bench_bf16_ce(ids, warmup, steps):
     return result
 
 
-def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp", compile_teacher: bool = False):
+def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp", *, compile_teacher: bool = False,
+                 compile_student: bool = False):
     """rqat's training step on ``ids``; under a launcher each rank trains on its own share of the rows."""
     from datasets import Dataset
 
@@ -223,7 +231,7 @@ def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp", c
     per_rank = len(rows) // distributed.world_size()
     config = TrainerConfig(loss=LossSpec(divergence="forward_kl" if objective == "kd" else "ce"), steps=10_000,
                            learning_rate=1e-6, logging_steps=10_000, save_steps=10_000, distributed=strategy,
-                           compile_teacher=compile_teacher)
+                           compile_teacher=compile_teacher, compile_student=compile_student)
     batches = StepBatches(Dataset.from_list(rows), batch_size=len(rows), micro_batch_size=per_rank, seed=0,
                           pad_token_id=0, packing=False, rank=distributed.rank(), world_size=distributed.world_size())
     trainer = DistillationTrainer(
@@ -236,7 +244,7 @@ def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp", c
 
 
 def bench_rqat(ids, warmup, steps, *, fake_quant: bool, objective: str, kernels: dict | None = None,
-               fp8_teacher: bool = False, compile_teacher: bool = False):
+               fp8_teacher: bool = False, compile_teacher: bool = False, compile_student: bool = False):
     from rqat_sdk.modifiers.layers import attach_fake_quant, detach_fake_quant
     from rqat_sdk.ops.fp8 import linears_to_fp8_
 
@@ -247,8 +255,10 @@ def bench_rqat(ids, warmup, steps, *, fake_quant: bool, objective: str, kernels:
     if fake_quant:
         model = quantize_w3g128(model)
         attach_fake_quant(model, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
-    trainer, step = rqat_trainer(model, teacher, ids, objective, compile_teacher=compile_teacher)
-    result = measure(step, warmup + 2 * compile_teacher, steps)  # the compile happens in the first steps
+    trainer, step = rqat_trainer(model, teacher, ids, objective, compile_teacher=compile_teacher,
+                                 compile_student=compile_student)
+    # a compile happens in the first steps
+    result = measure(step, warmup + 2 * (compile_teacher or compile_student), steps)
     if kernels is not None:
         kernels.update(kernel_time(step))
     if fake_quant:
@@ -477,9 +487,14 @@ def main() -> int:
                                                   fp8_teacher=True)),
         ("qat_kd_compiled_teacher", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True,
                                                        objective="kd", compile_teacher=True)),
+        ("qat_kd_compiled", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd",
+                                               compile_teacher=True, compile_student=True)),
+        ("qat_kd_fp8_teacher_compiled_student", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True,
+                                                                   objective="kd", fp8_teacher=True,
+                                                                   compile_student=True)),
         ("naive_kd", lambda: bench_naive_kd(ids, args.warmup, args.steps)),
     ):
-        if name == "qat_kd_fp8_teacher" and not fp8:
+        if name.startswith("qat_kd_fp8_teacher") and not fp8:
             print(f"{name}: skipped, {device} has no FP8 matmuls (compute capability 8.9+)", flush=True)
             continue
         started = time.perf_counter()
@@ -511,13 +526,10 @@ def main() -> int:
         "qat_kd_peak_gb": round(kd_gb, 2),
         "no_fake_quant_ce_ms": round(results["no_fake_quant_ce"][0], 1),
         "naive_kd_ms": round(results["naive_kd"][0], 1),
-        **({"qat_kd_fp8_teacher_ms": round(results["qat_kd_fp8_teacher"][0], 1),
-            "qat_kd_fp8_teacher_peak_gb": round(results["qat_kd_fp8_teacher"][1], 2),
-            "qat_kd_fp8_teacher_over_bf16_ce": round(results["qat_kd_fp8_teacher"][0] / base_ms, 3)}
-           if "qat_kd_fp8_teacher" in results else {}),
-        "qat_kd_compiled_teacher_ms": round(results["qat_kd_compiled_teacher"][0], 1),
-        "qat_kd_compiled_teacher_peak_gb": round(results["qat_kd_compiled_teacher"][1], 2),
-        "qat_kd_compiled_teacher_over_bf16_ce": round(results["qat_kd_compiled_teacher"][0] / base_ms, 3),
+        **{key: value for name in TEACHER_VARIANTS if name in results
+           for key, value in ((f"{name}_ms", round(results[name][0], 1)),
+                              (f"{name}_peak_gb", round(results[name][1], 2)),
+                              (f"{name}_over_bf16_ce", round(results[name][0] / base_ms, 3)))},
         "naive_kd_peak_gb": round(results["naive_kd"][1], 2),
         "fake_quant_ce_peak_gb": round(results["fake_quant_ce"][1], 2),
         "no_fake_quant_ce_peak_gb": round(results["no_fake_quant_ce"][1], 2),
@@ -546,12 +558,11 @@ def main() -> int:
     print()
     print(f"QAT-KD / bf16 CE step: {record['qat_kd_over_bf16_ce']:.3f} (target <= 1.35)")
     print(f"QAT-KD peak / bf16 CE peak: {kd_gb / base_gb:.3f} (target <= 1.0)")
-    print(f"QAT-KD with the compiled teacher / bf16 CE step: "
-          f"{record['qat_kd_compiled_teacher_over_bf16_ce']:.3f} (compile_teacher: true)")
-    if "qat_kd_fp8_teacher" in results:
-        fp8_ms, fp8_gb = results["qat_kd_fp8_teacher"]
-        print(f"QAT-KD with the FP8 teacher / bf16 CE step: {fp8_ms / base_ms:.3f} (target <= 1.20), "
-              f"peak {fp8_gb / base_gb:.3f} of bf16 CE's (target <= 1.0)")
+    for name in TEACHER_VARIANTS:
+        if name in results:
+            ms, gb = results[name]
+            target = " (target <= 1.20, peak <= 1.0)" if name.startswith("qat_kd_fp8_teacher") else ""
+            print(f"{name} / bf16 CE step: {ms / base_ms:.3f}, peak {gb / base_gb:.3f} of bf16 CE's{target}")
     print(f"fake-quant overhead: {overhead:.1%} of the QAT-KD step (target <= 5%); its kernels' GPU time "
           f"{record['fake_quant_kernel_share']:.1%} ({kernels['fake_quant_fwd']:.2f} ms forward, "
           f"{kernels['fake_quant_bwd']:.2f} ms backward; fused head loss {kernels['head_loss']:.2f} ms)")

@@ -5,6 +5,9 @@ KL on chunked LM-head logits) on Qwen3-0.6B-, 1.7B- and 4B-shaped models (random
 vocabulary), ``--batch`` sequences of ``--seq`` tokens per GPU, the student with gradient checkpointing where
 ``--checkpointing`` names its shape. Each shape runs on one GPU and, with ``--gpus 2``, under FSDP2 on two.
 
+``--compile`` compiles the teacher's and the student's decoders (``compile_teacher``, ``compile_student``; under
+FSDP2 the teacher's only), ``--profile`` records each row's costliest GPU kernels.
+
 Model FLOPs utilisation counts 8 x parameters FLOPs per token (the student's forward and backward, 6, and the
 teacher's forward, 2) against the GPU's dense bf16 peak (``--peak-tflops``, per GPU; 989 for an H100 or H200 SXM).
 
@@ -69,12 +72,15 @@ def main() -> int:
                 strategy = "fsdp" if gpus > 1 else "ddp"
                 result = launch_step(__file__, Path(scratch) / f"{shape}-{gpus}.json", gpus, strategy, shape=shape,
                                      batch=args.batch, seq=args.seq, warmup=args.warmup, steps=args.steps,
-                                     gradient_checkpointing=checkpointing)
+                                     gradient_checkpointing=checkpointing, compiled=args.compile,
+                                     profile=args.profile)
                 row = {"shape": shape, "gpus": gpus, "strategy": "FSDP2" if gpus > 1 else "one GPU",
                        "seq_len": args.seq, "sequences_per_gpu": args.batch, "gradient_checkpointing": checkpointing,
+                       "compile_teacher": result["compile_teacher"], "compile_student": result["compile_student"],
                        "parameters": result["parameters"], "step_ms": result["step_ms"],
                        "tokens_per_s": result["tokens_per_s"], "peak_gb": result["peak_gb_per_gpu"],
-                       "mfu": round(mfu(result["tokens_per_s"], result["parameters"], gpus, args.peak_tflops), 4)}
+                       "mfu": round(mfu(result["tokens_per_s"], result["parameters"], gpus, args.peak_tflops), 4),
+                       **({"top_kernels_ms": result["top_kernels_ms"]} if "top_kernels_ms" in result else {})}
                 rows.append(row)
                 print(f"{shape}, {row['strategy']}: {row['tokens_per_s']:,} tokens/s, MFU {row['mfu']:.1%}, "
                       f"peak {row['peak_gb']} GB per GPU ({time.perf_counter() - started:.0f} s)", flush=True)

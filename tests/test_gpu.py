@@ -154,8 +154,11 @@ def test_fp8_row_quantization_kernel_matches_the_pytorch_path_bit_for_bit(dtype,
     assert torch.equal(quantize_rows(wide)[1], quantize_rows_reference(wide)[1])
 
 
-@pytest.mark.parametrize("teacher_precision", ["bf16", pytest.param("fp8", marks=needs_fp8)])
-def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path, teacher_precision):
+@pytest.mark.parametrize(("teacher_precision", "compile_student"),
+                         [("bf16", False), pytest.param("fp8", False, marks=needs_fp8), ("bf16", True)])
+def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path, teacher_precision, compile_student):
+    """GPTQ then KD with learned scales in bf16 (Triton fake quantization), with each teacher precision and with
+    the student's decoder compiled: the trained model exports and reloads exactly."""
     from datasets import Dataset
 
     import rqat_sdk
@@ -178,7 +181,8 @@ def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path, teacher_precision):
             {"name": "ptq", "data": {"num_samples": 16, "max_seq_length": 64}, "modifiers": [{"type": "gptq"}]},
             {"name": "qat", "data": {"num_samples": 40, "max_seq_length": 64}, "modifiers": [
                 {"type": "qat_kd", "steps": 10, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-4,
-                 "learn_scales": True, "logging_steps": 5, "teacher_precision": teacher_precision}]},
+                 "learn_scales": True, "logging_steps": 5, "teacher_precision": teacher_precision,
+                 "compile_student": compile_student}]},
         ],
     }
     result = rqat_sdk.oneshot(tmp_path / "model", recipe, data, tmp_path / "out")
