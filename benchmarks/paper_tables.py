@@ -143,6 +143,7 @@ def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, 
     qat = {"type": "qat_kd", "steps": args.qat_steps, "batch_size": 32, "micro_batch_size": 32,
            "learning_rate": args.qat_lr, "warmup_steps": 10, "logging_steps": 50, "save_steps": 10_000,
            "learn_scales": args.qat_learn_scales}
+    kd = {**qat, "teacher_precision": args.teacher_precision}  # SFT has no teacher
     grpo = {"type": "grpo", "steps": args.grpo_steps, "prompts_per_step": args.grpo_prompts, "group_size": 8,
             "micro_batch_size": 8 * args.grpo_prompts, "max_completion_length": RESPONSE_TOKENS[args.benchmark],
             "learning_rate": args.grpo_lr, "temperature": 1.0, "save_steps": 10_000,
@@ -154,7 +155,7 @@ def recipe(scheme: str, init: str, stages: list[str], args: argparse.Namespace, 
                      "modifiers": [{**qat, "objective": "sft"}]})
     if "kd" in stages:
         plan.append({"name": "kd", "data": {"source": qat_source, "num_samples": 8000, "max_seq_length": length},
-                     "modifiers": [qat]})
+                     "modifiers": [kd]})
     if "grpo" in stages:
         plan.append({"name": "grpo", "data": {"source": args.grpo_data or args.benchmark, "num_samples": 2000,
                                               "max_seq_length": length},
@@ -290,6 +291,8 @@ def training_settings(stages: list[str], args: argparse.Namespace) -> dict:
     if "sft" in stages or "kd" in stages:
         settings.update(qat_lr=args.qat_lr, qat_steps=args.qat_steps,
                         **({"qat_learn_scales": True} if args.qat_learn_scales else {}))
+    if "kd" in stages and args.teacher_precision != "bf16":
+        settings.update(teacher_precision=args.teacher_precision)
     if "grpo" in stages:
         settings.update(grpo_lr=args.grpo_lr, grpo_steps=args.grpo_steps)
     return settings
@@ -412,6 +415,8 @@ def main() -> int:
     parser.add_argument("--qat-lr", type=float, default=3e-4)
     parser.add_argument("--qat-learn-scales", action="store_true",
                         help="QAT also learns the quantization scales and zero points")
+    parser.add_argument("--teacher-precision", choices=["bf16", "fp8"], default="bf16",
+                        help="the KD stages' teacher_precision (fp8: FP8 matmuls on GPUs of compute capability 8.9+)")
     parser.add_argument("--grpo-steps", type=int, default=30)
     parser.add_argument("--grpo-lr", type=float, default=1e-4)
     parser.add_argument("--grpo-prompts", type=int, default=8, help="GRPO prompts per step (8 completions each)")
@@ -678,6 +683,7 @@ def child_arguments(args: argparse.Namespace) -> list[str]:
     options = ["--testbed", str(args.testbed), "--schemes", *args.schemes, "--samples", str(args.samples),
                "--problems", str(args.problems), "--qat-steps", str(args.qat_steps), "--qat-lr", str(args.qat_lr),
                *(["--qat-learn-scales"] if args.qat_learn_scales else []),
+               "--teacher-precision", args.teacher_precision,
                *(["--bf16-samples", str(args.bf16_samples)] if args.bf16_samples else []),
                "--grpo-steps", str(args.grpo_steps), "--grpo-lr", str(args.grpo_lr),
                "--grpo-prompts", str(args.grpo_prompts), "--tables", *args.tables, "--dtype", args.dtype,

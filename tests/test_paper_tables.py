@@ -32,7 +32,7 @@ def _args(**overrides) -> argparse.Namespace:
     args = {"schemes": ["W3G128"], "tables": ["5", "4"], "methods": None, "domains": ["testbed", "mixed"],
             "table3_scheme": "W3G128", "seed": 0, "training_seeds": 3, "workers": 2, "bf16_json": None,
             "merge_only": True, "testbed": Path("unused"), "json": None, "qat_learn_scales": False,
-            "table3_matched": False, "grpo_cache": "dynamic"}
+            "table3_matched": False, "grpo_cache": "dynamic", "teacher_precision": "bf16"}
     return argparse.Namespace(**{**args, **overrides})
 
 
@@ -76,6 +76,19 @@ def test_table3_domains_name_the_recipe_sources(tables):
     plan = tables.recipe("W3G128", "gptq", ["kd"], args, qat_data="mixed-3to1", calibration="mixed-3to1")
     assert [stage["data"]["source"] for stage in plan["stages"]] == [{"worked-math": 3.0, "wikipedia": 1.0}] * 2
     rqat_sdk.Recipe.from_dict(plan)
+
+
+def test_an_fp8_teacher_goes_to_the_kd_stages_only_and_is_recorded(tables):
+    args = _args(benchmark="worked-math", max_seq_length=512, qat_steps=10, qat_lr=1e-3, grpo_steps=1, grpo_lr=1e-5,
+                 grpo_prompts=2, grpo_data=None, group_size_fallback="error", teacher_precision="fp8")
+    plan = tables.recipe("W3G128", "gptq", ["sft", "kd"], args)
+    precisions = {stage["name"]: stage["modifiers"][0].get("teacher_precision") for stage in plan["stages"][1:]}
+    assert precisions == {"sft": None, "kd": "fp8"}
+    rqat_sdk.Recipe.from_dict(plan)  # SFT with an FP8 teacher would be refused
+    assert tables.training_settings(["kd"], args)["teacher_precision"] == "fp8"
+    assert "teacher_precision" not in tables.training_settings(["sft"], args)
+    bf16 = argparse.Namespace(**{**vars(args), "teacher_precision": "bf16"})
+    assert "teacher_precision" not in tables.training_settings(["kd"], bf16)
 
 
 def test_rows_over_training_seeds_keep_every_run(tables):
