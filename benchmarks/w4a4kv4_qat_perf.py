@@ -15,6 +15,9 @@ step (``DistillationTrainer``: fake-quantized student, frozen bf16 teacher, forw
 The issue's bound: transforms and clipping must not double training memory (``w4a4kv4_flatquant`` peak
 < 2x ``w4_weight_only``).
 
+``--profile VARIANT ...``: after every variant is timed, those variants are built again and their step's
+costliest GPU kernels recorded (``top_kernels_ms``), so that profiling cannot slow the timed steps.
+
     python benchmarks/w4a4kv4_qat_perf.py --json docs/results/w4a4kv4_qat_perf.json
 """
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import json
 import shlex
 import sys
 import time
@@ -41,7 +43,10 @@ from qat_kd_perf import (
     rqat_trainer,
     step_benchmark_parser,
     synthetic_batch,
+    top_gpu_kernels,
 )
+
+from rqat_sdk.files import write_json_atomic
 
 WEIGHTS_ONLY = {"weights": {"num_bits": 4, "group_size": None, "symmetric": True}}
 VARIANTS = {
@@ -70,7 +75,9 @@ def calibrate_flatquant(model, scheme: str, sequences: int, length: int) -> None
     calibrate(model, calibration, QuantScheme.model_validate(scheme), options)
 
 
-def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps: int) -> dict:
+def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps: int, *,
+          profile: bool = False) -> dict:
+    """One variant's step time and peak memory (or, with ``profile``, its costliest kernels instead)."""
     import rqat_sdk
     from rqat_sdk.modifiers.layers import attach_fake_quant, detach_fake_quant, parameter_group
 
@@ -89,17 +96,24 @@ def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps:
             continue
         groups[parameter_group(name)] = groups.get(parameter_group(name), 0) + parameter.numel()
     trainer, step = rqat_trainer(model, teacher, ids, "kd")
-    ms, gb = measure(step, warmup, steps)
+    if profile:
+        measure(step, warmup, 1)
+        result: dict = {"top_kernels_ms": top_gpu_kernels(step, steps=1, count=16)}
+    else:
+        ms, gb = measure(step, warmup, steps)
+        result = {"ms": ms, "peak_gb": gb, "trained_parameters": groups}
     detach_fake_quant(model)
     del model, teacher, trainer, step
     cleanup()
-    return {"ms": ms, "peak_gb": gb, "trained_parameters": groups}
+    return result
 
 
 def main() -> int:
     parser = step_benchmark_parser(__doc__)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="which to run (w4_weight_only, the baseline, always runs)")
+    parser.add_argument("--profile", nargs="+", choices=list(VARIANTS), default=[],
+                        help="after the timings, record these variants' costliest GPU kernels")
     args = parser.parse_args()
     device = cuda_device()
     if device is None:
@@ -129,6 +143,12 @@ def main() -> int:
          "trained_parameters": r["trained_parameters"]}
         for name, r in results.items()
     ]
+    for row in rows:  # the profiler only after every timing (a process that has profiled can launch slower)
+        if row["variant"] in args.profile:
+            scheme, flatquant, checkpointing, pytorch_kv = VARIANTS[row["variant"]]
+            with pytorch_kv_quantizer() if pytorch_kv else contextlib.nullcontext():
+                row.update(bench(ids, scheme, flatquant, checkpointing, args.warmup, args.steps, profile=True))
+            print(f"{row['variant']} costliest kernels: {row['top_kernels_ms']}", flush=True)
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "device": device,
@@ -148,9 +168,7 @@ def main() -> int:
     for row in rows:
         print(f"  {row['variant']} trained parameters by group: {row['trained_parameters']}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(record, handle, indent=2)
-            handle.write("\n")
+        write_json_atomic(args.json, record)
     return 0
 
 
