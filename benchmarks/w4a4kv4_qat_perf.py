@@ -115,6 +115,8 @@ def main() -> int:
     parser.add_argument("--profile", nargs="+", choices=list(VARIANTS), default=[],
                         help="after the timings, record these variants' costliest GPU kernels")
     args = parser.parse_args()
+    if unmeasured := sorted(set(args.profile) - set(args.variants) - {"w4_weight_only"}):
+        parser.error(f"--profile {' '.join(unmeasured)}: not in --variants")
     device = cuda_device()
     if device is None:
         return 2
@@ -143,12 +145,6 @@ def main() -> int:
          "trained_parameters": r["trained_parameters"]}
         for name, r in results.items()
     ]
-    for row in rows:  # the profiler only after every timing (a process that has profiled can launch slower)
-        if row["variant"] in args.profile:
-            scheme, flatquant, checkpointing, pytorch_kv = VARIANTS[row["variant"]]
-            with pytorch_kv_quantizer() if pytorch_kv else contextlib.nullcontext():
-                row.update(bench(ids, scheme, flatquant, checkpointing, args.warmup, args.steps, profile=True))
-            print(f"{row['variant']} costliest kernels: {row['top_kernels_ms']}", flush=True)
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "device": device,
@@ -156,6 +152,25 @@ def main() -> int:
         "tokens_per_step": tokens,
         "rows": rows,
     }
+    if args.json:  # the timings first: a profile that fails cannot cost them
+        write_json_atomic(args.json, record)
+    for row in rows:  # the profiler only after every timing (a process that has profiled can launch slower)
+        if row["variant"] not in args.profile:
+            continue
+        if row["step_ms"] != row["step_ms"]:  # NaN: out of memory when timed
+            print(f"{row['variant']}: not profiled (it ran out of memory)", flush=True)
+            continue
+        scheme, flatquant, checkpointing, pytorch_kv = VARIANTS[row["variant"]]
+        try:
+            with pytorch_kv_quantizer() if pytorch_kv else contextlib.nullcontext():
+                row.update(bench(ids, scheme, flatquant, checkpointing, args.warmup, args.steps, profile=True))
+        except torch.OutOfMemoryError:
+            cleanup()
+            print(f"{row['variant']}: not profiled (out of memory)", flush=True)
+            continue
+        print(f"{row['variant']} costliest kernels: {row['top_kernels_ms']}", flush=True)
+        if args.json:
+            write_json_atomic(args.json, record)
     print()
     print("| variant | step ms | tokens/s | peak GB | time / weight-only | memory / weight-only |")
     print("|---|---|---|---|---|---|")
@@ -167,8 +182,6 @@ def main() -> int:
         print(f"\nFlatQuant W4A4KV4 peak / weight-only peak: {flat:.2f} (the issue's bound: < 2)")
     for row in rows:
         print(f"  {row['variant']} trained parameters by group: {row['trained_parameters']}")
-    if args.json:
-        write_json_atomic(args.json, record)
     return 0
 
 

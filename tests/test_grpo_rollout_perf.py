@@ -44,4 +44,4 @@ def test_first_difference_names_the_step_the_margin_and_the_logit_distance(monke
     flipped_logits[2, 1, 3] += 0.02
     flipped = flipped_logits.argmax(-1).T
     assert first_difference((tokens, logits), (flipped, flipped_logits)) == {
-        "step": 2, "row": 1, "baseline_top2_margin": 0.01, "max_logit_diff": 0.02, "max_logit_diff_before": 0.001}
+        "step": 2, "row": 1, "baseline_margin": 0.01, "max_logit_diff": 0.02, "max_logit_diff_before": 0.001}
