@@ -602,10 +602,15 @@ def teacher_digest(testbed: Path) -> str | None:
     return json.loads(record.read_text()).get("weights_sha256") if record.is_file() else None
 
 
+def launch_records(parts: Path) -> list[dict]:
+    """The launch records of the runs that share ``parts``, in launch order."""
+    return [json.loads(path.read_text()) for path in sorted(
+        parts.glob("launch*.json"), key=lambda path: int(path.stem.partition("-")[2] or 0))]
+
+
 def part_teachers(parts: Path) -> set[str]:
     """The teacher digests that the runs sharing ``parts`` recorded (builds before digests record none)."""
-    launches = [json.loads(path.read_text()) for path in parts.glob("launch*.json")]
-    return {run["teacher_weights_sha256"] for run in launches if run.get("teacher_weights_sha256")}
+    return {run["teacher_weights_sha256"] for run in launch_records(parts) if run.get("teacher_weights_sha256")}
 
 
 def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | None, started: float) -> int:
@@ -630,11 +635,16 @@ def run_parallel(args: argparse.Namespace, jobs: list[Job], model_name: str | No
         if teacher and earlier and earlier != {teacher}:  # before any job: its rows would not compare with these
             raise SystemExit(f"{parts} holds rows measured on another teacher build (teacher_weights_sha256 "
                              f"{sorted(earlier)}) than --testbed {args.testbed} ({teacher}): give a new --json")
+        settings = training_settings(["kd", "grpo"], args)
+        if other := next((run["training"] for run in launch_records(parts)
+                          if run.get("training", settings) != settings), None):
+            raise SystemExit(f"{parts} holds rows trained with {other}, not this run's {settings}: give a new "
+                             "--json, or the same training options")
         launches = len(list(parts.glob("launch*.json")))  # runs that share these parts each keep their command
         write_json_atomic(parts / ("launch.json" if not launches else f"launch-{launches}.json"),
                      {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                       "date": datetime.date.today().isoformat(), "commit": git_commit(),
-                      "teacher_weights_sha256": teacher})
+                      "teacher_weights_sha256": teacher, "training": settings})
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     gpus = [g for g in gpus if g] or [None]
     running: dict[subprocess.Popen, tuple[str, int, str | None, float]] = {}
@@ -729,8 +739,7 @@ def merge_parts(parts: Path, tasks: list[tuple[str, int]], jobs: list[Job], args
         row["seconds"] = round(sum(part["seconds"] for part in found), 1)
         rows.append(row)
     this = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    launches = [json.loads(path.read_text()) for path in sorted(
-        parts.glob("launch*.json"), key=lambda path: int(path.stem.partition("-")[2] or 0))]
+    launches = launch_records(parts)
     launch = launches[0] if launches else {}
     teachers = part_teachers(parts)
     if len(teachers) > 1:  # rows measured on different teacher builds do not compare

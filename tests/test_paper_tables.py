@@ -217,6 +217,19 @@ def test_a_grpo_job_measures_the_job_it_extends(tables, tmp_path, monkeypatch):
     assert [(row["method"], row["training_seeds"]) for row in record["rows"]] == [("GPTQ+KD", 2), ("GPTQ+KD+GRPO", 2)]
 
 
+def test_parts_trained_otherwise_are_not_resumed(tables, tmp_path, monkeypatch):
+    """A rerun that shares part files must train as they were trained: its rows would otherwise mix settings."""
+    args = _fake_workers(tables, tmp_path, monkeypatch, methods=["GPTQ"], training_seeds=1, workers=1,
+                         oom_retries=0)
+    assert tables.run_parallel(args, tables.planned_jobs(args), "m", 0.0) == 0
+    launch = json.loads((args.json.with_suffix(".parts") / "launch.json").read_text())
+    assert launch["training"] == {"qat_lr": 1e-4, "qat_steps": 1, "grpo_lr": 1e-5, "grpo_steps": 1}
+    assert tables.run_parallel(args, tables.planned_jobs(args), "m", 0.0) == 0  # the same settings resume
+    fp8 = argparse.Namespace(**{**vars(args), "teacher_precision": "fp8"})
+    with pytest.raises(SystemExit, match=r"holds rows trained with \{'qat_lr': 0.0001.*not this run's .*'fp8'"):
+        tables.run_parallel(fp8, tables.planned_jobs(fp8), "m", 0.0)
+
+
 def test_train_and_measure_gives_the_shorter_recipe_its_checkpoint(tables, tmp_path):
     from rqat_sdk.testbed.train import EMBEDDED
 
