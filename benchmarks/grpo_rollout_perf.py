@@ -27,8 +27,9 @@ tie that another kernel's rounding can flip; a margin far beyond it is an error.
     python benchmarks/grpo_rollout_perf.py --json docs/results/grpo_rollout_perf.json
     python benchmarks/grpo_rollout_perf.py --shape tiny --prompts 4 --completions 2 --new-tokens 16  # CPU smoke
 
-``--profile-tokens N`` (CUDA), after every variant is timed: the costliest GPU kernels of each variant's
-``generate`` of N tokens over the whole batch (``top_kernels_ms``), to show where a decoding step's time goes.
+``--profile-tokens N`` (CUDA), after every variant is timed: each variant's ``generate`` of N tokens over the whole
+batch, its wall time against the GPU time of all its kernels (``profile``: a decoding step whose kernels fill a
+small share of its wall time waits on the host) and its costliest kernels, to show where a step's time goes.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 from provenance import git_commit
 from qat_kd_perf import SHAPES as STEP_SHAPES
-from qat_kd_perf import fresh_model, quantize_w3g128, top_gpu_kernels
+from qat_kd_perf import fresh_model, gpu_ms_per_kernel, quantize_w3g128
 
 from rqat_sdk.files import write_json_atomic
 from rqat_sdk.generation import preallocated_kv_cache
@@ -115,7 +116,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def record(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, rows: list[dict],
-           top_kernels: dict[str, dict[str, float]] | None = None) -> dict:
+           profiles: dict[str, dict] | None = None) -> dict:
     """The run's record from the variants measured so far (the fastest one whose greedy tokens match)."""
     by_variant = {row["variant"]: row for row in rows}
     best = max((row for row in rows if row["greedy_tokens_match_baseline"]), key=lambda row: row["tokens_per_s"],
@@ -132,7 +133,7 @@ def record(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, r
         "tokens_per_s": best["tokens_per_s"] if best else None,
         "fastest_variant": best["variant"] if best else None,
         "variants": rows,
-        **({"profile_tokens": args.profile_tokens, "top_kernels_ms": top_kernels} if top_kernels else {}),
+        **({"profile_tokens": args.profile_tokens, "profile": profiles} if profiles else {}),
     }
 
 
@@ -188,16 +189,25 @@ def main() -> int:
             write_json_atomic(args.json, record(args, device, dtype, rows))
 
     if args.profile_tokens and device.type == "cuda":  # last: a process that has profiled can launch slower
-        top_kernels = {}
+        profiles = {}
         for variant in args.variants:
             def rollout(variant: str = variant) -> None:
                 generate(model, ids, mask, variant, new_tokens=args.profile_tokens, completions=args.completions,
                          greedy=False)
             rollout()  # unprofiled first: a static cache compiles (again) for a new length here
-            top_kernels[variant] = top_gpu_kernels(rollout, steps=1)
-            print(f"{variant}: {top_kernels[variant]}", flush=True)
+            synchronize(device)
+            started = time.perf_counter()
+            rollout()
+            synchronize(device)
+            wall_ms = (time.perf_counter() - started) * 1000
+            kernels = sorted(gpu_ms_per_kernel(rollout, steps=1).items(), key=lambda item: item[1], reverse=True)
+            profiles[variant] = {"wall_ms": round(wall_ms, 1),
+                                 "gpu_kernel_ms": round(sum(ms for _, ms in kernels), 1),
+                                 "top_kernels_ms": {name[:120]: round(ms, 3) for name, ms in kernels[:12]}}
+            print(f"{variant}: {args.profile_tokens} tokens in {wall_ms:.0f} ms, its kernels "
+                  f"{profiles[variant]['gpu_kernel_ms']:.0f} ms of GPU time", flush=True)
             if args.json:
-                write_json_atomic(args.json, record(args, device, dtype, rows, top_kernels))
+                write_json_atomic(args.json, record(args, device, dtype, rows, profiles))
 
     print()
     print("| variant | completion tokens/s | seconds | greedy tokens as the baseline's |")

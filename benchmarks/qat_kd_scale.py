@@ -6,7 +6,8 @@ vocabulary), ``--batch`` sequences of ``--seq`` tokens per GPU, the student with
 ``--checkpointing`` names its shape. Each shape runs on one GPU and, with ``--gpus 2``, under FSDP2 on two.
 
 ``--compile`` compiles the teacher's and the student's decoders (``compile_teacher``, ``compile_student``; under
-FSDP2 the teacher's only), ``--profile`` records each row's costliest GPU kernels.
+FSDP2 the teacher's only), ``--profile`` records each row's GPU kernel time per step (against its step time: how
+busy the GPU is) and its costliest kernels.
 
 Model FLOPs utilisation counts 8 x parameters FLOPs per token (the student's forward and backward, 6, and the
 teacher's forward, 2) against the GPU's dense bf16 peak (``--peak-tflops``, per GPU; 989 for an H100 or H200 SXM).
@@ -80,7 +81,7 @@ def main() -> int:
                        "parameters": result["parameters"], "step_ms": result["step_ms"],
                        "tokens_per_s": result["tokens_per_s"], "peak_gb": result["peak_gb_per_gpu"],
                        "mfu": round(mfu(result["tokens_per_s"], result["parameters"], gpus, args.peak_tflops), 4),
-                       **({"top_kernels_ms": result["top_kernels_ms"]} if "top_kernels_ms" in result else {})}
+                       **{key: result[key] for key in ("gpu_kernel_ms", "top_kernels_ms") if key in result}}
                 rows.append(row)
                 print(f"{shape}, {row['strategy']}: {row['tokens_per_s']:,} tokens/s, MFU {row['mfu']:.1%}, "
                       f"peak {row['peak_gb']} GB per GPU ({time.perf_counter() - started:.0f} s)", flush=True)
