@@ -320,3 +320,30 @@ def test_a_compiled_teacher_gives_the_eager_hidden_states_on_the_gpu():
             eager, fused = hidden_states(teacher, batch), hidden_states(teacher, batch, compiled)
         assert (fused.float() - eager.float()).abs().max() <= 0.05 * eager.float().abs().max()
     torch._dynamo.reset()
+
+
+@needs_fp8
+def test_a_compiled_fp8_teacher_gives_the_eager_fp8_teachers_hidden_states_on_the_gpu():
+    """compile_teacher with teacher_precision fp8: the fused row quantization and ``_scaled_mm`` inside the
+    compiled graph; values that land on the other side of an e4m3 step are a small share of FP8's own error."""
+    import copy
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from rqat_sdk.modifiers.qat.trainer import hidden_states
+    from rqat_sdk.ops.fp8 import linears_to_fp8_
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, attn_implementation="sdpa")
+    original = Qwen3ForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    teacher = copy.deepcopy(original)
+    linears_to_fp8_(teacher, keep=[teacher.get_output_embeddings()])
+    compiled = torch.compile(teacher.get_decoder(), dynamic=True)
+    for length in (64, 200):
+        batch = {"input_ids": torch.randint(0, 512, (2, length), device="cuda")}
+        with torch.no_grad():
+            eager, fused, full = (hidden_states(model, batch, decoder).float() for model, decoder in
+                                  ((teacher, None), (teacher, compiled), (original, None)))
+        assert (fused - eager).norm() < 0.25 * (eager - full).norm()
+    torch._dynamo.reset()

@@ -88,7 +88,8 @@ def _linear(x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor], w_fp8
             w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """:func:`fp8_linear` of ``x``, whose tokens ``quantized`` holds (:func:`quantize_tokens`)."""
     if uses_scaled_mm(x.device) and w_fp8.shape[0] % 16 == 0 and w_fp8.shape[1] % 16 == 0:
-        _check_scaled_mm(x.device)
+        if not torch.compiler.is_compiling():  # a compiled teacher was checked when its layers were built
+            _check_scaled_mm(x.device)
         return _shaped_like(x, _scaled_mm_product(*quantized, w_fp8, w_scale, bias))
     return _shaped_like(x, _reference_product(*quantized, w_fp8, w_scale, bias))
 
@@ -132,7 +133,9 @@ class SharedInputQuantizer:
     """Quantizes the inputs of one model's FP8 layers and hands the last result to the next layer that reads the
     same tensor: an attention block's query, key and value projections read one tensor, as do an MLP's gate and
     up projections, so a Llama-style layer quantizes four inputs instead of seven. It keeps a weak reference to
-    the last input (a tensor freed since cannot match) and its version (nor can one changed in place)."""
+    the last input (a tensor freed since cannot match) and its version (nor can one changed in place). Inside
+    ``torch.compile`` each layer quantizes its own input: the compiled graph holds no Python state, and the
+    compiler may merge the identical computations."""
 
     def __init__(self) -> None:
         self._input: weakref.ref[torch.Tensor] | None = None
@@ -140,7 +143,7 @@ class SharedInputQuantizer:
         self._quantized: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.is_inference():  # no version counter to tell an in-place change by: quantize every time
+        if torch.compiler.is_compiling() or x.is_inference():  # inference: no version counter to go by
             return quantize_tokens(x)
         last = self._input() if self._input is not None else None
         if self._quantized is None or last is not x or x._version != self._version:
@@ -148,12 +151,18 @@ class SharedInputQuantizer:
         return self._quantized
 
 
-@functools.cache
+_SCALED_MM: dict[torch.device, bool] = {}
+""":func:`uses_scaled_mm`'s answers by device: a plain dict, which a compiled graph reads as a constant."""
+
+
 def uses_scaled_mm(device: torch.device) -> bool:
     """Whether :func:`fp8_linear` runs FP8 matmuls on ``device``: CUDA with compute capability >= 8.9 (Ada,
-    Hopper and newer have FP8 tensor cores); everywhere else it computes the same numbers in float32. Cached:
-    :func:`fp8_linear` asks at every call."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    Hopper and newer have FP8 tensor cores); everywhere else it computes the same numbers in float32. Kept per
+    device: :func:`fp8_linear` asks at every call."""
+    known = _SCALED_MM.get(device)
+    if known is None:
+        known = _SCALED_MM[device] = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return known
 
 
 @functools.cache
@@ -216,7 +225,8 @@ class FP8Linear(torch.nn.Module):
 
 def linears_to_fp8_(model: torch.nn.Module, keep: Collection[torch.nn.Module] = ()) -> int:
     """Replace every ``nn.Linear`` of ``model`` except those in ``keep`` by an :class:`FP8Linear`, in place;
-    returns how many were replaced."""
+    returns how many were replaced. Where the layers run FP8 matmuls, ``_scaled_mm`` is checked here, before
+    any forward (a compiled one would not check it)."""
     kept = {id(module) for module in keep}
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and id(module) not in kept]
@@ -224,4 +234,7 @@ def linears_to_fp8_(model: torch.nn.Module, keep: Collection[torch.nn.Module] = 
     for name, linear in targets:
         parent, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(parent), attribute, FP8Linear.from_linear(linear, inputs))
+    for device in {linear.weight.device for _, linear in targets}:
+        if uses_scaled_mm(device):
+            _check_scaled_mm(device)
     return len(targets)
