@@ -10,7 +10,9 @@ step (``DistillationTrainer``: fake-quantized student, frozen bf16 teacher, forw
 - ``w4a4kv4_flatquant``: W4A4KV4 after ``flatquant`` (1 epoch on 8 random sequences: the transforms'
   values do not matter for time and memory): its online Kronecker transforms and activation clipping
   train as their own parameter groups beside the weights;
-- ``w4a4kv4_flatquant_gc``: the same with gradient checkpointing.
+- ``w4a4kv4_flatquant_gc``: the same with gradient checkpointing;
+- ``w4a4kv4_flatquant_compiled``: ``w4a4kv4_flatquant`` with the student's decoder compiled (``compile_student``:
+  the transforms' float32 work fused; the KV quantizer runs between graphs).
 
 The issue's bound: transforms and clipping must not double training memory (``w4a4kv4_flatquant`` peak
 < 2x ``w4_weight_only``).
@@ -50,14 +52,15 @@ from rqat_sdk.files import write_json_atomic
 
 WEIGHTS_ONLY = {"weights": {"num_bits": 4, "group_size": None, "symmetric": True}}
 VARIANTS = {
-    "w4_weight_only": (WEIGHTS_ONLY, False, False, False),
-    "w4a4": ("W4A4", False, False, False),
-    "w4a4kv4": ("W4A4KV4", False, False, False),
-    "w4a4kv4_pytorch_kv": ("W4A4KV4", False, False, True),
-    "w4a4kv4_flatquant": ("W4A4KV4", True, False, False),
-    "w4a4kv4_flatquant_gc": ("W4A4KV4", True, True, False),
+    "w4_weight_only": (WEIGHTS_ONLY, False, False, False, False),
+    "w4a4": ("W4A4", False, False, False, False),
+    "w4a4kv4": ("W4A4KV4", False, False, False, False),
+    "w4a4kv4_pytorch_kv": ("W4A4KV4", False, False, True, False),
+    "w4a4kv4_flatquant": ("W4A4KV4", True, False, False, False),
+    "w4a4kv4_flatquant_gc": ("W4A4KV4", True, True, False, False),
+    "w4a4kv4_flatquant_compiled": ("W4A4KV4", True, False, False, True),
 }
-"""name: (scheme, flatquant first, gradient checkpointing, KV quantizer's PyTorch path)."""
+"""name: (scheme, flatquant first, gradient checkpointing, KV quantizer's PyTorch path, student compiled)."""
 
 
 def calibrate_flatquant(model, scheme: str, sequences: int, length: int) -> None:
@@ -76,7 +79,7 @@ def calibrate_flatquant(model, scheme: str, sequences: int, length: int) -> None
 
 
 def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps: int, *,
-          profile: bool = False) -> dict:
+          compiled: bool = False, profile: bool = False) -> dict:
     """One variant's step time and peak memory (or, with ``profile``, its costliest kernels instead)."""
     import rqat_sdk
     from rqat_sdk.modifiers.layers import attach_fake_quant, detach_fake_quant, parameter_group
@@ -95,7 +98,8 @@ def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps:
         if not parameter.requires_grad:
             continue
         groups[parameter_group(name)] = groups.get(parameter_group(name), 0) + parameter.numel()
-    trainer, step = rqat_trainer(model, teacher, ids, "kd")
+    trainer, step = rqat_trainer(model, teacher, ids, "kd", compile_student=compiled)
+    warmup += 2 * compiled  # the compile happens in the first steps
     if profile:
         measure(step, warmup, 1)
         result: dict = {"top_kernels_ms": top_gpu_kernels(step, steps=1, count=16)}
@@ -124,13 +128,14 @@ def main() -> int:
     ids = synthetic_batch(args.batch, args.seq, QWEN3_0_6B["vocab_size"]).cuda()
     tokens = ids.numel()
     results = {}
-    for name, (scheme, flatquant, checkpointing, pytorch_kv) in VARIANTS.items():
+    for name, (scheme, flatquant, checkpointing, pytorch_kv, compiled) in VARIANTS.items():
         if name != "w4_weight_only" and name not in args.variants:
             continue
         started = time.perf_counter()
         try:
             with pytorch_kv_quantizer() if pytorch_kv else contextlib.nullcontext():
-                results[name] = bench(ids, scheme, flatquant, checkpointing, args.warmup, args.steps)
+                results[name] = bench(ids, scheme, flatquant, checkpointing, args.warmup, args.steps,
+                                      compiled=compiled)
         except torch.OutOfMemoryError:
             results[name] = {"ms": float("nan"), "peak_gb": float("nan"), "trained_parameters": {}}
             cleanup()
@@ -160,10 +165,11 @@ def main() -> int:
         if row["step_ms"] != row["step_ms"]:  # NaN: out of memory when timed
             print(f"{row['variant']}: not profiled (it ran out of memory)", flush=True)
             continue
-        scheme, flatquant, checkpointing, pytorch_kv = VARIANTS[row["variant"]]
+        scheme, flatquant, checkpointing, pytorch_kv, compiled = VARIANTS[row["variant"]]
         try:
             with pytorch_kv_quantizer() if pytorch_kv else contextlib.nullcontext():
-                row.update(bench(ids, scheme, flatquant, checkpointing, args.warmup, args.steps, profile=True))
+                row.update(bench(ids, scheme, flatquant, checkpointing, args.warmup, args.steps,
+                                 compiled=compiled, profile=True))
         except torch.OutOfMemoryError:
             cleanup()
             print(f"{row['variant']}: not profiled (out of memory)", flush=True)

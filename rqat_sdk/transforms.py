@@ -128,10 +128,13 @@ def _shared_transform(transform: KroneckerTransform, x: torch.Tensor, activation
     """``x T`` (clipped for ``activations``) in ``x``'s dtype, computed once for the Linears that share ``x``.
 
     q/k/v (and gate/up) read one input through one transform: the first Linear computes the result and
-    keeps it until its siblings have read it, so the model holds one transformed copy, not three. Under
+    keeps it until its siblings have read it, so the model holds one transformed copy, not three (inside
+    ``torch.compile``, which holds no Python state, each computes it). Under
     autograd the float32 work is recomputed in the backward pass (checkpointed): only ``x`` and the result
     stay saved, which keeps a FlatQuant model's training memory close to the plain W4A4 model's.
     """
+    if torch.compiler.is_compiling():  # no Python state in a graph: each Linear transforms (the compiler may merge)
+        return checkpoint(_transform_and_clip, transform, x, activations, use_reentrant=False)
     pending = transform.__dict__.pop(_PENDING, None)
     if pending is not None and pending.serves(x, activations):
         y, readers_left = pending.result, pending.readers_left - 1

@@ -327,6 +327,34 @@ def test_flatquant_rtn_qat_exports_and_reloads_the_fake_quant_model(tiny_qwen3, 
         load_model(out, device="cpu", allow_quantized=True)
 
 
+def test_a_compiled_student_trains_w4a4kv4_flatquant_as_the_eager_one(tiny_qwen3):
+    """compile_student over online transforms, activation and KV-cache fake quantization: each Linear transforms its
+    own input inside the graph and the KV quantizer runs eagerly between graphs; the loss is the eager one to the
+    rounding of fused kernels (int4 activations turn that rounding into a little more), and the transforms train."""
+    from torch._dynamo.utils import counters
+
+    ptq = {"name": "ptq", "data": {"num_samples": 4, "max_seq_length": 48},
+           "modifiers": [{"type": "flatquant", "epochs": 1}, {"type": "rtn"}]}
+    name = "model.layers.0.rqat_transforms.qkv.rqat_kron_left"
+    calibrated = dict(rqat_sdk.oneshot(tiny_qwen3, flatquant_recipe(ptq["modifiers"]) | {"stages": [ptq]},
+                                       "reasoning-gym:chain_sum").model.named_parameters())[name].detach()
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        qat = {"name": "qat", "data": {"num_samples": 8, "max_seq_length": 96},
+               "modifiers": [{"type": "qat_kd", "steps": 3, "batch_size": 4, "learning_rate": 1e-4,
+                              "transform_learning_rate": 1e-3, "compile_student": compiled}]}
+        result = rqat_sdk.oneshot(tiny_qwen3, flatquant_recipe(ptq["modifiers"]) | {"stages": [ptq, qat]},
+                                  "reasoning-gym:chain_sum")
+        runs[compiled] = (result.record["stages"][1]["metrics"]["qat_kd"]["final_loss"],
+                          dict(result.model.named_parameters())[name].detach())
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled
+    (eager_loss, _), (loss, transform) = runs[False], runs[True]
+    assert loss == pytest.approx(eager_loss, rel=0.1)
+    assert not torch.equal(transform, calibrated)
+
+
 # --- the recipe ----------------------------------------------------------------------------------------
 
 

@@ -47,10 +47,17 @@ def _hadamard(block: int) -> torch.Tensor:
     return h
 
 
-@functools.cache
+_ROTATIONS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+""":func:`rotation_constants` by block size and device: a plain dict, which a compiled graph reads as constants
+(where ``functools.cache`` would have it trace the seeded generator that makes them)."""
+
+
 def rotation_constants(block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotation's signs and Hadamard matrix (fp32) on ``device``, copied there once."""
-    return _signs(block).to(device), _hadamard(block).to(device)
+    key = (block, device)
+    if key not in _ROTATIONS:
+        _ROTATIONS[key] = _signs(block).to(device), _hadamard(block).to(device)
+    return _ROTATIONS[key]
 
 
 def random_hadamard(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -58,10 +65,14 @@ def random_hadamard(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 
     Unnormalised: applying it and then its inverse multiplies by the block size.
     """
-    dim = x.shape[-1]
-    block = rotation_block(dim)
-    blocks = x.float().reshape(*x.shape[:-1], dim // block, block)
-    signs, hadamard = rotation_constants(block, x.device)
+    return _rotate(x, *rotation_constants(rotation_block(x.shape[-1]), x.device), inverse=inverse)
+
+
+def _rotate(x: torch.Tensor, signs: torch.Tensor, hadamard: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """:func:`random_hadamard` with its constants given (an autograd function takes them as inputs, which is what
+    ``torch.compile`` can trace)."""
+    block = signs.shape[0]
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
     out = blocks @ hadamard * signs if inverse else (blocks * signs) @ hadamard
     return out.reshape(x.shape)
 
@@ -92,24 +103,38 @@ def fake_quantize_kv(x: torch.Tensor) -> torch.Tensor:
     On CUDA a fused Triton kernel computes it (:mod:`rqat_sdk.ops.triton_kv_cache`) for head dimensions it
     supports; elsewhere this PyTorch path does.
     """
+    if torch.compiler.is_compiling():
+        # torch.compile (2.13) fails tracing these autograd functions under dynamic shapes: they run eagerly,
+        # between two graphs
+        return torch.compiler.disable(_fake_quantize_kv)(x)
+    return _fake_quantize_kv(x)
+
+
+def _fake_quantize_kv(x: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
         # triton is optional (CUDA builds only) and imports at module level
         from rqat_sdk.ops.triton_kv_cache import TritonKVFakeQuant, supports
 
         if supports(x):
-            return TritonKVFakeQuant.apply(x)
-    return _KVFakeQuant.apply(x)
+            return TritonKVFakeQuant.apply(x, *rotation_constants(x.shape[-1], x.device))
+    return fake_quantize_kv_reference(x)
+
+
+def fake_quantize_kv_reference(x: torch.Tensor) -> torch.Tensor:
+    """:func:`fake_quantize_kv` in PyTorch operations: the CPU path, and the reference for the CUDA kernel."""
+    return _KVFakeQuant.apply(x, *rotation_constants(rotation_block(x.shape[-1]), x.device))
 
 
 class _KVFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        rotated = random_hadamard(x).to(x.dtype).float()  # vLLM stores the rotated vector in the model dtype
+    def forward(ctx: Any, x: torch.Tensor, signs: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
+        # vLLM stores the rotated vector in the model dtype
+        rotated = _rotate(x, signs, hadamard).to(x.dtype).float()
         levels, scale, zero = quantize_kv(rotated)
         # rotating the integer levels back is exact in fp32 (and in TF32); the scale then rounds once
-        restored = random_hadamard(levels - zero, inverse=True) * scale / rotation_block(x.shape[-1])
+        restored = _rotate(levels - zero, signs, hadamard, inverse=True) * scale / signs.shape[0]
         return restored.to(x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
