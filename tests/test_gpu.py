@@ -246,10 +246,14 @@ def test_kv_cache_kernel_gradient_is_the_identity_and_other_dims_fall_back():
     assert not supports(five) and torch.equal(fake_quantize_kv(five), fake_quantize_kv_reference(five))
 
 
-def test_w4a4kv4_qat_in_bf16_on_the_gpu(tmp_path, w4a4kv4_recipe):
+@pytest.mark.parametrize("compile_student", [False, True])
+def test_w4a4kv4_qat_in_bf16_on_the_gpu(tmp_path, w4a4kv4_recipe, compile_student):
+    """Rotation, GPTQ and KD at W4A4KV4 in bf16 (the Triton KV kernel), eager and with the student compiled (the
+    kernel between graphs): the checkpoint exports and reloads exactly."""
     import rqat_sdk
     from rqat_sdk.testbed import write_tiny_model
 
+    w4a4kv4_recipe["stages"][1]["modifiers"][0]["compile_student"] = compile_student
     model_dir = write_tiny_model(tmp_path / "model", "qwen3")
     result = rqat_sdk.oneshot(model_dir, w4a4kv4_recipe, "reasoning-gym:chain_sum", tmp_path / "out", dtype="bfloat16")
     assert result.model.device.type == "cuda" and result.model.config._attn_implementation.startswith("rqat_int4_kv_")
