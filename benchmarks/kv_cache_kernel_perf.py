@@ -69,28 +69,24 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
-    from rqat_sdk.ops.kv_cache import fake_quantize_kv_reference as pytorch_path
-    from rqat_sdk.ops.kv_cache import rotation_constants
+    from rqat_sdk.ops.kv_cache import _KVFakeQuant
     from rqat_sdk.ops.triton_kv_cache import TritonKVFakeQuant
-
-    def kernel(x: torch.Tensor) -> torch.Tensor:
-        return TritonKVFakeQuant.apply(x, *rotation_constants(x.shape[-1], x.device))
 
     rows = []
     for name, (shape, dtype) in CASES.items():
         torch.manual_seed(0)
         scales = torch.logspace(-2, 1, shape[1])[:, None, None]  # magnitudes from 0.01 to 10 across tokens
         keys = (torch.randn(*shape) * scales).to(dtype).transpose(1, 2)
-        reference = pytorch_path(keys)
+        reference = _KVFakeQuant.apply(keys)
         on_gpu = keys.cuda()
         rows.append({
             "case": name, "shape": list(keys.shape), "dtype": str(dtype).removeprefix("torch."),
-            "pytorch_us": round(host_us(pytorch_path, on_gpu)),
-            "kernel_us": round(host_us(kernel, on_gpu)),
-            "pytorch_gpu_us": round(gpu_us(pytorch_path, on_gpu)),
-            "kernel_gpu_us": round(gpu_us(kernel, on_gpu)),
-            "kernel_rows_changed": round(rows_changed(kernel(on_gpu), reference), 5),
-            "pytorch_gpu_rows_changed": round(rows_changed(pytorch_path(on_gpu), reference), 5),
+            "pytorch_us": round(host_us(_KVFakeQuant.apply, on_gpu)),
+            "kernel_us": round(host_us(TritonKVFakeQuant.apply, on_gpu)),
+            "pytorch_gpu_us": round(gpu_us(_KVFakeQuant.apply, on_gpu)),
+            "kernel_gpu_us": round(gpu_us(TritonKVFakeQuant.apply, on_gpu)),
+            "kernel_rows_changed": round(rows_changed(TritonKVFakeQuant.apply(on_gpu), reference), 5),
+            "pytorch_gpu_rows_changed": round(rows_changed(_KVFakeQuant.apply(on_gpu), reference), 5),
         })
         print(rows[-1], flush=True)
     print("\n| case | PyTorch µs/call | kernel µs/call | speed-up | CUDA-event µs: PyTorch / kernel "

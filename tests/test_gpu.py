@@ -211,7 +211,7 @@ def _rows_changed(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("dim", [32, 64, 128])
 def test_kv_cache_kernel_matches_the_pytorch_path_on_the_cpu(dtype, dim):
-    from rqat_sdk.ops.kv_cache import fake_quantize_kv, fake_quantize_kv_reference
+    from rqat_sdk.ops.kv_cache import _KVFakeQuant, fake_quantize_kv
     from rqat_sdk.ops.triton_kv_cache import supports
 
     torch.manual_seed(dim)
@@ -225,7 +225,7 @@ def test_kv_cache_kernel_matches_the_pytorch_path_on_the_cpu(dtype, dim):
     # The forward rotation's fp32 sums run in another order (the kernel's dot against the CPU's matmul);
     # in bf16 and fp16 they are rounded to the dtype right after, so a row could differ only at a rounding
     # tie; in fp32 a row's min or max may move by an ulp, and with it the stored scale.
-    reference = fake_quantize_kv_reference(x)
+    reference = _KVFakeQuant.apply(x)
     assert _rows_changed(fused.cpu(), reference) <= (0.15 if dtype == torch.float32 else 0.001)
     rows = lambda t: t.float().flatten(0, -2)  # noqa: E731
     assert ((rows(fused.cpu()) - rows(reference)).norm(dim=-1) <= 0.02 * rows(reference).norm(dim=-1)).all()
@@ -233,7 +233,7 @@ def test_kv_cache_kernel_matches_the_pytorch_path_on_the_cpu(dtype, dim):
 
 
 def test_kv_cache_kernel_gradient_is_the_identity_and_other_dims_fall_back():
-    from rqat_sdk.ops.kv_cache import fake_quantize_kv, fake_quantize_kv_reference
+    from rqat_sdk.ops.kv_cache import _KVFakeQuant, fake_quantize_kv
     from rqat_sdk.ops.triton_kv_cache import supports
 
     x = torch.randn(2, 4, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -241,9 +241,9 @@ def test_kv_cache_kernel_gradient_is_the_identity_and_other_dims_fall_back():
     fake_quantize_kv(x).backward(grad)
     assert torch.equal(x.grad, grad)
     odd = torch.randn(2, 4, 16, 96, device="cuda", dtype=torch.bfloat16)  # vLLM rotates 96 as 3 blocks of 32
-    assert not supports(odd) and torch.equal(fake_quantize_kv(odd), fake_quantize_kv_reference(odd))
+    assert not supports(odd) and torch.equal(fake_quantize_kv(odd), _KVFakeQuant.apply(odd))
     five = torch.randn(2, 2, 4, 16, 128, device="cuda", dtype=torch.bfloat16)
-    assert not supports(five) and torch.equal(fake_quantize_kv(five), fake_quantize_kv_reference(five))
+    assert not supports(five) and torch.equal(fake_quantize_kv(five), _KVFakeQuant.apply(five))
 
 
 @pytest.mark.parametrize("compile_student", [False, True])

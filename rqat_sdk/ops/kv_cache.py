@@ -47,17 +47,10 @@ def _hadamard(block: int) -> torch.Tensor:
     return h
 
 
-_ROTATIONS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-""":func:`rotation_constants` by block size and device: a plain dict, which a compiled graph reads as constants
-(where ``functools.cache`` would have it trace the seeded generator that makes them)."""
-
-
+@functools.cache
 def rotation_constants(block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotation's signs and Hadamard matrix (fp32) on ``device``, copied there once."""
-    key = (block, device)
-    if key not in _ROTATIONS:
-        _ROTATIONS[key] = _signs(block).to(device), _hadamard(block).to(device)
-    return _ROTATIONS[key]
+    return _signs(block).to(device), _hadamard(block).to(device)
 
 
 def random_hadamard(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -65,14 +58,10 @@ def random_hadamard(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 
     Unnormalised: applying it and then its inverse multiplies by the block size.
     """
-    return _rotate(x, *rotation_constants(rotation_block(x.shape[-1]), x.device), inverse=inverse)
-
-
-def _rotate(x: torch.Tensor, signs: torch.Tensor, hadamard: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """:func:`random_hadamard` with its constants given (an autograd function takes them as inputs, which is what
-    ``torch.compile`` can trace)."""
-    block = signs.shape[0]
-    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    dim = x.shape[-1]
+    block = rotation_block(dim)
+    blocks = x.float().reshape(*x.shape[:-1], dim // block, block)
+    signs, hadamard = rotation_constants(block, x.device)
     out = blocks @ hadamard * signs if inverse else (blocks * signs) @ hadamard
     return out.reshape(x.shape)
 
@@ -116,25 +105,19 @@ def _fake_quantize_kv(x: torch.Tensor) -> torch.Tensor:
         from rqat_sdk.ops.triton_kv_cache import TritonKVFakeQuant, supports
 
         if supports(x):
-            return TritonKVFakeQuant.apply(x, *rotation_constants(x.shape[-1], x.device))
-    return fake_quantize_kv_reference(x)
-
-
-def fake_quantize_kv_reference(x: torch.Tensor) -> torch.Tensor:
-    """:func:`fake_quantize_kv` in PyTorch operations: the CPU path, and the reference for the CUDA kernel."""
-    return _KVFakeQuant.apply(x, *rotation_constants(rotation_block(x.shape[-1]), x.device))
+            return TritonKVFakeQuant.apply(x)
+    return _KVFakeQuant.apply(x)
 
 
 class _KVFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, signs: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
-        # vLLM stores the rotated vector in the model dtype
-        rotated = _rotate(x, signs, hadamard).to(x.dtype).float()
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        rotated = random_hadamard(x).to(x.dtype).float()  # vLLM stores the rotated vector in the model dtype
         levels, scale, zero = quantize_kv(rotated)
         # rotating the integer levels back is exact in fp32 (and in TF32); the scale then rounds once
-        restored = _rotate(levels - zero, signs, hadamard, inverse=True) * scale / signs.shape[0]
+        restored = random_hadamard(levels - zero, inverse=True) * scale / rotation_block(x.shape[-1])
         return restored.to(x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from rqat_sdk.ops.kv_cache import _MIN_SCALE, LEVELS
+from rqat_sdk.ops.kv_cache import _MIN_SCALE, LEVELS, rotation_constants
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _BLOCK_N = 64  # rows per program
@@ -100,13 +100,12 @@ class TritonKVFakeQuant(torch.autograd.Function):
     """``fake_quantize_kv`` in one kernel; the gradient is the identity, as in the PyTorch path."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, signs: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
-        """``signs`` and ``hadamard`` are :func:`~rqat_sdk.ops.kv_cache.rotation_constants` of ``x``'s head
-        dimension (inputs, not looked up here, so that ``torch.compile`` can trace the function)."""
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
         out = torch.empty_like(x)
         dim = x.shape[-1]
+        signs, hadamard = rotation_constants(dim, x.device)
         sizes, x_strides = _rows_view(x)
         _, out_strides = _rows_view(out)
         n_rows = sizes[0] * sizes[1] * sizes[2]
@@ -117,5 +116,5 @@ class TritonKVFakeQuant(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
