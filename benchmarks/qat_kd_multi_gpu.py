@@ -52,10 +52,8 @@ def step_worker(args: argparse.Namespace) -> int:
     attach_fake_quant(student, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
     if args.gradient_checkpointing:  # as a recipe's gradient_checkpointing: true does
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # compile_student compiles the whole decoder, which FSDP2 shards: there only the teacher is compiled
-    compile_student = args.compile and args.strategy != "fsdp"
     _, step = rqat_trainer(student, teacher, ids, "kd", args.strategy, compile_teacher=args.compile,
-                           compile_student=compile_student)
+                           compile_student=args.compile)
     step_ms, peak_gb = measure(step, args.warmup + 2 * args.compile, args.steps)
     step_ms = distributed.all_reduce_sum(torch.tensor(step_ms, device="cuda")).item() / world  # mean over ranks
     peak = torch.tensor(peak_gb, device="cuda")
@@ -70,7 +68,7 @@ def step_worker(args: argparse.Namespace) -> int:
             "tokens_per_step": ids.numel(), "tokens_per_s": round(ids.numel() / step_ms * 1000),
             "peak_gb_per_gpu": round(peak.item(), 2),
             "parameters": sum(p.numel() for p in teacher.parameters()),
-            "compile_teacher": args.compile, "compile_student": compile_student,
+            "compile_teacher": args.compile, "compile_student": args.compile,
             **({"gpu_kernel_ms": round(sum(ms for _, ms in kernels), 1),  # against step_ms: the GPU's busy share
                 "top_kernels_ms": {name[:120]: round(ms, 3) for name, ms in kernels[:16]}} if kernels else {}),
         }))
@@ -98,7 +96,7 @@ def add_step_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true",
-                        help="compile_teacher and compile_student (under FSDP2 the teacher only)")
+                        help="compile_teacher and compile_student")
     parser.add_argument("--profile", action="store_true",
                         help="record each step's GPU kernel time and its costliest kernels")
     parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)

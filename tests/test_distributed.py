@@ -13,9 +13,9 @@ import rqat_sdk
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def launch(model: Path, output: Path, strategy: str) -> dict:
+def launch(model: Path, output: Path, strategy: str, *extra: str) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER),
-               str(model), str(output), strategy]
+               str(model), str(output), strategy, *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("RECORD ")]
@@ -51,6 +51,16 @@ def test_two_processes_train_like_one(tiny_qwen3, tmp_path, single_process, stra
     # Two ranks read the same global batch as one process, and gradient averaging keeps training on the
     # same course: the losses agree up to float summation order.
     assert losses(output) == pytest.approx(losses(single_process), rel=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_compiled_student_trains_like_one_process(tiny_qwen3, tmp_path, single_process, strategy):
+    """compile_student under DDP (the whole decoder) and FSDP2 (each sharded block on its own): the same losses as
+    one eager process, to the rounding of fused kernels."""
+    output = tmp_path / "out"
+    record = launch(tiny_qwen3, output, strategy, "compile")
+    assert record["status"] == "complete" and record["export"]["exact"] is True
+    assert losses(output) == pytest.approx(losses(single_process), rel=2e-2)
 
 
 def test_cli_under_a_launcher_reports_once(tiny_qwen3, tmp_path):

@@ -116,8 +116,8 @@ class TrainerConfig:
     compile_teacher: bool = False
     """Run the teacher's decoder through ``torch.compile`` with dynamic shapes."""
     compile_student: bool = False
-    """Run the student's decoder, forward and backward, through ``torch.compile`` with dynamic shapes (not under
-    FSDP2)."""
+    """Run the student's decoder, forward and backward, through ``torch.compile`` with dynamic shapes (under FSDP2
+    each transformer block on its own)."""
 
     @property
     def objective(self) -> str:
@@ -138,10 +138,6 @@ class _StepInputs:
     """This rank's response tokens and input tokens (float64, on the CPU)."""
     teacher_hidden: list[torch.Tensor | None] | None
     """The teacher's hidden states per micro-batch when prepared ahead; None: computed when needed."""
-
-
-COMPILE_STUDENT_UNDER_FSDP = ("compile_student compiles the whole decoder, which FSDP2 shards block by block; use "
-                              "distributed ddp, or compile_student false")
 
 
 class _StudentObjective(torch.nn.Module):
@@ -210,12 +206,16 @@ class DistillationTrainer:
             needs = "takes no teacher" if config.loss.divergence == "ce" else "needs a teacher"
             raise ValueError(f"config.loss.divergence {config.loss.divergence!r} {needs}")
         self.sharded = distributed.sharded(config.distributed)
-        if self.sharded and config.compile_student:
-            raise ValueError(COMPILE_STUDENT_UNDER_FSDP)
         # FSDP2 shards a copy; the trained weights are gathered back into ``student`` after training.
         trained = copy.deepcopy(student) if self.sharded else student
-        self.objective = _StudentObjective(trained, config.loss, compile_decoder=config.compile_student)
+        self.objective = _StudentObjective(trained, config.loss,
+                                           compile_decoder=config.compile_student and not self.sharded)
         self.model = distributed.wrap(self.objective, config.distributed, _blocks(trained), student.dtype)
+        if self.sharded and config.compile_student:
+            # FSDP2 gathers each block's weights around its forward: each sharded block of the copy compiles on
+            # its own, in place (the copy is discarded after training)
+            for block in _blocks(trained):
+                block.compile(dynamic=True)
         self.optimizer = _optimizer(config, trained, device)
         self.scheduler = _scheduler(config, self.optimizer.optimizer)
         self.writer = _tensorboard(paths.log_file)
