@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from provenance import git_commit
 from qat_kd_perf import SHAPES as STEP_SHAPES
-from qat_kd_perf import fresh_model, gpu_ms_per_kernel, quantize_w3g128
+from qat_kd_perf import fresh_model, kernel_profile, quantize_w3g128
 
 from rqat_sdk.files import write_json_atomic
 from rqat_sdk.generation import preallocated_kv_cache
@@ -200,10 +200,7 @@ def main() -> int:
             rollout()
             synchronize(device)
             wall_ms = (time.perf_counter() - started) * 1000
-            kernels = sorted(gpu_ms_per_kernel(rollout, steps=1).items(), key=lambda item: item[1], reverse=True)
-            profiles[variant] = {"wall_ms": round(wall_ms, 1),
-                                 "gpu_kernel_ms": round(sum(ms for _, ms in kernels), 1),
-                                 "top_kernels_ms": {name[:120]: round(ms, 3) for name, ms in kernels[:12]}}
+            profiles[variant] = {"wall_ms": round(wall_ms, 1), **kernel_profile(rollout, steps=1)}
             print(f"{variant}: {args.profile_tokens} tokens in {wall_ms:.0f} ms, its kernels "
                   f"{profiles[variant]['gpu_kernel_ms']:.0f} ms of GPU time", flush=True)
             if args.json:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from provenance import git_commit
-from qat_kd_perf import SHAPES, fresh_model, gpu_ms_per_kernel, measure, quantize_w3g128, rqat_trainer, synthetic_batch
+from qat_kd_perf import SHAPES, fresh_model, kernel_profile, measure, quantize_w3g128, rqat_trainer, synthetic_batch
 
 TESTBED = "rqat_sdk/testbed/long"
 RECIPE = "testbed-long_w3g128_gptq_kd_grpo"
@@ -60,8 +60,7 @@ def step_worker(args: argparse.Namespace) -> int:
     if world > 1:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     # the profiler after the timing (a process that has profiled can launch slower)
-    kernels = sorted(gpu_ms_per_kernel(step, steps=1).items(), key=lambda item: item[1], reverse=True) \
-        if args.profile else []
+    profile = kernel_profile(step, steps=1, count=16) if args.profile else {}
     if distributed.is_main():
         Path(args.result).write_text(json.dumps({
             "gpus": world, "strategy": args.strategy, "step_ms": round(step_ms, 1),
@@ -69,8 +68,7 @@ def step_worker(args: argparse.Namespace) -> int:
             "peak_gb_per_gpu": round(peak.item(), 2),
             "parameters": sum(p.numel() for p in teacher.parameters()),
             "compile_teacher": args.compile, "compile_student": args.compile,
-            **({"gpu_kernel_ms": round(sum(ms for _, ms in kernels), 1),  # against step_ms: the GPU's busy share
-                "top_kernels_ms": {name[:120]: round(ms, 3) for name, ms in kernels[:16]}} if kernels else {}),
+            **profile,
         }))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

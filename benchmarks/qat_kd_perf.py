@@ -317,10 +317,17 @@ def gpu_ms_per_kernel(step, steps: int) -> dict[str, float]:
     return {event.key: event.self_device_time_total / 1000 / steps for event in prof.key_averages()}
 
 
+def kernel_profile(step, steps: int = 3, count: int = 12) -> dict:
+    """The GPU time of all of ``step``'s kernels (``gpu_kernel_ms``, ms per step: against the step's wall time, how
+    busy the GPU is) and the ``count`` costliest (``top_kernels_ms``), from the profiler."""
+    kernels = sorted(gpu_ms_per_kernel(step, steps).items(), key=lambda item: item[1], reverse=True)
+    return {"gpu_kernel_ms": round(sum(ms for _, ms in kernels), 1),
+            "top_kernels_ms": {key[:120]: round(ms, 3) for key, ms in kernels[:count]}}
+
+
 def top_gpu_kernels(step, steps: int = 3, count: int = 12) -> dict[str, float]:
     """The ``count`` kernels of ``step`` with the most GPU time (ms per step), from the profiler."""
-    kernels = sorted(gpu_ms_per_kernel(step, steps).items(), key=lambda item: item[1], reverse=True)
-    return {key[:120]: round(ms, 3) for key, ms in kernels[:count]}
+    return kernel_profile(step, steps, count)["top_kernels_ms"]
 
 
 def host_ms(step, steps: int = 5) -> float:

@@ -17,8 +17,9 @@ step (``DistillationTrainer``: fake-quantized student, frozen bf16 teacher, forw
 The issue's bound: transforms and clipping must not double training memory (``w4a4kv4_flatquant`` peak
 < 2x ``w4_weight_only``).
 
-``--profile VARIANT ...``: after every variant is timed, those variants are built again and their step's
-costliest GPU kernels recorded (``top_kernels_ms``), so that profiling cannot slow the timed steps.
+``--profile VARIANT ...``: after every variant is timed, those variants are built again and their step's GPU
+kernel time (``gpu_kernel_ms``) and costliest kernels recorded (``top_kernels_ms``), so that profiling cannot slow
+the timed steps.
 
     python benchmarks/w4a4kv4_qat_perf.py --json docs/results/w4a4kv4_qat_perf.json
 """
@@ -40,12 +41,12 @@ from qat_kd_perf import (
     cleanup,
     cuda_device,
     fresh_model,
+    kernel_profile,
     measure,
     pytorch_kv_quantizer,
     rqat_trainer,
     step_benchmark_parser,
     synthetic_batch,
-    top_gpu_kernels,
 )
 
 from rqat_sdk.files import write_json_atomic
@@ -80,7 +81,7 @@ def calibrate_flatquant(model, scheme: str, sequences: int, length: int) -> None
 
 def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps: int, *,
           compiled: bool = False, profile: bool = False) -> dict:
-    """One variant's step time and peak memory (or, with ``profile``, its costliest kernels instead)."""
+    """One variant's step time and peak memory (or, with ``profile``, its kernels' GPU time instead)."""
     import rqat_sdk
     from rqat_sdk.modifiers.layers import attach_fake_quant, detach_fake_quant, parameter_group
 
@@ -102,7 +103,7 @@ def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps:
     warmup += 2 * compiled  # the compile happens in the first steps
     if profile:
         measure(step, warmup, 1)
-        result: dict = {"top_kernels_ms": top_gpu_kernels(step, steps=1, count=16)}
+        result: dict = kernel_profile(step, steps=1, count=16)
     else:
         ms, gb = measure(step, warmup, steps)
         result = {"ms": ms, "peak_gb": gb, "trained_parameters": groups}
