@@ -329,7 +329,11 @@ def test_a_compiled_teacher_gives_the_eager_hidden_states_on_the_gpu():
 @needs_fp8
 def test_a_compiled_fp8_teacher_gives_the_eager_fp8_teachers_hidden_states_on_the_gpu():
     """compile_teacher with teacher_precision fp8: the fused row quantization and ``_scaled_mm`` inside the
-    compiled graph; values that land on the other side of an e4m3 step are a small share of FP8's own error."""
+    compiled graph give a teacher as close to the bf16 one as the eager FP8 teacher is.
+
+    Not the eager FP8 teacher's values: in bf16 the compiled graph keeps float32 between fused operations where
+    eager rounds to bf16, and those small differences put many values on the other side of an e4m3 step (the
+    two FP8 teachers differ by about half of FP8's own error; so do their CPU counterparts in bf16)."""
     import copy
 
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -349,5 +353,7 @@ def test_a_compiled_fp8_teacher_gives_the_eager_fp8_teachers_hidden_states_on_th
         with torch.no_grad():
             eager, fused, full = (hidden_states(model, batch, decoder).float() for model, decoder in
                                   ((teacher, None), (teacher, compiled), (original, None)))
-        assert (fused - eager).norm() < 0.25 * (eager - full).norm()
+        fp8_error = (eager - full).norm()
+        # as accurate as the eager FP8 teacher, and still FP8 (a graph that fell back to bf16 would be closer)
+        assert 0.8 * fp8_error < (fused - full).norm() < 1.15 * fp8_error
     torch._dynamo.reset()
