@@ -21,7 +21,9 @@ scales). Every variant runs in this one process, one after another, with the sam
   for reference.
 
 It first checks the Triton kernels against the PyTorch path (bit-identical forward) and compressed-tensors, and
-the FP8 teacher's ``_scaled_mm`` path against its float32 reference.
+the FP8 teacher's ``_scaled_mm`` path against its float32 reference. ``--variants`` times some of them only
+(``bf16_ce`` always, first). The JSON record is rewritten after every variant, listing under ``unfinished`` what
+is still to run: a run stopped by a time limit keeps what it measured.
 
     python benchmarks/qat_kd_perf.py --json docs/results/qat_kd_perf.json
 """
@@ -60,7 +62,9 @@ SHAPES = {
 
 
 TEACHER_VARIANTS = ("qat_kd_fp8_teacher", "qat_kd_compiled_teacher", "qat_kd_compiled", "qat_kd_fp8_teacher_compiled")
-"""The QAT-KD variants recorded as ``{name}_ms``, ``{name}_peak_gb`` and ``{name}_over_bf16_ce`` (when they ran)."""
+"""The QAT-KD variants besides ``qat_kd`` that the record also gives as ``{name}_over_bf16_ce``."""
+VARIANTS = ("bf16_ce", "no_fake_quant_ce", "fake_quant_ce", "qat_kd", *TEACHER_VARIANTS, "naive_kd")
+"""Every variant, in the order a run times them; each is recorded as ``{name}_ms`` and ``{name}_peak_gb``."""
 
 
 def check_kernels() -> list[str]:
@@ -466,6 +470,8 @@ def cuda_device() -> str | None:
 def main() -> int:
     parser = step_benchmark_parser(__doc__)
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=list(VARIANTS[1:]),
+                        help="the variants to time after bf16_ce (the baseline of every ratio, always timed first)")
     args = parser.parse_args()
     device = cuda_device()
     if device is None:
@@ -481,98 +487,132 @@ def main() -> int:
         print("  " + line)
 
     ids = synthetic_batch(args.batch, args.seq, QWEN3_0_6B["vocab_size"]).cuda()
-    tokens = ids.numel()
-    results = {}
-    kernels: dict[str, float] = {}
-    for name, run in (
-        ("bf16_ce", lambda: bench_bf16_ce(ids, args.warmup, args.steps)),
-        ("no_fake_quant_ce", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=False, objective="sft")),
-        ("fake_quant_ce", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="sft")),
-        ("qat_kd", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd")),
-        ("qat_kd_fp8_teacher", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd",
-                                                  fp8_teacher=True)),
-        ("qat_kd_compiled_teacher", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True,
-                                                       objective="kd", compile_teacher=True)),
-        ("qat_kd_compiled", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd",
-                                               compile_teacher=True, compile_student=True)),
-        ("qat_kd_fp8_teacher_compiled", lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True,
-                                                           objective="kd", fp8_teacher=True, compile_teacher=True,
-                                                           compile_student=True)),
-        ("naive_kd", lambda: bench_naive_kd(ids, args.warmup, args.steps)),
-    ):
-        if name.startswith("qat_kd_fp8_teacher") and not fp8:
+    runs = {
+        "bf16_ce": lambda: bench_bf16_ce(ids, args.warmup, args.steps),
+        "no_fake_quant_ce": lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=False, objective="sft"),
+        "fake_quant_ce": lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="sft"),
+        "qat_kd": lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd"),
+        "qat_kd_fp8_teacher": lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd",
+                                                 fp8_teacher=True),
+        "qat_kd_compiled_teacher": lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd",
+                                                      compile_teacher=True),
+        "qat_kd_compiled": lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd",
+                                              compile_teacher=True, compile_student=True),
+        "qat_kd_fp8_teacher_compiled": lambda: bench_rqat(ids, args.warmup, args.steps, fake_quant=True,
+                                                          objective="kd", fp8_teacher=True, compile_teacher=True,
+                                                          compile_student=True),
+        "naive_kd": lambda: bench_naive_kd(ids, args.warmup, args.steps),
+    }
+    selected = [name for name in VARIANTS if name == "bf16_ce" or name in args.variants]
+    if not fp8:
+        for name in [name for name in selected if name.startswith("qat_kd_fp8_teacher")]:
             print(f"{name}: skipped, {device} has no FP8 matmuls (compute capability 8.9+)", flush=True)
-            continue
+            selected.remove(name)
+    pending = [*selected, *(["breakdown"] if args.breakdown else []), *(["profile"] if "qat_kd" in selected else [])]
+    measured = Measured(ids.numel())
+
+    def save() -> None:
+        """The record of everything measured so far: a run stopped by a time limit keeps its finished variants."""
+        if args.json:
+            write_json_atomic(args.json, {
+                "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": device,
+                "date": datetime.date.today().isoformat(), "commit": git_commit(), "kernel_checks_ok": not bad,
+                **measured.record(), **({"unfinished": pending} if pending else {})})
+
+    for name in selected:
         started = time.perf_counter()
         try:
-            results[name] = run()
+            measured.steps[name] = runs[name]()
         except torch.OutOfMemoryError:
-            results[name] = (float("nan"), float("nan"))
+            measured.steps[name] = (float("nan"), float("nan"))
             cleanup()
-        print(f"{name}: {results[name][0]:.1f} ms, peak {results[name][1]:.1f} GB "
+        pending.remove(name)
+        save()
+        print(f"{name}: {measured.steps[name][0]:.1f} ms, peak {measured.steps[name][1]:.1f} GB "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-    top_kernels: dict[str, dict[str, float]] = {}
-    parts = breakdown(ids, args.warmup, args.steps, top_kernels) if args.breakdown else {}
-    # the profiler only after everything is timed: a process that has run it can launch slower afterwards
-    # (CUPTI stays attached), which once made the variants timed after it look slower than those before
-    bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd", kernels=kernels)
-
-    base_ms, base_gb = results["bf16_ce"]
-    kd_ms, kd_gb = results["qat_kd"]
-    overhead = (results["fake_quant_ce"][0] - results["no_fake_quant_ce"][0]) / kd_ms
-    record = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "device": device,
-        "date": datetime.date.today().isoformat(),
-        "commit": git_commit(),
-        "bf16_ce_ms": round(base_ms, 1),
-        "qat_kd_ms": round(kd_ms, 1),
-        "fake_quant_ce_ms": round(results["fake_quant_ce"][0], 1),
-        "bf16_ce_peak_gb": round(base_gb, 2),
-        "qat_kd_peak_gb": round(kd_gb, 2),
-        "no_fake_quant_ce_ms": round(results["no_fake_quant_ce"][0], 1),
-        "naive_kd_ms": round(results["naive_kd"][0], 1),
-        **{key: value for name in TEACHER_VARIANTS if name in results
-           for key, value in ((f"{name}_ms", round(results[name][0], 1)),
-                              (f"{name}_peak_gb", round(results[name][1], 2)),
-                              (f"{name}_over_bf16_ce", round(results[name][0] / base_ms, 3)))},
-        "naive_kd_peak_gb": round(results["naive_kd"][1], 2),
-        "fake_quant_ce_peak_gb": round(results["fake_quant_ce"][1], 2),
-        "no_fake_quant_ce_peak_gb": round(results["no_fake_quant_ce"][1], 2),
-        "tokens_per_s": {name: round(tokens / ms * 1000) for name, (ms, _) in results.items()},
-        "qat_kd_kernel_gpu_ms": {k: round(v, 2) for k, v in kernels.items()},
-        "qat_kd_over_bf16_ce": round(kd_ms / base_ms, 3),
-        "fake_quant_overhead": round(overhead, 4),
-        "fake_quant_kernel_share": round((kernels["fake_quant_fwd"] + kernels["fake_quant_bwd"]) / kd_ms, 4),
-        "tokens_per_step": tokens,
-        "kernel_checks_ok": not bad,
-        "breakdown_ms": {k: round(v, 2) for k, v in parts.items()},
-        **({"top_kernels_ms": top_kernels} if top_kernels else {}),
-    }
-    if args.json:  # before the summary: nothing printed can cost the record
-        write_json_atomic(args.json, record)
-    print()
-    print("| variant | step ms | tokens/s | peak GB |")
-    print("|---|---|---|---|")
-    for name, (ms, gb) in results.items():
-        print(f"| {name} | {ms:.1f} | {tokens / ms * 1000:,.0f} | {gb:.1f} |")
-    for name, ms in parts.items():
-        print(f"  {name}: {ms:.2f} ms")
-    for part, costliest in top_kernels.items():
-        for name, ms in costliest.items():
-            print(f"  {part} kernel {ms:.3f} ms: {name}")
-    print()
-    print(f"QAT-KD / bf16 CE step: {record['qat_kd_over_bf16_ce']:.3f} (target <= 1.35)")
-    print(f"QAT-KD peak / bf16 CE peak: {kd_gb / base_gb:.3f} (target <= 1.0)")
-    for name in TEACHER_VARIANTS:
-        if name in results:
-            ms, gb = results[name]
-            target = " (target <= 1.20, peak <= 1.0)" if name.startswith("qat_kd_fp8_teacher") else ""
-            print(f"{name} / bf16 CE step: {ms / base_ms:.3f}, peak {gb / base_gb:.3f} of bf16 CE's{target}")
-    print(f"fake-quant overhead: {overhead:.1%} of the QAT-KD step (target <= 5%); its kernels' GPU time "
-          f"{record['fake_quant_kernel_share']:.1%} ({kernels['fake_quant_fwd']:.2f} ms forward, "
-          f"{kernels['fake_quant_bwd']:.2f} ms backward; fused head loss {kernels['head_loss']:.2f} ms)")
+    if args.breakdown:
+        measured.parts = breakdown(ids, args.warmup, args.steps, measured.top_kernels)
+        pending.remove("breakdown")
+        save()
+    if "qat_kd" in selected:
+        # the profiler only after everything is timed: a process that has run it can launch slower afterwards
+        # (CUPTI stays attached), which once made the variants timed after it look slower than those before
+        bench_rqat(ids, args.warmup, args.steps, fake_quant=True, objective="kd", kernels=measured.kernels)
+        pending.remove("profile")
+        save()
+    measured.print_summary()
     return 0 if not bad else 1
+
+
+class Measured:
+    """What a run has measured: each variant's (step ms, peak GB), the breakdown's parts, the profiled QAT-KD
+    step's kernel times; and the record and summary made from whatever of them exists."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.steps: dict[str, tuple[float, float]] = {}
+        self.parts: dict[str, float] = {}
+        self.top_kernels: dict[str, dict[str, float]] = {}
+        self.kernels: dict[str, float] = {}
+
+    def over_base(self, name: str) -> float:
+        return self.steps[name][0] / self.steps["bf16_ce"][0]
+
+    def fake_quant_overhead(self) -> float | None:
+        """``fake_quant_ce``'s extra time over ``no_fake_quant_ce``, as a share of the QAT-KD step."""
+        if not {"fake_quant_ce", "no_fake_quant_ce", "qat_kd"} <= self.steps.keys():
+            return None
+        return (self.steps["fake_quant_ce"][0] - self.steps["no_fake_quant_ce"][0]) / self.steps["qat_kd"][0]
+
+    def record(self) -> dict:
+        steps, kernels = self.steps, self.kernels
+        record: dict = {
+            **{key: value for name, (ms, gb) in steps.items()
+               for key, value in ((f"{name}_ms", round(ms, 1)), (f"{name}_peak_gb", round(gb, 2)))},
+            **{f"{name}_over_bf16_ce": round(self.over_base(name), 3)
+               for name in ("qat_kd", *TEACHER_VARIANTS) if name in steps},
+            "tokens_per_s": {name: round(self.tokens / ms * 1000) for name, (ms, _) in steps.items()},
+            "tokens_per_step": self.tokens,
+        }
+        overhead = self.fake_quant_overhead()
+        if overhead is not None:
+            record["fake_quant_overhead"] = round(overhead, 4)
+        if kernels:
+            record["qat_kd_kernel_gpu_ms"] = {k: round(v, 2) for k, v in kernels.items()}
+            record["fake_quant_kernel_share"] = round(
+                (kernels["fake_quant_fwd"] + kernels["fake_quant_bwd"]) / steps["qat_kd"][0], 4)
+        if self.parts:
+            record["breakdown_ms"] = {k: round(v, 2) for k, v in self.parts.items()}
+        if self.top_kernels:
+            record["top_kernels_ms"] = self.top_kernels
+        return record
+
+    def print_summary(self) -> None:
+        base_ms, base_gb = self.steps["bf16_ce"]
+        print()
+        print("| variant | step ms | tokens/s | peak GB |")
+        print("|---|---|---|---|")
+        for name, (ms, gb) in self.steps.items():
+            print(f"| {name} | {ms:.1f} | {self.tokens / ms * 1000:,.0f} | {gb:.1f} |")
+        for name, ms in self.parts.items():
+            print(f"  {name}: {ms:.2f} ms")
+        for part, costliest in self.top_kernels.items():
+            for name, ms in costliest.items():
+                print(f"  {part} kernel {ms:.3f} ms: {name}")
+        print()
+        for name in ("qat_kd", *TEACHER_VARIANTS):
+            if name in self.steps:
+                ms, gb = self.steps[name]
+                target = (" (target <= 1.35, peak <= 1.0)" if name == "qat_kd" else
+                          " (target <= 1.20, peak <= 1.0)" if name.startswith("qat_kd_fp8_teacher") else "")
+                print(f"{name} / bf16 CE step: {ms / base_ms:.3f}, peak {gb / base_gb:.3f} of bf16 CE's{target}")
+        overhead = self.fake_quant_overhead()
+        if overhead is not None:
+            print(f"fake-quant overhead: {overhead:.1%} of the QAT-KD step (target <= 5%)")
+        if self.kernels:
+            kernels = self.kernels
+            print(f"fake-quant kernels' GPU time: {kernels['fake_quant_fwd']:.2f} ms forward, "
+                  f"{kernels['fake_quant_bwd']:.2f} ms backward; fused head loss {kernels['head_loss']:.2f} ms")
 
 
 if __name__ == "__main__":

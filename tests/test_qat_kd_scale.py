@@ -42,3 +42,18 @@ def test_mfu_counts_student_and_teacher(scale):
 def test_without_gpus_it_says_so():
     run = subprocess.run([sys.executable, "qat_kd_scale.py"], cwd=BENCHMARKS, capture_output=True, text=True)
     assert run.returncode == 2 and "needs 1 CUDA GPU (found 0)" in run.stdout
+
+
+def test_qat_kd_perfs_record_holds_what_a_stopped_run_measured(scale):
+    """qat_kd_perf.py rewrites its record after every variant: a part of the variants gives their keys and the
+    ratios it can compute, nothing from what did not run."""
+    _, perf = scale
+    measured = perf.Measured(tokens=8192)
+    measured.steps = {"bf16_ce": (180.0, 35.0), "qat_kd": (234.0, 28.4), "qat_kd_compiled": (182.0, 23.2)}
+    record = measured.record()
+    assert record["qat_kd_over_bf16_ce"] == 1.3 and record["qat_kd_compiled_over_bf16_ce"] == 1.011
+    assert record["qat_kd_compiled_peak_gb"] == 23.2 and record["tokens_per_s"]["bf16_ce"] == 45511
+    assert "fake_quant_overhead" not in record and "breakdown_ms" not in record
+    assert "qat_kd_kernel_gpu_ms" not in record
+    measured.steps |= {"no_fake_quant_ce": (184.0, 25.9), "fake_quant_ce": (190.8, 26.8)}
+    assert measured.record()["fake_quant_overhead"] == round(6.8 / 234.0, 4)
