@@ -27,9 +27,14 @@ tie that another kernel's rounding can flip; a margin far beyond it is an error.
     python benchmarks/grpo_rollout_perf.py --json docs/results/grpo_rollout_perf.json
     python benchmarks/grpo_rollout_perf.py --shape tiny --prompts 4 --completions 2 --new-tokens 16  # CPU smoke
 
-``--profile-tokens N`` (CUDA), after every variant is timed: each variant's ``generate`` of N tokens over the whole
-batch, its wall time against the GPU time of all its kernels (``profile``: a decoding step whose kernels fill a
-small share of its wall time waits on the host) and its costliest kernels, to show where a step's time goes.
+Each timed rollout also clocks its decoding steps (``step_ms``: mean milliseconds per step over each quarter of
+them), which shows how a step's cost grows with the cache's length; ``generate`` waits for every step's tokens
+(its stopping check reads them), so the clock measures whole steps.
+
+``--profile-window START COUNT`` (CUDA), after every variant is timed: in one more rollout of each variant,
+the profiler records decoding steps START to START + COUNT - 1 only: the GPU time of all their kernels per step
+(``gpu_kernel_ms``, against the timed rollout's ``step_ms`` of the same steps: a step whose kernels
+fill a small share of it waits on the host) and the costliest kernels, to show where a late step's time goes.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import shlex
 import sys
 import time
@@ -45,7 +51,8 @@ from pathlib import Path
 import torch
 from provenance import git_commit
 from qat_kd_perf import SHAPES as STEP_SHAPES
-from qat_kd_perf import fresh_model, kernel_profile, quantize_w3g128
+from qat_kd_perf import fresh_model, kernel_summary, profiled_ms_per_kernel, quantize_w3g128
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from rqat_sdk.files import write_json_atomic
 from rqat_sdk.generation import preallocated_kv_cache
@@ -69,13 +76,40 @@ def policy(shape: str, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
+class StepClock(LogitsProcessor):
+    """Called by ``generate`` once per forward (the prefill, then each decoding step), scores unchanged: keeps the
+    time of each call and hands it to ``on_step`` (a profiler's ``step``)."""
+
+    def __init__(self, on_step=None) -> None:
+        self.times: list[float] = []
+        self.on_step = on_step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        if self.on_step is not None:
+            self.on_step()
+        return scores
+
+    def step_ms(self, first: int, last: int) -> float:
+        """Mean milliseconds per decoding step over steps ``first`` to ``last`` (1 is the first after the
+        prefill)."""
+        return (self.times[last] - self.times[first - 1]) * 1000 / (last - first + 1)
+
+    def quarters(self) -> dict[str, float]:
+        """Mean ms per step over each quarter of the decoding steps, keyed by their range."""
+        steps = len(self.times) - 1
+        bounds = [1 + steps * i // 4 for i in range(5)]
+        return {f"{a}-{b - 1}": round(self.step_ms(a, b - 1), 2) for a, b in itertools.pairwise(bounds) if b > a}
+
+
 def generate(model, ids: torch.Tensor, mask: torch.Tensor, variant: str, *, new_tokens: int, completions: int,
-             greedy: bool, **outputs: bool):
-    """One ``generate`` call as ``variant`` runs it; ``outputs`` (``return_dict_in_generate``, ``output_logits``)
-    pass through."""
+             greedy: bool, clock: StepClock | None = None, **outputs: bool):
+    """One ``generate`` call as ``variant`` runs it, ``clock`` timing its steps; ``outputs``
+    (``return_dict_in_generate``, ``output_logits``) pass through."""
     settings = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_return_sequences": completions,
                 "do_sample": not greedy, **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if not greedy else {}),
-                **({"cache_implementation": "static"} if variant == "once_static" else {}), **outputs}
+                **({"cache_implementation": "static"} if variant == "once_static" else {}),
+                **({"logits_processor": LogitsProcessorList([clock])} if clock is not None else {}), **outputs}
     once = quantized_once_per_generate(model) if variant != "per_token" else contextlib.nullcontext()
     # as GRPO's rollouts run it (generate expands the prompts for num_return_sequences before the prefill)
     preallocated = (preallocated_kv_cache(model, new_tokens) if variant == "once_preallocated"
@@ -110,6 +144,20 @@ def first_difference(reference: tuple[torch.Tensor, torch.Tensor],
             if step else 0.0}
 
 
+def profile_window(model, ids: torch.Tensor, mask: torch.Tensor, variant: str, args: argparse.Namespace,
+                   start: int, count: int, top: int = 12) -> dict:
+    """One rollout of ``variant`` with the profiler recording decoding steps ``start`` to ``start + count - 1``
+    only: their kernels' GPU time per step, in all (``gpu_kernel_ms``) and for the ``top`` costliest."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    # profiler steps end at each clock call: step k (the forward of decoding step k) ends at call k
+    plan = schedule(wait=start - 1, warmup=1, active=count, repeat=1)
+    with profile(activities=[ProfilerActivity.CUDA], schedule=plan) as prof:
+        generate(model, ids, mask, variant, new_tokens=args.new_tokens, completions=args.completions, greedy=False,
+                 clock=StepClock(prof.step))
+    return kernel_summary(profiled_ms_per_kernel(prof, count), top)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -133,7 +181,7 @@ def record(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, r
         "tokens_per_s": best["tokens_per_s"] if best else None,
         "fastest_variant": best["variant"] if best else None,
         "variants": rows,
-        **({"profile_tokens": args.profile_tokens, "profile": profiles} if profiles else {}),
+        **({"profile_window": args.profile_window, "profile": profiles} if profiles else {}),
     }
 
 
@@ -147,8 +195,9 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--padded", action="store_true", help="left-pad half the prompts by a quarter")
-    parser.add_argument("--profile-tokens", type=int, default=0,
-                        help="CUDA: profile each variant's generate of this many tokens after the timings")
+    parser.add_argument("--profile-window", type=int, nargs=2, metavar=("START", "COUNT"),
+                        help="CUDA: after the timings, profile decoding steps START to START + COUNT - 1 of each "
+                             "variant's rollout")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,19 +214,22 @@ def main() -> int:
     check, check_mask = ids[:4], mask[:4]
     reference = greedy_check(model, check, check_mask, "per_token")
     rows = []
+    clocks: dict[str, StepClock] = {}
     for variant in args.variants:
         difference = first_difference(reference, greedy_check(model, check, check_mask, variant))
         same = difference is None
+        clocks[variant] = clock = StepClock()
         synchronize(device)
         started = time.perf_counter()
         out = generate(model, ids, mask, variant, new_tokens=args.new_tokens, completions=args.completions,
-                       greedy=False)
+                       greedy=False, clock=clock)
         synchronize(device)
         seconds = time.perf_counter() - started
         tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         rows.append({"variant": variant, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
-                     "completion_tokens": tokens, "greedy_tokens_match_baseline": same,
+                     "completion_tokens": tokens, "step_ms": clock.quarters(),
+                     "greedy_tokens_match_baseline": same,
                      **({"first_difference": difference} if difference else {}),
                      "peak_gib": round(peak, 1) if peak is not None else None})
         print(f"{variant}: {tokens / seconds:,.0f} completion tokens/s ({seconds:.1f} s), greedy tokens "
@@ -188,21 +240,16 @@ def main() -> int:
         if args.json:  # after every variant: a run stopped by a time limit keeps the variants it finished
             write_json_atomic(args.json, record(args, device, dtype, rows))
 
-    if args.profile_tokens and device.type == "cuda":  # last: a process that has profiled can launch slower
+    if args.profile_window and device.type == "cuda":  # last: a process that has profiled can launch slower
+        start, count = args.profile_window
+        if not 1 <= start <= start + count - 1 <= args.new_tokens - 1:
+            parser.error(f"--profile-window {start} {count}: decoding steps run from 1 to {args.new_tokens - 1}")
         profiles = {}
         for variant in args.variants:
-            def rollout(variant: str = variant) -> None:
-                generate(model, ids, mask, variant, new_tokens=args.profile_tokens, completions=args.completions,
-                         greedy=False)
-            rollout()  # unprofiled first: a static cache compiles (again) for a new length here
-            synchronize(device)
-            started = time.perf_counter()
-            rollout()
-            synchronize(device)
-            wall_ms = (time.perf_counter() - started) * 1000
-            profiles[variant] = {"wall_ms": round(wall_ms, 1), **kernel_profile(rollout, steps=1)}
-            print(f"{variant}: {args.profile_tokens} tokens in {wall_ms:.0f} ms, its kernels "
-                  f"{profiles[variant]['gpu_kernel_ms']:.0f} ms of GPU time", flush=True)
+            profiles[variant] = profile_window(model, ids, mask, variant, args, start, count)
+            profiles[variant]["step_ms"] = round(clocks[variant].step_ms(start, start + count - 1), 2)
+            print(f"{variant}: decoding steps {start}-{start + count - 1} take {profiles[variant]['step_ms']:.1f} ms "
+                  f"each, their kernels {profiles[variant]['gpu_kernel_ms']:.1f} ms of GPU time", flush=True)
             if args.json:
                 write_json_atomic(args.json, record(args, device, dtype, rows, profiles))
 

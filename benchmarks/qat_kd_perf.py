@@ -318,14 +318,24 @@ def gpu_ms_per_kernel(step, steps: int) -> dict[str, float]:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    return profiled_ms_per_kernel(prof, steps)
+
+
+def profiled_ms_per_kernel(prof, steps: int) -> dict[str, float]:
+    """GPU time (ms per step) of each kernel a finished profiler recorded over ``steps`` steps."""
     return {event.key: event.self_device_time_total / 1000 / steps for event in prof.key_averages()}
 
 
 def kernel_profile(step, steps: int = 3, count: int = 12) -> dict:
     """The GPU time of all of ``step``'s kernels (``gpu_kernel_ms``, ms per step: against the step's wall time, how
     busy the GPU is) and the ``count`` costliest (``top_kernels_ms``), from the profiler."""
-    kernels = sorted(gpu_ms_per_kernel(step, steps).items(), key=lambda item: item[1], reverse=True)
-    return {"gpu_kernel_ms": round(sum(ms for _, ms in kernels), 1),
+    return kernel_summary(gpu_ms_per_kernel(step, steps), count)
+
+
+def kernel_summary(ms_per_kernel: dict[str, float], count: int = 12) -> dict:
+    """:func:`kernel_profile`'s summary of kernels' GPU times: their sum and the ``count`` costliest."""
+    kernels = sorted(ms_per_kernel.items(), key=lambda item: item[1], reverse=True)
+    return {"gpu_kernel_ms": round(sum(ms for _, ms in kernels), 2),
             "top_kernels_ms": {key[:120]: round(ms, 3) for key, ms in kernels[:count]}}
 
 
