@@ -12,6 +12,9 @@ random model never emits its end-of-sequence token, so every completion has the 
 - ``once_preallocated``: the same with ``cache_implementation: preallocated``: the KV cache written in place
   where the dynamic cache copies itself at every token, and decoding attention reading it without expanding
   it per query head;
+- ``once_grouped``: ``once`` with the dynamic cache and the preallocated path's decode attention over grouped heads
+  (:func:`~rqat_sdk.preallocated_cache.grouped_decode_attention`): what the grouped attention alone does where
+  prompts are padded (transformers' SDPA path then expands keys and values per query head at every step);
 - ``once_static``: the same with transformers' static KV cache (``cache_implementation: static``), which
   transformers compiles for on GPUs (last: its compile can take minutes).
 
@@ -57,13 +60,14 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from rqat_sdk.files import write_json_atomic
 from rqat_sdk.generation import preallocated_kv_cache
 from rqat_sdk.modifiers.layers import attach_fake_quant, quantized_once_per_generate
+from rqat_sdk.preallocated_cache import grouped_decode_attention
 
 SHAPES = {
     **STEP_SHAPES,
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True),
 }
-VARIANTS = ("per_token", "once", "once_preallocated", "once_static")
+VARIANTS = ("per_token", "once", "once_preallocated", "once_grouped", "once_static")
 CHECK_TOKENS = 32
 
 
@@ -112,9 +116,9 @@ def generate(model, ids: torch.Tensor, mask: torch.Tensor, variant: str, *, new_
                 **({"logits_processor": LogitsProcessorList([clock])} if clock is not None else {}), **outputs}
     once = quantized_once_per_generate(model) if variant != "per_token" else contextlib.nullcontext()
     # as GRPO's rollouts run it (generate expands the prompts for num_return_sequences before the prefill)
-    preallocated = (preallocated_kv_cache(model, new_tokens) if variant == "once_preallocated"
-                    else contextlib.nullcontext())
-    with once, preallocated, torch.no_grad():
+    decoding = (preallocated_kv_cache(model, new_tokens) if variant == "once_preallocated"
+                else grouped_decode_attention(model) if variant == "once_grouped" else contextlib.nullcontext())
+    with once, decoding, torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, **settings)
 
 

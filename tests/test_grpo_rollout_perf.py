@@ -24,7 +24,8 @@ def test_every_rollout_variant_keeps_the_policy_tokens(tmp_path, padded):
     record = json.loads(out.read_text())
     assert {"command", "device", "date", "commit", "baseline_tokens_per_s", "tokens_per_s"} <= set(record)
     assert record["padded"] is padded
-    assert [row["variant"] for row in record["variants"]] == ["per_token", "once", "once_preallocated", "once_static"]
+    assert [row["variant"] for row in record["variants"]] == ["per_token", "once", "once_preallocated", "once_grouped",
+                                                               "once_static"]
     assert all(row["greedy_tokens_match_baseline"] for row in record["variants"])
     assert all(row["completion_tokens"] == 3 * 2 * 12 for row in record["variants"])
     # 12 new tokens: the prefill's, then 11 decoding steps, clocked by quarter
