@@ -156,9 +156,14 @@ def profile_window(model, ids: torch.Tensor, mask: torch.Tensor, variant: str, a
 
     # profiler steps end at each clock call: step k (the forward of decoding step k) ends at call k
     plan = schedule(wait=start - 1, warmup=1, active=count, repeat=1)
+
+    def next_step() -> None:  # the GPU done first: kernels still queued belong to the step before
+        torch.cuda.synchronize()
+        prof.step()
+
     with profile(activities=[ProfilerActivity.CUDA], schedule=plan) as prof:
         generate(model, ids, mask, variant, new_tokens=args.new_tokens, completions=args.completions, greedy=False,
-                 clock=StepClock(prof.step))
+                 clock=StepClock(next_step))
     return kernel_summary(profiled_ms_per_kernel(prof, count), top)
 
 
@@ -204,6 +209,10 @@ def main() -> int:
                              "variant's rollout")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.profile_window:
+        start, count = args.profile_window
+        if not 1 <= start <= start + count - 1 <= args.new_tokens - 1:
+            parser.error(f"--profile-window {start} {count}: decoding steps run from 1 to {args.new_tokens - 1}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = policy(args.shape, device, dtype)
@@ -229,6 +238,8 @@ def main() -> int:
                        greedy=False, clock=clock)
         synchronize(device)
         seconds = time.perf_counter() - started
+        if len(clock.times) != args.new_tokens:  # the step clock assumes one logits-processor call per forward
+            raise RuntimeError(f"generate called the step clock {len(clock.times)} times for {args.new_tokens} tokens")
         tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         rows.append({"variant": variant, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
@@ -246,8 +257,6 @@ def main() -> int:
 
     if args.profile_window and device.type == "cuda":  # last: a process that has profiled can launch slower
         start, count = args.profile_window
-        if not 1 <= start <= start + count - 1 <= args.new_tokens - 1:
-            parser.error(f"--profile-window {start} {count}: decoding steps run from 1 to {args.new_tokens - 1}")
         profiles = {}
         for variant in args.variants:
             profiles[variant] = profile_window(model, ids, mask, variant, args, start, count)

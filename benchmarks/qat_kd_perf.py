@@ -35,6 +35,7 @@ import contextlib
 import copy
 import datetime
 import gc
+import math
 import shlex
 import statistics
 import sys
@@ -581,7 +582,8 @@ class Measured:
                for key, value in ((f"{name}_ms", round(ms, 1)), (f"{name}_peak_gb", round(gb, 2)))},
             **{f"{name}_over_bf16_ce": round(self.over_base(name), 3)
                for name in ("qat_kd", *TEACHER_VARIANTS) if name in steps},
-            "tokens_per_s": {name: round(self.tokens / ms * 1000) for name, (ms, _) in steps.items()},
+            "tokens_per_s": {name: None if math.isnan(ms) else round(self.tokens / ms * 1000)  # NaN: out of memory
+                             for name, (ms, _) in steps.items()},
             "tokens_per_step": self.tokens,
         }
         overhead = self.fake_quant_overhead()
@@ -591,8 +593,7 @@ class Measured:
             record["qat_kd_kernel_gpu_ms"] = {k: round(v, 2) for k, v in kernels.items()}
             record["fake_quant_kernel_share"] = round(
                 (kernels["fake_quant_fwd"] + kernels["fake_quant_bwd"]) / steps["qat_kd"][0], 4)
-        if self.parts:
-            record["breakdown_ms"] = {k: round(v, 2) for k, v in self.parts.items()}
+        record["breakdown_ms"] = {k: round(v, 2) for k, v in self.parts.items()}
         if self.top_kernels:
             record["top_kernels_ms"] = self.top_kernels
         return record

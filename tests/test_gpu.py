@@ -327,7 +327,7 @@ def test_a_compiled_teacher_gives_the_eager_hidden_states_on_the_gpu():
 
 
 @needs_fp8
-def test_a_compiled_fp8_teacher_gives_the_eager_fp8_teachers_hidden_states_on_the_gpu():
+def test_a_compiled_fp8_teacher_is_as_close_to_bf16_as_the_eager_one_on_the_gpu():
     """compile_teacher with teacher_precision fp8: the fused row quantization and ``_scaled_mm`` inside the
     compiled graph give a teacher as close to the bf16 one as the eager FP8 teacher is.
 
