@@ -340,11 +340,6 @@ def kernel_summary(ms_per_kernel: dict[str, float], count: int = 12) -> dict:
             "top_kernels_ms": {key[:120]: round(ms, 3) for key, ms in kernels[:count]}}
 
 
-def top_gpu_kernels(step, steps: int = 3, count: int = 12) -> dict[str, float]:
-    """The ``count`` kernels of ``step`` with the most GPU time (ms per step), from the profiler."""
-    return kernel_profile(step, steps, count)["top_kernels_ms"]
-
-
 def host_ms(step, steps: int = 5) -> float:
     """Median host time (ms) to issue ``step``, from an idle GPU, without waiting for its kernels: a step whose
     host time is close to its device time (:func:`measure`) is bound by the CPU launching kernels."""
@@ -449,7 +444,7 @@ def breakdown(ids, warmup: int, steps: int, top_kernels: dict[str, dict[str, flo
 
     parts["optimizer_master_adamw"] = measure(master_step, warmup, steps)[0]
     for name, forward in teachers.items():  # the profiler last (see main)
-        top_kernels[name] = top_gpu_kernels(forward)
+        top_kernels[name] = kernel_profile(forward)["top_kernels_ms"]
     teachers.clear()
     model = master = hidden = teacher_hidden = None  # drop the references (the closures share them) before cleanup()
     cleanup()
