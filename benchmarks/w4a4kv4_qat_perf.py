@@ -9,7 +9,8 @@ step (``DistillationTrainer``: fake-quantized student, frozen bf16 teacher, forw
 - ``w4a4kv4_pytorch_kv``: the same through the KV quantizer's PyTorch path (the kernel's baseline);
 - ``w4a4kv4_flatquant``: W4A4KV4 after ``flatquant`` (1 epoch on 8 random sequences: the transforms'
   values do not matter for time and memory): its online Kronecker transforms and activation clipping
-  train as their own parameter groups beside the weights;
+  train as their own parameter groups beside the weights, through the fused Triton kernels;
+- ``w4a4kv4_flatquant_pytorch``: the same through the transforms' PyTorch path (the kernels' baseline);
 - ``w4a4kv4_flatquant_gc``: the same with gradient checkpointing;
 - ``w4a4kv4_flatquant_compiled``: ``w4a4kv4_flatquant`` with the student's decoder compiled (``compile_student``:
   the transforms' float32 work fused; the KV quantizer runs between graphs).
@@ -53,15 +54,35 @@ from rqat_sdk.files import write_json_atomic
 
 WEIGHTS_ONLY = {"weights": {"num_bits": 4, "group_size": None, "symmetric": True}}
 VARIANTS = {
-    "w4_weight_only": (WEIGHTS_ONLY, False, False, False, False),
-    "w4a4": ("W4A4", False, False, False, False),
-    "w4a4kv4": ("W4A4KV4", False, False, False, False),
-    "w4a4kv4_pytorch_kv": ("W4A4KV4", False, False, True, False),
-    "w4a4kv4_flatquant": ("W4A4KV4", True, False, False, False),
-    "w4a4kv4_flatquant_gc": ("W4A4KV4", True, True, False, False),
-    "w4a4kv4_flatquant_compiled": ("W4A4KV4", True, False, False, True),
+    "w4_weight_only": (WEIGHTS_ONLY, False, False, None, False),
+    "w4a4": ("W4A4", False, False, None, False),
+    "w4a4kv4": ("W4A4KV4", False, False, None, False),
+    "w4a4kv4_pytorch_kv": ("W4A4KV4", False, False, "kv_cache", False),
+    "w4a4kv4_flatquant": ("W4A4KV4", True, False, None, False),
+    "w4a4kv4_flatquant_pytorch": ("W4A4KV4", True, False, "transforms", False),
+    "w4a4kv4_flatquant_gc": ("W4A4KV4", True, True, None, False),
+    "w4a4kv4_flatquant_compiled": ("W4A4KV4", True, False, None, True),
 }
-"""name: (scheme, flatquant first, gradient checkpointing, KV quantizer's PyTorch path, student compiled)."""
+"""name: (scheme, flatquant first, gradient checkpointing, the fused kernel replaced by its PyTorch path
+(``kv_cache``, ``transforms`` or None), student compiled)."""
+
+
+@contextlib.contextmanager
+def pytorch_path(kernel: str | None):
+    """``kernel`` (``kv_cache``: the KV quantizer's; ``transforms``: FlatQuant's) through its PyTorch path."""
+    if kernel == "kv_cache":
+        with pytorch_kv_quantizer():
+            yield
+        return
+    from rqat_sdk.ops import triton_affine_transform
+
+    fused = triton_affine_transform.supports
+    if kernel == "transforms":
+        triton_affine_transform.supports = lambda *args: False
+    try:
+        yield
+    finally:
+        triton_affine_transform.supports = fused
 
 
 def calibrate_flatquant(model, scheme: str, sequences: int, length: int) -> None:
@@ -113,6 +134,18 @@ def bench(ids, scheme, flatquant: bool, checkpointing: bool, warmup: int, steps:
     return result
 
 
+def table_rows(results: dict[str, dict], tokens: int) -> list[dict]:
+    """The record's rows: each variant's time and memory, and both against the weight-only step."""
+    base = results["w4_weight_only"]
+    return [
+        {"variant": name, "step_ms": round(r["ms"], 1), "tokens_per_s": round(tokens / r["ms"] * 1000),
+         "peak_gb": round(r["peak_gb"], 2), "time_vs_weight_only": round(r["ms"] / base["ms"], 3),
+         "memory_vs_weight_only": round(r["peak_gb"] / base["peak_gb"], 3),
+         "trained_parameters": r["trained_parameters"]}
+        for name, r in results.items()
+    ]
+
+
 def main() -> int:
     parser = step_benchmark_parser(__doc__)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
@@ -128,13 +161,20 @@ def main() -> int:
 
     ids = synthetic_batch(args.batch, args.seq, QWEN3_0_6B["vocab_size"]).cuda()
     tokens = ids.numel()
-    results = {}
-    for name, (scheme, flatquant, checkpointing, pytorch_kv, compiled) in VARIANTS.items():
+    results: dict[str, dict] = {}
+    record = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "device": device,
+        "date": datetime.date.today().isoformat(), "commit": git_commit(),
+        "tokens_per_step": tokens,
+        "rows": [],
+    }
+    for name, (scheme, flatquant, checkpointing, pytorch, compiled) in VARIANTS.items():
         if name != "w4_weight_only" and name not in args.variants:
             continue
         started = time.perf_counter()
         try:
-            with pytorch_kv_quantizer() if pytorch_kv else contextlib.nullcontext():
+            with pytorch_path(pytorch):
                 results[name] = bench(ids, scheme, flatquant, checkpointing, args.warmup, args.steps,
                                       compiled=compiled)
         except torch.OutOfMemoryError:
@@ -142,33 +182,20 @@ def main() -> int:
             cleanup()
         print(f"{name}: {results[name]['ms']:.1f} ms, peak {results[name]['peak_gb']:.1f} GB "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
+        record["rows"] = rows = table_rows(results, tokens)
+        if args.json:  # after every variant: a run cut short keeps what it measured
+            write_json_atomic(args.json, record)
 
     base = results["w4_weight_only"]
-    rows = [
-        {"variant": name, "step_ms": round(r["ms"], 1), "tokens_per_s": round(tokens / r["ms"] * 1000),
-         "peak_gb": round(r["peak_gb"], 2), "time_vs_weight_only": round(r["ms"] / base["ms"], 3),
-         "memory_vs_weight_only": round(r["peak_gb"] / base["peak_gb"], 3),
-         "trained_parameters": r["trained_parameters"]}
-        for name, r in results.items()
-    ]
-    record = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "device": device,
-        "date": datetime.date.today().isoformat(), "commit": git_commit(),
-        "tokens_per_step": tokens,
-        "rows": rows,
-    }
-    if args.json:  # the timings first: a profile that fails cannot cost them
-        write_json_atomic(args.json, record)
     for row in rows:  # the profiler only after every timing (a process that has profiled can launch slower)
         if row["variant"] not in args.profile:
             continue
         if row["step_ms"] != row["step_ms"]:  # NaN: out of memory when timed
             print(f"{row['variant']}: not profiled (it ran out of memory)", flush=True)
             continue
-        scheme, flatquant, checkpointing, pytorch_kv, compiled = VARIANTS[row["variant"]]
+        scheme, flatquant, checkpointing, pytorch, compiled = VARIANTS[row["variant"]]
         try:
-            with pytorch_kv_quantizer() if pytorch_kv else contextlib.nullcontext():
+            with pytorch_path(pytorch):
                 row.update(bench(ids, scheme, flatquant, checkpointing, args.warmup, args.steps,
                                  compiled=compiled, profile=True))
         except torch.OutOfMemoryError:

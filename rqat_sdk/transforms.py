@@ -32,9 +32,10 @@ from rqat_sdk.ops.affine_transform import (
     clip_activation,
     clip_factor,
     fold_into_weight,
+    fused_kernel_serves,
     kronecker_sizes,
     random_orthogonal,
-    transform_activation,
+    transform_and_clip,
 )
 
 if TYPE_CHECKING:
@@ -82,13 +83,21 @@ class KroneckerTransform(torch.nn.Module):
         return {"width": self.width, "smoothing": self.rqat_smooth is not None,
                 "activation_clipping": self.rqat_act_clip_logit is not None}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x T`` in float32."""
-        return transform_activation(x, self.rqat_kron_left, self.rqat_kron_right, self.rqat_smooth)
+    def forward(self, x: torch.Tensor, activation_args: Any = None) -> torch.Tensor:
+        """``x T`` in ``x``'s dtype, clipped where ``activation_args`` quantizes it (computed in float32)."""
+        return transform_and_clip(
+            x, self.rqat_kron_left, self.rqat_kron_right, self.rqat_smooth, self.rqat_act_clip_logit, activation_args
+        )
 
     def fold(self, weight: torch.Tensor) -> torch.Tensor:
         """``W T^{-T}`` in float32: the weight that reads ``x T`` as ``weight`` reads ``x``."""
         return fold_into_weight(weight, self.rqat_kron_left, self.rqat_kron_right, self.rqat_smooth)
+
+    def fused(self, x: torch.Tensor, activation_args: Any) -> bool:
+        """Whether the fused kernels transform ``x`` (then autograd saves only ``x``: nothing to checkpoint)."""
+        return fused_kernel_serves(
+            x, self.rqat_kron_left, self.rqat_kron_right, self.rqat_act_clip_logit, activation_args
+        )
 
     def clip(self, x: torch.Tensor, activation_args: Any) -> torch.Tensor:
         if self.rqat_act_clip_logit is None:
@@ -130,8 +139,9 @@ def _shared_transform(transform: KroneckerTransform, x: torch.Tensor, activation
     q/k/v (and gate/up) read one input through one transform: the first Linear computes the result and
     keeps it until its siblings have read it, so the model holds one transformed copy, not three (inside
     ``torch.compile``, which holds no Python state, each computes it). Under
-    autograd the float32 work is recomputed in the backward pass (checkpointed): only ``x`` and the result
-    stay saved, which keeps a FlatQuant model's training memory close to the plain W4A4 model's.
+    autograd the float32 work is recomputed in the backward pass (by the fused kernels' backward on CUDA,
+    checkpointed elsewhere): only ``x`` and the result stay saved, which keeps a FlatQuant model's training
+    memory close to the plain W4A4 model's.
     """
     if torch.compiler.is_compiling():  # no Python state in a graph: each Linear transforms (the compiler may merge)
         return checkpoint(_transform_and_clip, transform, x, activations, use_reentrant=False)
@@ -139,7 +149,8 @@ def _shared_transform(transform: KroneckerTransform, x: torch.Tensor, activation
     if pending is not None and pending.serves(x, activations):
         y, readers_left = pending.result, pending.readers_left - 1
     else:
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in transform.parameters())):
+        trains = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in transform.parameters()))
+        if trains and not transform.fused(x, activations):
             y = checkpoint(_transform_and_clip, transform, x, activations, use_reentrant=False)
         else:
             y = _transform_and_clip(transform, x, activations)
@@ -150,10 +161,7 @@ def _shared_transform(transform: KroneckerTransform, x: torch.Tensor, activation
 
 
 def _transform_and_clip(transform: KroneckerTransform, x: torch.Tensor, activations: Any) -> torch.Tensor:
-    y = transform(x)
-    if activations is not None:
-        y = transform.clip(y, activations)
-    return y.to(x.dtype)
+    return transform(x, activations)
 
 
 def attach_online_transform(

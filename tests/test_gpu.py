@@ -357,3 +357,111 @@ def test_a_compiled_fp8_teacher_is_as_close_to_bf16_as_the_eager_one_on_the_gpu(
         # as accurate as the eager FP8 teacher, and still FP8 (a graph that fell back to bf16 would be closer)
         assert 0.8 * fp8_error < (fused - full).norm() < 1.15 * fp8_error
     torch._dynamo.reset()
+
+
+def _flatquant_reference(x, left, right, smooth, logit):
+    """The PyTorch path of the fused FlatQuant transform, with W4A4's symmetric per-token clipping."""
+    from types import SimpleNamespace
+
+    from rqat_sdk.ops.affine_transform import clip_activation, clip_factor, transform_activation
+
+    y = transform_activation(x, left, right, smooth)
+    if logit is not None:
+        y = clip_activation(y, clip_factor(logit), SimpleNamespace(strategy="token", symmetric=True))
+    return y.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("width", "smoothing", "clipping"), [
+    (1024, True, True), (3072, True, True), (2048, False, True), (96, True, False), (64, False, False),
+])
+def test_the_fused_flatquant_transform_matches_the_pytorch_path(dtype, width, smoothing, clipping):
+    """Forward and every gradient, Qwen3-0.6B's three widths (blocks 32 x 32, 48 x 64 padded to 64 x 64,
+    32 x 64) and small padded ones, a token count that is no multiple of the kernel's tokens per program."""
+    from rqat_sdk.ops.affine_transform import clip_factor, kronecker_sizes, random_orthogonal
+    from rqat_sdk.ops.triton_affine_transform import TritonKroneckerTransform, supports
+
+    generator = torch.Generator().manual_seed(width)
+    n1, n2 = kronecker_sizes(width)
+    # column-major orthogonal factors (as QR returns them) plus noise: far enough from orthogonal to matter
+    left = (random_orthogonal(n1, generator) + 0.2 * torch.randn(n1, n1, generator=generator).T).cuda()
+    right = (random_orthogonal(n2, generator) + 0.2 * torch.randn(n2, n2, generator=generator)).cuda()
+    smooth = (torch.rand(width, generator=generator) + 0.5).cuda() if smoothing else None
+    logit = torch.tensor(0.5, device="cuda") if clipping else None  # clips 38% of each token's range
+    x = (torch.randn(3, 37, width, generator=generator) * torch.logspace(-1, 1, 37)[:, None]).to("cuda", dtype)
+    named = {n: t.requires_grad_() for n, t in zip(["x", "left", "right", "smooth", "clip"],
+                                                    (x, left, right, smooth, logit), strict=True) if t is not None}
+    leaves = list(named.values())
+    assert supports(x, left, right)
+
+    expected = _flatquant_reference(x, left, right, smooth, logit)
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected.float() * upstream.float()).sum(), leaves)
+    fused = TritonKroneckerTransform.apply(x, left, right, smooth, None if logit is None else clip_factor(logit))
+    fused_grads = torch.autograd.grad((fused.float() * upstream.float()).sum(), leaves)
+
+    # float32 sums in another order; in bf16 the output then rounds once, so a value may move by one ulp
+    if dtype == torch.float32:  # sums of up to 64 float32 products: within a few ulps of the token's range
+        token_range = expected.detach().abs().amax(-1, keepdim=True)
+        assert ((fused - expected).abs() <= 1e-5 * token_range).all()
+    else:
+        assert ((fused.float() - expected.float()).abs() <= expected.float().abs() * 2**-7 + 1e-6).all()
+        assert (fused != expected).float().mean() < 0.02
+    for name, actual, wanted in zip(named, fused_grads, expected_grads, strict=True):
+        error = ((actual.float() - wanted.float()).norm() / wanted.float().norm()).item()
+        assert error < (1e-2 if dtype == torch.bfloat16 and name == "x" else 1e-3), (name, error)
+
+
+def test_a_flatquant_model_trains_through_the_fused_kernels_as_through_the_pytorch_path(tmp_path, monkeypatch):
+    """A model with FlatQuant's transforms on every Linear, in QAT's training mode: the fused kernels run (once
+    per shared input) and give the PyTorch path's loss and gradients to float32 rounding.
+
+    Weight-only int4: with int4 activations, clipped values sit at a rounding tie of the activation quantizer
+    (``-bound / (bound / 7.5)``), so an ulp of difference in a token's range flips them a whole level, in
+    either path; the clipping's own gradients are compared exactly in the test above."""
+    from rqat_sdk.models import load_model, load_tokenizer
+    from rqat_sdk.modifiers.layers import attach_fake_quant
+    from rqat_sdk.modifiers.ptq.flatquant import TRANSFORM_INPUTS
+    from rqat_sdk.modifiers.ptq.llmcompressor_adapter import quantize_rtn
+    from rqat_sdk.ops import triton_affine_transform
+    from rqat_sdk.scheme import QuantScheme
+    from rqat_sdk.testbed import write_tiny_model
+    from rqat_sdk.transforms import KroneckerTransform, attach_online_transform
+
+    path = write_tiny_model(tmp_path / "model", "qwen3")
+    model, tokenizer = load_model(path, dtype="float32", device="cuda"), load_tokenizer(path)
+    generator = torch.Generator().manual_seed(0)
+    for index, layer in enumerate(model.model.layers):
+        for key, members in TRANSFORM_INPUTS.items():
+            linears = [layer.get_submodule(m) for m in members]
+            transform = KroneckerTransform(linears[0].in_features, smoothing=True, activation_clipping=True,
+                                           orthogonal=True, generator=generator).cuda()
+            attach_online_transform(model, f"model.layers.{index}", key, transform,
+                                    [f"model.layers.{index}.{m}" for m in members])
+            with torch.no_grad():
+                for linear in linears:
+                    linear.weight.data = transform.fold(linear.weight)
+    quantize_rtn(model, tokenizer, QuantScheme.model_validate("W4A16"), None)
+    attach_fake_quant(model, dtype=torch.float32, learn_scales=False, learn_clipping=True)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=generator).cuda()
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids).logits.float().pow(2).mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    launches = []
+    apply = triton_affine_transform.TritonKroneckerTransform.apply
+    monkeypatch.setattr(triton_affine_transform.TritonKroneckerTransform, "apply",
+                        lambda *args: launches.append(1) or apply(*args))
+    fused_loss, fused_grads = loss_and_grads()
+    assert len(launches) == len(model.model.layers) * len(TRANSFORM_INPUTS)  # one per shared input
+    monkeypatch.setattr(triton_affine_transform, "supports", lambda *args: False)  # the PyTorch path
+    loss, grads = loss_and_grads()
+
+    assert math.isclose(fused_loss, loss, rel_tol=1e-5)
+    assert fused_grads.keys() == grads.keys() and any("rqat_kron_left" in n for n in grads)
+    for name, grad in grads.items():
+        assert (fused_grads[name] - grad).norm() <= 1e-4 * grad.norm() + 1e-12, name

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from rqat_sdk.ops import use_triton
 from rqat_sdk.ops.fake_quant import clamp_ste, int_range, round_ste
 
 CLIP_LOGIT_INIT = 4.0
@@ -108,6 +109,51 @@ def clip_activation(x: torch.Tensor, factor: torch.Tensor, args: Any) -> torch.T
         high = factor * grouped.amax(dim=dims, keepdim=True).clamp(min=0)
         low = factor * grouped.amin(dim=dims, keepdim=True).clamp(max=0)
     return torch.minimum(torch.maximum(grouped, low), high).reshape(x.shape)
+
+
+def fused_kernel_serves(
+    x: torch.Tensor, left: torch.Tensor, right: torch.Tensor, clip_logit: torch.Tensor | None, activation_args: Any
+) -> bool:
+    """Whether :func:`transform_and_clip` runs as the fused Triton kernels: on CUDA with Triton, outside
+    ``torch.compile`` (a compiled graph fuses the PyTorch path itself), with no clipping or the clipping of a
+    symmetric per-token quantizer (W4A4's), and a transform whose blocks fit the kernels."""
+    if not use_triton(x) or torch.compiler.is_compiling():
+        return False
+    clipping = clip_logit is not None and activation_args is not None
+    if clipping and (activation_args.strategy != "token" or not activation_args.symmetric):
+        return False
+    # triton is optional (CUDA builds only) and imports at module level
+    from rqat_sdk.ops.triton_affine_transform import supports
+
+    return supports(x, left, right)
+
+
+def transform_and_clip(
+    x: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    smooth: torch.Tensor | None,
+    clip_logit: torch.Tensor | None,
+    activation_args: Any,
+) -> torch.Tensor:
+    """``x T`` clipped to ``sigmoid(clip_logit)`` of the range where the activation quantizer
+    ``activation_args`` reads it (no clipping without a logit or a quantizer), in ``x``'s dtype.
+
+    Where :func:`fused_kernel_serves`, one Triton kernel computes it each way and autograd saves only ``x``
+    (the backward kernel recomputes the transform). Elsewhere the functions above compute it in float32, and
+    autograd keeps their float32 intermediates: a caller that trains through it checkpoints it.
+    """
+    factor = clip_factor(clip_logit) if clip_logit is not None and activation_args is not None else None
+    if fused_kernel_serves(x, left, right, clip_logit, activation_args):
+        from rqat_sdk.ops.triton_affine_transform import TritonKroneckerTransform
+
+        return TritonKroneckerTransform.apply(
+            x, left.float(), right.float(), None if smooth is None else smooth.float(), factor
+        )
+    y = transform_activation(x, left, right, smooth)
+    if factor is not None:
+        y = clip_activation(y, factor, activation_args)
+    return y.to(x.dtype)
 
 
 def clipped_weight_qparams(
