@@ -145,6 +145,7 @@ def transform_and_clip(
     """
     factor = clip_factor(clip_logit) if clip_logit is not None and activation_args is not None else None
     if fused_kernel_serves(x, left, right, clip_logit, activation_args):
+        # triton is optional (CUDA builds only) and imports at module level
         from rqat_sdk.ops.triton_affine_transform import TritonKroneckerTransform
 
         return TritonKroneckerTransform.apply(
