@@ -467,3 +467,34 @@ def test_a_flatquant_model_trains_through_the_fused_kernels_as_through_the_pytor
     assert fused_grads.keys() == grads.keys() and any("rqat_kron_left" in n for n in grads)
     for name, grad in grads.items():
         assert (fused_grads[name] - grad).norm() <= 1e-4 * grad.norm() + 1e-12, name
+
+
+def test_the_fused_flatquant_transform_follows_pytorchs_float32_matmul_precision():
+    """With TF32 allowed (``torch.set_float32_matmul_precision("high")``, as the benchmarks run) the kernels'
+    products use it as cuBLAS does: within TF32's rounding of the IEEE result, forward and backward."""
+    from rqat_sdk.ops.affine_transform import clip_factor, kronecker_sizes, random_orthogonal
+    from rqat_sdk.ops.triton_affine_transform import TritonKroneckerTransform
+
+    generator = torch.Generator().manual_seed(0)
+    n1, n2 = kronecker_sizes(3072)
+    left = random_orthogonal(n1, generator).cuda().requires_grad_()
+    right = random_orthogonal(n2, generator).cuda().requires_grad_()
+    factor = clip_factor(torch.tensor(2.0, device="cuda"))
+    x = torch.randn(2, 50, 3072, generator=generator).cuda().requires_grad_()
+    upstream = torch.randn(2, 50, 3072, generator=generator).cuda()
+
+    def run():
+        y = TritonKroneckerTransform.apply(x, left, right, None, factor)
+        return y.detach(), torch.autograd.grad((y * upstream).sum(), [x, left, right])
+
+    ieee, ieee_grads = run()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32, tf32_grads = run()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert not torch.equal(tf32, ieee)  # TF32 did run
+    assert (tf32 - ieee).norm() <= 2e-3 * ieee.norm()
+    for actual, wanted in zip(tf32_grads, ieee_grads, strict=True):
+        assert (actual - wanted).norm() <= 1e-2 * wanted.norm()

@@ -5,11 +5,12 @@ They compute what :func:`rqat_sdk.ops.affine_transform.transform_and_clip`'s PyT
 ``x``'s dtype. The PyTorch path runs a chain of launches over float32 copies of ``x`` (the smoothing product,
 two batched products of small matrices, the range, the clamps, the cast), all again when the backward pass
 recomputes them. Here one program takes ``_TOKENS`` tokens one at a time: it reads a token's ``n1 x n2``
-block once in the model dtype, multiplies it by both factors on the tensor cores (IEEE float32 products, so
-the result differs from cuBLAS's only in the order of float32 sums), clips it with its own range, and writes
-it once. The backward kernel reads ``x`` and the incoming gradient once, recomputes the transform, and writes
-the input's gradient and one partial sum per program of the factors', smoothing's and clipping factor's
-gradients (reduced in PyTorch): nothing but ``x`` is saved between the passes.
+block once in the model dtype, multiplies it by both factors (IEEE float32 products, so the result differs
+from cuBLAS's only in the order of float32 sums; TF32 on the tensor cores where PyTorch's float32 matmul
+precision allows it, as cuBLAS then does), clips it with its own range, and writes it once. The backward
+kernel reads ``x`` and the incoming gradient once, recomputes the transform, and writes the input's gradient
+and one partial sum per program of the factors', smoothing's and clipping factor's gradients (reduced in
+PyTorch): nothing but ``x`` is saved between the passes.
 
 Clipping's gradient is PyTorch's for ``minimum(maximum(z, -b), b)`` with ``b = factor * amax(|z|)``, ties
 included (half the gradient each way where ``z`` meets a bound; ``amax``'s share split evenly between the
@@ -60,7 +61,7 @@ def _load_factors(left_ptr, right_ptr, smooth_ptr, N1: tl.constexpr, N2: tl.cons
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, left_ptr, right_ptr, smooth_ptr, factor_ptr, n_tokens,
                     N1: tl.constexpr, N2: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                    TOKENS: tl.constexpr, HAS_SMOOTH: tl.constexpr, CLIP: tl.constexpr):
+                    TOKENS: tl.constexpr, HAS_SMOOTH: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr):
     left, right, smooth, offsets, mask = _load_factors(left_ptr, right_ptr, smooth_ptr, N1, N2, P1, P2, HAS_SMOOTH)
     left_t = tl.trans(left)
     if CLIP:
@@ -70,7 +71,7 @@ def _forward_kernel(x_ptr, y_ptr, left_ptr, right_ptr, smooth_ptr, factor_ptr, n
         in_range = mask & (token < n_tokens)
         base = token.to(tl.int64) * (N1 * N2)
         w = tl.load(x_ptr + base + offsets, mask=in_range, other=0.0).to(tl.float32) * smooth
-        z = tl.dot(left_t, tl.dot(w, right, input_precision="ieee"), input_precision="ieee")
+        z = tl.dot(left_t, tl.dot(w, right, input_precision=PRECISION), input_precision=PRECISION)
         if CLIP:
             bound = factor * tl.max(tl.max(tl.abs(z), axis=1), axis=0)
             z = tl.minimum(tl.maximum(z, -bound), bound)
@@ -81,7 +82,7 @@ def _forward_kernel(x_ptr, y_ptr, left_ptr, right_ptr, smooth_ptr, factor_ptr, n
 def _backward_kernel(x_ptr, grad_ptr, grad_x_ptr, left_ptr, right_ptr, smooth_ptr, factor_ptr,
                      grad_left_ptr, grad_right_ptr, grad_smooth_ptr, grad_factor_ptr, n_tokens,
                      N1: tl.constexpr, N2: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                     TOKENS: tl.constexpr, HAS_SMOOTH: tl.constexpr, CLIP: tl.constexpr):
+                     TOKENS: tl.constexpr, HAS_SMOOTH: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr):
     left, right, smooth, offsets, mask = _load_factors(left_ptr, right_ptr, smooth_ptr, N1, N2, P1, P2, HAS_SMOOTH)
     left_t = tl.trans(left)
     right_t = tl.trans(right)
@@ -98,8 +99,8 @@ def _backward_kernel(x_ptr, grad_ptr, grad_x_ptr, left_ptr, right_ptr, smooth_pt
         base = token.to(tl.int64) * (N1 * N2)
         x = tl.load(x_ptr + base + offsets, mask=in_range, other=0.0).to(tl.float32)
         w = x * smooth
-        m = tl.dot(w, right, input_precision="ieee")  # z = left^T m
-        z = tl.dot(left_t, m, input_precision="ieee")
+        m = tl.dot(w, right, input_precision=PRECISION)  # z = left^T m
+        z = tl.dot(left_t, m, input_precision=PRECISION)
         g = tl.load(grad_ptr + base + offsets, mask=in_range, other=0.0).to(tl.float32)
         if CLIP:
             magnitude = tl.abs(z)
@@ -119,10 +120,10 @@ def _backward_kernel(x_ptr, grad_ptr, grad_x_ptr, left_ptr, right_ptr, smooth_pt
             grad_z += tl.where(at_peak, grad_bound * factor / tl.maximum(ties, 1.0) * sign, 0.0)
         else:
             grad_z = g
-        grad_m = tl.dot(left, grad_z, input_precision="ieee")
-        grad_w = tl.dot(grad_m, right_t, input_precision="ieee")
-        grad_left += tl.dot(m, tl.trans(grad_z), input_precision="ieee")
-        grad_right += tl.dot(tl.trans(w), grad_m, input_precision="ieee")
+        grad_m = tl.dot(left, grad_z, input_precision=PRECISION)
+        grad_w = tl.dot(grad_m, right_t, input_precision=PRECISION)
+        grad_left += tl.dot(m, tl.trans(grad_z), input_precision=PRECISION)
+        grad_right += tl.dot(tl.trans(w), grad_m, input_precision=PRECISION)
         grad_smooth += grad_w * x
         grad_x = (grad_w * smooth).to(grad_x_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(grad_x_ptr + base + offsets, grad_x, mask=in_range)
@@ -142,7 +143,10 @@ def _backward_kernel(x_ptr, grad_ptr, grad_x_ptr, left_ptr, right_ptr, smooth_pt
 def _launch_shape(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> dict[str, Any]:
     n1, n2 = left.shape[0], right.shape[0]
     p1, p2 = _padded(n1), _padded(n2)
-    return {"N1": n1, "N2": n2, "P1": p1, "P2": p2, "TOKENS": _TOKENS, "num_warps": 8 if p1 * p2 > 1024 else 4}
+    # float32 products as PyTorch's float32 matmuls make them: TF32 tensor cores where it allows them
+    precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return {"N1": n1, "N2": n2, "P1": p1, "P2": p2, "TOKENS": _TOKENS, "PRECISION": precision,
+            "num_warps": 8 if p1 * p2 > 1024 else 4}
 
 
 class TritonKroneckerTransform(torch.autograd.Function):
