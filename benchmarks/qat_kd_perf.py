@@ -13,10 +13,10 @@ scales). Every variant runs in this one process, one after another, with the sam
   teacher, forward KL on chunked LM-head logits;
 - ``qat_kd_fp8_teacher``: the same with the teacher's Linear layers in FP8 (``teacher_precision: fp8``,
   ``torch._scaled_mm``; the LM head stays bf16), on GPUs of compute capability 8.9+;
-- ``qat_kd_compiled_teacher``: ``qat_kd`` with the teacher's decoder under ``torch.compile``
+- ``qat_kd_compiled_teacher``: ``qat_kd`` with the teacher's transformer blocks under ``torch.compile``
   (``compile_teacher: true``; its compile is left out of the timed steps);
-- ``qat_kd_compiled``: ``qat_kd`` with both decoders compiled (``compile_teacher`` and ``compile_student``);
-- ``qat_kd_fp8_teacher_compiled``: the same with the FP8 teacher (both decoders compiled);
+- ``qat_kd_compiled``: ``qat_kd`` with both models' blocks compiled (``compile_teacher`` and ``compile_student``);
+- ``qat_kd_fp8_teacher_compiled``: the same with the FP8 teacher (both models' blocks compiled);
 - ``naive_kd``: compressed-tensors' fake quantization and forward KL on full fp32 logits of both models,
   for reference.
 
@@ -387,7 +387,8 @@ def breakdown(ids, warmup: int, steps: int, top_kernels: dict[str, dict[str, flo
         with mock.patch.object(fp8, "use_triton", lambda tensor: False):
             parts["teacher_forward_fp8_pytorch_quant"] = measure(teachers["teacher_forward_fp8"], warmup, steps)[0]
             parts["teacher_forward_fp8_pytorch_quant_host"] = host_ms(teachers["teacher_forward_fp8"])
-    # the bf16 teacher's decoder compiled as compile_teacher compiles it; a failure to compile is recorded, not fatal
+    # the bf16 teacher's whole decoder compiled (compile_teacher compiles each block instead); a failure to compile
+    # is recorded, not fatal
     compiled_forward = forward_of(model, torch.compile(model.get_decoder(), dynamic=True))
     try:
         parts["teacher_forward_compiled"] = measure(compiled_forward, warmup + 2, steps)[0]

@@ -5,8 +5,8 @@ KL on chunked LM-head logits) on Qwen3-0.6B-, 1.7B- and 4B-shaped models (random
 vocabulary), ``--batch`` sequences of ``--seq`` tokens per GPU, the student with gradient checkpointing where
 ``--checkpointing`` names its shape. Each shape runs on one GPU and, with ``--gpus 2``, under FSDP2 on two.
 
-``--compile`` compiles the teacher's and the student's decoders (``compile_teacher``, ``compile_student``; under
-FSDP2 the student's blocks one by one), ``--profile`` records each row's GPU kernel time per step (against its step
+``--compile`` compiles the teacher's and the student's transformer blocks one by one (``compile_teacher``,
+``compile_student``), ``--profile`` records each row's GPU kernel time per step (against its step
 time: how busy the GPU is) and its costliest kernels.
 
 Model FLOPs utilisation counts 8 x parameters FLOPs per token (the student's forward and backward, 6, and the

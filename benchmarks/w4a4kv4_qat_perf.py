@@ -12,7 +12,7 @@ step (``DistillationTrainer``: fake-quantized student, frozen bf16 teacher, forw
   train as their own parameter groups beside the weights, through the fused Triton kernels;
 - ``w4a4kv4_flatquant_pytorch``: the same through the transforms' PyTorch path (the kernels' baseline);
 - ``w4a4kv4_flatquant_gc``: the same with gradient checkpointing;
-- ``w4a4kv4_flatquant_compiled``: ``w4a4kv4_flatquant`` with the student's decoder compiled (``compile_student``:
+- ``w4a4kv4_flatquant_compiled``: ``w4a4kv4_flatquant`` with the student's blocks compiled (``compile_student``:
   the transforms' float32 work fused; the KV quantizer runs between graphs).
 
 The issue's bound: transforms and clipping must not double training memory (``w4a4kv4_flatquant`` peak

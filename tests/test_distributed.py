@@ -55,8 +55,8 @@ def test_two_processes_train_like_one(tiny_qwen3, tmp_path, single_process, stra
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_compiled_student_trains_like_one_process(tiny_qwen3, tmp_path, single_process, strategy):
-    """compile_student under DDP (the whole decoder) and FSDP2 (each sharded block on its own): the same losses as
-    one eager process, to the rounding of fused kernels."""
+    """compile_student under DDP and FSDP2 (each block on its own, under FSDP2 each sharded block): the same losses
+    as one eager process, to the rounding of fused kernels."""
     output = tmp_path / "out"
     record = launch(tiny_qwen3, output, strategy, "compile")
     assert record["status"] == "complete" and record["export"]["exact"] is True

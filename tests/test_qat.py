@@ -333,8 +333,8 @@ def test_an_fp8_teacher_trains_and_leaves_the_original_model_whole(tiny_qwen3, m
 
 
 def test_a_compiled_teacher_trains_as_the_eager_one(tiny_qwen3):
-    """compile_teacher runs the teacher's decoder through torch.compile: the same distillation (to the rounding
-    of fused kernels), over batches of different lengths without a graph per length."""
+    """compile_teacher runs each of the teacher's transformer blocks through torch.compile: the same distillation
+    (to the rounding of fused kernels), over batches of different lengths without a graph per length."""
     from torch._dynamo.utils import counters
 
     from rqat_sdk.modifiers.qat.trainer import hidden_states
@@ -350,11 +350,12 @@ def test_a_compiled_teacher_trains_as_the_eager_one(tiny_qwen3):
     assert losses[True] == pytest.approx(losses[False], rel=0.02)
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_qwen3).eval()
-    compiled_decoder = torch.compile(teacher.get_decoder(), dynamic=True)
-    for length in (7, 19, 33):
-        batch = {"input_ids": torch.randint(1, 200, (2, length), generator=torch.Generator().manual_seed(length))}
-        with torch.no_grad():
-            torch.testing.assert_close(hidden_states(teacher, batch, compiled_decoder), hidden_states(teacher, batch),
+    regional = copy.deepcopy(teacher)
+    with contextlib.ExitStack() as scope, torch.no_grad():
+        trainer_module._compile_blocks(trainer_module._blocks(regional), scope)
+        for length in (7, 19, 33):
+            batch = {"input_ids": torch.randint(1, 200, (2, length), generator=torch.Generator().manual_seed(length))}
+            torch.testing.assert_close(hidden_states(regional, batch), hidden_states(teacher, batch),
                                        rtol=1e-4, atol=1e-4)
 
 
@@ -370,16 +371,17 @@ def test_a_compiled_fp8_teacher_gives_the_eager_fp8_teachers_hidden_states(tiny_
     original = AutoModelForCausalLM.from_pretrained(tiny_qwen3).eval()
     teacher = copy.deepcopy(original)
     linears_to_fp8_(teacher, keep=[teacher.get_output_embeddings()])
+    compiled = copy.deepcopy(teacher)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(teacher.get_decoder(), dynamic=True)
-    for length in (7, 19):
-        batch = {"input_ids": torch.randint(1, 200, (2, length), generator=torch.Generator().manual_seed(length))}
-        with torch.no_grad():
-            eager, fused, full = (hidden_states(teacher, batch), hidden_states(teacher, batch, compiled),
+    with contextlib.ExitStack() as scope, torch.no_grad():
+        trainer_module._compile_blocks(trainer_module._blocks(compiled), scope)
+        for length in (7, 19):
+            batch = {"input_ids": torch.randint(1, 200, (2, length), generator=torch.Generator().manual_seed(length))}
+            eager, fused, full = (hidden_states(teacher, batch), hidden_states(compiled, batch),
                                   hidden_states(original, batch))
-        # fused kernels round a few values to the other side of an e4m3 step: a small share of FP8's own error
-        assert (fused - eager).norm() < 0.1 * (eager - full).norm()
+            # fused kernels round a few values to the other side of an e4m3 step: a small share of FP8's own error
+            assert (fused - eager).norm() < 0.1 * (eager - full).norm()
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
 
     losses = {}
@@ -392,7 +394,7 @@ def test_a_compiled_fp8_teacher_gives_the_eager_fp8_teachers_hidden_states(tiny_
 
 
 def test_a_compiled_student_trains_as_the_eager_one(tiny_qwen3):
-    """compile_student runs the student's decoder, forward and backward, through torch.compile: the same training
+    """compile_student runs the student's blocks, forward and backward, through torch.compile: the same training
     (to the rounding of fused kernels), the fake-quantized weights still computed outside the graph; with gradient
     checkpointing too. The trained model's parameters keep their names."""
     from torch._dynamo.utils import counters
@@ -414,6 +416,40 @@ def test_a_compiled_student_trains_as_the_eager_one(tiny_qwen3):
         assert state.keys() == eager_state.keys()
         torch.testing.assert_close(state["model.layers.0.mlp.up_proj.weight"],
                                    eager_state["model.layers.0.mlp.up_proj.weight"], rtol=1e-3, atol=1e-4)
+
+
+def test_a_compiled_stage_leaves_the_student_and_the_teacher_eager(tiny_qwen3, monkeypatch):
+    """compile_student and compile_teacher compile the blocks in place for the stage only: afterwards the trained
+    model and the teacher, which other stages reuse, run eagerly (nothing left for dynamo to compile once its
+    caches are cleared), and the recompile limit is torch's again."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoTokenizer
+
+    from rqat_sdk.session.state import SessionState
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    teachers = []
+    load_teacher = SessionState.teacher
+
+    def recording_teacher(self, source, dtype, **options):
+        teachers.append(load_teacher(self, source, dtype, **options))
+        return teachers[-1]
+
+    monkeypatch.setattr(SessionState, "teacher", recording_teacher)
+    limit = torch.compiler.config.recompile_limit
+    torch._dynamo.reset()
+    counters.clear()
+    result = rqat_sdk.oneshot(model, recipe(steps=2, compile_teacher=True, compile_student=True), DATA,
+                              tokenizer=AutoTokenizer.from_pretrained(tiny_qwen3))
+    assert counters["stats"]["unique_graphs"] > 0 and torch.compiler.config.recompile_limit == limit
+    [teacher] = teachers
+    torch._dynamo.reset()
+    counters.clear()
+    batch = {"input_ids": torch.randint(1, 200, (2, 13), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        for trained_or_teacher in (result.model, teacher):
+            trained_or_teacher(**batch, use_cache=False)
+    assert not counters["stats"]["unique_graphs"]
 
 
 def test_qat_recipe_checks():

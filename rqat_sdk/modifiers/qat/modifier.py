@@ -53,14 +53,16 @@ class QATKDModifier(TrainingModifier):
     compute capability 8.9+; elsewhere they dequantize and multiply in float32, slower), so the teacher's
     distribution differs slightly from the bf16 one. Only with ``objective: kd``."""
     compile_teacher: bool = False
-    """Run the frozen teacher's forward through ``torch.compile`` (shapes marked dynamic, so sequences of any
-    length reuse one graph): fewer, fused kernel launches where the teacher's forward waits on the host; the
-    first steps pay the compile. Only with ``objective: kd``; with ``teacher_precision: fp8`` too."""
+    """Run each of the frozen teacher's transformer blocks through ``torch.compile`` (the identical blocks share one
+    graph, with shapes marked dynamic, so sequences of any length reuse it): fewer, fused kernel launches where the
+    teacher's forward waits on the host; the first steps pay the compile. The teacher runs eagerly again after the
+    stage. Only with ``objective: kd``; with ``teacher_precision: fp8`` too."""
     compile_student: bool = False
-    """Run the student's decoder through ``torch.compile`` (dynamic shapes), forward and backward: its norms,
-    rotary embeddings and activations fuse into fewer kernels; the fake-quantized weights are computed outside the
-    compiled graph as without it. The first steps pay the compile. Under ``distributed: fsdp`` each transformer
-    block compiles on its own, between FSDP2's gathers."""
+    """Run each of the student's transformer blocks through ``torch.compile`` (the identical blocks share one graph;
+    dynamic shapes), forward and backward: their norms, rotary embeddings and activations fuse into fewer kernels;
+    the fake-quantized weights are computed outside the compiled graph as without it. The first steps pay the
+    compile; the model runs eagerly again after the stage. Under ``distributed: fsdp`` the blocks run compiled
+    between FSDP2's gathers."""
 
     steps: Annotated[int, IntRange(1, None)] = 6000
     """Optimizer steps."""

@@ -114,10 +114,11 @@ class TrainerConfig:
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under a multi-process launcher: DDP, or FSDP2 sharding of the transformer blocks."""
     compile_teacher: bool = False
-    """Run the teacher's decoder through ``torch.compile`` with dynamic shapes."""
+    """Run the teacher's transformer blocks through ``torch.compile`` with dynamic shapes, each on its own (see
+    :func:`_compile_blocks`)."""
     compile_student: bool = False
-    """Run the student's decoder, forward and backward, through ``torch.compile`` with dynamic shapes (under FSDP2
-    each transformer block on its own)."""
+    """Run the student's transformer blocks, forward and backward, through ``torch.compile`` with dynamic shapes,
+    each on its own (see :func:`_compile_blocks`)."""
 
     @property
     def objective(self) -> str:
@@ -194,9 +195,10 @@ class DistillationTrainer:
         self.config = config
         self.student = student
         self.teacher = teacher
-        # compiling the frozen teacher fuses its many small kernels into fewer launches
+        # compiling the frozen teacher fuses its many small kernels into fewer launches; a model without
+        # ``layers`` compiles its whole decoder (the blocks compile at the end of __init__)
         self._teacher_decoder = (torch.compile(teacher.get_decoder(), dynamic=True)
-                                 if teacher is not None and config.compile_teacher else None)
+                                 if teacher is not None and config.compile_teacher and not _blocks(teacher) else None)
         self.batches = batches
         self.device = device
         self.paths = paths
@@ -208,24 +210,34 @@ class DistillationTrainer:
         self.sharded = distributed.sharded(config.distributed)
         # FSDP2 shards a copy; the trained weights are gathered back into ``student`` after training.
         trained = copy.deepcopy(student) if self.sharded else student
-        self.objective = _StudentObjective(trained, config.loss,
-                                           compile_decoder=config.compile_student and not self.sharded)
+        self.objective = _StudentObjective(
+            trained, config.loss, compile_decoder=config.compile_student and not self.sharded and not _blocks(trained)
+        )
         self.model = distributed.wrap(self.objective, config.distributed, _blocks(trained), student.dtype)
-        if self.sharded and config.compile_student:
-            # FSDP2 gathers each block's weights around its forward: each sharded block of the copy compiles on
-            # its own, in place (the copy is discarded after training)
-            for block in _blocks(trained):
-                block.compile(dynamic=True)
         self.optimizer = _optimizer(config, trained, device)
         self.scheduler = _scheduler(config, self.optimizer.optimizer)
         self.writer = _tensorboard(paths.log_file)
         self._first_loss: float | None = None
         self._teacher_pool: ThreadPoolExecutor | None = None
         self._ahead: tuple[int, Future[_StepInputs]] | None = None
+        # last, so that nothing after it can fail and leave the models compiled; :meth:`train` undoes it (a caller
+        # of :meth:`step` alone keeps it). Under FSDP2 these are the sharded blocks of the copy, whose weights FSDP2
+        # gathers around each block's forward.
+        self._compiled = contextlib.ExitStack()
+        compiled = ((_blocks(teacher) if teacher is not None and config.compile_teacher else [])
+                    + (_blocks(trained) if config.compile_student else []))
+        if compiled:
+            _compile_blocks(compiled, self._compiled)
 
     # --- the loop --------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
+        """Run the stage's steps from the latest checkpoint on, and summarise them. The student and the teacher
+        outlive the stage (export, generation, later stages): their blocks run eagerly again afterwards."""
+        with self._compiled:
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         config = self.config
         start = self._resume()
         self.student.train()
@@ -494,6 +506,30 @@ class DistillationTrainer:
 def _blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
     layers = getattr(model.get_decoder(), "layers", None)
     return list(layers) if layers is not None else []
+
+
+RECOMPILE_LIMIT = 32
+"""The lowest ``torch.compile`` recompile limit while compiled blocks train. All blocks of one class, the student's
+and the teacher's, share one code object's graphs, and each variant counts against the limit (default 8; past
+it torch logs a warning and runs the blocks eagerly): the student (grad mode; FSDP2's gathered weights) and the
+teacher (no grad; FP8 Linear layers) times a size threshold past which the graph recompiles once, an attention
+mask present or not, and full or sliding-window attention: up to 16. Twice that leaves room, and still bounds a
+runaway of one graph per block."""
+
+
+def _compile_blocks(blocks: list[torch.nn.Module], scope: contextlib.ExitStack) -> None:
+    """Regional compilation: each block's ``forward`` replaced, on the instance, by a ``torch.compile``'d one
+    (dynamic shapes) until ``scope`` closes, and the recompile limit raised to :data:`RECOMPILE_LIMIT` meanwhile.
+    Dynamo keeps graphs per code object and traces parameters as inputs, so identical blocks share one graph:
+    the compile costs about one block's, not the whole decoder's. An instance attribute adds no module or
+    parameter (names and state dict unchanged); the block's hooks and ``__call__`` (FSDP2's gathers, gradient
+    checkpointing) stay eager."""
+    limit = torch.compiler.config.recompile_limit
+    torch.compiler.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
+    scope.callback(setattr, torch.compiler.config, "recompile_limit", limit)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
+        scope.callback(delattr, block, "forward")  # the class's forward again
 
 
 def _optimizer(config: TrainerConfig, student: PreTrainedModel, device: torch.device):
