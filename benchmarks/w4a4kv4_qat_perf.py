@@ -11,7 +11,7 @@ step (``DistillationTrainer``: fake-quantized student, frozen bf16 teacher, forw
   values do not matter for time and memory): its online Kronecker transforms and activation clipping
   train as their own parameter groups beside the weights, through the fused Triton kernels;
 - ``w4a4kv4_flatquant_pytorch``: the same through the transforms' PyTorch path (the kernels' baseline);
-- ``w4a4kv4_flatquant_gc``: the same with gradient checkpointing;
+- ``w4a4kv4_flatquant_gc``: ``w4a4kv4_flatquant`` with gradient checkpointing;
 - ``w4a4kv4_flatquant_compiled``: ``w4a4kv4_flatquant`` with the student's blocks compiled (``compile_student``:
   the transforms' float32 work fused; the KV quantizer runs between graphs).
 
@@ -74,7 +74,7 @@ def pytorch_path(kernel: str | None):
         with pytorch_kv_quantizer():
             yield
         return
-    from rqat_sdk.ops import triton_affine_transform
+    from rqat_sdk.ops import triton_affine_transform  # triton imports at module level (CUDA builds only)
 
     fused = triton_affine_transform.supports
     if kernel == "transforms":

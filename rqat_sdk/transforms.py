@@ -144,24 +144,20 @@ def _shared_transform(transform: KroneckerTransform, x: torch.Tensor, activation
     memory close to the plain W4A4 model's.
     """
     if torch.compiler.is_compiling():  # no Python state in a graph: each Linear transforms (the compiler may merge)
-        return checkpoint(_transform_and_clip, transform, x, activations, use_reentrant=False)
+        return checkpoint(transform, x, activations, use_reentrant=False)
     pending = transform.__dict__.pop(_PENDING, None)
     if pending is not None and pending.serves(x, activations):
         y, readers_left = pending.result, pending.readers_left - 1
     else:
         trains = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in transform.parameters()))
         if trains and not transform.fused(x, activations):
-            y = checkpoint(_transform_and_clip, transform, x, activations, use_reentrant=False)
+            y = checkpoint(transform, x, activations, use_reentrant=False)
         else:
-            y = _transform_and_clip(transform, x, activations)
+            y = transform(x, activations)
         readers_left = transform.__dict__.get(_READERS, 1) - 1
     if readers_left > 0:
         transform.__dict__[_PENDING] = _Pending(weakref.ref(x), x._version, activations, y, readers_left)
     return y
-
-
-def _transform_and_clip(transform: KroneckerTransform, x: torch.Tensor, activations: Any) -> torch.Tensor:
-    return transform(x, activations)
 
 
 def attach_online_transform(

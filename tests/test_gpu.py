@@ -158,7 +158,7 @@ def test_fp8_row_quantization_kernel_matches_the_pytorch_path_bit_for_bit(dtype,
                          [("bf16", False), pytest.param("fp8", False, marks=needs_fp8), ("bf16", True)])
 def test_qat_kd_in_bf16_on_the_gpu_exports_exactly(tmp_path, teacher_precision, compile_student):
     """GPTQ then KD with learned scales in bf16 (Triton fake quantization), with each teacher precision and with
-    the student's decoder compiled: the trained model exports and reloads exactly."""
+    the student's blocks compiled: the trained model exports and reloads exactly."""
     from datasets import Dataset
 
     import rqat_sdk
@@ -359,16 +359,21 @@ def test_a_compiled_fp8_teacher_is_as_close_to_bf16_as_the_eager_one_on_the_gpu(
     torch._dynamo.reset()
 
 
+def _w4a4_activations():
+    from rqat_sdk.scheme import QuantScheme
+
+    return QuantScheme.model_validate("W4A4").input_activations.to_args()
+
+
 def _flatquant_reference(x, left, right, smooth, logit):
-    """The PyTorch path of the fused FlatQuant transform, with W4A4's symmetric per-token clipping."""
-    from types import SimpleNamespace
+    """The PyTorch path of the fused FlatQuant transform (the kernels switched off), W4A4's clipping."""
+    from unittest import mock
 
-    from rqat_sdk.ops.affine_transform import clip_activation, clip_factor, transform_activation
+    from rqat_sdk.ops import triton_affine_transform
+    from rqat_sdk.ops.affine_transform import transform_and_clip
 
-    y = transform_activation(x, left, right, smooth)
-    if logit is not None:
-        y = clip_activation(y, clip_factor(logit), SimpleNamespace(strategy="token", symmetric=True))
-    return y.to(x.dtype)
+    with mock.patch.object(triton_affine_transform, "supports", lambda *args: False):
+        return transform_and_clip(x, left, right, smooth, logit, _w4a4_activations())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -498,3 +503,52 @@ def test_the_fused_flatquant_transform_follows_pytorchs_float32_matmul_precision
     assert (tf32 - ieee).norm() <= 2e-3 * ieee.norm()
     for actual, wanted in zip(tf32_grads, ieee_grads, strict=True):
         assert (actual - wanted).norm() <= 1e-2 * wanted.norm()
+
+
+def test_the_fused_flatquant_transform_gives_only_the_gradients_asked_for():
+    """Frozen factors (GRPO after QAT), or an input that needs no gradient (calibration's first layer): the
+    kernels skip what is not asked, and what is asked matches the PyTorch path; a second derivative is refused."""
+    from rqat_sdk.ops.affine_transform import clip_factor, kronecker_sizes, random_orthogonal
+    from rqat_sdk.ops.triton_affine_transform import TritonKroneckerTransform
+
+    generator = torch.Generator().manual_seed(1)
+    n1, n2 = kronecker_sizes(1024)
+    left, right = (random_orthogonal(n, generator).cuda() for n in (n1, n2))
+    logit = torch.tensor(0.5, device="cuda")
+    x = torch.randn(2, 40, 1024, generator=generator).cuda()
+    upstream = torch.randn(2, 40, 1024, generator=generator).cuda()
+    for asked in ([x], [left, right, logit]):
+        for tensor in (x, left, right, logit):
+            tensor.requires_grad_(any(tensor is a for a in asked))
+        fused = TritonKroneckerTransform.apply(x, left, right, None, clip_factor(logit))
+        expected = _flatquant_reference(x, left, right, None, logit)
+        for actual, wanted in zip(torch.autograd.grad((fused * upstream).sum(), asked),
+                                  torch.autograd.grad((expected * upstream).sum(), asked), strict=True):
+            assert (actual - wanted).norm() <= 1e-4 * wanted.norm()
+    x.requires_grad_()
+    (grad,) = torch.autograd.grad((TritonKroneckerTransform.apply(x, left, right, None, None) * upstream).sum(), [x],
+                                  create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
+def test_the_fused_flatquant_kernels_serve_only_what_they_compute():
+    """Blocks past 64 x 64 after padding, asymmetric or grouped clipping, tensors off CUDA and compiled graphs
+    take the PyTorch path; W4A4's clipping on Qwen3-0.6B's widths takes the kernels."""
+    from rqat_sdk.ops.affine_transform import fused_kernel_serves, kronecker_sizes
+
+    args = _w4a4_activations()
+    logit = torch.tensor(4.0, device="cuda")
+
+    def serves(width, activations=args, device="cuda"):
+        left, right = (torch.eye(n, device=device) for n in kronecker_sizes(width))
+        return fused_kernel_serves(torch.ones(1, width, device=device), left, right, logit, activations)
+
+    assert all(serves(width) for width in (1024, 2048, 3072, 4096))
+    assert not serves(6144)  # 64 x 96: the 96 pads to 128
+    assert not serves(2144)  # 32 x 67: the 67 pads to 128
+    assert not serves(1024, args.model_copy(update={"symmetric": False}))
+    assert not serves(1024, args.model_copy(update={"strategy": "group", "group_size": 128}))
+    assert serves(1024, None)  # no quantizer: no clipping to fuse
+    assert not serves(1024, device="cpu")
+    assert not torch.compile(lambda: serves(1024), backend="eager")()

@@ -351,12 +351,16 @@ def test_a_compiled_teacher_trains_as_the_eager_one(tiny_qwen3):
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_qwen3).eval()
     regional = copy.deepcopy(teacher)
+    torch._dynamo.reset()
+    counters.clear()
     with contextlib.ExitStack() as scope, torch.no_grad():
         trainer_module._compile_blocks(trainer_module._blocks(regional), scope)
         for length in (7, 19, 33):
             batch = {"input_ids": torch.randint(1, 200, (2, length), generator=torch.Generator().manual_seed(length))}
             torch.testing.assert_close(hidden_states(regional, batch), hidden_states(teacher, batch),
                                        rtol=1e-4, atol=1e-4)
+    # the blocks did compile, into one graph for all of them and every length (dynamic shapes)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_a_compiled_fp8_teacher_gives_the_eager_fp8_teachers_hidden_states(tiny_qwen3):

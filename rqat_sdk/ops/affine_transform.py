@@ -78,7 +78,7 @@ def random_orthogonal(size: int, generator: torch.Generator | None = None) -> to
     """A random orthogonal matrix (Haar-distributed: QR of a Gaussian with the signs of R's diagonal fixed)."""
     gaussian = torch.randn(size, size, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
-    return (q * torch.sign(torch.diagonal(r))).float()
+    return (q * torch.sign(torch.diagonal(r))).float().contiguous()  # QR's Q is column-major
 
 
 def clip_factor(logit: torch.Tensor) -> torch.Tensor:
@@ -151,9 +151,10 @@ def transform_and_clip(
         return TritonKroneckerTransform.apply(
             x, left.float(), right.float(), None if smooth is None else smooth.float(), factor
         )
-    y = transform_activation(x, left, right, smooth)
-    if factor is not None:
-        y = clip_activation(y, factor, activation_args)
+    with torch.autocast(x.device.type, enabled=False):  # float32, as the kernels compute it, under any autocast
+        y = transform_activation(x, left, right, smooth)
+        if factor is not None:
+            y = clip_activation(y, factor, activation_args)
     return y.to(x.dtype)
 
 

@@ -24,11 +24,13 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 _TOKENS = 16
 """Tokens per program: enough to amortise loading the factors, few enough to fill the GPU at 2,048 tokens."""
-_MAX_BLOCK = 64 * 64
-"""The largest padded ``n1 x n2`` block: above it, a block's float32 tiles no longer fit in registers."""
+_MAX_SIDE = 64
+"""The largest padded factor: the backward keeps float32 tiles of ``n1 x n2``, ``n1 x n1`` and ``n2 x n2`` per
+program, which past 64 x 64 no longer fit in registers."""
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -39,7 +41,7 @@ def _padded(size: int) -> int:
 
 def supports(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
     """Whether the kernels serve this transform: a dtype they know and a block that fits in registers."""
-    return x.dtype in _DTYPES and _padded(left.shape[0]) * _padded(right.shape[0]) <= _MAX_BLOCK and x.numel() > 0
+    return x.dtype in _DTYPES and max(_padded(left.shape[0]), _padded(right.shape[0])) <= _MAX_SIDE and x.numel() > 0
 
 
 @triton.jit
@@ -82,7 +84,8 @@ def _forward_kernel(x_ptr, y_ptr, left_ptr, right_ptr, smooth_ptr, factor_ptr, n
 def _backward_kernel(x_ptr, grad_ptr, grad_x_ptr, left_ptr, right_ptr, smooth_ptr, factor_ptr,
                      grad_left_ptr, grad_right_ptr, grad_smooth_ptr, grad_factor_ptr, n_tokens,
                      N1: tl.constexpr, N2: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                     TOKENS: tl.constexpr, HAS_SMOOTH: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr):
+                     TOKENS: tl.constexpr, HAS_SMOOTH: tl.constexpr, CLIP: tl.constexpr, PRECISION: tl.constexpr,
+                     NEED_X: tl.constexpr, NEED_FACTORS: tl.constexpr):
     left, right, smooth, offsets, mask = _load_factors(left_ptr, right_ptr, smooth_ptr, N1, N2, P1, P2, HAS_SMOOTH)
     left_t = tl.trans(left)
     right_t = tl.trans(right)
@@ -122,22 +125,25 @@ def _backward_kernel(x_ptr, grad_ptr, grad_x_ptr, left_ptr, right_ptr, smooth_pt
             grad_z = g
         grad_m = tl.dot(left, grad_z, input_precision=PRECISION)
         grad_w = tl.dot(grad_m, right_t, input_precision=PRECISION)
-        grad_left += tl.dot(m, tl.trans(grad_z), input_precision=PRECISION)
-        grad_right += tl.dot(tl.trans(w), grad_m, input_precision=PRECISION)
-        grad_smooth += grad_w * x
-        grad_x = (grad_w * smooth).to(grad_x_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
-        tl.store(grad_x_ptr + base + offsets, grad_x, mask=in_range)
-    program = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, P1)
-    j = tl.arange(0, P2)
-    tl.store(grad_left_ptr + program * N1 * N1 + i[:, None] * N1 + i[None, :], grad_left,
-             mask=(i[:, None] < N1) & (i[None, :] < N1))
-    tl.store(grad_right_ptr + program * N2 * N2 + j[:, None] * N2 + j[None, :], grad_right,
-             mask=(j[:, None] < N2) & (j[None, :] < N2))
-    if HAS_SMOOTH:
-        tl.store(grad_smooth_ptr + program * N1 * N2 + offsets, grad_smooth, mask=mask)
-    if CLIP:
-        tl.store(grad_factor_ptr + program + tl.arange(0, 1), grad_factor)
+        if NEED_FACTORS:
+            grad_left += tl.dot(m, tl.trans(grad_z), input_precision=PRECISION)
+            grad_right += tl.dot(tl.trans(w), grad_m, input_precision=PRECISION)
+            grad_smooth += grad_w * x
+        if NEED_X:
+            grad_x = (grad_w * smooth).to(grad_x_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            tl.store(grad_x_ptr + base + offsets, grad_x, mask=in_range)
+    if NEED_FACTORS:
+        program = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, P1)
+        j = tl.arange(0, P2)
+        tl.store(grad_left_ptr + program * N1 * N1 + i[:, None] * N1 + i[None, :], grad_left,
+                 mask=(i[:, None] < N1) & (i[None, :] < N1))
+        tl.store(grad_right_ptr + program * N2 * N2 + j[:, None] * N2 + j[None, :], grad_right,
+                 mask=(j[:, None] < N2) & (j[None, :] < N2))
+        if HAS_SMOOTH:
+            tl.store(grad_smooth_ptr + program * N1 * N2 + offsets, grad_smooth, mask=mask)
+        if CLIP:
+            tl.store(grad_factor_ptr + program + tl.arange(0, 1), grad_factor)
 
 
 def _launch_shape(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> dict[str, Any]:
@@ -173,27 +179,26 @@ class TritonKroneckerTransform(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, left, right, smooth, factor = ctx.saved_tensors
+        need_x, *need = ctx.needs_input_grad
+        need_factors = any(need)  # the factors, smoothing and clipping factor come from the same products
         grad = grad.contiguous()
         n_tokens = x.numel() // x.shape[-1]
         programs = triton.cdiv(n_tokens, _TOKENS)
         n1, n2 = left.shape[0], right.shape[0]
-        grad_x = torch.empty_like(x)
+        grad_x = torch.empty_like(x) if need_x else None
         partial = {"device": x.device, "dtype": torch.float32}  # one sum per program
-        grad_left = torch.empty(programs, n1, n1, **partial)
-        grad_right = torch.empty(programs, n2, n2, **partial)
-        grad_smooth = None if smooth is None else torch.empty(programs, n1 * n2, **partial)
-        grad_factor = None if factor is None else torch.empty(programs, **partial)
+        grad_left = torch.empty(programs, n1, n1, **partial) if need_factors else None
+        grad_right = torch.empty(programs, n2, n2, **partial) if need_factors else None
+        grad_smooth = torch.empty(programs, n1 * n2, **partial) if need_factors and smooth is not None else None
+        grad_factor = torch.empty(programs, **partial) if need_factors and factor is not None else None
         _backward_kernel[(programs,)](
-            x, grad, grad_x, left, right, x if smooth is None else smooth, x if factor is None else factor,
-            grad_left, grad_right, x if grad_smooth is None else grad_smooth, x if grad_factor is None else grad_factor,
-            n_tokens, HAS_SMOOTH=smooth is not None, CLIP=factor is not None, **_launch_shape(x, left, right),
+            *(x if t is None else t for t in (x, grad, grad_x, left, right, smooth, factor, grad_left, grad_right,
+                                              grad_smooth, grad_factor)),  # x: a placeholder the kernel never reads
+            n_tokens, HAS_SMOOTH=smooth is not None, CLIP=factor is not None, NEED_X=need_x,
+            NEED_FACTORS=need_factors, **_launch_shape(x, left, right),
         )
-        return (
-            grad_x,
-            grad_left.sum(0),
-            grad_right.sum(0),
-            None if grad_smooth is None else grad_smooth.sum(0),
-            None if grad_factor is None else grad_factor.sum(0),
-        )
+        sums = [None if t is None else t.sum(0) for t in (grad_left, grad_right, grad_smooth, grad_factor)]
+        return grad_x, *(total if wanted else None for total, wanted in zip(sums, need, strict=True))

@@ -528,8 +528,12 @@ def _compile_blocks(blocks: list[torch.nn.Module], scope: contextlib.ExitStack) 
     torch.compiler.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
     scope.callback(setattr, torch.compiler.config, "recompile_limit", limit)
     for block in blocks:
+        before = block.__dict__.get("forward")  # an instance forward set by someone else, kept for afterwards
         block.forward = torch.compile(block.forward, dynamic=True)
-        scope.callback(delattr, block, "forward")  # the class's forward again
+        if before is None:
+            scope.callback(delattr, block, "forward")  # the class's forward again
+        else:
+            scope.callback(setattr, block, "forward", before)
 
 
 def _optimizer(config: TrainerConfig, student: PreTrainedModel, device: torch.device):
