@@ -70,7 +70,8 @@ def _forward_kernel(x_ptr, y_ptr, left_ptr, right_ptr, smooth_ptr, factor_ptr, n
         factor = tl.load(factor_ptr)
     for k in range(TOKENS):
         token = tl.program_id(0) * TOKENS + k
-        in_range = mask & (token < n_tokens)
+        rows = tl.where(token < n_tokens, N1, 0)  # a token past the last one: no rows
+        in_range = (tl.arange(0, P1)[:, None] < rows) & mask
         base = token.to(tl.int64) * (N1 * N2)
         w = tl.load(x_ptr + base + offsets, mask=in_range, other=0.0).to(tl.float32) * smooth
         z = tl.dot(left_t, tl.dot(w, right, input_precision=PRECISION), input_precision=PRECISION)
@@ -98,7 +99,8 @@ def _backward_kernel(x_ptr, grad_ptr, grad_x_ptr, left_ptr, right_ptr, smooth_pt
     grad_factor = tl.zeros((1,), tl.float32)
     for k in range(TOKENS):
         token = tl.program_id(0) * TOKENS + k
-        in_range = mask & (token < n_tokens)
+        rows = tl.where(token < n_tokens, N1, 0)  # a token past the last one: no rows
+        in_range = (tl.arange(0, P1)[:, None] < rows) & mask
         base = token.to(tl.int64) * (N1 * N2)
         x = tl.load(x_ptr + base + offsets, mask=in_range, other=0.0).to(tl.float32)
         w = x * smooth
