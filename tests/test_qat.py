@@ -280,13 +280,10 @@ def test_quantized_only_training_leaves_other_weights_alone(tiny_qwen3, tmp_path
     assert all(p.requires_grad for p in result.model.model.embed_tokens.parameters())
 
 
-def test_in_memory_model_is_its_own_teacher(tiny_qwen3, monkeypatch):
-    from transformers import AutoTokenizer
-
+def record_teachers(monkeypatch) -> list:
+    """The teachers the session loads from now on, in order."""
     from rqat_sdk.session.state import SessionState
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
     teachers = []
     load_teacher = SessionState.teacher
 
@@ -295,6 +292,15 @@ def test_in_memory_model_is_its_own_teacher(tiny_qwen3, monkeypatch):
         return teachers[-1]
 
     monkeypatch.setattr(SessionState, "teacher", recording_teacher)
+    return teachers
+
+
+def test_in_memory_model_is_its_own_teacher(tiny_qwen3, monkeypatch):
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    teachers = record_teachers(monkeypatch)
     result = rqat_sdk.oneshot(model, recipe(steps=2), DATA, tokenizer=AutoTokenizer.from_pretrained(tiny_qwen3))
     assert result.model is model
     assert result.record["stages"][1]["metrics"]["qat_kd"]["final_loss"] > 0
@@ -429,17 +435,8 @@ def test_a_compiled_stage_leaves_the_student_and_the_teacher_eager(tiny_qwen3, m
     from torch._dynamo.utils import counters
     from transformers import AutoTokenizer
 
-    from rqat_sdk.session.state import SessionState
-
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
-    teachers = []
-    load_teacher = SessionState.teacher
-
-    def recording_teacher(self, source, dtype, **options):
-        teachers.append(load_teacher(self, source, dtype, **options))
-        return teachers[-1]
-
-    monkeypatch.setattr(SessionState, "teacher", recording_teacher)
+    teachers = record_teachers(monkeypatch)
     limit = torch.compiler.config.recompile_limit
     torch._dynamo.reset()
     counters.clear()
