@@ -399,3 +399,23 @@ def test_flatquant_refuses_a_later_grpo_that_generates_with_vllm():
     recipe["stages"].append({"name": "rl", "modifiers": [{"type": "grpo", "generation": "vllm-colocate"}]})
     with pytest.raises(rqat_sdk.RqatError, match=r"stages\[1\]\.modifiers\[0\]\.generation: vLLM cannot run"):
         Recipe.from_dict(recipe)
+
+
+def test_a_transform_the_fused_kernels_cannot_take_says_so_once(monkeypatch, caplog):
+    """On CUDA a transform whose factors pad past 64 (6,144 = 64 x 96, a 1.7B model's MLP) takes the PyTorch
+    path: training is slower, and the user is told once per shape, not at every forward."""
+    pytest.importorskip("triton", reason="the kernels' size check lives beside them, in a module that imports triton")
+    from rqat_sdk.ops import affine_transform
+    from rqat_sdk.scheme import QuantScheme
+
+    monkeypatch.setattr(affine_transform, "use_triton", lambda tensor: True)  # as on CUDA
+    affine_transform._warn_unfused.cache_clear()
+    activations = QuantScheme.model_validate("W4A4").input_activations.to_args()
+    logit = torch.tensor(4.0)
+    served = {}
+    with caplog.at_level("WARNING", logger=affine_transform.__name__):
+        for width in (1024, 6144, 6144):
+            left, right = (torch.eye(n) for n in kronecker_sizes(width))
+            served[width] = affine_transform.fused_kernel_serves(torch.ones(2, width), left, right, logit, activations)
+    assert served == {1024: True, 6144: False}
+    assert [r.getMessage().split(" runs")[0] for r in caplog.records] == ["FlatQuant transform 64 x 96 (torch.float32)"]

@@ -17,6 +17,8 @@ reads from a tensor, so values past ``factor * max`` are clipped and the rest ge
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from typing import Any
 
@@ -24,6 +26,8 @@ import torch
 
 from rqat_sdk.ops import use_triton
 from rqat_sdk.ops.fake_quant import clamp_ste, int_range, round_ste
+
+log = logging.getLogger(__name__)
 
 CLIP_LOGIT_INIT = 4.0
 """The initial clipping logit: sigmoid(4) = 0.982, FlatQuant's start (nearly no clipping)."""
@@ -125,7 +129,17 @@ def fused_kernel_serves(
     # triton is optional (CUDA builds only) and imports at module level
     from rqat_sdk.ops.triton_affine_transform import supports
 
-    return supports(x, left, right)
+    if supports(x, left, right):
+        return True
+    _warn_unfused(left.shape[0], right.shape[0], x.dtype)
+    return False
+
+
+@functools.cache
+def _warn_unfused(n1: int, n2: int, dtype: torch.dtype) -> None:
+    """Say once per shape that a transform on CUDA takes the slower PyTorch path (a model's wider MLPs do)."""
+    log.warning("FlatQuant transform %d x %d (%s) runs through PyTorch, not the fused kernels (they take float32, "
+                "bf16 or fp16 inputs and factors that pad to at most 64): expect slower training", n1, n2, dtype)
 
 
 def transform_and_clip(
