@@ -33,6 +33,7 @@ import datetime
 import shlex
 import sys
 import time
+from unittest import mock
 
 import torch
 from provenance import git_commit
@@ -44,7 +45,6 @@ from qat_kd_perf import (
     fresh_model,
     kernel_profile,
     measure,
-    pytorch_kv_quantizer,
     rqat_trainer,
     step_benchmark_parser,
     synthetic_batch,
@@ -70,19 +70,15 @@ VARIANTS = {
 @contextlib.contextmanager
 def pytorch_path(kernel: str | None):
     """``kernel`` (``kv_cache``: the KV quantizer's; ``transforms``: FlatQuant's) through its PyTorch path."""
-    if kernel == "kv_cache":
-        with pytorch_kv_quantizer():
-            yield
-        return
-    from rqat_sdk.ops import triton_affine_transform  # triton imports at module level (CUDA builds only)
-
-    fused = triton_affine_transform.supports
-    if kernel == "transforms":
-        triton_affine_transform.supports = lambda *args: False
-    try:
+    if kernel is None:
         yield
-    finally:
-        triton_affine_transform.supports = fused
+        return
+    # triton imports at module level (CUDA builds only)
+    from rqat_sdk.ops import triton_affine_transform, triton_kv_cache
+
+    module = {"kv_cache": triton_kv_cache, "transforms": triton_affine_transform}[kernel]
+    with mock.patch.object(module, "supports", lambda *args: False):
+        yield
 
 
 def calibrate_flatquant(model, scheme: str, sequences: int, length: int) -> None:
