@@ -15,6 +15,10 @@ random model never emits its end-of-sequence token, so every completion has the 
 - ``once_grouped``: ``once`` with the dynamic cache and the preallocated path's decode attention over grouped heads
   (:func:`~rqat_sdk.preallocated_cache.grouped_decode_attention`): what the grouped attention alone does where
   prompts are padded (transformers' SDPA path then expands keys and values per query head at every step);
+- ``once_cuda_graph``: ``once`` with ``cache_implementation: cuda_graph``: rqat's decoding loop
+  (:mod:`rqat_sdk.cuda_graph_decoding`), the preallocated cache read at its full length and every decoding step
+  after the first replayed from one CUDA graph, so that a step does not wait on Python to issue its kernels
+  (its steps call no logits processor, so they are not clocked, and its greedy check compares tokens only);
 - ``once_static``: the same with transformers' static KV cache (``cache_implementation: static``), which
   transformers compiles for on GPUs (last: its compile can take minutes).
 
@@ -46,6 +50,7 @@ import argparse
 import contextlib
 import datetime
 import itertools
+import logging
 import shlex
 import sys
 import time
@@ -58,7 +63,7 @@ from qat_kd_perf import fresh_model, kernel_summary, profiled_ms_per_kernel, qua
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from rqat_sdk.files import write_json_atomic
-from rqat_sdk.generation import preallocated_kv_cache
+from rqat_sdk.generation import cuda_graph_decoding, preallocated_kv_cache
 from rqat_sdk.modifiers.layers import attach_fake_quant, quantized_once_per_generate
 from rqat_sdk.preallocated_cache import grouped_decode_attention
 
@@ -67,7 +72,9 @@ SHAPES = {
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True),
 }
-VARIANTS = ("per_token", "once", "once_preallocated", "once_grouped", "once_static")
+VARIANTS = ("per_token", "once", "once_preallocated", "once_grouped", "once_cuda_graph", "once_static")
+UNCLOCKED = ("once_cuda_graph",)
+"""Variants whose decoding runs no logits processor, so the step clock cannot time their steps."""
 CHECK_TOKENS = 32
 
 
@@ -117,23 +124,51 @@ def generate(model, ids: torch.Tensor, mask: torch.Tensor, variant: str, *, new_
     once = quantized_once_per_generate(model) if variant != "per_token" else contextlib.nullcontext()
     # as GRPO's rollouts run it (generate expands the prompts for num_return_sequences before the prefill)
     decoding = (preallocated_kv_cache(model, new_tokens) if variant == "once_preallocated"
-                else grouped_decode_attention(model) if variant == "once_grouped" else contextlib.nullcontext())
-    with once, decoding, torch.no_grad():
+                else grouped_decode_attention(model) if variant == "once_grouped"
+                else cuda_graph_decoding(model) if variant == "once_cuda_graph" else contextlib.nullcontext())
+    with decoding, once, FallbackCheck(variant), torch.no_grad():  # once wraps the decoding, as in GRPO
         return model.generate(input_ids=ids, attention_mask=mask, **settings)
 
 
-def greedy_check(model, ids: torch.Tensor, mask: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``variant``'s greedy completion of the check prompts: its tokens, and its logits ``[steps, batch, vocab]``."""
+class FallbackCheck(logging.Handler):
+    """Inside the block, a ``generate`` call that ``once_cuda_graph`` hands back to transformers is an error: the
+    variant would time transformers' decoding under its own name."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__(logging.WARNING)
+        self.variant = variant
+        self.logger = logging.getLogger("rqat_sdk.generation")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "runs transformers' generate instead" in record.getMessage():
+            raise RuntimeError(f"{self.variant}: {record.getMessage()}")
+
+    def __enter__(self) -> FallbackCheck:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+
+
+def greedy_check(model, ids: torch.Tensor, mask: torch.Tensor, variant: str
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``variant``'s greedy completion of the check prompts: its tokens, and its logits ``[steps, batch, vocab]``
+    (None for a variant that returns tokens only)."""
+    if variant in UNCLOCKED:
+        out = generate(model, ids, mask, variant, new_tokens=CHECK_TOKENS, completions=1, greedy=True)
+        return out[:, ids.shape[1]:], None
     out = generate(model, ids, mask, variant, new_tokens=CHECK_TOKENS, completions=1, greedy=True,
                    return_dict_in_generate=True, output_logits=True)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits).float()
 
 
 def first_difference(reference: tuple[torch.Tensor, torch.Tensor],
-                     candidate: tuple[torch.Tensor, torch.Tensor]) -> dict | None:
+                     candidate: tuple[torch.Tensor, torch.Tensor | None]) -> dict | None:
     """Where ``candidate``'s greedy tokens first leave ``reference``'s (None: nowhere). At that step both ran on the
     same tokens, so their logits differ only by computation; a reference margin between its token and the
-    candidate's below that difference is a near tie rounding can flip."""
+    candidate's below that difference is a near tie rounding can flip (a candidate without logits gives the
+    margin alone)."""
     (ref_tokens, ref_logits), (tokens, logits) = reference, candidate
     differs = (tokens != ref_tokens).any(dim=0)
     if not differs.any():
@@ -142,6 +177,8 @@ def first_difference(reference: tuple[torch.Tensor, torch.Tensor],
     row = int((tokens[:, step] != ref_tokens[:, step]).nonzero()[0])
     chosen, other = int(ref_tokens[row, step]), int(tokens[row, step])
     margin = ref_logits[step, row, chosen] - ref_logits[step, row, other]
+    if logits is None:
+        return {"step": step, "row": row, "baseline_margin": round(float(margin), 5)}
     return {"step": step, "row": row, "baseline_margin": round(float(margin), 5),
             "max_logit_diff": round(float((logits[step, row] - ref_logits[step, row]).abs().max()), 5),
             "max_logit_diff_before": round(float((logits[:step] - ref_logits[:step]).abs().max()), 5)
@@ -231,19 +268,22 @@ def main() -> int:
     for variant in args.variants:
         difference = first_difference(reference, greedy_check(model, check, check_mask, variant))
         same = difference is None
-        clocks[variant] = clock = StepClock()
+        clock = None if variant in UNCLOCKED else StepClock()
         synchronize(device)
         started = time.perf_counter()
         out = generate(model, ids, mask, variant, new_tokens=args.new_tokens, completions=args.completions,
                        greedy=False, clock=clock)
         synchronize(device)
         seconds = time.perf_counter() - started
-        if len(clock.times) != args.new_tokens:  # the step clock assumes one logits-processor call per forward
-            raise RuntimeError(f"generate called the step clock {len(clock.times)} times for {args.new_tokens} tokens")
+        if clock is not None:
+            clocks[variant] = clock
+            if len(clock.times) != args.new_tokens:  # the step clock assumes one logits-processor call per forward
+                raise RuntimeError(f"generate called the step clock {len(clock.times)} times for "
+                                   f"{args.new_tokens} tokens")
         tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         rows.append({"variant": variant, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
-                     "completion_tokens": tokens, "step_ms": clock.quarters(),
+                     "completion_tokens": tokens, **({"step_ms": clock.quarters()} if clock else {}),
                      "greedy_tokens_match_baseline": same,
                      **({"first_difference": difference} if difference else {}),
                      "peak_gib": round(peak, 1) if peak is not None else None})
@@ -258,7 +298,7 @@ def main() -> int:
     if args.profile_window and device.type == "cuda":  # last: a process that has profiled can launch slower
         start, count = args.profile_window
         profiles = {}
-        for variant in args.variants:
+        for variant in (v for v in args.variants if v in clocks):  # the window is counted in clocked steps
             profiles[variant] = profile_window(model, ids, mask, variant, args, start, count)
             profiles[variant]["step_ms"] = round(clocks[variant].step_ms(start, start + count - 1), 2)
             print(f"{variant}: decoding steps {start}-{start + count - 1} take {profiles[variant]['step_ms']:.1f} ms "

@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--cache-implementation", choices=CACHE_IMPLEMENTATIONS, default="dynamic",
                           help="hf backend: preallocated writes the KV cache in place (full-attention models); static "
-                          "allocates it at full length, and transformers then compiles decoding on GPUs")
+                          "allocates it at full length, and transformers then compiles decoding on GPUs; cuda_graph "
+                          "replays each decoding step from a CUDA graph (full-attention models, SDPA attention)")
     evaluate.add_argument("-o", "--output", type=Path, help="write the report (with every response) as JSON")
     evaluate.set_defaults(handler=_eval)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, get_args
@@ -11,10 +12,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, get_args
 import torch
 from tqdm.auto import tqdm
 
+from rqat_sdk.cuda_graph_decoding import decode, decoding_settings, graph_decoding_problem
 from rqat_sdk.data.tokenize import chat_text
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 class _Generates(Protocol):
@@ -33,7 +37,7 @@ class Completion:
     """True when generation hit ``max_new_tokens`` before the end-of-sequence token."""
 
 
-CacheImplementation = Literal["dynamic", "static", "preallocated"]
+CacheImplementation = Literal["dynamic", "static", "preallocated", "cuda_graph"]
 """How ``generate`` holds the KV cache (see :attr:`Sampling.cache_implementation`)."""
 CACHE_IMPLEMENTATIONS: tuple[str, ...] = get_args(CacheImplementation)
 
@@ -49,7 +53,10 @@ class Sampling:
     ``preallocated`` allocates it once per batch, writes in place and reads it without per-head copies
     (:mod:`rqat_sdk.preallocated_cache`; full-attention models only), with the same tokens; ``static``
     allocates it once at its full length, whose fixed shapes let transformers compile the decoding step on GPUs
-    (the first batch pays the compile)."""
+    (the first batch pays the compile); ``cuda_graph`` decodes with rqat's own loop
+    (:mod:`rqat_sdk.cuda_graph_decoding`): the preallocated cache read at its full length, each step replayed from
+    a CUDA graph on GPUs, so that decoding does not wait on Python (full-attention models on SDPA attention; other
+    models and options fall back to ``dynamic`` with a warning)."""
 
 
 @torch.no_grad()
@@ -86,7 +93,9 @@ def generate(
         if sampling.cache_implementation == "static":
             options["cache_implementation"] = "static"
         decoding = (preallocated_kv_cache(model, sampling.max_new_tokens)
-                    if sampling.cache_implementation == "preallocated" else contextlib.nullcontext())
+                    if sampling.cache_implementation == "preallocated"
+                    else cuda_graph_decoding(model) if sampling.cache_implementation == "cuda_graph"
+                    else contextlib.nullcontext())
         with decoding:
             output = cast(_Generates, model).generate(
                 **batch, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=stops, **options
@@ -153,6 +162,43 @@ def preallocated_kv_cache(model: PreTrainedModel, max_new_tokens: int) -> contex
                 kwargs["past_key_values"] = PreallocatedCache(model.config, max_new_tokens=max_new_tokens)
             with grouped_decode_attention(model):
                 return original(*args, **kwargs)
+        return generate
+
+    return wrapped_generate(model, wrap)
+
+
+def cuda_graph_decoding(model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:
+    """Inside the block, each ``model.generate`` call that asks only for what
+    :func:`~rqat_sdk.cuda_graph_decoding.decode` implements decodes through it (its steps replayed from a CUDA
+    graph on GPUs), under :func:`~rqat_sdk.preallocated_cache.grouped_decode_attention`; other calls, and every
+    call of a model :func:`~rqat_sdk.cuda_graph_decoding.graph_decoding_problem` refuses, go to ``generate``, each
+    reason warned once. Enter it before what else wraps ``generate``
+    (:func:`~rqat_sdk.modifiers.layers.quantized_once_per_generate`), so that those wrap the decoding too."""
+    # transformers' cache and attention classes load lazily (import rqat_sdk loads torch alone)
+    from rqat_sdk.preallocated_cache import grouped_decode_attention, resolved_generation_config
+
+    warned: set[str] = set()
+
+    def fall_back(reason: str) -> None:
+        if reason not in warned:
+            warned.add(reason)
+            log.warning("cuda_graph decoding: this generate call runs transformers' generate instead: %s", reason)
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def generate(input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                     generation_config: GenerationConfig | None = None, **kwargs: Any) -> Any:
+            problem = graph_decoding_problem(model) if input_ids is not None else "no input_ids"
+            config, unknown = resolved_generation_config(model, generation_config, kwargs)
+            settings, unsupported = decoding_settings(config, input_ids.shape[1] if input_ids is not None else 0)
+            reasons = [*([problem] if problem else []), *unsupported,
+                       *([f"arguments {', '.join(sorted(unknown))}"] if unknown else [])]
+            if reasons or settings is None:
+                fall_back("; ".join(reasons))
+                return original(input_ids=input_ids, attention_mask=attention_mask,
+                                generation_config=generation_config, **kwargs)
+            assert input_ids is not None  # checked above: a missing input is a reason to fall back
+            with grouped_decode_attention(model):
+                return decode(model, input_ids, attention_mask, settings)
         return generate
 
     return wrapped_generate(model, wrap)

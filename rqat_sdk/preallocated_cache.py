@@ -12,9 +12,13 @@ path also expands the keys and values to one copy per query head at every layer 
 :func:`grouped_decode_attention` has a one-token decoding step read the cache as it is instead: the query heads
 that share a key/value head become that head's rows (:func:`grouped_decode_sdpa`), which is the same attention.
 
-This file is the one contact with transformers' cache and attention internals (``CacheLayerMixin``,
+For decoding replayed from a CUDA graph (:mod:`rqat_sdk.cuda_graph_decoding`), :meth:`PreallocatedCache.write_at`
+switches the cache to fixed shapes after the prefill: each step writes at a position held on the device and
+attention reads the whole buffers under a full-length mask.
+
+This file is the one contact with transformers' cache, attention and generation internals (``CacheLayerMixin``,
 ``Cache(layers=...)``, ``get_layer_types_and_kwargs``, the SDPA attention and mask functions and their
-registries, verified against :data:`VERIFIED_VERSION`).
+registries, ``generate``'s config resolution; verified against :data:`VERIFIED_VERSION`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
 from rqat_sdk.upstream import require_verified
 
@@ -52,6 +56,8 @@ class PreallocatedLayer(CacheLayerMixin):
         super().__init__()
         self.max_new_tokens = max_new_tokens
         self.length = 0
+        self.write_index: torch.Tensor | None = None
+        """Set by :meth:`PreallocatedCache.write_at`: updates then write here and return the whole buffers."""
         self.key_buffer = torch.empty(0)
         self.value_buffer = torch.empty(0)
 
@@ -82,6 +88,10 @@ class PreallocatedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.write_index is not None:  # fixed shapes, for a captured step: the position is read on the device
+            self.key_buffer.index_copy_(2, self.write_index, key_states)
+            self.value_buffer.index_copy_(2, self.write_index, value_states)
+            return self.key_buffer, self.value_buffer
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, end = self.length, self.length + key_states.shape[-2]
@@ -137,18 +147,45 @@ class PreallocatedCache(Cache):
         require_verified("transformers", VERIFIED_VERSION, "rqat_sdk/preallocated_cache.py (PreallocatedCache)")
         super().__init__(layers=[PreallocatedLayer(max_new_tokens) for _ in range(check_full_attention(config))])
 
+    def write_at(self, index: torch.Tensor) -> None:
+        """After the prefill: every layer writes each update's one token at ``index`` (a one-element device
+        tensor the caller advances) and returns its whole buffers, which attention must then read under a mask
+        of their full length. The unwritten tail is zeroed first: a masked entry weighs nothing, but garbage
+        there (a NaN) would still poison the weighted sum."""
+        for layer in self.layers:
+            if not isinstance(layer, PreallocatedLayer) or not layer.is_initialized:
+                raise RuntimeError("write_at needs a cache the prefill has filled")
+            layer.key_buffer[:, :, layer.length:].zero_()
+            layer.value_buffer[:, :, layer.length:].zero_()
+            layer.write_index = index
 
-def check_full_attention(config: Any) -> int:
-    """The number of cached layers of ``config``; refuses, naming them, the layer types :class:`PreallocatedCache`
-    cannot hold (sliding-window or chunked attention keep only a window of tokens). Runs call it before their
-    work, not at their first rollout."""
+
+def check_full_attention(config: Any, implementation: str = "preallocated") -> int:
+    """The number of cached layers of ``config``; refuses, naming them and the cache ``implementation`` asked
+    for, the layer types :class:`PreallocatedCache` cannot hold (sliding-window or chunked attention keep only a
+    window of tokens). Runs call it before their work, not at their first rollout."""
     layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     others = sorted(set(layer_types) - {"full_attention"})
     if others:
-        raise ValueError(f"cache_implementation preallocated needs full attention in every layer; "
+        raise ValueError(f"cache_implementation {implementation} needs full attention in every layer; "
                          f"{getattr(config, 'model_type', 'this model')} has {', '.join(others)} layers: "
                          f"use cache_implementation dynamic")
     return len(layer_types)
+
+
+def reads_sdpa_masks(model: Any) -> bool:
+    """Whether ``model``'s attention takes the boolean masks transformers builds for SDPA (its own SDPA, the
+    grouped decode attention below, or an implementation registered with SDPA's mask function)."""
+    return ALL_MASK_ATTENTION_FUNCTIONS.get(model.config._attn_implementation) is sdpa_mask
+
+
+def resolved_generation_config(model: Any, generation_config: Any, kwargs: dict[str, Any]) -> tuple[Any, set[str]]:
+    """The generation config a ``generate(generation_config=..., **kwargs)`` call runs with (the call's, then the
+    model's, then transformers' defaults), and the names of the non-None ``kwargs`` that are not generation
+    options (model inputs, logits processors, stopping criteria, streamers)."""
+    require_verified("transformers", VERIFIED_VERSION, "rqat_sdk/preallocated_cache.py (resolved_generation_config)")
+    config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
+    return config, {name for name, value in model_kwargs.items() if value is not None}
 
 
 GROUPED_SDPA = "rqat_grouped_sdpa"

@@ -307,6 +307,73 @@ def test_the_preallocated_kv_cache_decodes_the_dynamic_caches_tokens_on_the_gpu(
     assert torch.equal(outputs[0], outputs[1])
 
 
+def _tiny_cuda_qwen3(dtype: torch.dtype):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, attn_implementation="sdpa")
+    model = Qwen3ForCausalLM(config).cuda().to(dtype).eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(1, 512, (4, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[::2, :6] = 0  # left padding
+    return model, ids, mask
+
+
+def test_cuda_graph_decoding_replays_one_graph_and_gives_generates_greedy_tokens(monkeypatch):
+    """float32, left-padded prompts, two completions per prompt, rows ending at different steps: every step after
+    the first eager one is a replay of one captured graph, and the tokens, padding and length are generate's."""
+    from transformers import GenerationConfig
+
+    from rqat_sdk.generation import cuda_graph_decoding
+
+    model, ids, mask = _tiny_cuda_qwen3(torch.float32)
+    free = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=48, pad_token_id=0)
+    stop = int(free[1, 24 + 10])  # ends row 1 at its 11th token; other rows end elsewhere or never
+    # transformers refuses num_return_sequences > 1 without sampling: greedy is top_k=1
+    config = GenerationConfig(max_new_tokens=48, do_sample=True, top_k=1, num_return_sequences=2, pad_token_id=0,
+                              eos_token_id=stop)
+    with torch.no_grad():
+        reference = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(self) or replay(self))
+    with cuda_graph_decoding(model), torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    assert torch.equal(out, reference)
+    assert len(replays) >= 32 and len(set(map(id, replays))) == 1
+
+
+def test_cuda_graph_replays_give_the_eager_loops_tokens_on_a_quantized_policy():
+    """A W3G128 fake-quantized policy in bf16, its weights quantized once: the replayed steps compute what the
+    same loop computes eagerly, token for token."""
+    import rqat_sdk
+    from rqat_sdk.cuda_graph_decoding import DecodingSettings, _Decoder
+    from rqat_sdk.modifiers.layers import attach_fake_quant, weights_quantized_once
+
+    model, ids, mask = _tiny_cuda_qwen3(torch.bfloat16)
+    rtn = {"version": 1, "scheme": "W3G128", "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
+    model = rqat_sdk.oneshot(model, rtn, tokenizer=type("T", (), {"pad_token_id": 0, "chat_template": None})()).model
+    attach_fake_quant(model, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
+    settings = DecodingSettings(max_new_tokens=64, greedy=True)
+    with weights_quantized_once(model):
+        eager = _Decoder(model, ids, mask, settings).run(graphed=False)
+        graphed = _Decoder(model, ids, mask, settings).run(graphed=True)
+    assert torch.equal(graphed, eager)
+
+
+def test_cuda_graph_replays_draw_fresh_samples_at_every_step():
+    """Sampling inside the graph: each replay draws new random numbers (a near-uniform distribution gives many
+    distinct tokens per row, where a replayed draw would repeat one)."""
+    from rqat_sdk.cuda_graph_decoding import DecodingSettings, decode
+
+    model, ids, mask = _tiny_cuda_qwen3(torch.bfloat16)
+    out = decode(model, ids, mask, DecodingSettings(max_new_tokens=64, temperature=1000.0))
+    completions = out[:, ids.shape[1]:]
+    assert all(len(row.unique()) > 40 for row in completions)
+
+
 def test_a_compiled_teacher_gives_the_eager_hidden_states_on_the_gpu():
     """compile_teacher: the bf16 teacher's decoder under torch.compile, over sequences of several lengths."""
     from transformers import Qwen3Config, Qwen3ForCausalLM

@@ -1,6 +1,7 @@
 """GRPO on the fake-quantized model, through trl, on CPU."""
 
 import json
+import logging
 import types
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 import rqat_sdk
+from rqat_sdk import generation
 from rqat_sdk.errors import RecipeError
 from rqat_sdk.modifiers import layers
 from rqat_sdk.modifiers.layers import QUANTIZATION_PARAMETERS, attach_fake_quant, detach_fake_quant
@@ -329,3 +331,24 @@ def test_a_preallocated_cache_on_sliding_window_layers_is_refused_before_any_sta
         rqat_sdk.oneshot(model, recipe(cache_implementation="preallocated"), "testbed",
                          tokenizer=AutoTokenizer.from_pretrained(tiny_qwen3))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the PTQ stage never ran
+
+
+def test_rollouts_can_decode_with_cuda_graph_steps(tiny_qwen3, reward_module, monkeypatch, caplog):
+    """``cache_implementation: cuda_graph``: trl's rollouts go through rqat's decoding loop (eager on the CPU),
+    inside the weights' quantization once per call, and nothing falls back to ``generate``."""
+    calls = []
+    loop = generation.decode
+
+    def recording(model, input_ids, attention_mask, settings):
+        calls.append((settings, any(layers._PRECOMPUTED in vars(m) for _, m in layers.quantized_linears(model))))
+        return loop(model, input_ids, attention_mask, settings)
+
+    monkeypatch.setattr(generation, "decode", recording)
+    grpo = recipe(rewards=[reward_module], cold_start_threshold=0.0, cache_implementation="cuda_graph")
+    with caplog.at_level(logging.WARNING):
+        result = rqat_sdk.oneshot(tiny_qwen3, grpo, "testbed", allow_code=True)
+    assert result.record["stages"][1]["metrics"]["grpo"]["steps"] == 2
+    assert calls and all(held for _, held in calls)
+    settings = calls[-1][0]
+    assert not settings.greedy and settings.num_return_sequences == 1  # trl repeats each prompt in the batch
+    assert "runs transformers' generate instead" not in caplog.text

@@ -89,7 +89,10 @@ class GRPOModifier(TrainingModifier):
     and reads it without per-head copies, where ``dynamic`` copies the whole cache at every token (the same
     tokens; full-attention models only);
     ``static`` allocates it once at its full length, whose fixed shapes let transformers compile the decoding
-    step on GPUs (the first rollout pays the compile)."""
+    step on GPUs (the first rollout pays the compile); ``cuda_graph`` decodes rollouts with rqat's own loop, the
+    preallocated cache read at its full length and each step replayed from a CUDA graph, so that decoding does
+    not wait on Python (full-attention models on SDPA attention; sampling options beyond temperature, top-k and
+    top-p fall back to ``dynamic`` with a warning)."""
     allow_cold_start: bool = False
     """Train even when the probe's mean reward is below ``cold_start_threshold``."""
     cold_start_threshold: Annotated[float, FloatRange(0.0, None)] = 0.05
@@ -130,13 +133,13 @@ class GRPOModifier(TrainingModifier):
         return self
 
     def model_problems(self, config: Any, at: Position) -> list[str]:
-        if self.cache_implementation != "preallocated":
+        if self.cache_implementation not in ("preallocated", "cuda_graph"):
             return []
         # transformers' cache classes load lazily (import rqat_sdk loads torch alone)
         from rqat_sdk.preallocated_cache import check_full_attention
 
         try:
-            check_full_attention(config)
+            check_full_attention(config, self.cache_implementation)
         except ValueError as exc:
             return [f"{at.path}.cache_implementation: {exc}"]
         return []

@@ -23,7 +23,7 @@ import torch
 
 from rqat_sdk import distributed
 from rqat_sdk.errors import RqatError
-from rqat_sdk.generation import preallocated_kv_cache
+from rqat_sdk.generation import cuda_graph_decoding, preallocated_kv_cache
 from rqat_sdk.modifiers.layers import fake_quantized_weights, parameter_group, quantized_once_per_generate
 from rqat_sdk.upstream import require_verified
 
@@ -158,6 +158,8 @@ def run_grpo(
     try:
         with contextlib.ExitStack() as rollouts:
             if not trainer.use_vllm:  # transformers rollouts decode token by token: quantize the weights once
+                if config.cache_implementation == "cuda_graph":  # first: the weights' quantization wraps it
+                    rollouts.enter_context(cuda_graph_decoding(model))
                 rollouts.enter_context(quantized_once_per_generate(model))
                 if config.cache_implementation == "preallocated":
                     rollouts.enter_context(preallocated_kv_cache(model, config.max_completion_length))
