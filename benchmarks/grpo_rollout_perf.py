@@ -18,7 +18,7 @@ random model never emits its end-of-sequence token, so every completion has the 
 - ``once_cuda_graph``: ``once`` with ``cache_implementation: cuda_graph``: rqat's decoding loop
   (:mod:`rqat_sdk.cuda_graph_decoding`), the preallocated cache read at its full length and every decoding step
   after the first replayed from one CUDA graph, so that a step does not wait on Python to issue its kernels
-  (its steps call no logits processor, so they are not clocked, and its greedy check compares tokens only);
+  (its steps call no logits processor, so they are not clocked);
 - ``once_static``: the same with transformers' static KV cache (``cache_implementation: static``), which
   transformers compiles for on GPUs (last: its compile can take minutes).
 
@@ -29,7 +29,9 @@ Before timing, each variant's greedy tokens on a few prompts are checked against
 outputs must not change. Where they do, the record says where (``first_difference``): the first decoding step
 whose token differs, and there, from the same tokens before it, how far the variant's logits are from the
 baseline's against the baseline's margin between its token and the variant's. A margin within that distance is a near
-tie that another kernel's rounding can flip; a margin far beyond it is an error.
+tie that another kernel's rounding can flip (``near_tie``); a margin far beyond it is an error. The record's
+``tokens_per_s`` is the fastest variant's whose tokens match the baseline's or first differ at a near tie (the
+same policy to rounding); the script exits non-zero where a variant differs otherwise.
 
     python benchmarks/grpo_rollout_perf.py --json docs/results/grpo_rollout_perf.json
     python benchmarks/grpo_rollout_perf.py --shape tiny --prompts 4 --completions 2 --new-tokens 16  # CPU smoke
@@ -51,6 +53,7 @@ import contextlib
 import datetime
 import itertools
 import logging
+import math
 import shlex
 import sys
 import time
@@ -151,24 +154,24 @@ class FallbackCheck(logging.Handler):
         self.logger.removeHandler(self)
 
 
-def greedy_check(model, ids: torch.Tensor, mask: torch.Tensor, variant: str
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``variant``'s greedy completion of the check prompts: its tokens, and its logits ``[steps, batch, vocab]``
-    (None for a variant that returns tokens only)."""
-    if variant in UNCLOCKED:
-        out = generate(model, ids, mask, variant, new_tokens=CHECK_TOKENS, completions=1, greedy=True)
-        return out[:, ids.shape[1]:], None
+def greedy_check(model, ids: torch.Tensor, mask: torch.Tensor, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``variant``'s greedy completion of the check prompts: its tokens, and its logits ``[steps, batch, vocab]``."""
     out = generate(model, ids, mask, variant, new_tokens=CHECK_TOKENS, completions=1, greedy=True,
                    return_dict_in_generate=True, output_logits=True)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits).float()
 
 
-def first_difference(reference: tuple[torch.Tensor, torch.Tensor],
-                     candidate: tuple[torch.Tensor, torch.Tensor | None]) -> dict | None:
+ROUNDING_ULPS = 8
+"""How far apart two computations of the same logits may be and still count as rounding: this many units in the
+last place of the model's dtype at the row's largest logit."""
+
+
+def first_difference(reference: tuple[torch.Tensor, torch.Tensor], candidate: tuple[torch.Tensor, torch.Tensor],
+                     dtype: torch.dtype) -> dict | None:
     """Where ``candidate``'s greedy tokens first leave ``reference``'s (None: nowhere). At that step both ran on the
-    same tokens, so their logits differ only by computation; a reference margin between its token and the
-    candidate's below that difference is a near tie rounding can flip (a candidate without logits gives the
-    margin alone)."""
+    same tokens, so their logits differ only by computation; where that difference is rounding (within
+    ``ROUNDING_ULPS`` of ``dtype``) and the reference's margin between its token and the candidate's is within
+    it, the flip is a near tie (``near_tie``); otherwise it is an error."""
     (ref_tokens, ref_logits), (tokens, logits) = reference, candidate
     differs = (tokens != ref_tokens).any(dim=0)
     if not differs.any():
@@ -176,13 +179,13 @@ def first_difference(reference: tuple[torch.Tensor, torch.Tensor],
     step = int(differs.nonzero()[0])
     row = int((tokens[:, step] != ref_tokens[:, step]).nonzero()[0])
     chosen, other = int(ref_tokens[row, step]), int(tokens[row, step])
-    margin = ref_logits[step, row, chosen] - ref_logits[step, row, other]
-    if logits is None:
-        return {"step": step, "row": row, "baseline_margin": round(float(margin), 5)}
-    return {"step": step, "row": row, "baseline_margin": round(float(margin), 5),
-            "max_logit_diff": round(float((logits[step, row] - ref_logits[step, row]).abs().max()), 5),
+    margin = float(ref_logits[step, row, chosen] - ref_logits[step, row, other])
+    distance = float((logits[step, row] - ref_logits[step, row]).abs().max())
+    largest = float(ref_logits[step, row].abs().max())
+    rounding = ROUNDING_ULPS * torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(largest)) if largest else 0.0
+    return {"step": step, "row": row, "baseline_margin": round(margin, 5), "max_logit_diff": round(distance, 5),
             "max_logit_diff_before": round(float((logits[:step] - ref_logits[:step]).abs().max()), 5)
-            if step else 0.0}
+            if step else 0.0, "rounding": round(rounding, 5), "near_tie": margin <= distance <= rounding}
 
 
 def profile_window(model, ids: torch.Tensor, mask: torch.Tensor, variant: str, args: argparse.Namespace,
@@ -209,12 +212,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def keeps_the_policy(row: dict) -> bool:
+    """Whether a variant's greedy tokens are the baseline's, or first leave them at a near tie."""
+    return row["greedy_tokens_match_baseline"] or row["first_difference"]["near_tie"]
+
+
 def record(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, rows: list[dict],
            profiles: dict[str, dict] | None = None) -> dict:
-    """The run's record from the variants measured so far (the fastest one whose greedy tokens match)."""
+    """The run's record from the variants measured so far (the fastest one that keeps the policy, to rounding)."""
     by_variant = {row["variant"]: row for row in rows}
-    best = max((row for row in rows if row["greedy_tokens_match_baseline"]), key=lambda row: row["tokens_per_s"],
-               default=None)
+    best = max(filter(keeps_the_policy, rows), key=lambda row: row["tokens_per_s"], default=None)
     return {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
@@ -266,7 +273,7 @@ def main() -> int:
     rows = []
     clocks: dict[str, StepClock] = {}
     for variant in args.variants:
-        difference = first_difference(reference, greedy_check(model, check, check_mask, variant))
+        difference = first_difference(reference, greedy_check(model, check, check_mask, variant), dtype)
         same = difference is None
         clock = None if variant in UNCLOCKED else StepClock()
         synchronize(device)
@@ -312,7 +319,7 @@ def main() -> int:
     for row in rows:
         match = row["greedy_tokens_match_baseline"]
         print(f"| {row['variant']} | {row['tokens_per_s']:,} | {row['seconds']} | {match} |")
-    return 0 if all(row["greedy_tokens_match_baseline"] for row in rows) else 1
+    return 0 if all(map(keeps_the_policy, rows)) else 1
 
 
 if __name__ == "__main__":

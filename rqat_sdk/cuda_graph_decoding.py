@@ -13,7 +13,7 @@ top-k, top-p, greedy decoding): the same warped logits, the same end-of-sequence
 and trimmed as ``generate`` returns them. It draws its samples differently (``probs / Exp(1)``'s argmax, which
 has the same distribution as ``torch.multinomial`` and runs inside a graph), so sampled tokens match in
 distribution, greedy ones token for token up to the rounding of the attention kernel. A call asking for anything
-else (beam search, repetition penalties, stopping strings, returned scores) goes to ``generate`` unchanged, with
+else (beam search, repetition penalties, stopping strings, processed scores) goes to ``generate`` unchanged, with
 one warning naming what it asked for.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -47,6 +47,9 @@ class DecodingSettings:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     num_return_sequences: int = 1
+    return_dict_in_generate: bool = False
+    output_logits: bool = False
+    """Keep each step's raw logits (float32, before any warping), as ``generate``'s ``output_logits`` does."""
 
 
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
@@ -77,9 +80,7 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "max_time": lambda v: v is None,
     "renormalize_logits": lambda v: not v,
     "remove_invalid_values": lambda v: not v,
-    "return_dict_in_generate": lambda v: not v,
     "output_scores": lambda v: not v,
-    "output_logits": lambda v: not v,
     "output_attentions": lambda v: not v,
     "output_hidden_states": lambda v: not v,
 }
@@ -104,6 +105,7 @@ def decoding_settings(config: GenerationConfig, prompt_length: int) -> tuple[Dec
         temperature=config.temperature if config.temperature is not None else 1.0,
         top_k=config.top_k or 0, top_p=config.top_p if config.top_p is not None else 1.0, eos_token_ids=eos_ids,
         pad_token_id=pad, num_return_sequences=config.num_return_sequences or 1,
+        return_dict_in_generate=bool(config.return_dict_in_generate), output_logits=bool(config.output_logits),
     ), []
 
 
@@ -160,13 +162,18 @@ class _Decoder:
                        past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
         self.eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)
         self.generated = torch.ones((), dtype=torch.long, device=device)
-        first = choose_tokens(warp_logits(logits[:, -1].float(), settings, self.generated - 1, self.eos), settings)
+        self.raw_logits = (logits.new_empty((settings.max_new_tokens, batch, logits.shape[-1]), dtype=torch.float32)
+                           if settings.output_logits else None)
+        first = choose_tokens(warp_logits(self._scores(logits, self.generated - 1), settings, self.generated - 1,
+                                          self.eos), settings)
         self.completion = torch.full((batch, settings.max_new_tokens), settings.pad_token_id, dtype=torch.long,
                                      device=device)
         self.completion[:, 0] = first
         self.tokens = first[:, None].clone()
         self.finished = torch.isin(first, self.eos)
         self.columns = torch.ones((), dtype=torch.long, device=device)
+        self.length = 1
+        """Completion columns, known once :meth:`run` ends."""
         self.position = positions[:, -1:] + 1
         self.write_index = torch.full((1,), prompt_length, dtype=torch.long, device=device)
         self.mask = torch.zeros((batch, prompt_length + settings.max_new_tokens), dtype=torch.bool, device=device)
@@ -179,8 +186,8 @@ class _Decoder:
         full_mask = self.mask[:, None, None, :]  # a 4-D mask goes to attention as it is
         logits = self.model(input_ids=self.tokens, attention_mask=full_mask, position_ids=self.position,
                             past_key_values=self.cache, use_cache=True).logits
-        chosen = choose_tokens(warp_logits(logits[:, -1].float(), self.settings, self.generated, self.eos),
-                               self.settings)
+        chosen = choose_tokens(warp_logits(self._scores(logits, self.generated), self.settings, self.generated,
+                                           self.eos), self.settings)
         alive = ~self.finished
         chosen = torch.where(alive, chosen, self.settings.pad_token_id)
         self.columns.add_(alive.any().long())
@@ -190,6 +197,14 @@ class _Decoder:
         self.position.add_(1)
         self.write_index.add_(1)
         self.generated.add_(1)
+
+    def _scores(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The last position's logits in float32 (a copy, which warping changes in place), kept at row ``index``
+        of :attr:`raw_logits` when asked for."""
+        scores = logits[:, -1].to(torch.float32, copy=True)
+        if self.raw_logits is not None:
+            self.raw_logits.index_copy_(0, index.view(1), scores[None])
+        return scores
 
     def run(self, graphed: bool) -> torch.Tensor:
         """All decoding steps (graphed: the first eagerly, then a captured one replayed), stopping early once every
@@ -210,17 +225,26 @@ class _Decoder:
             replay()
             if done % STOP_CHECK_EVERY == 0 and bool(self.finished.all()):
                 break
-        length = int(self.columns)
-        return torch.cat([self.prompt, self.completion[:, :length]], dim=1)
+        self.length = int(self.columns)
+        return torch.cat([self.prompt, self.completion[:, : self.length]], dim=1)
 
 
 @torch.no_grad()
 def decode(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-           settings: DecodingSettings) -> torch.Tensor:
+           settings: DecodingSettings) -> Any:
     """The sequences ``generate`` would return for ``settings`` (prompts first, left-padded), decoded with each
     step replayed from a CUDA graph on a GPU and run eagerly elsewhere."""
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    return _Decoder(model, input_ids, mask, settings).run(graphed=input_ids.device.type == "cuda")
+    decoder = _Decoder(model, input_ids, mask, settings)
+    sequences = decoder.run(graphed=input_ids.device.type == "cuda")
+    if not settings.return_dict_in_generate:
+        return sequences
+    # transformers' generation classes load lazily (import rqat_sdk loads torch alone)
+    from transformers.generation import GenerateDecoderOnlyOutput
+
+    raw = decoder.raw_logits
+    return GenerateDecoderOnlyOutput(sequences=cast(torch.LongTensor, sequences),
+                                     logits=tuple(raw[: decoder.length]) if raw is not None else None)
 
 
 def graph_decoding_problem(model: PreTrainedModel) -> str | None:

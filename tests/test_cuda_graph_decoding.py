@@ -77,6 +77,20 @@ def test_greedy_tokens_are_generates(kind):
     assert torch.equal(out, reference)
 
 
+def test_raw_logits_are_generates():
+    """``return_dict_in_generate`` with ``output_logits``: each step's logits before warping, as generate keeps
+    them (what a greedy check compares where tokens differ)."""
+    model = tiny()
+    ids, mask = prompts()
+    reference = greedy_reference(model, ids, mask, max_new_tokens=NEW, return_dict_in_generate=True,
+                                 output_logits=True)
+    with cuda_graph_decoding(model), torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(out.sequences, reference.sequences) and len(out.logits) == NEW
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(reference.logits))
+
+
 def test_end_of_sequence_pads_and_trims_as_generate_does():
     """A row that ends is padded after its end token while the others decode on; ``min_new_tokens`` bars the
     end token before it."""

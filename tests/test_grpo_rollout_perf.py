@@ -42,11 +42,16 @@ def test_first_difference_names_the_step_the_margin_and_the_logit_distance(monke
     logits[:, :, 0] = 1.0
     logits[2, 1, 3] = 0.99  # row 1's step 2: a near tie between tokens 0 and 3
     tokens = logits.argmax(-1).T  # [batch, steps]
-    assert first_difference((tokens, logits), (tokens.clone(), logits.clone())) is None
+    assert first_difference((tokens, logits), (tokens.clone(), logits.clone()), torch.bfloat16) is None
 
     flipped_logits = logits.clone()
     flipped_logits[0, 0, 0] += 0.001  # computation noise at step 0, no token changes
     flipped_logits[2, 1, 3] += 0.02
     flipped = flipped_logits.argmax(-1).T
-    assert first_difference((tokens, logits), (flipped, flipped_logits)) == {
-        "step": 2, "row": 1, "baseline_margin": 0.01, "max_logit_diff": 0.02, "max_logit_diff_before": 0.001}
+    # a near tie: the margin (0.01) within the paths' distance (0.02), itself within 8 bf16 ulps at 1.0 (0.0625)
+    assert first_difference((tokens, logits), (flipped, flipped_logits), torch.bfloat16) == {
+        "step": 2, "row": 1, "baseline_margin": 0.01, "max_logit_diff": 0.02, "max_logit_diff_before": 0.001,
+        "rounding": 0.0625, "near_tie": True}
+    wrong = flipped_logits.clone()
+    wrong[2, 1, 3] += 0.5  # the same flip from an error far beyond rounding
+    assert first_difference((tokens, logits), (wrong.argmax(-1).T, wrong), torch.bfloat16)["near_tie"] is False
