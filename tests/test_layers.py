@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"code", "fields", "files", "threads", "distributed", "upstream", "hub"},
     {"scheme", "ops"},
     {"data", "gguf", "transforms", "preallocated_cache"},
-    {"models"},
+    {"models", "cuda_graph_decoding"},
     {"generation"},
     {"modifiers"},
     {"modifiers.ptq", "modifiers.qat", "modifiers.rl"},
