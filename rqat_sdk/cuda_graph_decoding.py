@@ -54,6 +54,10 @@ class DecodingSettings:
 
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "num_beams": lambda v: v in (None, 1),
+    "constraints": lambda v: not v,
+    "force_words_ids": lambda v: not v,
+    "token_healing": lambda v: not v,
+    "cache_implementation": lambda v: v in (None, "dynamic", "static"),  # the loop's cache decodes the same
     "repetition_penalty": lambda v: v in (None, 1.0),
     "encoder_repetition_penalty": lambda v: v in (None, 1.0),
     "no_repeat_ngram_size": lambda v: not v,
@@ -65,11 +69,6 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "forced_bos_token_id": lambda v: v is None,
     "forced_eos_token_id": lambda v: v is None,
     "min_length": lambda v: not v,
-    "min_p": lambda v: v is None,
-    "typical_p": lambda v: v in (None, 1.0),
-    "epsilon_cutoff": lambda v: not v,
-    "eta_cutoff": lambda v: not v,
-    "top_h": lambda v: v is None,
     "exponential_decay_length_penalty": lambda v: v is None,
     "guidance_scale": lambda v: v in (None, 1.0),
     "watermarking_config": lambda v: v is None,
@@ -86,22 +85,31 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
 }
 """Generation options the loop does not implement, with the values that ask nothing of it."""
 
+_SAMPLING_ONLY: dict[str, Callable[[Any], bool]] = {
+    "min_p": lambda v: v is None,
+    "typical_p": lambda v: v in (None, 1.0),
+    "epsilon_cutoff": lambda v: not v,
+    "eta_cutoff": lambda v: not v,
+    "top_h": lambda v: v is None,
+}
+"""Sampling warpers the loop does not implement: greedy decoding ignores them, as ``generate`` does."""
 
-def decoding_settings(config: GenerationConfig, prompt_length: int) -> tuple[DecodingSettings | None, list[str]]:
+
+def decoding_settings(config: GenerationConfig) -> tuple[DecodingSettings | None, list[str]]:
     """``config`` (resolved as ``generate`` resolves it) as settings, or None and the options that need
     ``generate``."""
-    unsupported = [f"{name}={getattr(config, name)!r}" for name, neutral in _NEUTRAL.items()
+    checks = {**_NEUTRAL, **(_SAMPLING_ONLY if config.do_sample else {})}
+    unsupported = [f"{name}={getattr(config, name)!r}" for name, neutral in checks.items()
                    if not neutral(getattr(config, name, None))]
-    if config.max_new_tokens is None and config.max_length is None:
-        unsupported.append("no max_new_tokens")
+    if config.max_new_tokens is None:  # generate then counts max_length (default 20) from the prompt's start
+        unsupported.append("max_length without max_new_tokens")
     if unsupported:
         return None, unsupported
     eos = config.eos_token_id
     eos_ids = tuple([eos] if isinstance(eos, int) else list(eos or ()))
     pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_length
     return DecodingSettings(
-        max_new_tokens=max_new, min_new_tokens=config.min_new_tokens or 0, greedy=not config.do_sample,
+        max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens or 0, greedy=not config.do_sample,
         temperature=config.temperature if config.temperature is not None else 1.0,
         top_k=config.top_k or 0, top_p=config.top_p if config.top_p is not None else 1.0, eos_token_ids=eos_ids,
         pad_token_id=pad, num_return_sequences=config.num_return_sequences or 1,
@@ -163,7 +171,7 @@ class _Decoder:
         self.eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)
         self.generated = torch.ones((), dtype=torch.long, device=device)
         self.raw_logits = (logits.new_empty((settings.max_new_tokens, batch, logits.shape[-1]), dtype=torch.float32)
-                           if settings.output_logits else None)
+                           if settings.output_logits and settings.return_dict_in_generate else None)
         first = choose_tokens(warp_logits(self._scores(logits, self.generated - 1), settings, self.generated - 1,
                                           self.eos), settings)
         self.completion = torch.full((batch, settings.max_new_tokens), settings.pad_token_id, dtype=torch.long,
@@ -218,8 +226,12 @@ class _Decoder:
                 self.step()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.step()
+            try:
+                with torch.cuda.graph(graph):
+                    self.step()
+            except RuntimeError as exc:  # an op that waits on the host, which graph_decoding_problem did not foresee
+                raise RuntimeError(f"cache_implementation cuda_graph: capturing {type(self.model).__name__}'s "
+                                   f"decoding step failed ({exc}); use cache_implementation dynamic") from exc
             replay, steps = graph.replay, steps - 1
         for done in range(1, steps + 1):
             replay()
@@ -230,12 +242,11 @@ class _Decoder:
 
 
 @torch.no_grad()
-def decode(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def decode(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
            settings: DecodingSettings) -> Any:
-    """The sequences ``generate`` would return for ``settings`` (prompts first, left-padded), decoded with each
-    step replayed from a CUDA graph on a GPU and run eagerly elsewhere."""
-    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    decoder = _Decoder(model, input_ids, mask, settings)
+    """The sequences ``generate`` would return for ``settings`` (prompts first, left-padded; ``attention_mask``
+    marks the padding), decoded with each step replayed from a CUDA graph on a GPU and run eagerly elsewhere."""
+    decoder = _Decoder(model, input_ids, attention_mask, settings)
     sequences = decoder.run(graphed=input_ids.device.type == "cuda")
     if not settings.return_dict_in_generate:
         return sequences
@@ -247,11 +258,19 @@ def decode(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torc
                                      logits=tuple(raw[: decoder.length]) if raw is not None else None)
 
 
+_HOST_ROPE = ("dynamic", "longrope")
+"""Rotary embeddings that read the largest position on the host at every forward (not capturable)."""
+
+
 def graph_decoding_problem(model: PreTrainedModel) -> str | None:
-    """Why ``model`` cannot decode this way (None: it can): its cache must be full attention and its attention
-    read SDPA's boolean masks, which the steps build."""
+    """Why ``model`` cannot decode this way (None: it can): its cache must be full attention, its attention read
+    SDPA's boolean masks (which the steps build), its forward run on one device without reading tensors on the
+    host, and its weights be whole on each process (a sharded model gathers them in collectives that every rank
+    must run in step, which the loop's early stop would break)."""
     # transformers' cache classes load lazily (import rqat_sdk loads torch alone)
-    from rqat_sdk.preallocated_cache import check_full_attention, reads_sdpa_masks
+    from torch.distributed.tensor import DTensor
+
+    from rqat_sdk.preallocated_cache import attention_implementation, check_full_attention, reads_sdpa_masks
 
     try:
         check_full_attention(model.config, "cuda_graph")
@@ -259,5 +278,14 @@ def graph_decoding_problem(model: PreTrainedModel) -> str | None:
         return str(exc)
     if not reads_sdpa_masks(model):
         return (f"cache_implementation cuda_graph needs an SDPA attention implementation; the model uses "
-                f"{model.config._attn_implementation!r}")
+                f"{attention_implementation(model)!r}")
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    rope_types = {rope.get("rope_type")} | {v.get("rope_type") for v in rope.values() if isinstance(v, dict)}
+    host_rope = [name for name in _HOST_ROPE if name in rope_types]
+    if host_rope:
+        return f"cache_implementation cuda_graph cannot capture {host_rope[0]} rotary embeddings (rope_type)"
+    if len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        return "cache_implementation cuda_graph needs the model on one device; it is split across several"
+    if any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters()):
+        return "cache_implementation cuda_graph needs whole weights on each process; they are sharded (FSDP, ZeRO-3)"
     return None

@@ -187,16 +187,17 @@ def cuda_graph_decoding(model: PreTrainedModel) -> contextlib.AbstractContextMan
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def generate(input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                      generation_config: GenerationConfig | None = None, **kwargs: Any) -> Any:
-            problem = graph_decoding_problem(model) if input_ids is not None else "no input_ids"
+            missing = [name for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask))
+                       if value is None]  # generate infers a mask from the pad token; the loop takes it given
+            problem = graph_decoding_problem(model)
             config, unknown = resolved_generation_config(model, generation_config, kwargs)
-            settings, unsupported = decoding_settings(config, input_ids.shape[1] if input_ids is not None else 0)
-            reasons = [*([problem] if problem else []), *unsupported,
+            settings, unsupported = decoding_settings(config)
+            reasons = [*(f"no {name}" for name in missing), *([problem] if problem else []), *unsupported,
                        *([f"arguments {', '.join(sorted(unknown))}"] if unknown else [])]
-            if reasons or settings is None:
+            if reasons or settings is None or input_ids is None or attention_mask is None:
                 fall_back("; ".join(reasons))
                 return original(input_ids=input_ids, attention_mask=attention_mask,
                                 generation_config=generation_config, **kwargs)
-            assert input_ids is not None  # checked above: a missing input is a reason to fall back
             with grouped_decode_attention(model):
                 return decode(model, input_ids, attention_mask, settings)
         return generate

@@ -173,10 +173,15 @@ def check_full_attention(config: Any, implementation: str = "preallocated") -> i
     return len(layer_types)
 
 
+def attention_implementation(model: Any) -> str:
+    """The name of the attention implementation ``model`` runs (transformers keeps it in a private field)."""
+    return str(model.config._attn_implementation)
+
+
 def reads_sdpa_masks(model: Any) -> bool:
     """Whether ``model``'s attention takes the boolean masks transformers builds for SDPA (its own SDPA, the
     grouped decode attention below, or an implementation registered with SDPA's mask function)."""
-    return ALL_MASK_ATTENTION_FUNCTIONS.get(model.config._attn_implementation) is sdpa_mask
+    return ALL_MASK_ATTENTION_FUNCTIONS.get(attention_implementation(model)) is sdpa_mask
 
 
 def resolved_generation_config(model: Any, generation_config: Any, kwargs: dict[str, Any]) -> tuple[Any, set[str]]:

@@ -26,7 +26,9 @@ from transformers import (
 
 import rqat_sdk
 from rqat_sdk.cuda_graph_decoding import (
+    STOP_CHECK_EVERY,
     DecodingSettings,
+    _Decoder,
     choose_tokens,
     decode,
     decoding_settings,
@@ -35,7 +37,7 @@ from rqat_sdk.cuda_graph_decoding import (
 )
 from rqat_sdk.generation import cuda_graph_decoding
 from rqat_sdk.modifiers.layers import attach_fake_quant, quantized_once_per_generate
-from rqat_sdk.preallocated_cache import PreallocatedLayer
+from rqat_sdk.preallocated_cache import PreallocatedLayer, resolved_generation_config
 
 NEW = 20
 PROMPT = 9
@@ -107,16 +109,6 @@ def test_end_of_sequence_pads_and_trims_as_generate_does():
         assert (reference[1, PROMPT + max(minimum, 1):] == 3).all() != bool(minimum)
 
 
-def test_all_rows_ending_stops_early_and_keeps_the_length():
-    model = tiny()
-    ids, mask = prompts()
-    first = greedy_reference(model, ids, mask, max_new_tokens=1)[:, PROMPT]
-    eos = tuple(int(t) for t in first.unique())  # every row ends at its first token
-    out = decode(model, ids, mask, DecodingSettings(max_new_tokens=NEW, greedy=True, eos_token_ids=eos))
-    assert torch.equal(out, greedy_reference(model, ids, mask, max_new_tokens=NEW, eos_token_id=list(eos)))
-    assert out.shape[1] == PROMPT + 1
-
-
 def test_warped_scores_are_transformers_processors():
     scores = torch.randn(6, 256, generator=torch.Generator().manual_seed(2)) * 3
     eos = torch.tensor([5, 9])
@@ -182,16 +174,56 @@ def test_what_the_loop_does_not_implement_goes_to_generate(caplog):
     assert caplog.text.count("repetition_penalty=1.3") == 1  # one warning per reason
 
 
-def test_settings_resolve_generation_configs():
-    settings, unsupported = decoding_settings(
-        GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.6, top_p=0.95, top_k=0, eos_token_id=[2, 3],
-                         pad_token_id=None, num_return_sequences=8), prompt_length=5)
-    assert unsupported == []
-    assert settings == DecodingSettings(max_new_tokens=7, temperature=0.6, top_p=0.95, eos_token_ids=(2, 3),
-                                        pad_token_id=2, num_return_sequences=8)
-    assert decoding_settings(GenerationConfig(max_length=12), prompt_length=5)[0].max_new_tokens == 7
-    settings, unsupported = decoding_settings(GenerationConfig(max_new_tokens=4, num_beams=2, output_scores=True), 5)
-    assert settings is None and unsupported == ["num_beams=2", "output_scores=True"]
+def test_settings_resolve_generation_configs_as_generate_does():
+    """Resolved as ``generate`` resolves them (the model's config, then transformers' defaults: top_k 50 where
+    unset): trl's rollout config, evaluation's, and the options that need ``generate``."""
+    model = tiny()
+
+    def settings(**options):
+        config, unknown = resolved_generation_config(model, GenerationConfig(**options), {})
+        assert not unknown
+        return decoding_settings(config)
+
+    trl = settings(max_new_tokens=7, do_sample=True, pad_token_id=0, bos_token_id=None, eos_token_id=[2, 3],
+                   temperature=1.0, top_p=1.0, top_k=None, min_p=None, repetition_penalty=1.0,
+                   cache_implementation=None, disable_compile=True)
+    assert trl == (DecodingSettings(max_new_tokens=7, top_k=50, eos_token_ids=(2, 3)), [])
+    evaluation = settings(max_new_tokens=7, do_sample=True, temperature=0.6, top_p=0.95, top_k=0, eos_token_id=[2],
+                          pad_token_id=None, num_return_sequences=8)
+    # the call's pad token unset: the model's (0) fills it, as in generate
+    assert evaluation == (DecodingSettings(max_new_tokens=7, temperature=0.6, top_p=0.95, eos_token_ids=(2,),
+                                           pad_token_id=0, num_return_sequences=8), [])
+    assert settings(max_new_tokens=4, do_sample=False, min_p=0.1)[1] == []  # greedy ignores sampling warpers
+    assert settings(max_new_tokens=4, do_sample=True, min_p=0.1) == (None, ["min_p=0.1"])
+    assert settings(max_length=12) == (None, ["max_length without max_new_tokens"])
+    assert settings(max_new_tokens=4, num_beams=2, output_scores=True) == (None, ["num_beams=2", "output_scores=True"])
+
+
+def test_all_rows_ending_stops_within_a_check_interval(monkeypatch):
+    """Every row ends at its first token: the loop reads the finished flags every STOP_CHECK_EVERY steps and stops
+    at the first read, with generate's output."""
+    model = tiny()
+    ids, mask = prompts()
+    first = greedy_reference(model, ids, mask, max_new_tokens=1)[:, PROMPT]
+    eos = tuple(int(t) for t in first.unique())
+    steps = []
+    step = _Decoder.step
+    monkeypatch.setattr(_Decoder, "step", lambda self: steps.append(1) or step(self))
+    out = decode(model, ids, mask, DecodingSettings(max_new_tokens=3 * STOP_CHECK_EVERY, greedy=True,
+                                                    eos_token_ids=eos))
+    assert torch.equal(out, greedy_reference(model, ids, mask, max_new_tokens=3 * STOP_CHECK_EVERY,
+                                             eos_token_id=list(eos)))
+    assert len(steps) == STOP_CHECK_EVERY
+
+
+def test_a_call_without_an_attention_mask_goes_to_generate(caplog):
+    """generate infers the padding from the pad token where no mask is given; the loop does not guess."""
+    model = tiny()
+    ids, _ = prompts()
+    with cuda_graph_decoding(model), torch.no_grad(), caplog.at_level(logging.WARNING):
+        out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, greedy_reference(model, ids, None, max_new_tokens=4))
+    assert "no attention_mask" in caplog.text
 
 
 def test_models_it_cannot_decode_are_named():
@@ -202,6 +234,13 @@ def test_models_it_cannot_decode_are_named():
     assert "gemma3_text has sliding_attention layers" in graph_decoding_problem(gemma)
     assert "needs an SDPA attention implementation; the model uses 'eager'" in graph_decoding_problem(
         tiny(attention="eager"))
+    dynamic = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+                                           rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    assert "cannot capture dynamic rotary embeddings" in graph_decoding_problem(dynamic)
+    split = tiny()
+    split.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    assert "needs the model on one device" in graph_decoding_problem(split)
     assert graph_decoding_problem(tiny()) is None
 
 
