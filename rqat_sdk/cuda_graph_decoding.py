@@ -267,9 +267,9 @@ def graph_decoding_problem(model: PreTrainedModel) -> str | None:
     SDPA's boolean masks (which the steps build), its forward run on one device without reading tensors on the
     host, and its weights be whole on each process (a sharded model gathers them in collectives that every rank
     must run in step, which the loop's early stop would break)."""
-    # transformers' cache classes load lazily (import rqat_sdk loads torch alone)
     from torch.distributed.tensor import DTensor
 
+    # transformers' cache classes load lazily (import rqat_sdk loads torch alone)
     from rqat_sdk.preallocated_cache import attention_implementation, check_full_attention, reads_sdpa_masks
 
     try:
