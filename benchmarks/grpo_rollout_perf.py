@@ -66,7 +66,7 @@ from qat_kd_perf import fresh_model, kernel_summary, profiled_ms_per_kernel, qua
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from rqat_sdk.files import write_json_atomic
-from rqat_sdk.generation import cuda_graph_decoding, preallocated_kv_cache
+from rqat_sdk.generation import FALLBACK_WARNING, cuda_graph_decoding, preallocated_kv_cache
 from rqat_sdk.modifiers.layers import attach_fake_quant, quantized_once_per_generate
 from rqat_sdk.preallocated_cache import grouped_decode_attention
 
@@ -143,7 +143,7 @@ class FallbackCheck(logging.Handler):
         self.logger = logging.getLogger("rqat_sdk.generation")
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "runs transformers' generate instead" in record.getMessage():
+        if record.msg == FALLBACK_WARNING:
             raise RuntimeError(f"{self.variant}: {record.getMessage()}")
 
     def __enter__(self) -> FallbackCheck:

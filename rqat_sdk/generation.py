@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FALLBACK_WARNING = "cuda_graph decoding: this generate call runs transformers' generate instead: %s"
+"""What :func:`cuda_graph_decoding` logs (once per reason) for a call it hands to ``generate``."""
+
 
 class _Generates(Protocol):
     """What :func:`generate` calls: a causal LM mixes in ``GenerationMixin``, which ``PreTrainedModel``, the type
@@ -182,7 +185,7 @@ def cuda_graph_decoding(model: PreTrainedModel) -> contextlib.AbstractContextMan
     def fall_back(reason: str) -> None:
         if reason not in warned:
             warned.add(reason)
-            log.warning("cuda_graph decoding: this generate call runs transformers' generate instead: %s", reason)
+            log.warning(FALLBACK_WARNING, reason)
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def generate(input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
