@@ -40,6 +40,7 @@ def step_worker(args: argparse.Namespace) -> int:
     """One rank of a step benchmark (started by :func:`launch_step`); writes its result to ``args.result``."""
     from rqat_sdk import distributed
     from rqat_sdk.modifiers.layers import attach_fake_quant
+    from rqat_sdk.ops.fp8 import linears_to_fp8_
 
     distributed.initialize()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -48,10 +49,13 @@ def step_worker(args: argparse.Namespace) -> int:
     ids = synthetic_batch(args.batch * world, args.seq, shape["vocab_size"]).cuda()
     student = fresh_model(shape=shape)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    if args.teacher_precision == "fp8":
+        linears_to_fp8_(teacher, keep=[teacher.get_output_embeddings()])  # as SessionState.teacher does
     student = quantize_w3g128(student)
     attach_fake_quant(student, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
-    if args.gradient_checkpointing:  # as a recipe's gradient_checkpointing: true does
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:  # as a recipe's gradient_checkpointing (and _every_n_layers) does
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=args.checkpoint_every)
     _, step = rqat_trainer(student, teacher, ids, "kd", args.strategy, compile_teacher=args.compile,
                            compile_student=args.compile)
     step_ms, peak_gb = measure(step, args.warmup + 2 * args.compile, args.steps)
@@ -68,6 +72,7 @@ def step_worker(args: argparse.Namespace) -> int:
             "peak_gb_per_gpu": round(peak.item(), 2),
             "parameters": sum(p.numel() for p in teacher.parameters()),
             "compile_teacher": args.compile, "compile_student": args.compile,
+            "teacher_precision": args.teacher_precision,
             **profile,
         }))
     if torch.distributed.is_initialized():
@@ -76,13 +81,14 @@ def step_worker(args: argparse.Namespace) -> int:
 
 
 def launch_step(script: str, result: Path, gpus: int, strategy: str, *, shape: str, batch: int, seq: int,
-                warmup: int, steps: int, gradient_checkpointing: bool = False, compiled: bool = False,
-                profile: bool = False) -> dict:
+                warmup: int, steps: int, gradient_checkpointing: bool = False, checkpoint_every: int = 1,
+                compiled: bool = False, profile: bool = False, teacher_precision: str = "bf16") -> dict:
     """Run ``script``'s step worker on ``gpus`` GPUs (under torchrun beyond one) and return its result."""
     worker = [script, "step-worker", "--strategy", strategy, "--result", str(result), "--shape", shape,
               "--batch", str(batch), "--seq", str(seq), "--warmup", str(warmup), "--steps", str(steps),
-              *(["--gradient-checkpointing"] if gradient_checkpointing else []), *(["--compile"] if compiled else []),
-              *(["--profile"] if profile else [])]
+              *(["--gradient-checkpointing"] if gradient_checkpointing else []),
+              "--checkpoint-every", str(checkpoint_every), "--teacher-precision", teacher_precision,
+              *(["--compile"] if compiled else []), *(["--profile"] if profile else [])]
     launcher = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={gpus}"]
     subprocess.run(launcher + worker, check=True)
@@ -93,6 +99,11 @@ def add_step_worker_options(parser: argparse.ArgumentParser) -> None:
     """What :func:`step_worker` reads, for the scripts that launch it."""
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="with gradient checkpointing, only every n-th decoder layer recomputes "
+                             "(gradient_checkpointing_every_n_layers)")
+    parser.add_argument("--teacher-precision", choices=("bf16", "fp8"), default="bf16",
+                        help="the teacher's linear layers in bf16 or FP8 (teacher_precision)")
     parser.add_argument("--compile", action="store_true",
                         help="compile_teacher and compile_student")
     parser.add_argument("--profile", action="store_true",

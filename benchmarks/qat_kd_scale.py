@@ -5,6 +5,10 @@ KL on chunked LM-head logits) on Qwen3-0.6B-, 1.7B- and 4B-shaped models (random
 vocabulary), ``--batch`` sequences of ``--seq`` tokens per GPU, the student with gradient checkpointing where
 ``--checkpointing`` names its shape. Each shape runs on one GPU and, with ``--gpus 2``, under FSDP2 on two.
 
+``--checkpoint-every n`` checkpoints only every n-th layer of those shapes (``gradient_checkpointing_every_n_layers``)
+and ``--teacher-precision fp8`` runs the teacher's linear layers in FP8 (``teacher_precision``). A row that fails
+(out of memory, say) is recorded with its error and the run goes on.
+
 ``--compile`` compiles the teacher's and the student's transformer blocks one by one (``compile_teacher``,
 ``compile_student``), ``--profile`` records each row's GPU kernel time per step (against its step
 time: how busy the GPU is) and its costliest kernels.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,20 +76,30 @@ def main() -> int:
                 started = time.perf_counter()
                 checkpointing = shape in args.checkpointing
                 strategy = "fsdp" if gpus > 1 else "ddp"
-                result = launch_step(__file__, Path(scratch) / f"{shape}-{gpus}.json", gpus, strategy, shape=shape,
-                                     batch=args.batch, seq=args.seq, warmup=args.warmup, steps=args.steps,
-                                     gradient_checkpointing=checkpointing, compiled=args.compile,
-                                     profile=args.profile)
                 row = {"shape": shape, "gpus": gpus, "strategy": "FSDP2" if gpus > 1 else "one GPU",
                        "seq_len": args.seq, "sequences_per_gpu": args.batch, "gradient_checkpointing": checkpointing,
-                       "compile_teacher": result["compile_teacher"], "compile_student": result["compile_student"],
-                       "parameters": result["parameters"], "step_ms": result["step_ms"],
-                       "tokens_per_s": result["tokens_per_s"], "peak_gb": result["peak_gb_per_gpu"],
-                       "mfu": round(mfu(result["tokens_per_s"], result["parameters"], gpus, args.peak_tflops), 4),
-                       **{key: result[key] for key in ("gpu_kernel_ms", "top_kernels_ms") if key in result}}
-                rows.append(row)
-                print(f"{shape}, {row['strategy']}: {row['tokens_per_s']:,} tokens/s, MFU {row['mfu']:.1%}, "
-                      f"peak {row['peak_gb']} GB per GPU ({time.perf_counter() - started:.0f} s)", flush=True)
+                       "checkpoint_every_n_layers": args.checkpoint_every if checkpointing else None,
+                       "teacher_precision": args.teacher_precision}
+                try:
+                    result = launch_step(__file__, Path(scratch) / f"{shape}-{gpus}.json", gpus, strategy,
+                                         shape=shape, batch=args.batch, seq=args.seq, warmup=args.warmup,
+                                         steps=args.steps, gradient_checkpointing=checkpointing,
+                                         checkpoint_every=args.checkpoint_every, compiled=args.compile,
+                                         profile=args.profile, teacher_precision=args.teacher_precision)
+                except subprocess.CalledProcessError as failed:  # the worker printed why (out of memory, say)
+                    row["error"] = f"the step worker exited with {failed.returncode}"
+                    rows.append(row)
+                    print(f"{shape}, {row['strategy']}: {row['error']}", flush=True)
+                else:
+                    row.update({
+                        "compile_teacher": result["compile_teacher"], "compile_student": result["compile_student"],
+                        "parameters": result["parameters"], "step_ms": result["step_ms"],
+                        "tokens_per_s": result["tokens_per_s"], "peak_gb": result["peak_gb_per_gpu"],
+                        "mfu": round(mfu(result["tokens_per_s"], result["parameters"], gpus, args.peak_tflops), 4),
+                        **{key: result[key] for key in ("gpu_kernel_ms", "top_kernels_ms") if key in result}})
+                    rows.append(row)
+                    print(f"{shape}, {row['strategy']}: {row['tokens_per_s']:,} tokens/s, MFU {row['mfu']:.1%}, "
+                          f"peak {row['peak_gb']} GB per GPU ({time.perf_counter() - started:.0f} s)", flush=True)
                 if args.json:  # after every row: a run stopped by a time limit keeps what finished
                     write_json_atomic(args.json, {
                         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": device,
@@ -94,10 +109,14 @@ def main() -> int:
     print("| shape | GPUs | tokens/s | MFU | peak GB per GPU | checkpointing |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['shape']} | {row['strategy']} | {row['tokens_per_s']:,} | {row['mfu']:.1%} | {row['peak_gb']} "
-              f"| {row['gradient_checkpointing']} |")
+        checkpointed = f"every {row['checkpoint_every_n_layers']}" if row["gradient_checkpointing"] else "no"
+        if "error" in row:
+            print(f"| {row['shape']} | {row['strategy']} | {row['error']} | | | {checkpointed} |")
+        else:
+            print(f"| {row['shape']} | {row['strategy']} | {row['tokens_per_s']:,} | {row['mfu']:.1%} "
+                  f"| {row['peak_gb']} | {checkpointed} |")
     for shape in args.shapes:
-        one, two = ({r["gpus"]: r for r in rows if r["shape"] == shape}.get(g) for g in (1, 2))
+        one, two = ({r["gpus"]: r for r in rows if r["shape"] == shape and "error" not in r}.get(g) for g in (1, 2))
         if one and two:
             print(f"{shape}: two GPUs under FSDP2 give {two['tokens_per_s'] / one['tokens_per_s']:.2f}x one GPU's "
                   f"tokens/s (target >= 1.8)")

@@ -428,6 +428,37 @@ def test_a_compiled_student_trains_as_the_eager_one(tiny_qwen3):
                                    eager_state["model.layers.0.mlp.up_proj.weight"], rtol=1e-3, atol=1e-4)
 
 
+def test_checkpointing_every_n_layers_recomputes_those_layers_only(tiny_qwen3):
+    """gradient_checkpointing_every_n_layers: 2 recomputes layer 0 of the two in the backward pass and keeps layer
+    1's activations: layer 0 runs twice per micro-batch with gradients on, layer 1 once, as without checkpointing;
+    the losses are those of full checkpointing and of none. Afterwards no layer checkpoints."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3)
+    runs = {}
+    for name, settings in (("none", {}), ("every layer", {"gradient_checkpointing": True}),
+                           ("every 2nd", {"gradient_checkpointing": True, "gradient_checkpointing_every_n_layers": 2})):
+        model = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+        calls = [0] * len(model.model.layers)
+
+        def count(calls, index):
+            def hook(module, args):
+                calls[index] += torch.is_grad_enabled()  # training forwards and recomputes, not evaluation
+            return hook
+
+        for index, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(count(calls, index))
+        result = rqat_sdk.oneshot(model, recipe(steps=3, **settings), DATA, tokenizer=tokenizer)
+        runs[name] = calls, result.record["stages"][1]["metrics"]["qat_kd"]["final_loss"]
+        assert not result.model.is_gradient_checkpointing
+    micro_batches = 3 * 2
+    assert runs["none"][0] == [micro_batches, micro_batches]
+    assert runs["every layer"][0] == [2 * micro_batches, 2 * micro_batches]
+    assert runs["every 2nd"][0] == [2 * micro_batches, micro_batches]
+    assert runs["every layer"][1] == pytest.approx(runs["none"][1], rel=1e-5)
+    assert runs["every 2nd"][1] == pytest.approx(runs["none"][1], rel=1e-5)
+
+
 def test_a_compiled_stage_leaves_the_student_and_the_teacher_eager(tiny_qwen3, monkeypatch):
     """compile_student and compile_teacher compile the blocks in place for the stage only: afterwards the trained
     model and the teacher, which other stages reuse, run eagerly (nothing left for dynamo to compile once its
@@ -468,6 +499,11 @@ def test_qat_recipe_checks():
     with pytest.raises(RecipeError, match=r"compile_teacher compiles the teacher of objective kd, and objective "
                                           r"sft has no teacher"):
         Recipe.from_dict(recipe(compile_teacher=True, objective="sft"))
+    with pytest.raises(RecipeError, match=r"stages\[1\].modifiers\[0\]: gradient_checkpointing_every_n_layers is 2 "
+                                          r"but gradient_checkpointing is false"):
+        Recipe.from_dict(recipe(gradient_checkpointing_every_n_layers=2))
+    with pytest.raises(RecipeError, match=r"gradient_checkpointing_every_n_layers"):
+        Recipe.from_dict(recipe(gradient_checkpointing=True, gradient_checkpointing_every_n_layers=0))
     Recipe.from_dict(recipe(compile_teacher=True, teacher_precision="fp8"))
     Recipe.from_dict(recipe(compile_student=True, distributed="fsdp"))
     defaults = Recipe.from_dict(recipe()).stages[1].modifiers[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
-from pydantic import PrivateAttr
+from pydantic import PrivateAttr, model_validator
 
 from rqat_sdk.fields import FloatRange, IntRange
 from rqat_sdk.modifiers.base import Modifier
@@ -41,6 +41,17 @@ class TrainingModifier(Modifier):
     """Decoupled weight decay, applied to the weights only."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing_every_n_layers: Annotated[int, IntRange(1, None)] = 1
+    """With gradient_checkpointing, only every n-th decoder layer recomputes its activations (transformers'
+    ``every_n_layers``); the others keep theirs. Above 1 it spends memory that full checkpointing would leave
+    unused to skip part of the recompute."""
+
+    @model_validator(mode="after")
+    def _every_n_layers_needs_checkpointing(self) -> TrainingModifier:
+        if self.gradient_checkpointing_every_n_layers != 1 and not self.gradient_checkpointing:
+            raise ValueError(f"gradient_checkpointing_every_n_layers is {self.gradient_checkpointing_every_n_layers} "
+                             "but gradient_checkpointing is false: set gradient_checkpointing: true, or remove it")
+        return self
 
     _export_dtype: torch.dtype = PrivateAttr(torch.float32)
     _requires_grad: dict[str, bool] = PrivateAttr(default_factory=dict)
@@ -60,7 +71,8 @@ class TrainingModifier(Modifier):
             model, dtype=self._export_dtype, learn_scales=self.learn_scales, learn_clipping=learn_clipping
         )
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
+                                                every_n_layers=self.gradient_checkpointing_every_n_layers)
 
     def finalize(self, state: SessionState) -> None:
         """Fold learned scales and clipping into the model and restore its forward, dtype, eval mode and

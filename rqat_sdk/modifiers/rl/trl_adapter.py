@@ -114,6 +114,8 @@ def run_grpo(
         bf16=cuda,
         use_cpu=not cuda,
         gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False,
+                                       "every_n_layers": config.gradient_checkpointing_every_n_layers},
         log_completions=False,
     )
     processing = copy.deepcopy(tokenizer)
