@@ -83,17 +83,13 @@ def test_cli_under_a_launcher_reports_once(tiny_qwen3, tmp_path):
     assert json.loads((output / "run.json").read_text())["status"] == "complete"
 
 
-def test_fsdp_leaves_integer_parameters_whole(tiny_qwen3, monkeypatch):
-    """torch 2.11's FSDP2 fails on integer parameters (compressed-tensors' zero points); they stay unsharded."""
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A one-rank gloo process group, in this process, for FSDP2 on the CPU."""
     import socket
 
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
 
-    from rqat_sdk import distributed
-
-    recipe = {"version": 1, "scheme": "W3G128", "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
-    model = rqat_sdk.oneshot(tiny_qwen3, recipe, dtype="float32").model
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -101,10 +97,61 @@ def test_fsdp_leaves_integer_parameters_whole(tiny_qwen3, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        wrapped = distributed.wrap(model, "fsdp", list(model.model.layers), torch.float32)
-        parameters = dict(wrapped.named_parameters())
-        zero_points = [p for name, p in parameters.items() if name.endswith("weight_zero_point")]
-        assert zero_points and all(not isinstance(p, DTensor) and p.dtype == torch.int8 for p in zero_points)
-        assert isinstance(parameters["model.layers.0.mlp.down_proj.weight"], DTensor)
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def rtn_w3g128(tiny_qwen3):
+    recipe = {"version": 1, "scheme": "W3G128", "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
+    return rqat_sdk.oneshot(tiny_qwen3, recipe, dtype="float32").model
+
+
+def test_fsdp_leaves_integer_parameters_whole(tiny_qwen3, one_process_group):
+    """torch 2.11's FSDP2 fails on integer parameters (compressed-tensors' zero points); they stay unsharded."""
+    from torch.distributed.tensor import DTensor
+
+    from rqat_sdk import distributed
+
+    model = rtn_w3g128(tiny_qwen3)
+    wrapped = distributed.wrap(model, "fsdp", list(model.model.layers), torch.float32)
+    parameters = dict(wrapped.named_parameters())
+    zero_points = [p for name, p in parameters.items() if name.endswith("weight_zero_point")]
+    assert zero_points and all(not isinstance(p, DTensor) and p.dtype == torch.int8 for p in zero_points)
+    assert isinstance(parameters["model.layers.0.mlp.down_proj.weight"], DTensor)
+
+
+def test_sharded_blocks_quantize_their_weights_together_at_each_forward(tiny_qwen3, one_process_group):
+    """Under FSDP2, fake_quantized_together has each block quantize its gathered weights up front at every
+    forward, the recompute of a checkpointed one included: every quantized Linear reads a precomputed weight,
+    the loss and the gradients are those of the unsharded model, and nothing is left attached afterwards."""
+    import copy
+
+    from rqat_sdk import distributed
+    from rqat_sdk.modifiers.layers import _PRECOMPUTED, attach_fake_quant, fake_quantized_together, quantized_linears
+
+    model = rtn_w3g128(tiny_qwen3)
+    attach_fake_quant(model, dtype=torch.float32, learn_scales=False, learn_clipping=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    sharded = copy.deepcopy(model)
+    distributed.wrap(sharded, "fsdp", list(sharded.model.layers), torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    read_precomputed = []
+    for _, linear in quantized_linears(sharded):
+        linear.register_forward_pre_hook(lambda module, args: read_precomputed.append(_PRECOMPUTED in module.__dict__))
+    hooks_before = {id(m): len(m._forward_pre_hooks) + len(m._forward_hooks) for m in sharded.modules()}
+    with fake_quantized_together(sharded):
+        loss = sharded(ids, labels=ids).loss
+        loss.backward()
+    reference = model(ids, labels=ids).loss
+    reference.backward()
+
+    linears = len(quantized_linears(sharded))
+    assert read_precomputed == [True] * (2 * linears)  # the forward, and the checkpointed recompute
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    gradient = dict(sharded.named_parameters())["model.layers.1.mlp.down_proj.weight"].grad.full_tensor()
+    torch.testing.assert_close(gradient, model.model.layers[1].mlp.down_proj.weight.grad)
+    assert not any(_PRECOMPUTED in m.__dict__ for _, m in quantized_linears(sharded))
+    assert {id(m): len(m._forward_pre_hooks) + len(m._forward_hooks) for m in sharded.modules()} == hooks_before

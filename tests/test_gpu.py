@@ -619,3 +619,49 @@ def test_the_fused_flatquant_kernels_serve_only_what_they_compute():
     assert serves(1024, None)  # no quantizer: no clipping to fuse
     assert not serves(1024, device="cpu")
     assert not torch.compile(lambda: serves(1024), backend="eager")()
+
+
+def test_sharded_compiled_blocks_train_as_the_unsharded_eager_model_on_the_gpu(tiny_qwen3, monkeypatch):
+    """FSDP2 (one rank, NCCL) with each block compiled: the blocks quantize their gathered weights with the
+    Triton kernel before their compiled forward (fake_quantized_together), never inside the graph, which the
+    kernel's launch tables cannot enter; loss and gradients are the unsharded eager model's, to the rounding of
+    fused kernels in bf16."""
+    import copy
+    import socket
+
+    import torch.distributed as dist
+
+    import rqat_sdk
+    from rqat_sdk import distributed
+    from rqat_sdk.modifiers.layers import attach_fake_quant, fake_quantized_together
+    from rqat_sdk.modifiers.qat.trainer import _compile_blocks
+
+    recipe = {"version": 1, "scheme": "W3G128", "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
+    model = rqat_sdk.oneshot(tiny_qwen3, recipe, dtype="bfloat16").model.cuda()
+    attach_fake_quant(model, dtype=torch.bfloat16, learn_scales=False, learn_clipping=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    sharded = copy.deepcopy(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(probe.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        distributed.wrap(sharded, "fsdp", list(sharded.model.layers), torch.bfloat16)
+        with contextlib.ExitStack() as compiled:
+            torch._dynamo.reset()
+            _compile_blocks(list(sharded.model.layers), compiled)
+            with fake_quantized_together(sharded):
+                loss = sharded(ids, labels=ids).loss
+                loss.backward()
+        gradient = dict(sharded.named_parameters())["model.layers.1.mlp.down_proj.weight"].grad.full_tensor()
+    finally:
+        dist.destroy_process_group()
+    with fake_quantized_together(model):
+        reference = model(ids, labels=ids).loss
+        reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-2)
+    expected = model.model.layers[1].mlp.down_proj.weight.grad
+    assert (gradient - expected).norm() <= 0.05 * expected.norm()

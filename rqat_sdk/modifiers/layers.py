@@ -190,31 +190,66 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
     launch per scheme for the whole model instead of one per layer, and one for the backward.
 
     Run the forward and the backward inside it (a checkpointed layer recomputes its forward during the
-    backward). The numbers and gradients are the per-layer ones. Sharded (FSDP2) weights are gathered one
-    block at a time, so there the layers keep quantizing their own weight.
+    backward). The numbers and gradients are the per-layer ones. Sharded (FSDP2) weights are whole only while
+    FSDP2 has gathered their block, so there each block quantizes its own weights together, at the start of each
+    of its forwards (recomputes included), after FSDP2's gather: one launch per block, and never inside a
+    compiled block's graph.
     """
     from torch.distributed.tensor import DTensor
 
     trained = [m for _, m in quantized_linears(model) if hasattr(m, _SAVED_FORWARD)]
-    if any(isinstance(m.weight, DTensor) for m in trained):
-        trained = []
+    hooks: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        if any(isinstance(m.weight, DTensor) for m in trained):
+            for unit, members in _by_sharded_unit(model).items():
+                # appended after FSDP2's own pre-forward hook (which it prepends): the weights are gathered by then
+                hooks.append(unit.register_forward_pre_hook(lambda _unit, _args, members=members: _precompute(members)))
+                hooks.append(unit.register_forward_hook(lambda _unit, _args, _out, members=members: _release(members)))
+        else:
+            _precompute(trained)
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        _release(trained)
+
+
+def _precompute(modules: list[QuantizedLinear]) -> None:
+    """Fake-quantize the modules' weights, one call per scheme, for their forwards to read."""
     families: dict[tuple, list[tuple[QuantizedLinear, tuple]]] = defaultdict(list)
-    for module in trained:
+    for module in modules:
         weight, scale, zero_point, num_bits, group_size, dtype = _quantizer_inputs(module)
         key = (num_bits, group_size or weight.shape[-1], dtype, weight.dtype, scale.dtype,
                None if zero_point is None else zero_point.dtype)
         families[key].append((module, (weight, scale, zero_point)))
-    try:
-        for (num_bits, group, dtype, *_), members in families.items():
-            weights, scales, zero_points = zip(*(inputs for _, inputs in members), strict=True)
-            shared_zero_points = None if zero_points[0] is None else list(zero_points)
-            quantized = fake_quantize_weights(list(weights), list(scales), shared_zero_points, num_bits, group, dtype)
-            for (module, _), tensor in zip(members, quantized, strict=True):
-                setattr(module, _PRECOMPUTED, tensor)
-        yield
-    finally:
-        for module in trained:
-            module.__dict__.pop(_PRECOMPUTED, None)
+    for (num_bits, group, dtype, *_), members in families.items():
+        weights, scales, zero_points = zip(*(inputs for _, inputs in members), strict=True)
+        shared_zero_points = None if zero_points[0] is None else list(zero_points)
+        quantized = fake_quantize_weights(list(weights), list(scales), shared_zero_points, num_bits, group, dtype)
+        for (module, _), tensor in zip(members, quantized, strict=True):
+            setattr(module, _PRECOMPUTED, tensor)
+
+
+def _release(modules: list[QuantizedLinear]) -> None:
+    for module in modules:
+        module.__dict__.pop(_PRECOMPUTED, None)
+
+
+def _by_sharded_unit(model: torch.nn.Module) -> dict[Any, list[QuantizedLinear]]:
+    """The trained quantized Linears grouped by the innermost FSDP2-sharded module that holds them (whose
+    forward gathers their weights)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = {name: module for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+    grouped: dict[Any, list[QuantizedLinear]] = defaultdict(list)  # FSDP2's modules: nn.Module at run time
+    for name, module in quantized_linears(model):
+        if not hasattr(module, _SAVED_FORWARD):
+            continue
+        holders = [unit for unit in units if unit == "" or name.startswith(unit + ".")]
+        if not holders:
+            raise ValueError(f"{name} is sharded but in no FSDP2 module of the model")
+        grouped[units[max(holders, key=len)]].append(module)
+    return grouped
 
 
 @contextlib.contextmanager

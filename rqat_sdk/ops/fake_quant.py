@@ -69,7 +69,9 @@ def fake_quantize_weights(
         if weight.shape[-1] % group:
             raise ValueError(f"group size {group} does not divide the weight's {weight.shape[-1]} columns")
     qmin, qmax = int_range(num_bits)
-    if use_triton(weights[0]):
+    # a graph being traced takes the PyTorch path: the kernel's launch tables read data pointers, which traced
+    # tensors lack (the trainers quantize outside compiled graphs: layers.fake_quantized_together)
+    if use_triton(weights[0]) and not torch.compiler.is_compiling():
         # triton is optional (CUDA builds only) and imports at module level
         from rqat_sdk.ops.triton_fake_quant import (
             TritonWeightsFakeQuant,
