@@ -48,6 +48,7 @@ def step_worker(args: argparse.Namespace) -> int:
     shape = SHAPES[args.shape]
     ids = synthetic_batch(args.batch * world, args.seq, shape["vocab_size"]).cuda()
     student = fresh_model(shape=shape)
+    parameters = sum(p.numel() for p in student.parameters())  # before an FP8 teacher holds its weights as buffers
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     if args.teacher_precision == "fp8":
         linears_to_fp8_(teacher, keep=[teacher.get_output_embeddings()])  # as SessionState.teacher does
@@ -70,7 +71,7 @@ def step_worker(args: argparse.Namespace) -> int:
             "gpus": world, "strategy": args.strategy, "step_ms": round(step_ms, 1),
             "tokens_per_step": ids.numel(), "tokens_per_s": round(ids.numel() / step_ms * 1000),
             "peak_gb_per_gpu": round(peak.item(), 2),
-            "parameters": sum(p.numel() for p in teacher.parameters()),
+            "parameters": parameters,
             "compile_teacher": args.compile, "compile_student": args.compile,
             "teacher_precision": args.teacher_precision,
             **profile,
