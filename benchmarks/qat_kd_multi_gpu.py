@@ -96,13 +96,18 @@ def launch_step(script: str, result: Path, gpus: int, strategy: str, *, shape: s
     return json.loads(result.read_text())
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def add_step_worker_options(parser: argparse.ArgumentParser) -> None:
     """What :func:`step_worker` reads, for the scripts that launch it."""
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint-every", type=int, default=1,
-                        help="with gradient checkpointing, only every n-th decoder layer recomputes "
-                             "(gradient_checkpointing_every_n_layers)")
+    # qat_kd_scale.py's docstring describes it; qat_kd_multi_gpu.py's steps do not checkpoint
+    parser.add_argument("--checkpoint-every", type=positive_int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-precision", choices=("bf16", "fp8"), default="bf16",
                         help="the teacher's linear layers in bf16 or FP8 (teacher_precision)")
     parser.add_argument("--compile", action="store_true",
@@ -120,7 +125,7 @@ def time_steps(args: argparse.Namespace, out: Path) -> list[dict]:
         row = {"layout": label, **launch_step(__file__, out / f"step-{gpus}-{strategy}.json", gpus, strategy,
                                               shape="qwen3-0.6b", batch=args.batch, seq=args.seq,
                                               warmup=args.warmup, steps=args.steps, compiled=args.compile,
-                                              profile=args.profile)}
+                                              profile=args.profile, teacher_precision=args.teacher_precision)}
         print(f"step, {label}: {row['step_ms']} ms, {row['tokens_per_s']:,} tokens/s, "
               f"{row['peak_gb_per_gpu']} GB per GPU ({time.perf_counter() - started:.0f} s)", flush=True)
         rows.append(row)

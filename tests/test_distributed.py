@@ -121,13 +121,27 @@ def test_fsdp_leaves_integer_parameters_whole(tiny_qwen3, one_process_group):
     assert isinstance(parameters["model.layers.0.mlp.down_proj.weight"], DTensor)
 
 
-def test_sharded_blocks_quantize_their_weights_together_at_each_forward(tiny_qwen3, one_process_group):
-    """Under FSDP2, fake_quantized_together has each block quantize its gathered weights up front at every
-    forward, the recompute of a checkpointed one included: every quantized Linear reads a precomputed weight,
-    the loss and the gradients are those of the unsharded model, and nothing is left attached afterwards."""
+class Root(torch.nn.Module):
+    """A module around the model, as the trainer's objective is: FSDP2's root."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def test_sharded_blocks_quantize_their_weights_together_at_each_forward(tiny_qwen3, one_process_group, monkeypatch):
+    """Under FSDP2, fake_quantized_together has each sharded block quantize its gathered weights up front, in one
+    call, at every forward, the recompute of a checkpointed one included. As in the trainer, the root that FSDP2
+    shards last wraps the model; here only layer 0 is a block of its own, so layer 1's Linears, in no sharded
+    module of the model, quantize their own weights. The loss and the gradients are the unsharded model's, and
+    nothing is left attached afterwards."""
     import copy
 
     from rqat_sdk import distributed
+    from rqat_sdk.modifiers import layers
     from rqat_sdk.modifiers.layers import _PRECOMPUTED, attach_fake_quant, fake_quantized_together, quantized_linears
 
     model = rtn_w3g128(tiny_qwen3)
@@ -135,23 +149,30 @@ def test_sharded_blocks_quantize_their_weights_together_at_each_forward(tiny_qwe
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     sharded = copy.deepcopy(model)
-    distributed.wrap(sharded, "fsdp", list(sharded.model.layers), torch.float32)
+    root = distributed.wrap(Root(sharded), "fsdp", [sharded.model.layers[0]], torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
 
-    read_precomputed = []
-    for _, linear in quantized_linears(sharded):
-        linear.register_forward_pre_hook(lambda module, args: read_precomputed.append(_PRECOMPUTED in module.__dict__))
+    read_precomputed: dict[str, list[bool]] = {name: [] for name, _ in quantized_linears(sharded)}
+    for name, linear in quantized_linears(sharded):
+        linear.register_forward_pre_hook(
+            lambda module, args, name=name: read_precomputed[name].append(_PRECOMPUTED in module.__dict__))
+    calls = []
+    together = layers.fake_quantize_weights
+    monkeypatch.setattr(layers, "fake_quantize_weights", lambda weights, *rest: calls.append(len(weights))
+                        or together(weights, *rest))
     hooks_before = {id(m): len(m._forward_pre_hooks) + len(m._forward_hooks) for m in sharded.modules()}
     with fake_quantized_together(sharded):
-        loss = sharded(ids, labels=ids).loss
+        loss = root(ids, labels=ids).loss
         loss.backward()
     reference = model(ids, labels=ids).loss
     reference.backward()
 
-    linears = len(quantized_linears(sharded))
-    assert read_precomputed == [True] * (2 * linears)  # the forward, and the checkpointed recompute
+    in_block = [name for name in read_precomputed if name.startswith("model.layers.0.")]
+    assert len(in_block) == 7 and calls == [7, 7]  # one call for the block's 7 Linears: the forward, the recompute
+    assert all(read_precomputed[name] == ([True] * 2 if name in in_block else [False] * 2) for name in read_precomputed)
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
-    gradient = dict(sharded.named_parameters())["model.layers.1.mlp.down_proj.weight"].grad.full_tensor()
-    torch.testing.assert_close(gradient, model.model.layers[1].mlp.down_proj.weight.grad)
+    for index in (0, 1):
+        gradient = dict(sharded.named_parameters())[f"model.layers.{index}.mlp.down_proj.weight"].grad.full_tensor()
+        torch.testing.assert_close(gradient, model.model.layers[index].mlp.down_proj.weight.grad)
     assert not any(_PRECOMPUTED in m.__dict__ for _, m in quantized_linears(sharded))
     assert {id(m): len(m._forward_pre_hooks) + len(m._forward_hooks) for m in sharded.modules()} == hooks_before

@@ -16,6 +16,7 @@ from rqat_sdk.modifiers.layers import QUANTIZATION_PARAMETERS, attach_fake_quant
 from rqat_sdk.modifiers.rl import ColdStartError, PolicyCollapseError
 from rqat_sdk.modifiers.rl.trl_adapter import (
     RewardCollapseGuard,
+    _checkpointing_every_n_layers,
     remove_mixed_precision_wrapper,
     sync_quantized_weights,
 )
@@ -352,3 +353,26 @@ def test_rollouts_can_decode_with_cuda_graph_steps(tiny_qwen3, reward_module, mo
     settings = calls[-1][0]
     assert not settings.greedy and settings.num_return_sequences == 1  # trl repeats each prompt in the batch
     assert "runs transformers' generate instead" not in caplog.text
+
+
+def test_every_n_layers_survives_trls_rollouts(tiny_qwen3):
+    """trl switches gradient checkpointing off around each rollout and on again with its kwargs alone; during a
+    GRPO stage with gradient_checkpointing_every_n_layers: 2 it comes back on every 2nd layer, as the Trainer
+    first set it; afterwards the model's own method is back."""
+    from trl.models.utils import disable_gradient_checkpointing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    kwargs = {"use_reentrant": False}
+
+    def checkpointed():
+        return [layer.gradient_checkpointing for layer in model.model.layers]
+
+    with _checkpointing_every_n_layers(model, 2):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=1)  # the Trainer's
+        assert checkpointed() == [True, False]
+        with disable_gradient_checkpointing(model, kwargs):
+            assert checkpointed() == [False, False]
+        assert checkpointed() == [True, False]
+    assert "gradient_checkpointing_enable" not in model.__dict__
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    assert checkpointed() == [True, True]

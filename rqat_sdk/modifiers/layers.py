@@ -192,8 +192,9 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
     Run the forward and the backward inside it (a checkpointed layer recomputes its forward during the
     backward). The numbers and gradients are the per-layer ones. Sharded (FSDP2) weights are whole only while
     FSDP2 has gathered their block, so there each block quantizes its own weights together, at the start of each
-    of its forwards (recomputes included), after FSDP2's gather: one launch per block, and never inside a
-    compiled block's graph.
+    of its forwards (recomputes included), after FSDP2's gather: one launch per scheme and block, never inside a
+    compiled block's graph, and the block's quantized weights held from its forward's start to its end rather
+    than one layer's at a time. Quantized layers in no sharded block of ``model`` quantize their own weight.
     """
     from torch.distributed.tensor import DTensor
 
@@ -216,6 +217,12 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
 
 def _precompute(modules: list[QuantizedLinear]) -> None:
     """Fake-quantize the modules' weights, one call per scheme, for their forwards to read."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [module for module in modules if isinstance(module.weight, DTensor)]
+    if sharded:  # FSDP2 gathers before the hooks that call this run: its own pre-forward hook is prepended
+        raise RuntimeError(f"{len(sharded)} quantized layers' weights are still sharded at their block's forward: "
+                           "FSDP2 no longer gathers them before rqat's hook (a torch change?)")
     families: dict[tuple, list[tuple[QuantizedLinear, tuple]]] = defaultdict(list)
     for module in modules:
         weight, scale, zero_point, num_bits, group_size, dtype = _quantizer_inputs(module)
@@ -231,24 +238,22 @@ def _precompute(modules: list[QuantizedLinear]) -> None:
 
 
 def _release(modules: list[QuantizedLinear]) -> None:
+    """Drop what :func:`_precompute` attached (autograd keeps what the backward still needs)."""
     for module in modules:
         module.__dict__.pop(_PRECOMPUTED, None)
 
 
-def _by_sharded_unit(model: torch.nn.Module) -> dict[Any, list[QuantizedLinear]]:
-    """The trained quantized Linears grouped by the innermost FSDP2-sharded module that holds them (whose
-    forward gathers their weights)."""
+def _by_sharded_unit(model: torch.nn.Module) -> dict[torch.nn.Module, list[QuantizedLinear]]:
+    """The trained quantized Linears grouped by the innermost FSDP2-sharded module of ``model`` that holds them
+    (whose forward gathers their weights); those in none are left out."""
     from torch.distributed.fsdp import FSDPModule
 
     units = {name: module for name, module in model.named_modules() if isinstance(module, FSDPModule)}
-    grouped: dict[Any, list[QuantizedLinear]] = defaultdict(list)  # FSDP2's modules: nn.Module at run time
+    grouped: dict[torch.nn.Module, list[QuantizedLinear]] = defaultdict(list)
     for name, module in quantized_linears(model):
-        if not hasattr(module, _SAVED_FORWARD):
-            continue
         holders = [unit for unit in units if unit == "" or name.startswith(unit + ".")]
-        if not holders:
-            raise ValueError(f"{name} is sharded but in no FSDP2 module of the model")
-        grouped[units[max(holders, key=len)]].append(module)
+        if hasattr(module, _SAVED_FORWARD) and holders:
+            grouped[cast(torch.nn.Module, units[max(holders, key=len)])].append(module)
     return grouped
 
 

@@ -42,9 +42,9 @@ class TrainingModifier(Modifier):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     gradient_checkpointing_every_n_layers: Annotated[int, IntRange(1, None)] = 1
-    """With gradient_checkpointing, only every n-th decoder layer recomputes its activations (transformers'
-    ``every_n_layers``); the others keep theirs. Above 1 it spends memory that full checkpointing would leave
-    unused to skip part of the recompute."""
+    """With gradient_checkpointing, only every n-th checkpointable layer (a text model's decoder layers)
+    recomputes its activations (transformers' ``every_n_layers``); the others keep theirs. Above 1 it spends
+    memory that full checkpointing would leave unused to skip part of the recompute."""
 
     @model_validator(mode="after")
     def _every_n_layers_needs_checkpointing(self) -> TrainingModifier:
