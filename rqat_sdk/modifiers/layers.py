@@ -198,11 +198,12 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
     """
     from torch.distributed.tensor import DTensor
 
-    trained = [m for _, m in quantized_linears(model) if hasattr(m, _SAVED_FORWARD)]
+    named = [(name, m) for name, m in quantized_linears(model) if hasattr(m, _SAVED_FORWARD)]
+    trained = [m for _, m in named]
     hooks: list[torch.utils.hooks.RemovableHandle] = []
     try:
         if any(isinstance(m.weight, DTensor) for m in trained):
-            for unit, members in _by_sharded_unit(model).items():
+            for unit, members in _by_sharded_unit(model, named).items():
                 # appended after FSDP2's own pre-forward hook (which it prepends): the weights are gathered by then
                 hooks.append(unit.register_forward_pre_hook(lambda _unit, _args, members=members: _precompute(members)))
                 hooks.append(unit.register_forward_hook(lambda _unit, _args, _out, members=members: _release(members)))
@@ -243,16 +244,18 @@ def _release(modules: list[QuantizedLinear]) -> None:
         module.__dict__.pop(_PRECOMPUTED, None)
 
 
-def _by_sharded_unit(model: torch.nn.Module) -> dict[torch.nn.Module, list[QuantizedLinear]]:
-    """The trained quantized Linears grouped by the innermost FSDP2-sharded module of ``model`` that holds them
-    (whose forward gathers their weights); those in none are left out."""
+def _by_sharded_unit(
+    model: torch.nn.Module, named: list[tuple[str, QuantizedLinear]]
+) -> dict[torch.nn.Module, list[QuantizedLinear]]:
+    """The ``(name, module)`` Linears of ``model`` grouped by the innermost FSDP2-sharded module of ``model`` that
+    holds them (whose forward gathers their weights); those in none are left out."""
     from torch.distributed.fsdp import FSDPModule
 
     units = {name: module for name, module in model.named_modules() if isinstance(module, FSDPModule)}
     grouped: dict[torch.nn.Module, list[QuantizedLinear]] = defaultdict(list)
-    for name, module in quantized_linears(model):
+    for name, module in named:
         holders = [unit for unit in units if unit == "" or name.startswith(unit + ".")]
-        if hasattr(module, _SAVED_FORWARD) and holders:
+        if holders:
             grouped[cast(torch.nn.Module, units[max(holders, key=len)])].append(module)
     return grouped
 

@@ -138,37 +138,37 @@ def run_grpo(
             with open(log_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(entry) + "\n")
 
-    with _checkpointing_every_n_layers(model, config.gradient_checkpointing_every_n_layers):
-        optimizer = adamw(model, config, fused=cuda)
-        trainer = GRPOTrainer(
-            model=model,
-            # the ignore: trl types a reward's result list[float | None]; list is invariant, so our list[float] fails
-            reward_funcs=rewards,  # type: ignore[arg-type]
-            args=args,
-            train_dataset=prompts,
-            processing_class=processing,
-            callbacks=[_Metrics()],
-            optimizers=(optimizer, None),
-        )
-        if trainer.use_vllm:
-            sync_quantized_weights(trainer.vllm_generation, model)
-        checkpoints = sorted(progress_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-        _claim_progress_dir(progress_dir, fingerprint, resuming=bool(checkpoints))
-        resume = str(checkpoints[-1]) if checkpoints else None
-        if resume:
-            log.info("resuming GRPO from %s", resume)
-            _truncate_log(log_file, int(checkpoints[-1].name.rsplit("-", 1)[-1]))
-        try:
-            with contextlib.ExitStack() as rollouts:
-                if not trainer.use_vllm:  # transformers rollouts decode token by token: quantize the weights once
-                    if config.cache_implementation == "cuda_graph":  # first: the weights' quantization wraps it
-                        rollouts.enter_context(cuda_graph_decoding(model))
-                    rollouts.enter_context(quantized_once_per_generate(model))
-                    if config.cache_implementation == "preallocated":
-                        rollouts.enter_context(preallocated_kv_cache(model, config.max_completion_length))
-                output = trainer.train(resume_from_checkpoint=resume)
-        finally:
-            remove_mixed_precision_wrapper(model)
+    optimizer = adamw(model, config, fused=cuda)
+    trainer = GRPOTrainer(
+        model=model,
+        # the ignore: trl types a reward's result list[float | None]; list is invariant, so our list[float] fails
+        reward_funcs=rewards,  # type: ignore[arg-type]
+        args=args,
+        train_dataset=prompts,
+        processing_class=processing,
+        callbacks=[_Metrics()],
+        optimizers=(optimizer, None),
+    )
+    if trainer.use_vllm:
+        sync_quantized_weights(trainer.vllm_generation, model)
+    checkpoints = sorted(progress_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    _claim_progress_dir(progress_dir, fingerprint, resuming=bool(checkpoints))
+    resume = str(checkpoints[-1]) if checkpoints else None
+    if resume:
+        log.info("resuming GRPO from %s", resume)
+        _truncate_log(log_file, int(checkpoints[-1].name.rsplit("-", 1)[-1]))
+    try:
+        with contextlib.ExitStack() as rollouts:
+            rollouts.enter_context(_checkpointing_every_n_layers(model, config.gradient_checkpointing_every_n_layers))
+            if not trainer.use_vllm:  # transformers rollouts decode token by token: quantize the weights once
+                if config.cache_implementation == "cuda_graph":  # first: the weights' quantization wraps it
+                    rollouts.enter_context(cuda_graph_decoding(model))
+                rollouts.enter_context(quantized_once_per_generate(model))
+                if config.cache_implementation == "preallocated":
+                    rollouts.enter_context(preallocated_kv_cache(model, config.max_completion_length))
+            output = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        remove_mixed_precision_wrapper(model)
     history = [h for h in trainer.state.log_history if "reward" in h]
     return {
         "steps": trainer.state.global_step,
@@ -184,9 +184,9 @@ def run_grpo(
 @contextlib.contextmanager
 def _checkpointing_every_n_layers(model: PreTrainedModel, every_n_layers: int) -> Iterator[None]:
     """Inside the block, gradient checkpointing that anyone switches on for ``model`` covers every n-th layer:
-    trl switches it off for each rollout and on again with its ``gradient_checkpointing_kwargs`` alone
-    (``trl.models.utils.disable_gradient_checkpointing``), which would recompute every layer from the first
-    rollout on."""
+    the Trainer switches it on as training starts, and trl off for each rollout and on again with its
+    ``gradient_checkpointing_kwargs`` alone (``trl.models.utils.disable_gradient_checkpointing``), which would
+    recompute every layer from the first rollout on."""
     enable = model.gradient_checkpointing_enable
     before = model.__dict__.get("gradient_checkpointing_enable")
 
