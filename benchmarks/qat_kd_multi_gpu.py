@@ -46,7 +46,7 @@ def step_worker(args: argparse.Namespace) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     world = distributed.world_size()
     shape = SHAPES[args.shape]
-    ids = synthetic_batch(args.batch * world, args.seq, shape["vocab_size"]).cuda()
+    ids = synthetic_batch(args.batch * args.accumulate * world, args.seq, shape["vocab_size"]).cuda()
     student = fresh_model(shape=shape)
     parameters = sum(p.numel() for p in student.parameters())  # before an FP8 teacher holds its weights as buffers
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
@@ -58,7 +58,7 @@ def step_worker(args: argparse.Namespace) -> int:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
                                               every_n_layers=args.checkpoint_every)
     _, step = rqat_trainer(student, teacher, ids, "kd", args.strategy, compile_teacher=args.compile,
-                           compile_student=args.compile)
+                           compile_student=args.compile, micro_batches=args.accumulate)
     step_ms, peak_gb = measure(step, args.warmup + 2 * args.compile, args.steps)
     step_ms = distributed.all_reduce_sum(torch.tensor(step_ms, device="cuda")).item() / world  # mean over ranks
     peak = torch.tensor(peak_gb, device="cuda")
@@ -69,7 +69,8 @@ def step_worker(args: argparse.Namespace) -> int:
     if distributed.is_main():
         Path(args.result).write_text(json.dumps({
             "gpus": world, "strategy": args.strategy, "step_ms": round(step_ms, 1),
-            "tokens_per_step": ids.numel(), "tokens_per_s": round(ids.numel() / step_ms * 1000),
+            "tokens_per_step": ids.numel(), "micro_batches_per_step": args.accumulate,
+            "tokens_per_s": round(ids.numel() / step_ms * 1000),
             "peak_gb_per_gpu": round(peak.item(), 2),
             "parameters": parameters,
             "compile_teacher": args.compile, "compile_student": args.compile,
@@ -83,15 +84,18 @@ def step_worker(args: argparse.Namespace) -> int:
 
 def launch_step(script: str, result: Path, gpus: int, strategy: str, *, shape: str, batch: int, seq: int,
                 warmup: int, steps: int, gradient_checkpointing: bool = False, checkpoint_every: int = 1,
-                compiled: bool = False, profile: bool = False, teacher_precision: str = "bf16") -> dict:
-    """Run ``script``'s step worker on ``gpus`` GPUs (under torchrun beyond one) and return its result."""
+                compiled: bool = False, profile: bool = False, teacher_precision: str = "bf16",
+                accumulate: int = 1) -> dict:
+    """Run ``script``'s step worker on ``gpus`` GPUs and return its result: under torchrun beyond one GPU, and
+    for FSDP2 on one (a process group of one rank: FSDP2's own costs without communication)."""
     worker = [script, "step-worker", "--strategy", strategy, "--result", str(result), "--shape", shape,
               "--batch", str(batch), "--seq", str(seq), "--warmup", str(warmup), "--steps", str(steps),
               *(["--gradient-checkpointing"] if gradient_checkpointing else []),
               "--checkpoint-every", str(checkpoint_every), "--teacher-precision", teacher_precision,
+              "--accumulate", str(accumulate),
               *(["--compile"] if compiled else []), *(["--profile"] if profile else [])]
-    launcher = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                   f"--nproc_per_node={gpus}"]
+    launcher = [sys.executable] if gpus == 1 and strategy != "fsdp" else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
     subprocess.run(launcher + worker, check=True)
     return json.loads(result.read_text())
 
@@ -110,6 +114,9 @@ def add_step_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=positive_int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-precision", choices=("bf16", "fp8"), default="bf16",
                         help="the teacher's linear layers in bf16 or FP8 (teacher_precision)")
+    parser.add_argument("--accumulate", type=positive_int, default=1,
+                        help="micro-batches of --batch sequences per GPU whose gradients accumulate into one optimizer "
+                             "step (a recipe's batch_size / (micro_batch_size x GPUs))")
     parser.add_argument("--compile", action="store_true",
                         help="compile_teacher and compile_student")
     parser.add_argument("--profile", action="store_true",
@@ -125,7 +132,8 @@ def time_steps(args: argparse.Namespace, out: Path) -> list[dict]:
         row = {"layout": label, **launch_step(__file__, out / f"step-{gpus}-{strategy}.json", gpus, strategy,
                                               shape="qwen3-0.6b", batch=args.batch, seq=args.seq,
                                               warmup=args.warmup, steps=args.steps, compiled=args.compile,
-                                              profile=args.profile, teacher_precision=args.teacher_precision)}
+                                              profile=args.profile, teacher_precision=args.teacher_precision,
+                                              accumulate=args.accumulate)}
         print(f"step, {label}: {row['step_ms']} ms, {row['tokens_per_s']:,} tokens/s, "
               f"{row['peak_gb_per_gpu']} GB per GPU ({time.perf_counter() - started:.0f} s)", flush=True)
         rows.append(row)

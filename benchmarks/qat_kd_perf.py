@@ -222,8 +222,9 @@ def bench_bf16_ce(ids, warmup, steps):
 
 
 def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp", *, compile_teacher: bool = False,
-                 compile_student: bool = False):
-    """rqat's training step on ``ids``; under a launcher each rank trains on its own share of the rows."""
+                 compile_student: bool = False, micro_batches: int = 1):
+    """rqat's training step on ``ids``; under a launcher each rank trains on its own share of the rows, in
+    ``micro_batches`` forward and backward passes whose gradients accumulate into one optimizer step."""
     from datasets import Dataset
 
     from rqat_sdk import distributed
@@ -236,8 +237,9 @@ def rqat_trainer(student, teacher, ids, objective: str, strategy: str = "ddp", *
     config = TrainerConfig(loss=LossSpec(divergence="forward_kl" if objective == "kd" else "ce"), steps=10_000,
                            learning_rate=1e-6, logging_steps=10_000, save_steps=10_000, distributed=strategy,
                            compile_teacher=compile_teacher, compile_student=compile_student)
-    batches = StepBatches(Dataset.from_list(rows), batch_size=len(rows), micro_batch_size=per_rank, seed=0,
-                          pad_token_id=0, packing=False, rank=distributed.rank(), world_size=distributed.world_size())
+    batches = StepBatches(Dataset.from_list(rows), batch_size=len(rows), micro_batch_size=per_rank // micro_batches,
+                          seed=0, pad_token_id=0, packing=False, rank=distributed.rank(),
+                          world_size=distributed.world_size())
     trainer = DistillationTrainer(
         config, student, teacher, batches,
         device=distributed.local_device(), paths=TrainerPaths(None, None), fingerprint="bench", stage="bench",

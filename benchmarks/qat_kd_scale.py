@@ -6,8 +6,12 @@ vocabulary), ``--batch`` sequences of ``--seq`` tokens per GPU, the student with
 ``--checkpointing`` names its shape. Each shape runs on one GPU and, with ``--gpus 2``, under FSDP2 on two.
 
 ``--checkpoint-every n`` checkpoints only every n-th layer of those shapes (``gradient_checkpointing_every_n_layers``)
-and ``--teacher-precision fp8`` runs the teacher's linear layers in FP8 (``teacher_precision``). A row that fails
-(out of memory, say) is recorded with its error and the run goes on.
+and ``--teacher-precision fp8`` runs the teacher's linear layers in FP8 (``teacher_precision``). ``--accumulate k``
+runs each step as k micro-batches of ``--batch`` sequences per GPU whose gradients accumulate into one optimizer
+step, as a recipe whose ``batch_size`` is k x ``micro_batch_size`` x GPUs does (the paper's batch of 32 is 16
+micro-batches of 2 on one GPU). ``--fsdp-one-gpu`` adds a row per shape under FSDP2 with a process group of one
+rank: FSDP2's own costs (parameter gathers and casts, the gradient reduce-scatter's copies) without communication.
+A row that fails (out of memory, say) is recorded with its error and the run goes on.
 
 ``--compile`` compiles the teacher's and the student's transformer blocks one by one (``compile_teacher``,
 ``compile_student``), ``--profile`` records each row's GPU kernel time per step (against its step
@@ -55,6 +59,8 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--checkpointing", nargs="*", choices=sorted(SHAPES), default=["qwen3-1.7b", "qwen3-4b"],
                         help="shapes whose student recomputes activations in the backward pass")
+    parser.add_argument("--fsdp-one-gpu", action="store_true",
+                        help="also run each shape under FSDP2 on one GPU (one rank)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOPS of one GPU")
@@ -69,23 +75,28 @@ def main() -> int:
         return 2
     device = torch.cuda.get_device_name()
     print(f"device: {torch.cuda.device_count()} x {device}; torch {torch.__version__}", flush=True)
+    layouts = [(gpus, "fsdp" if gpus > 1 else "ddp") for gpus in args.gpus]
+    if args.fsdp_one_gpu:
+        layouts.insert(1, (1, "fsdp"))
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for shape in args.shapes:
-            for gpus in args.gpus:
+            for gpus, strategy in layouts:
                 started = time.perf_counter()
                 checkpointing = shape in args.checkpointing
-                strategy = "fsdp" if gpus > 1 else "ddp"
-                row = {"shape": shape, "gpus": gpus, "strategy": "FSDP2" if gpus > 1 else "one GPU",
-                       "seq_len": args.seq, "sequences_per_gpu": args.batch, "gradient_checkpointing": checkpointing,
+                label = "one GPU" if strategy == "ddp" else "FSDP2" if gpus > 1 else "FSDP2, one rank"
+                row = {"shape": shape, "gpus": gpus, "strategy": label, "seq_len": args.seq,
+                       "sequences_per_gpu": args.batch, "micro_batches_per_step": args.accumulate,
+                       "gradient_checkpointing": checkpointing,
                        "checkpoint_every_n_layers": args.checkpoint_every if checkpointing else None,
                        "teacher_precision": args.teacher_precision}
                 try:
-                    result = launch_step(__file__, Path(scratch) / f"{shape}-{gpus}.json", gpus, strategy,
+                    result = launch_step(__file__, Path(scratch) / f"{shape}-{gpus}-{strategy}.json", gpus, strategy,
                                          shape=shape, batch=args.batch, seq=args.seq, warmup=args.warmup,
                                          steps=args.steps, gradient_checkpointing=checkpointing,
                                          checkpoint_every=args.checkpoint_every, compiled=args.compile,
-                                         profile=args.profile, teacher_precision=args.teacher_precision)
+                                         profile=args.profile, teacher_precision=args.teacher_precision,
+                                         accumulate=args.accumulate)
                 except subprocess.CalledProcessError as failed:  # the worker printed why (out of memory, say)
                     row["error"] = f"the step worker exited with {failed.returncode}"
                     rows.append(row)
@@ -116,7 +127,8 @@ def main() -> int:
             print(f"| {row['shape']} | {row['strategy']} | {row['tokens_per_s']:,} | {row['mfu']:.1%} "
                   f"| {row['peak_gb']} | {checkpointed} |")
     for shape in args.shapes:
-        one, two = ({r["gpus"]: r for r in rows if r["shape"] == shape and "error" not in r}.get(g) for g in (1, 2))
+        one, two = ({r["strategy"]: r for r in rows if r["shape"] == shape and "error" not in r}.get(layout)
+                    for layout in ("one GPU", "FSDP2"))
         if one and two:
             print(f"{shape}: two GPUs under FSDP2 give {two['tokens_per_s'] / one['tokens_per_s']:.2f}x one GPU's "
                   f"tokens/s (target >= 1.8)")
