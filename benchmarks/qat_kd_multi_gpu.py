@@ -43,6 +43,8 @@ def step_worker(args: argparse.Namespace) -> int:
     from rqat_sdk.ops.fp8 import linears_to_fp8_
 
     distributed.initialize()
+    if args.strategy == "fsdp" and not torch.distributed.is_initialized():  # one rank: torchrun set the address
+        torch.distributed.init_process_group("nccl", device_id=distributed.local_device())
     torch.backends.cuda.matmul.allow_tf32 = True
     world = distributed.world_size()
     shape = SHAPES[args.shape]
