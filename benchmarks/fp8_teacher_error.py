@@ -212,28 +212,41 @@ def named_decoder_linears(model: torch.nn.Module, classes: Iterable[str] = CLASS
     return {name: module for name, module in model.named_modules() if id(module) in chosen}
 
 
-def input_hessians(linears: dict[str, torch.nn.Linear], forward: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """``2 X^T X / n`` of each of ``linears``' inputs ``X`` (n tokens, in) over what ``forward()`` runs, by name."""
+class _Caught(Exception):
+    """Stops a calibration forward once it has given what was wanted: the first decoder layer's inputs, or every
+    hooked Linear's."""
+
+
+def input_hessians(linears: dict[str, torch.nn.Linear],
+                   forwards: Iterable[Callable[[], object]]) -> dict[str, torch.Tensor]:
+    """``2 X^T X / n`` of each of ``linears``' inputs ``X`` (n tokens, in) over what the ``forwards`` run, by
+    name. Each forward is stopped once every one of ``linears`` has seen its input: the rest of a decoder layer
+    (the MLP after the attention's Linears) would be computed for nothing."""
     sums = {name: torch.zeros(linear.in_features, linear.in_features) for name, linear in linears.items()}
     counts = dict.fromkeys(linears, 0)
+    seen: set[str] = set()
 
     def accumulate(name: str, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         sums[name].addmm_(x.T, x)
         counts[name] += x.shape[0]
+        seen.add(name)
+        if len(seen) == len(linears):
+            seen.clear()
+            raise _Caught
 
     handles = [linear.register_forward_pre_hook(lambda _module, args, name=name: accumulate(name, args[0]))
                for name, linear in linears.items()]
     try:
-        forward()
+        for forward in forwards:
+            try:
+                forward()
+            except _Caught:
+                pass
     finally:
         for handle in handles:
             handle.remove()
     return {name: sums[name] * (2 / max(counts[name], 1)) for name in linears}
-
-
-class _Caught(Exception):
-    """Stops the calibration forward at the first decoder layer, whose inputs it has caught."""
 
 
 @torch.no_grad()
@@ -242,7 +255,8 @@ def gptq_fp8_weights(model: torch.nn.Module, calibration: Sequence[torch.Tensor]
     """GPTQ-rounded e4m3 weights (:func:`gptq_round_rows_e4m3`) of the decoder Linears of ``classes``, by name:
     sequentially, on a float32 copy of ``model``. The first decoder layer's inputs on the ``calibration``
     sequences are caught once; then for each layer and each of its classes in the order they run, the class's
-    Hessians are summed over the layer's forward on its inputs, the class's weights rounded and put in place
+    Hessians are summed over the layer's forward on its inputs (:func:`input_hessians`, which stops it as soon as
+    it has them), the class's weights rounded and put in place
     (dequantized), and the layer's outputs, from its rounded weights, become the next layer's inputs."""
     classes = [c for c in CLASSES if c in set(classes)]
     work = copy.deepcopy(model).float()
@@ -267,12 +281,15 @@ def gptq_fp8_weights(model: torch.nn.Module, calibration: Sequence[torch.Tensor]
         outputs = [layer(hidden, **kwargs) for hidden, kwargs in inputs]
         return [out[0] if isinstance(out, tuple) else out for out in outputs]
 
+    def forwards(layer: torch.nn.Module) -> list[Callable[[], object]]:
+        return [functools.partial(layer, hidden, **kwargs) for hidden, kwargs in inputs]
+
     rounded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for index, layer in enumerate(layers):
         for c in classes:
             linears = {f"model.layers.{index}.{name}": module for name, module in layer.named_modules()
                        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in CLASSES[c]}
-            hessians = input_hessians(linears, functools.partial(run, layer))
+            hessians = input_hessians(linears, forwards(layer))
             for name, linear in linears.items():
                 values, scale = gptq_round_rows_e4m3(linear.weight, hessians[name])
                 rounded[name] = values, scale

@@ -29,7 +29,16 @@ from pathlib import Path
 
 import torch
 from provenance import git_commit
-from qat_kd_perf import SHAPES, fresh_model, kernel_profile, measure, quantize_w3g128, rqat_trainer, synthetic_batch
+from qat_kd_perf import (
+    SHAPES,
+    fresh_model,
+    host_profile,
+    kernel_profile,
+    measure,
+    quantize_w3g128,
+    rqat_trainer,
+    synthetic_batch,
+)
 
 TESTBED = "rqat_sdk/testbed/long"
 RECIPE = "testbed-long_w3g128_gptq_kd_grpo"
@@ -67,7 +76,7 @@ def step_worker(args: argparse.Namespace) -> int:
     if world > 1:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     # the profiler after the timing (a process that has profiled can launch slower)
-    profile = kernel_profile(step, steps=1, count=16) if args.profile else {}
+    profile = {**kernel_profile(step, steps=1, count=16), **host_profile(step)} if args.profile else {}
     if distributed.is_main():
         Path(args.result).write_text(json.dumps({
             "gpus": world, "strategy": args.strategy, "step_ms": round(step_ms, 1),
@@ -122,7 +131,7 @@ def add_step_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile_teacher and compile_student")
     parser.add_argument("--profile", action="store_true",
-                        help="record each step's GPU kernel time and its costliest kernels")
+                        help="record each step's GPU kernel time, its costliest kernels and its host time by range")
     parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
 

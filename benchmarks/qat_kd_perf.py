@@ -40,6 +40,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -333,6 +334,24 @@ def kernel_profile(step, steps: int = 3, count: int = 12) -> dict:
     """The GPU time of all of ``step``'s kernels (``gpu_kernel_ms``, ms per step: against the step's wall time, how
     busy the GPU is) and the ``count`` costliest (``top_kernels_ms``), from the profiler."""
     return kernel_summary(gpu_ms_per_kernel(step, steps), count)
+
+
+def host_profile(step, steps: int = 1, count: int = 16) -> dict:
+    """Where the host spends a step's time (``host_ranges_ms``: inclusive CPU ms per step of the ranges torch
+    and rqat label, such as FSDP2's hooks and collectives, the optimizer's step and rqat's weight quantization,
+    each summed over the layers its label names), from a profiler of the CPU alone: for a step whose GPU idles."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    ranges: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.is_user_annotation and event.key.startswith(("FSDP::", "Optimizer.", "rqat::")):
+            ranges[event.key.split(" (")[0].split(" for ")[0]] += event.cpu_time_total / 1000 / steps
+    costliest = sorted(ranges.items(), key=lambda item: item[1], reverse=True)[:count]
+    return {"host_ranges_ms": {key: round(ms, 2) for key, ms in costliest}}
 
 
 def kernel_summary(ms_per_kernel: dict[str, float], count: int = 12) -> dict:

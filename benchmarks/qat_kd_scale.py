@@ -15,7 +15,8 @@ A row that fails (out of memory, say) is recorded with its error and the run goe
 
 ``--compile`` compiles the teacher's and the student's transformer blocks one by one (``compile_teacher``,
 ``compile_student``), ``--profile`` records each row's GPU kernel time per step (against its step
-time: how busy the GPU is) and its costliest kernels.
+time: how busy the GPU is), its costliest kernels and, from a profile of the host alone, the host time of the
+labelled ranges (FSDP2's hooks and collectives, the optimizer, rqat's weight quantization).
 
 Model FLOPs utilisation counts 8 x parameters FLOPs per token (the student's forward and backward, 6, and the
 teacher's forward, 2) against the GPU's dense bf16 peak (``--peak-tflops``, per GPU; 989 for an H100 or H200 SXM).
@@ -107,7 +108,8 @@ def main() -> int:
                         "parameters": result["parameters"], "step_ms": result["step_ms"],
                         "tokens_per_s": result["tokens_per_s"], "peak_gb": result["peak_gb_per_gpu"],
                         "mfu": round(mfu(result["tokens_per_s"], result["parameters"], gpus, args.peak_tflops), 4),
-                        **{key: result[key] for key in ("gpu_kernel_ms", "top_kernels_ms") if key in result}})
+                        **{key: result[key] for key in ("gpu_kernel_ms", "top_kernels_ms", "host_ranges_ms")
+                           if key in result}})
                     rows.append(row)
                     print(f"{shape}, {row['strategy']}: {row['tokens_per_s']:,} tokens/s, MFU {row['mfu']:.1%}, "
                           f"peak {row['peak_gb']} GB per GPU ({time.perf_counter() - started:.0f} s)", flush=True)
