@@ -22,11 +22,12 @@ KL(bf16 || variant), and top-1 agreement (the share of positions whose most like
 - ``fp8_gptq_weights``: those GPTQ-rounded weights with bf16 activations (compare with ``fp8_weights``);
 - ``fp8_gptq_keep_qkv``: ``fp8_gptq`` with the q/k/v projections kept in bf16 (GPTQ run without them).
 
-The product has no layer that quantizes one operand only, so the last two rows use :class:`OperandFP8Linear`, a
-small emulation built from the product's own quantizers (``quantize_rows``, ``quantize_tokens``,
-``dequantize_rows``) that multiplies in float32 as the reference path does. With both operands quantized it
-must give the product's logits exactly; the record's ``emulation_vs_product_max_abs_diff`` checks that on the
-first sequence. ``fp8_flop_share`` is the share of the decoder Linears' multiply-adds that run in FP8.
+The product has no layer that quantizes one operand only, so ``fp8_weights``, ``fp8_activations`` and
+``fp8_gptq_weights`` use :class:`OperandFP8Linear`, a small emulation built from the product's own quantizers
+(``quantize_rows``, ``quantize_tokens``, ``dequantize_rows``) that multiplies in float32 as the reference path
+does. With both operands quantized it must give the product's logits exactly; the record's
+``emulation_vs_product_max_abs_diff`` checks that on the first sequence. ``fp8_flop_share`` is the share of the
+decoder Linears' multiply-adds that run in FP8.
 
 GPTQ keeps the product's format: each row's scale stays ``amax / 448`` and its largest element stays +-448, so
 ``quantize_rows`` of the rounded weight gives back the same values and scales (the record's ``gptq`` entry checks
@@ -256,8 +257,8 @@ def gptq_fp8_weights(model: torch.nn.Module, calibration: Sequence[torch.Tensor]
     sequentially, on a float32 copy of ``model``. The first decoder layer's inputs on the ``calibration``
     sequences are caught once; then for each layer and each of its classes in the order they run, the class's
     Hessians are summed over the layer's forward on its inputs (:func:`input_hessians`, which stops it as soon as
-    it has them), the class's weights rounded and put in place
-    (dequantized), and the layer's outputs, from its rounded weights, become the next layer's inputs."""
+    it has them), the class's weights rounded and put in place (dequantized), and the layer's outputs, from its
+    rounded weights, become the next layer's inputs."""
     classes = [c for c in CLASSES if c in set(classes)]
     work = copy.deepcopy(model).float()
     layers = cast(torch.nn.ModuleList, work.get_submodule("model.layers"))
