@@ -78,3 +78,22 @@ def measure_float_output_change(path: Path, transform) -> tuple[float, bool]:
 def float_output_change():
     """How much a weight-folding transform changes a float model: ``float_output_change(path, transform)``."""
     return measure_float_output_change
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A one-rank gloo process group, in this process, for FSDP2 on the CPU."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

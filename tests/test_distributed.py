@@ -83,25 +83,6 @@ def test_cli_under_a_launcher_reports_once(tiny_qwen3, tmp_path):
     assert json.loads((output / "run.json").read_text())["status"] == "complete"
 
 
-@pytest.fixture
-def one_process_group(monkeypatch):
-    """A one-rank gloo process group, in this process, for FSDP2 on the CPU."""
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def rtn_w3g128(tiny_qwen3):
     recipe = {"version": 1, "scheme": "W3G128", "stages": [{"name": "ptq", "modifiers": [{"type": "rtn"}]}]}
     return rqat_sdk.oneshot(tiny_qwen3, recipe, dtype="float32").model

@@ -59,3 +59,57 @@ def test_qat_kd_perfs_record_holds_what_a_stopped_run_measured(scale):
                        "naive_kd": (float("nan"), float("nan"))}  # out of memory
     record = measured.record()
     assert record["fake_quant_overhead"] == round(6.8 / 234.0, 4) and record["tokens_per_s"]["naive_kd"] is None
+
+
+TINY_SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32)
+
+
+def tiny_step(perf, strategy: str = "ddp", micro_batches: int = 1):
+    """A QAT-KD training step of the benchmarks' kind on a tiny Qwen3 shape, on the CPU in float32."""
+    import copy
+
+    import torch
+
+    from rqat_sdk.modifiers.layers import attach_fake_quant
+
+    student = perf.fresh_model(shape=TINY_SHAPE, device="cpu", dtype=torch.float32)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    student = perf.quantize_w3g128(student)
+    attach_fake_quant(student, dtype=torch.float32, learn_scales=False, learn_clipping=False)
+    ids = perf.synthetic_batch(4, 64, TINY_SHAPE["vocab_size"])
+    return student, perf.rqat_trainer(student, teacher, ids, "kd", strategy, micro_batches=micro_batches)
+
+
+def test_micro_batches_accumulate_into_the_same_step(scale):
+    """--accumulate: the step's sequences in micro-batches whose gradients accumulate give one step's loss and
+    gradient (to float32 summation order)."""
+    import torch
+
+    _, perf = scale
+    results = []
+    for micro_batches in (1, 2):
+        _, (trainer, step) = tiny_step(perf, micro_batches=micro_batches)
+        assert len(trainer.batches.micro_batches(0, torch.device("cpu"))) == micro_batches
+        loss, tokens = step()
+        results.append((loss, tokens, trainer._grad_norm))
+    (loss_one, tokens_one, norm_one), (loss_two, tokens_two, norm_two) = results
+    assert tokens_one == tokens_two == 4 * 64
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
+    assert norm_two == pytest.approx(norm_one, rel=1e-4)
+
+
+def test_host_profile_sums_fsdp2s_and_rqats_ranges_over_layers(scale, one_process_group, monkeypatch):
+    """--profile's host ranges under FSDP2 (one rank, gloo): FSDP2's hooks, the optimizer and rqat's weight
+    quantization, each one entry however many layers it ran for."""
+    import torch
+
+    _, perf = scale
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # the benchmark's GPU sync; nothing to wait for
+    _, (_, step) = tiny_step(perf, "fsdp")
+    step()
+    ranges = perf.host_profile(step)["host_ranges_ms"]
+    assert {"FSDP::pre_forward", "FSDP::post_backward_reduce", "rqat::fake_quantize_weights"} <= set(ranges)
+    assert any(name.startswith("Optimizer.step#") for name in ranges)
+    assert not any(" (" in name or " for " in name for name in ranges)  # per-layer labels summed
+    assert all(ms > 0 for ms in ranges.values())
