@@ -195,7 +195,8 @@ def gptq_round_rows_e4m3(weight: torch.Tensor, hessian: torch.Tensor, *, damp: f
     columns = w.shape[1]
     for start in range(0, columns, block):
         end = min(start + block, columns)
-        chunk, errors, u_chunk = w[:, start:end].clone(), torch.empty(w.shape[0], end - start), u[start:end, start:end]
+        chunk, u_chunk = w[:, start:end].clone(), u[start:end, start:end]
+        errors = torch.empty(w.shape[0], end - start, dtype=w.dtype)
         for i in range(end - start):
             column = chunk[:, i]
             rounded = column.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float()

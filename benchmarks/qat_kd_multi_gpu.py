@@ -68,8 +68,10 @@ def step_worker(args: argparse.Namespace) -> int:
     if args.gradient_checkpointing:  # as a recipe's gradient_checkpointing (and _every_n_layers) does
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
                                               every_n_layers=args.checkpoint_every)
-    _, step = rqat_trainer(student, teacher, ids, "kd", args.strategy, compile_teacher=args.compile,
-                           compile_student=args.compile, micro_batches=args.accumulate)
+    trainer, step = rqat_trainer(student, teacher, ids, "kd", args.strategy, compile_teacher=args.compile,
+                                 compile_student=args.compile, micro_batches=args.accumulate)
+    if args.strategy == "fsdp" and not trainer.sharded:  # a row labelled FSDP2 must have run it
+        raise SystemExit("the student is not sharded: FSDP2 needs a process group")
     step_ms, peak_gb = measure(step, args.warmup + 2 * args.compile, args.steps)
     step_ms = distributed.all_reduce_sum(torch.tensor(step_ms, device="cuda")).item() / world  # mean over ranks
     peak = torch.tensor(peak_gb, device="cuda")
@@ -79,7 +81,7 @@ def step_worker(args: argparse.Namespace) -> int:
     profile = {**kernel_profile(step, steps=1, count=16), **host_profile(step)} if args.profile else {}
     if distributed.is_main():
         Path(args.result).write_text(json.dumps({
-            "gpus": world, "strategy": args.strategy, "step_ms": round(step_ms, 1),
+            "gpus": world, "strategy": args.strategy, "sharded": trainer.sharded, "step_ms": round(step_ms, 1),
             "tokens_per_step": ids.numel(), "micro_batches_per_step": args.accumulate,
             "tokens_per_s": round(ids.numel() / step_ms * 1000),
             "peak_gb_per_gpu": round(peak.item(), 2),

@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -336,22 +337,30 @@ def kernel_profile(step, steps: int = 3, count: int = 12) -> dict:
     return kernel_summary(gpu_ms_per_kernel(step, steps), count)
 
 
-def host_profile(step, steps: int = 1, count: int = 16) -> dict:
-    """Where the host spends a step's time (``host_ranges_ms``: inclusive CPU ms per step of the ranges torch
-    and rqat label, such as FSDP2's hooks and collectives, the optimizer's step and rqat's weight quantization,
-    each summed over the layers its label names), from a profiler of the CPU alone: for a step whose GPU idles."""
+def host_profile(step: Callable[[], object], steps: int = 1, count: int = 16) -> dict:
+    """Where the host spends a step's time, from a profiler of the CPU alone: for a step whose GPU idles.
+
+    ``host_ranges_ms``: inclusive CPU ms per step of the ranges torch and rqat label (FSDP2's hooks, the
+    optimizer's step, rqat's weight quantization), each summed over the layers its label names; ranges nest
+    (``FSDP::pre_backward`` holds ``FSDP::backward_prefetch``, ``FSDP::root_post_backward_callback`` the root's
+    ``FSDP::post_backward_*``), so they do not add up. ``host_profiled_step_ms``: the profiled steps' wall time
+    per step, which the profiler itself lengthens, the figure to read the ranges against.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1000 / steps
     ranges: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         if event.is_user_annotation and event.key.startswith(("FSDP::", "Optimizer.", "rqat::")):
             ranges[event.key.split(" (")[0].split(" for ")[0]] += event.cpu_time_total / 1000 / steps
     costliest = sorted(ranges.items(), key=lambda item: item[1], reverse=True)[:count]
-    return {"host_ranges_ms": {key: round(ms, 2) for key, ms in costliest}}
+    return {"host_profiled_step_ms": round(wall_ms, 1),
+            "host_ranges_ms": {key: round(ms, 2) for key, ms in costliest}}
 
 
 def kernel_summary(ms_per_kernel: dict[str, float], count: int = 12) -> dict:

@@ -10,7 +10,9 @@ and ``--teacher-precision fp8`` runs the teacher's linear layers in FP8 (``teach
 runs each step as k micro-batches of ``--batch`` sequences per GPU whose gradients accumulate into one optimizer
 step, as a recipe whose ``batch_size`` is k x ``micro_batch_size`` x GPUs does (the paper's batch of 32 is 16
 micro-batches of 2 on one GPU). ``--fsdp-one-gpu`` adds a row per shape under FSDP2 with a process group of one
-rank: FSDP2's own costs (parameter gathers and casts, the gradient reduce-scatter's copies) without communication.
+rank: FSDP2's hooks, casts and sharded optimizer without communication (for one rank FSDP2 also skips its
+collectives' copy-in and copy-out and copies each parameter instead, so this is not the two-rank path minus the
+links).
 A row that fails (out of memory, say) is recorded with its error and the run goes on.
 
 ``--compile`` compiles the teacher's and the student's transformer blocks one by one (``compile_teacher``,
@@ -108,7 +110,8 @@ def main() -> int:
                         "parameters": result["parameters"], "step_ms": result["step_ms"],
                         "tokens_per_s": result["tokens_per_s"], "peak_gb": result["peak_gb_per_gpu"],
                         "mfu": round(mfu(result["tokens_per_s"], result["parameters"], gpus, args.peak_tflops), 4),
-                        **{key: result[key] for key in ("gpu_kernel_ms", "top_kernels_ms", "host_ranges_ms")
+                        **{key: result[key] for key in ("gpu_kernel_ms", "top_kernels_ms", "host_profiled_step_ms",
+                                                          "host_ranges_ms")
                            if key in result}})
                     rows.append(row)
                     print(f"{shape}, {row['strategy']}: {row['tokens_per_s']:,} tokens/s, MFU {row['mfu']:.1%}, "

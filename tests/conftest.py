@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def float_output_change():
 
 
 @pytest.fixture
-def one_process_group(monkeypatch):
+def one_process_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A one-rank gloo process group, in this process, for FSDP2 on the CPU."""
     import socket
 

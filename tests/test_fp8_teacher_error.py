@@ -14,6 +14,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from rqat_sdk.ops.fp8 import E4M3, dequantize_rows, quantize_rows
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -98,8 +100,6 @@ def test_gptq_rows_need_calibration(script):
 
 
 def test_gptq_rounding_is_on_the_products_grid_and_beats_round_to_nearest(script):
-    from rqat_sdk.ops.fp8 import E4M3, dequantize_rows, quantize_rows
-
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(1024, 64, generator=generator) @ torch.randn(64, 64, generator=generator)  # correlated
     inputs[:, 5] = 0  # an input that is always zero: a zero diagonal in the Hessian
@@ -118,3 +118,6 @@ def test_gptq_rounding_is_on_the_products_grid_and_beats_round_to_nearest(script
     gptq_error = (inputs @ (weight - rounded).T).norm()
     nearest_error = (inputs @ (weight - dequantize_rows(nearest, nearest_scale)).T).norm()
     assert gptq_error < 0.9 * nearest_error
+    # blocks of 16 columns spread each block's error over the later blocks lazily: the same values as one block
+    blocked, _ = script.gptq_round_rows_e4m3(weight, 2 * inputs.T @ inputs / len(inputs), block=16)
+    assert torch.equal(blocked.view(torch.uint8), values.view(torch.uint8))
