@@ -69,15 +69,15 @@ TINY_SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hi
                   num_key_value_heads=2, head_dim=32)
 
 
-def tiny_step(perf, strategy: str = "ddp", micro_batches: int = 1) -> tuple[torch.nn.Module, tuple]:
-    """A QAT-KD training step of the benchmarks' kind on a tiny Qwen3 shape, on the CPU in float32: the student,
-    and ``rqat_trainer``'s trainer and step."""
+def tiny_step(perf, strategy: str = "ddp", micro_batches: int = 1) -> tuple:
+    """``rqat_trainer``'s trainer and QAT-KD training step of the benchmarks' kind on a tiny Qwen3 shape, on the
+    CPU in float32."""
     student = perf.fresh_model(shape=TINY_SHAPE, device="cpu", dtype=torch.float32)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     student = perf.quantize_w3g128(student)
     attach_fake_quant(student, dtype=torch.float32, learn_scales=False, learn_clipping=False)
     ids = perf.synthetic_batch(4, 64, TINY_SHAPE["vocab_size"])
-    return student, perf.rqat_trainer(student, teacher, ids, "kd", strategy, micro_batches=micro_batches)
+    return perf.rqat_trainer(student, teacher, ids, "kd", strategy, micro_batches=micro_batches)
 
 
 def test_micro_batches_accumulate_into_the_same_step(scale):
@@ -86,7 +86,7 @@ def test_micro_batches_accumulate_into_the_same_step(scale):
     _, perf = scale
     results = []
     for micro_batches in (1, 2):
-        _, (trainer, step) = tiny_step(perf, micro_batches=micro_batches)
+        trainer, step = tiny_step(perf, micro_batches=micro_batches)
         assert len(trainer.batches.micro_batches(0, torch.device("cpu"))) == micro_batches
         loss, tokens = step()
         results.append((loss, tokens, trainer._grad_norm))
@@ -101,7 +101,7 @@ def test_host_profile_gives_fsdp2s_and_rqats_ranges_one_entry_each(scale, one_pr
     quantization, each one entry however many layers it ran for, and the profiled step's wall time."""
     _, perf = scale
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # the benchmark's GPU sync; nothing to wait for
-    _, (_, step) = tiny_step(perf, "fsdp")
+    _, step = tiny_step(perf, "fsdp")
     step()
     profiled = perf.host_profile(step)
     ranges = profiled["host_ranges_ms"]

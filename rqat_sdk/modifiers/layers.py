@@ -219,29 +219,25 @@ def fake_quantized_together(model: torch.nn.Module) -> Iterator[None]:
 def _precompute(modules: list[QuantizedLinear]) -> None:
     """Fake-quantize the modules' weights, one call per scheme, for their forwards to read (a range of its own
     in a profile: ``rqat::fake_quantize_weights``)."""
-    with torch.profiler.record_function("rqat::fake_quantize_weights"):
-        _fake_quantize_into(modules)
-
-
-def _fake_quantize_into(modules: list[QuantizedLinear]) -> None:
     from torch.distributed.tensor import DTensor
 
-    sharded = [module for module in modules if isinstance(module.weight, DTensor)]
-    if sharded:  # FSDP2 gathers before the hooks that call this run: its own pre-forward hook is prepended
-        raise RuntimeError(f"{len(sharded)} quantized layers' weights are still sharded at their block's forward: "
-                           "FSDP2 no longer gathers them before rqat's hook (a torch change?)")
-    families: dict[tuple, list[tuple[QuantizedLinear, tuple]]] = defaultdict(list)
-    for module in modules:
-        weight, scale, zero_point, num_bits, group_size, dtype = _quantizer_inputs(module)
-        key = (num_bits, group_size or weight.shape[-1], dtype, weight.dtype, scale.dtype,
-               None if zero_point is None else zero_point.dtype)
-        families[key].append((module, (weight, scale, zero_point)))
-    for (num_bits, group, dtype, *_), members in families.items():
-        weights, scales, zero_points = zip(*(inputs for _, inputs in members), strict=True)
-        shared_zero_points = None if zero_points[0] is None else list(zero_points)
-        quantized = fake_quantize_weights(list(weights), list(scales), shared_zero_points, num_bits, group, dtype)
-        for (module, _), tensor in zip(members, quantized, strict=True):
-            setattr(module, _PRECOMPUTED, tensor)
+    with torch.profiler.record_function("rqat::fake_quantize_weights"):
+        sharded = [module for module in modules if isinstance(module.weight, DTensor)]
+        if sharded:  # FSDP2 gathers before the hooks that call this run: its own pre-forward hook is prepended
+            raise RuntimeError(f"{len(sharded)} quantized layers' weights are still sharded at their block's "
+                               "forward: FSDP2 no longer gathers them before rqat's hook (a torch change?)")
+        families: dict[tuple, list[tuple[QuantizedLinear, tuple]]] = defaultdict(list)
+        for module in modules:
+            weight, scale, zero_point, num_bits, group_size, dtype = _quantizer_inputs(module)
+            key = (num_bits, group_size or weight.shape[-1], dtype, weight.dtype, scale.dtype,
+                   None if zero_point is None else zero_point.dtype)
+            families[key].append((module, (weight, scale, zero_point)))
+        for (num_bits, group, dtype, *_), members in families.items():
+            weights, scales, zero_points = zip(*(inputs for _, inputs in members), strict=True)
+            shared_zero_points = None if zero_points[0] is None else list(zero_points)
+            quantized = fake_quantize_weights(list(weights), list(scales), shared_zero_points, num_bits, group, dtype)
+            for (module, _), tensor in zip(members, quantized, strict=True):
+                setattr(module, _PRECOMPUTED, tensor)
 
 
 def _release(modules: list[QuantizedLinear]) -> None:
